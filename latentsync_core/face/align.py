@@ -1,0 +1,163 @@
+"""Face alignment: 106 landmarks -> 3 points -> smoothed similarity transform -> face crop (upstream AlignRestore).
+
+The crop is a (h_box, w_box) = (100, 75) * ratio window of the frame, ratio = 2.8 * resolution / 256, that puts
+the eyebrow centres and the nose on a fixed template; it is then squashed to resolution x resolution.
+Warps follow kornia.geometry.transform.warp_affine (bilinear, align_corners=True, pixel-centre normalisation,
+optional constant fill) so crops and paste-backs match upstream to the uint8 truncation step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Template (x, y) at ratio 1: left eyebrow centre, right eyebrow centre, nose centre; box is 75 wide x 100 high.
+FACE_TEMPLATE = np.array([[17.0, 20.0], [58.0, 20.0], [37.5, 40.0]])
+BOX_WH = (75, 100)
+FILL_VALUE = 127.0  # crop pixels that fall outside the frame
+SMOOTH_MOMENTUM = 0.2  # weight of the previous frame's bias in the EMA
+
+# Landmark indices (InsightFace 2d106) averaged into the three alignment points.
+LEFT_BROW = [43, 48, 49, 51, 50]
+RIGHT_BROW = [101, 102, 103, 104, 105]
+NOSE = [74, 77, 83, 86]
+
+
+def landmarks_to_points(lmk106: np.ndarray) -> np.ndarray:
+    """(106, 2) landmarks (x, y) -> (3, 2) float32 rounded [left brow, right brow, nose] centres."""
+    lmk106 = np.asarray(lmk106)
+    # mean in the landmarks' own dtype, then round (half to even), exactly as upstream
+    points = [np.round(np.mean(lmk106[idx], axis=0)) for idx in (LEFT_BROW, RIGHT_BROW, NOSE)]
+    return np.stack(points).astype(np.float32)
+
+
+def crop_ratio(resolution: int) -> float:
+    return resolution / 256 * 2.8
+
+
+def box_hw(resolution: int) -> tuple[int, int]:
+    """(height, width) of the frame-space crop that is resized to resolution x resolution."""
+    ratio = crop_ratio(resolution)
+    return int(BOX_WH[1] * ratio), int(BOX_WH[0] * ratio)
+
+
+def similarity_transform(points: torch.Tensor, template: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Procrustes fit points -> template (both (3, 2) float32).
+
+    Returns the (2, 3) matrix and the nose offset (template - points) in normalised units, the raw smoothing bias.
+    """
+    c1, c2 = points.mean(0), template.mean(0)
+    p1, p2 = points - c1, template - c2
+    s1, s2 = p1.std(), p2.std()  # unbiased, over all 6 coordinates
+    p1, p2 = p1 / s1, p2 / s2
+    u, _, vh = torch.linalg.svd(p1.T @ p2)
+    v = vh.mT
+    rot = v @ u.T
+    if torch.det(rot) < 0:  # reflection -> flip the weakest axis
+        v = torch.cat([v[:, :1], -v[:, 1:]], dim=1)
+        rot = v @ u.T
+    scale = s2 / s1
+    shift = c2[:, None] - scale * (rot @ c1[:, None])
+    return torch.cat([scale * rot, shift], dim=1), p2[2] - p1[2]
+
+
+def _normaliser(h: int, w: int) -> torch.Tensor:
+    """Pixel -> [-1, 1] (align_corners=True) as a 3x3 float32 matrix (kornia's normal_transform_pixel)."""
+    sx = 1.0 if w == 1 else 2.0 / (w - 1.0)
+    sy = 1.0 if h == 1 else 2.0 / (h - 1.0)
+    return torch.tensor([[sx, 0.0, -1.0 if w > 1 else 0.0], [0.0, sy, -1.0 if h > 1 else 0.0], [0.0, 0.0, 1.0]])
+
+
+def _inverse_3x3(m: torch.Tensor) -> torch.Tensor:
+    """Adjugate inverse (rows = cross products of columns), the closed form kornia uses inside its warps."""
+    a, b, c = m[..., :, 0], m[..., :, 1], m[..., :, 2]
+    adj = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=-2)
+    return adj / (a * adj[..., 0, :]).sum(-1)[..., None, None]
+
+
+def _homogeneous(affine: torch.Tensor) -> torch.Tensor:
+    return F.pad(affine, [0, 0, 0, 1]) + F.pad(torch.ones_like(affine[..., :1, :1]), [2, 0, 2, 0])
+
+
+def invert_affine(affine: torch.Tensor) -> torch.Tensor:
+    """(..., 2, 3) -> inverse (..., 2, 3) via the 3x3 homogeneous matrix (kornia invert_affine_transform)."""
+    return torch.linalg.inv(_homogeneous(affine))[..., :2, :]
+
+
+def sampling_grid(affine: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int],
+                  window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """grid_sample grid (B, h, w, 2) warping src -> dst with (B, 2, 3) float32 `affine` (src pixels -> dst pixels).
+
+    Same arithmetic as kornia.geometry.transform.warp_affine (normalise, closed-form inverse, per-axis
+    multiply-adds), so sample positions agree to the last bit. `window` = (y0, y1, x0, x1) restricts the grid to
+    that part of the destination with the values of the full grid there.
+    """
+    dev = affine.device
+    norm_src, norm_dst = _normaliser(*src_hw).to(dev), _normaliser(*dst_hw).to(dev)
+    theta = _inverse_3x3(norm_dst @ (_homogeneous(affine.float()) @ _inverse_3x3(norm_src)))
+    y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
+    ys = (torch.linspace(-1.0, 1.0, dst_hw[0], device=dev) if dst_hw[0] > 1 else torch.zeros(1, device=dev))[y0:y1]
+    xs = (torch.linspace(-1.0, 1.0, dst_hw[1], device=dev) if dst_hw[1] > 1 else torch.zeros(1, device=dev))[x0:x1]
+    by, bx = torch.meshgrid(ys, xs, indexing="ij")
+    t = theta[:, :2, :, None, None]  # (B, 2, 3, 1, 1)
+    return torch.stack([t[:, i, 0] * bx + t[:, i, 1] * by + t[:, i, 2] for i in range(2)], dim=-1)
+
+
+def grid_warp(src: torch.Tensor, grid: torch.Tensor, fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear sample (B, C, H, W) float at `grid`; returns (warped, coverage) where coverage (B, 1, h, w) is the
+    warp of an all-ones image (zeros outside). With `fill`, uncovered weight is filled with that value (kornia)."""
+    coverage = F.grid_sample(torch.ones_like(src[:, :1]), grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=True)
+    warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if fill is not None:
+        warped = warped + (1 - coverage) * fill
+    return warped, coverage
+
+
+@dataclass
+class AlignedFace:
+    face: np.ndarray    # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
+    crop: np.ndarray    # (h_box, w_box, 3) uint8 RGB, HWC: the frame-space crop (before the resize)
+    affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
+
+
+class FaceAligner:
+    """Stateful aligner, one per stream: the nose bias is smoothed over successive `align` calls."""
+
+    def __init__(self, resolution: int, device: str | torch.device = "cpu"):
+        self.resolution = resolution
+        self.device = torch.device(device)
+        self.box_hw = box_hw(resolution)
+        self.template = torch.tensor(FACE_TEMPLATE * crop_ratio(resolution), dtype=torch.float32)
+        self.p_bias: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.p_bias = None
+
+    def transform(self, points3: np.ndarray, smooth: bool = True) -> np.ndarray:
+        """(3, 2) points -> (2, 3) float32 frame -> crop affine; with `smooth`, updates the bias state."""
+        matrix, bias = similarity_transform(torch.as_tensor(np.asarray(points3), dtype=torch.float32), self.template)
+        if smooth:
+            if self.p_bias is not None:
+                bias = self.p_bias * SMOOTH_MOMENTUM + bias * (1 - SMOOTH_MOMENTUM)
+            self.p_bias = bias
+            # upstream adds the normalised-unit bias to the pixel translation; kept for parity
+            matrix[:, 2] = matrix[:, 2] + bias
+        return matrix.numpy()
+
+    def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 frame -> (h_box, w_box, 3) uint8 crop (fill 127, float -> uint8 by truncation)."""
+        frame = torch.as_tensor(frame_rgb).to(self.device)
+        src = frame.permute(2, 0, 1)[None].float()
+        grid = sampling_grid(torch.as_tensor(affine, device=self.device)[None], tuple(frame.shape[:2]), self.box_hw)
+        crop, _ = grid_warp(src, grid, fill=FILL_VALUE)
+        return crop[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+
+    def align(self, frame_rgb: np.ndarray, points3: np.ndarray, smooth: bool = True) -> AlignedFace:
+        affine = self.transform(points3, smooth)
+        crop = self.warp(frame_rgb, affine)
+        face = cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
+        return AlignedFace(face=face, crop=crop, affine=affine)

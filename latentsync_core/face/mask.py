@@ -1,0 +1,40 @@
+"""The fixed mouth mask and the masked model inputs (upstream load_fixed_mask + ImageProcessor masking).
+
+Convention as upstream: 1 = keep the reference pixel, 0 = region the UNet regenerates (lower face and mouth).
+The mask is this project's own drawing on a 256 x 256 canvas (upstream's mask.png is not shipped): the band
+from just below the eyes down to the chin, bounded by a half ellipse, with a notch left open around the nose.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+CANVAS = 256
+# Geometry on the 256 canvas, (x, y) pixels, inclusive corners.
+BAND_TOP_LEFT, BAND_BOTTOM_RIGHT = (9, 95), (246, 140)    # straight-sided top part of the regenerated region
+CHIN_CENTER, CHIN_AXES = (128, 140), (119, 102)           # lower half ellipse down to the chin (y = 242)
+NOSE_TOP_LEFT, NOSE_BOTTOM_RIGHT = (78, 95), (177, 127)   # kept notch around the nose tip
+
+
+def mouth_mask(resolution: int) -> np.ndarray:
+    """(R, R) float32 in [0, 1]: the canvas resized with LANCZOS4 and divided by 255, like load_fixed_mask."""
+    canvas = np.full((CANVAS, CANVAS), 255, np.uint8)
+    cv2.rectangle(canvas, BAND_TOP_LEFT, BAND_BOTTOM_RIGHT, 0, thickness=-1)
+    cv2.ellipse(canvas, CHIN_CENTER, CHIN_AXES, 0, 0, 180, 0, thickness=-1)  # 0..180 deg = the lower half
+    cv2.rectangle(canvas, NOSE_TOP_LEFT, NOSE_BOTTOM_RIGHT, 255, thickness=-1)
+    resized = cv2.resize(canvas, (resolution, resolution), interpolation=cv2.INTER_LANCZOS4)
+    return (resized / 255.0).astype(np.float32)
+
+
+def masked_face_inputs(faces: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Aligned uint8 faces (n, R, R, 3) or (n, 3, R, R) and an (R, R) mask ->
+    (ref_pixels (n, 3, R, R) in [-1, 1], masked_pixels = ref * mask, masks (n, 1, R, R)), float32 on the faces'
+    device (upstream's are float64 because its mask is; values agree to float32 rounding)."""
+    faces = torch.as_tensor(faces)
+    if faces.shape[3] == 3:  # channels last, the same test as upstream
+        faces = faces.permute(0, 3, 1, 2)
+    ref = (faces.float() / 255.0 - 0.5) / 0.5
+    mask = torch.as_tensor(mask, dtype=torch.float32, device=faces.device).reshape(1, 1, *ref.shape[-2:])
+    return ref, ref * mask, mask.expand(len(ref), -1, -1, -1).contiguous()
