@@ -13,6 +13,7 @@ $(BIN)/python:
 # CPU install from the package registries (torch 2.13.0 CPU is on disk for pip).
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e '.[server,test]' -e ./client
+	$(BIN)/pip install -q --no-deps mediapipe==0.10.21   # real face detector weights (.tflite), see face/detectors
 	@echo "setup done: $(VENV)"
 
 test:

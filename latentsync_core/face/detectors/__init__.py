@@ -1,0 +1,1 @@
+"""Weight-set specific stages of latentsync_core.face.detect.FaceDetector."""
