@@ -1,0 +1,110 @@
+"""`latentsync-tiny-weights OUT`: seeded, scaled-down weights of every model with the official key names.
+
+They load through exactly the same code as the official checkpoints (same file formats, same keys), so tests,
+CI and the demo exercise the real loading and serving paths without any download. The output is random:
+lips will not follow speech. A marker file says so, and everything that uses the folder reports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .configs import unet_config
+from .weights import TINY_MARKER
+
+# Full architecture (block types, motion modules, 13 input channels, 384-d audio) with narrow channels.
+TINY_UNET = unet_config(block_out_channels=[32, 64, 64, 64], sample_size=8)
+# Real whisper-tiny encoder dims (the audio arithmetic depends on them); the never-run decoder is shrunk.
+TINY_WHISPER_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6,
+                     "n_audio_layer": 4, "n_vocab": 64, "n_text_ctx": 8, "n_text_state": 32,
+                     "n_text_head": 2, "n_text_layer": 1}
+TINY_VAE = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def redraw_(tensors: dict[str, torch.Tensor], generator: torch.Generator, skip=()) -> dict[str, torch.Tensor]:
+    """Re-draw every tensor so outputs are O(1) (default inits zero some layers, which hides bugs):
+    ndim >= 2 ~ N(0, 1/fan_in); norm weights ~ N(1, 0.1^2); norm biases ~ N(0, 0.1^2); other 1-D ~ N(0, 0.05^2)."""
+    out = {}
+    for name, t in tensors.items():
+        if any(s in name for s in skip):
+            out[name] = t
+            continue
+        if t.ndim >= 2:
+            std, mean = 1.0 / math.sqrt(t[0].numel()), 0.0
+        elif "norm" in name or "_ln" in name or "ln_" in name:
+            std, mean = 0.1, (1.0 if name.endswith("weight") else 0.0)
+        else:
+            std, mean = 0.05, 0.0
+        out[name] = torch.randn(t.shape, generator=generator, dtype=torch.float64).mul(std).add(mean).float()
+    return out
+
+
+def make_unet(out: Path, generator: torch.Generator, config: dict = TINY_UNET) -> None:
+    from .models.unet3d import UNet3DConditionModel
+
+    model = UNet3DConditionModel.from_config(config)
+    sd = redraw_(model.state_dict(), generator, skip=("pos_encoder.pe",))
+    torch.save({"state_dict": sd}, out / "latentsync_unet.pt")
+    (out / "unet_config.json").write_text(json.dumps(config, indent=1))
+
+
+def make_whisper(out: Path, generator: torch.Generator, dims: dict = TINY_WHISPER_DIMS) -> None:
+    from .models.whisper import whisper_state_dict_shapes
+
+    shapes = whisper_state_dict_shapes(dims)
+    sd = redraw_({k: torch.empty(s) for k, s in shapes.items()}, generator, skip=("positional_embedding",))
+    sd["encoder.positional_embedding"] = sinusoids(dims["n_audio_ctx"], dims["n_audio_state"])
+    if "decoder.positional_embedding" in sd:
+        sd["decoder.positional_embedding"] = sd["decoder.positional_embedding"] * 0.02
+    # OpenAI checkpoints store every tensor in float16.
+    sd = {k: v.half() for k, v in sd.items()}
+    (out / "whisper").mkdir(exist_ok=True)
+    torch.save({"dims": dict(dims), "model_state_dict": sd}, out / "whisper" / "tiny.pt")
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch.Tensor:
+    """Whisper's encoder positional embedding (a buffer stored in its checkpoints)."""
+    inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+def make_vae(out: Path, generator: torch.Generator) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**TINY_VAE)
+    vae.load_state_dict(redraw_(vae.state_dict(), generator))
+    vae.save_pretrained(str(out / "vae"))
+
+
+def make_tiny_weights(out: str | Path, seed: int = 0) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    make_unet(out, g)
+    make_whisper(out, g)
+    make_vae(out, g)
+    (out / TINY_MARKER).write_text(
+        f"Random weights (seed {seed}) made by latentsync-tiny-weights: real file formats and key names, "
+        "scaled-down configs. Output video is NOT lip-synced.\n")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="latentsync-tiny-weights", description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    path = make_tiny_weights(args.out, args.seed)
+    print(f"wrote random tiny weights to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

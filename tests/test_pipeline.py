@@ -1,0 +1,115 @@
+"""The in-process reference pipeline on the project's tiny weights and real frames (MediaPipe detector)."""
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from latentsync_core.audio import load_audio, num_frames_for_audio
+from latentsync_core.checkpoints import CheckpointError
+from latentsync_core.pipeline import LipSyncPipeline
+from latentsync_core.tiny import make_tiny_weights
+from latentsync_core.weights import locate
+
+SHARED = Path(os.environ.get("LATENTSYNC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    return make_tiny_weights(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_weights):
+    return LipSyncPipeline.from_weights(tiny_weights, "1.5")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    frames = []
+    with av.open(str(SHARED / "media" / "demo1_video.mp4")) as c:
+        for f in c.decode(video=0):
+            frames.append(f.to_ndarray(format="rgb24", width=540, height=960))
+            if len(frames) == 18:
+                break
+    audio = load_audio(SHARED / "media" / "demo1_audio.wav")
+    return frames, audio[: 16000 * 2]
+
+
+def run(pipeline, frames, audio, **params):
+    results = list(pipeline(frames, audio, steps=1, **params))
+    return (np.concatenate([r.frames for r in results]), np.concatenate([r.indices for r in results]),
+            np.concatenate([r.face_found for r in results]))
+
+
+def test_windows_and_face_edit(pipeline, clip):
+    frames, audio = clip
+    out, idx, found = run(pipeline, frames, audio, seed=3)
+    assert out.shape == np.stack(frames).shape and out.dtype == np.uint8
+    assert idx.tolist() == list(range(len(frames)))
+    assert found.all()
+    diff = np.abs(out.astype(int) - np.stack(frames).astype(int)).max(axis=-1)
+    # Only the lower face changes: a small part of the frame, the top rows never.
+    assert 0.002 < (diff > 0).mean() < 0.2
+    assert not diff[:, :200].any()
+
+
+def test_seed_determinism(pipeline, clip):
+    frames, audio = clip
+    a = run(pipeline, frames[:4], audio, seed=5)[0]
+    b = run(pipeline, frames[:4], audio, seed=5)[0]
+    c = run(pipeline, frames[:4], audio, seed=6)[0]
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_frames_without_face_pass_through(pipeline, clip):
+    frames, audio = clip
+    frames = [f.copy() for f in frames[:6]]
+    frames[2][:] = 0
+    frames[4][:] = 128
+    out, _, found = run(pipeline, frames, audio, seed=1)
+    assert found.tolist() == [True, True, False, True, False, True]
+    assert np.array_equal(out[2], frames[2]) and np.array_equal(out[4], frames[4])
+
+
+def test_frame_count_follows_audio(pipeline, clip):
+    frames, audio = clip
+    short = audio[:4000]  # 0.25 s of speech -> upstream's count of frames
+    n = num_frames_for_audio(len(short))
+    assert n < len(frames)
+    out, idx, _ = run(pipeline, frames, short, seed=1)
+    assert len(out) == n and idx[-1] == n - 1
+
+
+def test_parameter_validation(pipeline):
+    with pytest.raises(ValueError, match="guidance"):
+        pipeline.stream(guidance=0.5)
+    with pytest.raises(ValueError, match="steps"):
+        pipeline.stream(steps=0)
+    with pytest.raises(ValueError, match="variant"):
+        LipSyncPipeline(pipeline.models, "2.0")
+
+
+def test_weights_folder_errors(tmp_path, tiny_weights):
+    with pytest.raises(CheckpointError, match="weights folder not found"):
+        locate(tmp_path / "nope")
+    (tmp_path / "w").mkdir()
+    with pytest.raises(CheckpointError, match="latentsync_unet.pt: missing"):
+        locate(tmp_path / "w")
+    assert locate(tiny_weights).is_random
+
+
+def test_taesd_roundtrip_on_a_real_face(clip):
+    """The real TAESD (tests only, from ../shared/models) keeps a face recognisable: PSNR well above random."""
+    from latentsync_core.vae import load_vae, sample_latents
+
+    codec = load_vae(SHARED / "models")
+    face = torch.from_numpy(clip[0][0][300:556, 150:406]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        rec = codec.decode(sample_latents(codec.posterior(face), torch.Generator().manual_seed(0)))
+    mse = ((rec.clamp(-1, 1) - face) ** 2).mean().item() / 4  # in [0, 1] units
+    psnr = 10 * np.log10(1 / mse)
+    assert psnr > 20, psnr
