@@ -1,0 +1,99 @@
+"""`latentsync-client VIDEO_OR_IMAGE AUDIO -o OUT.mp4`: lip-sync a file through a LatentSync Triton server.
+
+Exit codes: 0 done, 2 bad arguments or unsupported input, 3 server unreachable or connection lost,
+4 server error or no face found, 130 interrupted. Errors are one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Sequence
+
+from .errors import ClientError, Interrupted
+from .protocol import SyncParams, VARIANTS
+from .stream import LipsyncClient
+from .sync import sync_file
+
+PROG = "latentsync-client"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Lip-sync a video or photo to a voice track on a "
+                                "LatentSync Triton server.", epilog=__doc__.split("\n\n")[1])
+    p.add_argument("video", help="video (any fps, HEVC/h264/...) or still image")
+    p.add_argument("audio", help="any file with an audio track (wav, mp3, m4a, a video...)")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4: h264 + AAC)")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint HOST:PORT (default %(default)s)")
+    p.add_argument("--model", default="lipsync", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps, 1..100 (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=1.5, help="guidance scale, >= 1 (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1247, help="noise seed (default %(default)s)")
+    p.add_argument("--variant", choices=VARIANTS, default="1.5", help="1.5: 256 px, 1.6: 512 px faces")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (default %(default)s)")
+    p.add_argument("--preset", default="medium", help="x264 speed preset (default %(default)s)")
+    p.add_argument("--allow-no-face", action="store_true",
+                   help="write the output even if no frame had a face (it is then the input, re-timed)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="give up after this many seconds without a response (default %(default)s)")
+    p.add_argument("--tmp-dir", help="folder for replayed frames of looped videos (default: system temp)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p.parse_args(argv)
+
+
+class ProgressBar:
+    """tqdm bar of frames done with fps and ETA; created when the frame count is known."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="frame", desc="lip-sync", dynamic_ncols=True, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _raise_interrupted(signum, _frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupted)      # same clean-up as Ctrl-C
+    bar = ProgressBar(not a.quiet)
+    try:
+        params = SyncParams(steps=a.steps, guidance=a.guidance, seed=a.seed, variant=a.variant)
+        client = LipsyncClient(a.url, a.model, response_timeout=a.timeout or None)
+        result = sync_file(a.video, a.audio, a.output, client=client, params=params, progress=bar,
+                           require_face=not a.allow_no_face, crf=a.crf, preset=a.preset, spill_dir=a.tmp_dir)
+    except KeyboardInterrupt:
+        bar.close()
+        return _fail(Interrupted(f"interrupted; {a.output} was not written"))
+    except ClientError as e:
+        bar.close()
+        return _fail(e)
+    except Exception as e:                                  # a bug or an OS failure (disk full...): still one line
+        bar.close()
+        return _fail(ClientError(f"{type(e).__name__}: {e}"))
+    bar.close()
+    if not a.quiet:
+        note = f", {result.frames_without_face} without a face (passed through)" if result.frames_without_face else ""
+        print(f"wrote {result.output}: {result.frames} frames, {result.duration:.2f} s at 25 fps{note} "
+              f"in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _fail(error: ClientError) -> int:
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

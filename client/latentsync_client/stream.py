@@ -1,0 +1,232 @@
+"""One gRPC bidirectional stream to the `lipsync` model: audio first, then frames; synced frames back.
+
+The sender keeps at most `max_inflight_frames` frames between "sent" and "handed to the caller", so a fast
+decoder never queues the video in memory and a slow consumer (the encoder) slows the upload down. Audio
+requests are paced by their (empty) final responses, so a long track is never queued whole either.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable
+from .protocol import (MAX_FRAMES_PER_REQUEST, MODEL_NAME, SAMPLE_RATE, WINDOW, SyncParams, min_audio_samples,
+                       num_frames_for_audio)
+
+# gRPC status codes that mean the connection, not the request, failed.
+_CONNECTION_CODES = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL")
+_NO_SHAPE_FRAMES = np.zeros((0, 1, 1, 3), np.uint8)     # FRAMES of an audio request
+_NO_AUDIO = np.zeros((0,), np.float32)                  # AUDIO of a frames request
+
+
+@dataclass(frozen=True)
+class SyncedFrame:
+    index: int              # 0-based position in the stream
+    frame: np.ndarray       # RGB uint8 (H, W, 3), read-only view of the response
+    face_found: bool        # False: no face, the frame came back unchanged
+
+
+FramesArg = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
+
+
+class LipsyncClient:
+    """Client of a Triton server serving `lipsync`; each `stream()` call opens its own gRPC stream."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = MODEL_NAME, *, max_inflight_frames: int = 3 * WINDOW,
+                 frames_per_request: int = 4, audio_chunk_samples: int = 10 * SAMPLE_RATE,
+                 response_timeout: float | None = 600.0, connect_timeout: float = 10.0):
+        if not 1 <= frames_per_request <= MAX_FRAMES_PER_REQUEST:
+            raise InputError(f"frames_per_request must be 1..{MAX_FRAMES_PER_REQUEST}")
+        if max_inflight_frames < WINDOW + frames_per_request:   # the server answers only whole windows
+            raise InputError(f"max_inflight_frames must be >= {WINDOW + frames_per_request}")
+        self.url, self.model = url, model
+        self.max_inflight_frames, self.frames_per_request = max_inflight_frames, frames_per_request
+        self.response_timeout, self.connect_timeout = response_timeout, connect_timeout
+        self.audio_chunk_samples = audio_chunk_samples
+        self.max_inflight_audio_requests = 2          # audio is acknowledged by each request's final response
+
+    def _connect(self) -> grpcclient.InferenceServerClient:
+        """A gRPC client to a live server whose `lipsync` model is ready, or a ClientError saying why not."""
+        try:
+            client = grpcclient.InferenceServerClient(self.url)
+        except InferenceServerException as e:
+            raise InputError(f"bad server URL {self.url!r}: {e.message()}") from None
+        try:
+            client.is_server_live(client_timeout=self.connect_timeout)
+            ready = client.is_model_ready(self.model, client_timeout=self.connect_timeout)
+        except InferenceServerException as e:
+            client.close()
+            raise ServerUnreachable(f"cannot reach a Triton server at {self.url} ({_first_line(e.message())})") \
+                from None
+        if not ready:
+            client.close()
+            raise ServerError(f"the server at {self.url} has no ready model {self.model!r}")
+        return client
+
+    def check(self) -> None:
+        """Raise ServerUnreachable / ServerError unless the server and model are up."""
+        self._connect().close()
+
+    def stream(self, audio: np.ndarray | Iterable[np.ndarray], frames: FramesArg,
+               params: SyncParams | None = None) -> Iterator[SyncedFrame]:
+        """Sync `frames` to `audio`, yielding synced frames in order as the server finishes them.
+
+        audio: 16 kHz mono float32 samples in [-1, 1], one array or an iterable of chunks (sent as they come).
+        frames: RGB uint8 (H, W, 3) frames at 25 fps, exactly `num_frames_for_audio(total samples)` of them;
+            or a callable taking that count and returning them (the count is known once the audio is sent).
+        Closing the generator early (or an exception) cancels the stream.
+        """
+        params = params or SyncParams()
+        client = self._connect()
+        responses: queue.Queue = queue.Queue()
+        try:
+            client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        except InferenceServerException as e:
+            client.close()
+            raise ServerUnreachable(f"cannot open a stream to {self.url} ({_first_line(e.message())})") from None
+        sequence_id = secrets.randbits(63) | 1
+        request_count = itertools.count()
+        state = {"started": False, "ended": False, "completed": False}
+
+        def send(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False) -> str:
+            inputs = [grpcclient.InferInput("FRAMES", list(frames_batch.shape), "UINT8"),
+                      grpcclient.InferInput("AUDIO", list(audio_chunk.shape), "FP32")]
+            inputs[0].set_data_from_numpy(frames_batch)
+            inputs[1].set_data_from_numpy(audio_chunk)
+            request_id = f"{sequence_id}-{next(request_count)}"
+            try:
+                client.async_stream_infer(self.model, inputs, request_id=request_id, sequence_id=sequence_id,
+                                          sequence_start=start, sequence_end=end, enable_empty_final_response=True,
+                                          parameters=params.as_parameters() if start else None)
+            except InferenceServerException:                # the stream broke: its callback said why
+                state["ended"] = True
+                raise self._stream_error(responses) from None
+            state["started"], state["ended"] = True, end
+            return request_id
+
+        try:
+            n_samples, audio_requests = 0, set()
+            for chunk in self._audio_pieces(audio):
+                if chunk.size:
+                    while len(audio_requests) >= self.max_inflight_audio_requests:   # wait for acks
+                        audio_requests.discard(self._next_response(responses, 0)[1])
+                    audio_requests.add(send(_NO_SHAPE_FRAMES, chunk, start=n_samples == 0))
+                    n_samples += chunk.size
+            if n_samples < min_audio_samples():
+                raise InputError(f"the audio is too short ({n_samples / SAMPLE_RATE * 1000:.0f} ms)")
+            n_frames = num_frames_for_audio(n_samples)
+            source = iter(frames(n_frames) if callable(frames) else frames)
+
+            received, sent, filled, batch, last_request = 0, 0, 0, None, None
+            for position, frame in enumerate(itertools.islice(source, n_frames)):
+                if batch is None:
+                    if frame.ndim != 3 or frame.shape[2] != 3:
+                        raise InputError(f"frames must be RGB (H, W, 3), got shape {frame.shape}")
+                    batch = np.empty((self.frames_per_request, *frame.shape), np.uint8)   # reused
+                elif frame.shape != batch.shape[1:]:
+                    raise InputError(f"frame {position} is {frame.shape}, the first one {batch.shape[1:]}")
+                batch[filled] = frame
+                filled += 1
+                is_last = position + 1 == n_frames
+                if filled < self.frames_per_request and not is_last:
+                    continue
+                while sent + filled - received > self.max_inflight_frames:     # backpressure
+                    synced, _ = self._next_response(responses, received)
+                    received += len(synced)
+                    yield from synced
+                last_request = send(batch[:filled], _NO_AUDIO, end=is_last)
+                sent, filled = sent + filled, 0
+            if sent < n_frames:
+                raise InputError(f"the video gave {sent} frames, the audio needs {n_frames}")
+
+            finished = None
+            while finished != last_request:
+                synced, finished = self._next_response(responses, received)
+                received += len(synced)
+                yield from synced
+            if received != n_frames:
+                raise ServerError(f"the server ended the stream after {received} of {n_frames} frames")
+            state["completed"] = True
+        except ServerUnreachable:
+            state["ended"] = True                           # nobody left to tell
+            raise
+        finally:
+            try:
+                if state["started"] and not state["ended"]:
+                    self._end_sequence(send, responses)
+                client.stop_stream(cancel_requests=not state["completed"])
+            finally:
+                client.close()
+
+    def _end_sequence(self, send, responses: queue.Queue, wait: float = 1.0) -> None:
+        """On abort, tell the server the sequence is over (frees its state and sequence slot), briefly."""
+        try:
+            request_id = send(_NO_SHAPE_FRAMES, _NO_AUDIO, end=True)
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                result, error = responses.get(timeout=left)
+                if result is not None and result.get_response().id == request_id:
+                    final = result.get_response().parameters.get("triton_final_response")
+                    if final is not None and final.bool_param:
+                        return
+        except (ClientError, InferenceServerException, queue.Empty):
+            pass
+
+    def _audio_pieces(self, audio: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """float32 pieces of at most `audio_chunk_samples`, whatever the caller's chunking."""
+        for chunk in ([audio] if isinstance(audio, np.ndarray) else audio):
+            chunk = np.asarray(chunk, np.float32).reshape(-1)
+            for start in range(0, len(chunk), self.audio_chunk_samples):
+                yield np.ascontiguousarray(chunk[start:start + self.audio_chunk_samples])
+
+    def _next_response(self, responses: queue.Queue, received: int) -> tuple[list[SyncedFrame], str | None]:
+        """The synced frames of the next response, and the id of the request it completed (None if none)."""
+        try:
+            result, error = responses.get(timeout=self.response_timeout)
+        except queue.Empty:
+            raise ServerError(f"no response from the server for {self.response_timeout:.0f} s") from None
+        if error is not None:
+            raise _classify(error, self.url)
+        synced = []
+        frames = result.as_numpy("FRAMES")
+        if frames is not None and len(frames):
+            index, faces = result.as_numpy("FRAME_INDEX"), result.as_numpy("FACE_FOUND")
+            if index is None or faces is None or len(index) != len(frames) or len(faces) != len(frames):
+                raise ServerError("malformed response: FRAMES, FRAME_INDEX and FACE_FOUND differ in length")
+            if not np.array_equal(index, np.arange(received, received + len(frames))):
+                raise ServerError(f"frames came back out of order: expected index {received}, got {index[0]}")
+            synced = [SyncedFrame(int(i), frame, bool(face)) for i, frame, face in zip(index, frames, faces)]
+        response = result.get_response()
+        final = response.parameters.get("triton_final_response")
+        return synced, response.id if final is not None and final.bool_param else None
+
+    def _stream_error(self, responses: queue.Queue) -> Exception:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                _, error = responses.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if error is not None:
+                return _classify(error, self.url)
+        return ServerUnreachable(f"lost the stream to the server at {self.url}")
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
+
+
+def _classify(error: InferenceServerException, url: str) -> Exception:
+    status = str(error.status() or "")
+    if any(status.endswith(code) for code in _CONNECTION_CODES):
+        return ServerUnreachable(f"lost the connection to the server at {url} ({_first_line(error.message())})")
+    message = _first_line(error.message())
+    return (NoFaceError if "no face" in message.lower() else ServerError)(f"server error: {message}")

@@ -1,0 +1,105 @@
+"""File to file: decode a video (or photo) and a voice track, stream them through `lipsync`, write OUT."""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from .errors import NoFaceError
+from .media import audio_chunks, check_inputs, frames_for_audio
+from .protocol import FPS, SyncParams
+from .stream import LipsyncClient
+from .writer import SyncedVideoWriter
+
+Progress = Callable[[int, int], None]       # (frames done, frames in total)
+
+
+def prefetch(items: Iterable, depth: int = 8) -> Iterator:
+    """Iterate `items` on a background thread, at most `depth` ahead (decoding overlaps sending and encoding;
+    PyAV releases the GIL while it decodes and converts). Errors are re-raised here; closing stops the thread."""
+    buffer: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as e:          # handed to the consumer, raised there
+            buffer.put((done, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close:
+                close()
+
+    thread = threading.Thread(target=produce, name="latentsync-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    output: str
+    frames: int                  # frames written (at 25 fps)
+    frames_without_face: int     # frames the server passed through unchanged
+    seconds: float               # wall time
+
+    @property
+    def duration(self) -> float:
+        return self.frames / FPS
+
+
+def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike, *,
+              client: LipsyncClient | None = None, params: SyncParams | None = None,
+              progress: Progress | None = None, require_face: bool = True, crf: int = 18,
+              preset: str = "medium", spill_dir: str | os.PathLike | None = None) -> SyncResult:
+    """Lip-sync `video` (any video file, or a still image) to the audio track of `audio`; write `output`.
+
+    Memory stays flat in the video's length: frames are decoded, sent, received and encoded as a stream.
+    `output` appears only on success (NoFaceError if no frame had a face and `require_face`).
+    """
+    client = client or LipsyncClient()
+    params = params or SyncParams()
+    started = time.monotonic()
+    check_inputs(video, audio)              # fail fast, before any network or decoding work
+    client.check()
+    without_face = 0
+    with SyncedVideoWriter(output, audio, crf=crf, preset=preset) as writer:
+
+        def source_frames(n_frames: int):   # called once the audio is sent and the frame count known
+            writer.n_frames = n_frames
+            if progress:
+                progress(0, n_frames)
+            return prefetch(frames_for_audio(video, n_frames, spill_dir))
+
+        with contextlib.closing(client.stream(audio_chunks(audio), source_frames, params)) as synced:
+            for out in synced:
+                writer.write(out.frame)
+                without_face += not out.face_found
+                if progress:
+                    progress(writer.frames_written, writer.n_frames)
+        if require_face and without_face == writer.frames_written:
+            raise NoFaceError(f"no face found in any of the {without_face} frames of {video}")
+    return SyncResult(str(output), writer.frames_written, without_face, time.monotonic() - started)

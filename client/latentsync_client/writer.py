@@ -1,0 +1,157 @@
+"""Encoding synced frames as they arrive: h264 video muxed with the original audio (AAC), written to a
+temporary file beside the output and renamed onto it only when everything succeeded."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+
+from .errors import InputError
+from .media import open_media
+from .protocol import FPS
+
+AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+
+
+class _AudioSource:
+    """The original audio track, decoded lazily and resampled to what the AAC encoder takes (fltp, the
+    source rate where AAC allows it, mono or stereo), handed out in exact sample counts."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self._container = open_media(path)
+        if not self._container.streams.audio:
+            self._container.close()
+            raise InputError(f"{path}: has no audio track")
+        stream = self._container.streams.audio[0]
+        rate = stream.rate if stream.rate in AAC_RATES else 48000
+        self.layout = "stereo" if stream.channels >= 2 else "mono"
+        self.rate = rate
+        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=rate)
+        self._frames = self._decode(stream)
+        self._fifo = av.AudioFifo()
+        self._exhausted = False
+
+    def _decode(self, stream):
+        try:
+            for frame in self._container.decode(stream):
+                yield from self._resampler.resample(frame)
+            yield from self._resampler.resample(None)
+        except av.FFmpegError as e:
+            raise InputError(f"{self.path}: cannot decode the audio ({e})") from None
+
+    def read(self, n: int) -> av.AudioFrame | None:
+        """Up to n samples (fewer only at the end of the track), or None when it is over."""
+        while self._fifo.samples < n and not self._exhausted:
+            frame = next(self._frames, None)
+            if frame is None:
+                self._exhausted = True
+            else:
+                frame.pts = None
+                self._fifo.write(frame)
+        return self._fifo.read(min(n, self._fifo.samples)) if self._fifo.samples else None
+
+    def close(self) -> None:
+        self._container.close()
+
+
+class SyncedVideoWriter:
+    """Writes `n_frames` RGB frames at 25 fps plus the audio of `audio_path` trimmed to n_frames / 25 s.
+
+    Use as a context manager: on success the temporary file replaces `path`; on any exception (including
+    KeyboardInterrupt) it is deleted and `path` is left as it was. `n_frames` may be set after opening,
+    before the first frame (a stream learns it from the audio).
+    """
+
+    def __init__(self, path: str | os.PathLike, audio_path: str | os.PathLike, n_frames: int | None = None, *,
+                 crf: int = 18, preset: str = "medium"):
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise InputError(f"{self.path.parent}: output folder does not exist")
+        self.tmp_path = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.path.suffix}")
+        self.audio_path, self.n_frames = audio_path, n_frames
+        self.crf, self.preset = crf, preset
+        self.frames_written = 0
+        self._container = self._video = self._audio = self._audio_stream = None
+        self._audio_written = 0
+        self._audio_ended = False
+
+    def __enter__(self) -> "SyncedVideoWriter":
+        try:
+            self._container = av.open(str(self.tmp_path), "w", options=self._muxer_options())
+        except (av.FFmpegError, ValueError) as e:
+            raise InputError(f"{self.path}: cannot write this output ({e})") from None
+        try:
+            self._audio = _AudioSource(self.audio_path)
+            self._audio_stream = self._container.add_stream("aac", rate=self._audio.rate, layout=self._audio.layout)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def _muxer_options(self) -> dict:
+        return {"movflags": "+faststart"} if self.path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+
+    def _open_video(self, height: int, width: int) -> None:
+        stream = self._container.add_stream("libx264", rate=FPS, options={"crf": str(self.crf),
+                                                                       "preset": self.preset})
+        stream.width, stream.height = width - width % 2, height - height % 2     # yuv420p needs even sizes
+        stream.pix_fmt = "yuv420p"
+        self._video = stream
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one RGB uint8 frame (H, W, 3); an odd size loses its last row / column."""
+        if self.n_frames is None:
+            raise RuntimeError("set n_frames before writing frames")
+        if self._video is None:
+            self._open_video(*frame.shape[:2])
+        h, w = self._video.height, self._video.width
+        if frame.shape[:2] != (h, w):
+            frame = np.ascontiguousarray(frame[:h, :w])
+        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        video_frame.pts = self.frames_written
+        self._container.mux(self._video.encode(video_frame))
+        self.frames_written += 1
+        self._write_audio_until(self.frames_written / FPS)
+
+    def _write_audio_until(self, seconds: float | None) -> None:
+        """Keep the audio abreast of the video so the muxer interleaves without buffering (None: to the end)."""
+        trimmed = int(self.n_frames * self._audio.rate / FPS)             # upstream: int(N / 25 * sr)
+        target = trimmed if seconds is None else min(trimmed, int(seconds * self._audio.rate))
+        while self._audio_written < target and not self._audio_ended:
+            chunk = self._audio.read(min(4096, target - self._audio_written))
+            if chunk is None:
+                self._audio_ended = True                      # the track is shorter than the video
+                break
+            chunk.pts = self._audio_written
+            self._audio_written += chunk.samples
+            self._container.mux(self._audio_stream.encode(chunk))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            if not self.frames_written or self.frames_written != self.n_frames:
+                raise RuntimeError(f"wrote {self.frames_written} of {self.n_frames} frames")
+            self._write_audio_until(None)
+            self._container.mux(self._video.encode())
+            self._container.mux(self._audio_stream.encode())
+            self._container.close()
+            self._audio.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """Close everything without caring how, and delete the temporary file."""
+        for closable in (self._container, self._audio):
+            try:
+                if closable is not None:
+                    closable.close()
+            except Exception:
+                pass
+        self.tmp_path.unlink(missing_ok=True)

@@ -1,0 +1,115 @@
+"""PROTOCOL CONFORMANCE DOUBLE for client tests, NOT the product: implements the `lipsync` streaming contract
+(docs/PROTOCOL.md) without any model. It checks what a client sends (audio first, frame count from the audio
+length, one frame size, parameters, sequence flags) and echoes every frame back unchanged, one response per
+16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is reported as FACE_FOUND=false.
+"""
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+WINDOW = 16
+SEQUENCE_START, SEQUENCE_END = 1, 2        # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def num_frames_for_audio(n_samples):
+    return n_samples // 160 // 2 // 2 + 2
+
+
+class ProtocolViolation(Exception):
+    pass
+
+
+class Stream:
+    def __init__(self, parameters, variants):
+        self.params = self.check_parameters(parameters, variants)
+        self.n_samples, self.frames, self.next_index, self.size = 0, [], 0, None
+
+    @staticmethod
+    def check_parameters(p, variants):
+        steps, guidance = p.get("steps", 20), p.get("guidance", 1.5)
+        seed, variant = p.get("seed", 1247), p.get("variant", "1.5")
+        if not isinstance(steps, int) or not 1 <= steps <= 100:
+            raise ProtocolViolation(f"parameter steps: must be an int 1..100, got {steps!r}")
+        if not isinstance(guidance, (int, float)) or guidance < 1:
+            raise ProtocolViolation(f"parameter guidance: must be >= 1, got {guidance!r}")
+        if not isinstance(seed, int):
+            raise ProtocolViolation(f"parameter seed: must be an int, got {seed!r}")
+        if variant not in variants:
+            raise ProtocolViolation(f"parameter variant: {variant!r} is not in this repository "
+                                    f"(built with {', '.join(variants)})")
+        return dict(steps=steps, guidance=guidance, seed=seed, variant=variant)
+
+    def add(self, frames, audio):
+        if len(audio) and (self.next_index or self.frames):
+            raise ProtocolViolation("AUDIO: audio must all come before the first frames")
+        if len(frames) > WINDOW:
+            raise ProtocolViolation(f"FRAMES: at most {WINDOW} frames per request, got {len(frames)}")
+        if len(frames) and self.n_samples == 0:
+            raise ProtocolViolation("FRAMES: frames sent before any audio")
+        if len(frames):
+            if self.size is None:
+                self.size = frames.shape[1:]
+            elif frames.shape[1:] != self.size:
+                raise ProtocolViolation(f"FRAMES: size changed from {self.size} to {frames.shape[1:]}")
+        self.n_samples += len(audio)
+        self.frames.extend(frames)
+        expected = num_frames_for_audio(self.n_samples)
+        if len(frames) and self.next_index + len(self.frames) > expected:
+            raise ProtocolViolation(f"FRAMES: more than the {expected} frames the audio calls for")
+
+    def windows(self, end):
+        while len(self.frames) >= WINDOW or (end and self.frames):
+            window, self.frames = np.stack(self.frames[:WINDOW]), self.frames[WINDOW:]
+            index = np.arange(self.next_index, self.next_index + len(window), dtype=np.int64)
+            self.next_index += len(window)
+            face = np.ptp(window.reshape(len(window), -1), axis=1) > 0
+            yield window, index, face
+        if end and self.next_index != num_frames_for_audio(self.n_samples):
+            raise ProtocolViolation(f"FRAMES: the audio calls for {num_frames_for_audio(self.n_samples)} "
+                                    f"frames, the stream ended after {self.next_index}")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.delay = float(parameters["window_delay_s"])
+        self.variants = parameters["variants"].split(",")
+        self.streams, self.failed = {}, set()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            sid, flags = request.correlation_id(), request.flags()
+            try:
+                self.handle(request, sid, flags, sender)
+            except ProtocolViolation as e:
+                self.streams.pop(sid, None)
+                self.failed.add(sid)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+            if flags & SEQUENCE_END:
+                self.streams.pop(sid, None)
+                self.failed.discard(sid)
+            sender.send(flags=FINAL)
+        return None
+
+    def handle(self, request, sid, flags, sender):
+        if flags & SEQUENCE_START:
+            self.failed.discard(sid)
+            self.streams[sid] = Stream(json.loads(request.parameters() or "{}"), self.variants)
+        if sid in self.failed:                  # the error was reported; ignore the rest of the stream
+            return
+        if sid not in self.streams:
+            raise ProtocolViolation("sequence_start: the first request of a stream must start the sequence")
+        stream = self.streams[sid]
+        frames = pb_utils.get_input_tensor_by_name(request, "FRAMES").as_numpy()
+        audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy()
+        stream.add(frames, audio)
+        for window, index, face in stream.windows(end=bool(flags & SEQUENCE_END)):
+            time.sleep(self.delay)
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("FRAMES", window),
+                                                    pb_utils.Tensor("FRAME_INDEX", index),
+                                                    pb_utils.Tensor("FACE_FOUND", face)]))

@@ -1,0 +1,287 @@
+"""latentsync_client media side (no server): 25 fps resampling, rotation, photos, ping-pong looping, 16 kHz
+audio, the frame-count formula against upstream's golden data, and clear errors for unusable files."""
+import json
+import math
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from latentsync_client import InputError, audio_chunks, frames_25fps, frames_for_audio, num_frames_for_audio
+from latentsync_client import media
+from latentsync_client.writer import SyncedVideoWriter
+
+CODE_STEP = 7               # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
+
+
+def test_client_imports_neither_torch_nor_the_server_core():
+    code = ("import sys, latentsync_client, latentsync_client.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'latentsync_core')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ clip makers
+def write_clip(path, n_frames, fps=25, size=(48, 64), rotation=0, frames=None):
+    """An h264 clip whose frame i is flat grey i * CODE_STEP (or the given RGB frames), nearly lossless."""
+    h, w = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i in range(n_frames):
+            rgb = frames[i] if frames is not None else np.full((h, w, 3), i * CODE_STEP % 256, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())
+    return Path(path)
+
+
+def write_wav(path, samples, rate=16000):
+    """PCM16 wav of float samples in [-1, 1], shape (n,) or (channels, n)."""
+    samples = np.atleast_2d(samples)
+    layout = "mono" if len(samples) == 1 else "stereo"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout=layout)
+        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)     # packed s16
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+        frame.rate = rate
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return Path(path)
+
+
+def frame_codes(frames):
+    """Source index of each index-coded frame."""
+    return [int(round(float(f.mean()) / CODE_STEP)) for f in frames]
+
+
+def remux_rotated(src, dst, degrees):
+    """Copy `src`'s video packets unchanged into `dst` with a display-matrix rotation."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream_from_template(s_in)
+        s_out.set_display_rotation(degrees)
+        for packet in inp.demux(s_in):
+            if packet.dts is not None:
+                packet.stream = s_out
+                out.mux(packet)
+    return Path(dst)
+
+
+# ------------------------------------------------------------------------------------------------ 25 fps
+@pytest.mark.parametrize("fps", [30, 22, Fraction(30000, 1001), 50, 12])
+def test_frames_are_resampled_to_25fps_by_presentation_time(tmp_path, fps):
+    n_src = 36
+    clip = write_clip(tmp_path / "clip.mp4", n_src, fps)
+    got = frame_codes(frames_25fps(clip))
+    # Output frame k shows the source frame on screen at k/25; the clip lasts n_src / fps.
+    n_out = math.ceil(n_src * Fraction(25) / Fraction(fps))
+    assert got == [math.floor(Fraction(k, 25) * Fraction(fps)) for k in range(n_out)]
+
+
+def test_real_22fps_clip_comes_out_at_25fps(shared_dir):
+    clip = shared_dir / "media" / "retalking_face1.mp4"
+    with av.open(str(clip)) as c:
+        stream = c.streams.video[0]
+        duration, size = float(stream.duration * stream.time_base), (stream.height, stream.width)
+        assert abs(float(stream.average_rate) - 25) > 1          # the clip is not 25 fps to begin with
+    frames = list(frames_25fps(clip))
+    assert abs(len(frames) - duration * 25) <= 1
+    assert all(f.shape == (*size, 3) and f.dtype == np.uint8 for f in frames)
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_display_matrix_rotation_is_applied(shared_dir, tmp_path, degrees):
+    src = shared_dir / "media" / "retalking_face2.mp4"
+    rotated = remux_rotated(src, tmp_path / "rotated.mp4", degrees)
+    upright, turned = list(frames_25fps(src)), list(frames_25fps(rotated))
+    assert len(turned) == len(upright)
+    for a, b in zip(upright[::10], turned[::10]):       # same packets: pixels identical once turned back
+        np.testing.assert_array_equal(b, np.rot90(a, degrees // 90))
+
+
+def test_rotated_non_square_clip_is_upright(tmp_path):
+    clip = write_clip(tmp_path / "portrait.mp4", 3, size=(32, 64), rotation=-90)   # phone-style "rotate=90"
+    frames = list(frames_25fps(clip))
+    assert frames[0].shape == (64, 32, 3)
+
+
+def test_still_photo_with_exif_orientation_becomes_a_video(tmp_path):
+    from PIL import Image as PIL
+    h, w = 40, 64
+    photo = np.zeros((h, w, 3), np.uint8)
+    photo[:, : w // 2] = (200, 30, 30)                    # left half red, right half black
+    image = PIL.fromarray(photo)
+    exif = image.getexif()
+    exif[0x0112] = 6                                       # EXIF orientation 6: turn 90 deg clockwise to show
+    image.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    frames = list(frames_for_audio(tmp_path / "photo.jpg", 9))
+    assert len(frames) == 9
+    expected = np.rot90(photo, -1).astype(np.int16)
+    for f in frames:
+        assert f.shape == (w, h, 3)
+        assert np.abs(f.astype(np.int16) - expected).mean() < 4
+
+
+# ------------------------------------------------------------------------------------------------ length
+def upstream_loop(n_src, n_out):
+    """Source indices upstream's loop_video produces: forward, reversed, forward, ... cut to n_out."""
+    forward = list(range(n_src))
+    if n_out <= n_src:
+        return forward[:n_out]
+    loops = [forward if i % 2 == 0 else forward[::-1] for i in range(math.ceil(n_out / n_src))]
+    return [i for loop in loops for i in loop][:n_out]
+
+
+@pytest.mark.parametrize("n_out", [4, 10, 11, 23, 47])
+def test_video_is_cut_or_looped_ping_pong(tmp_path, n_out):
+    n_src = 10
+    clip = write_clip(tmp_path / "clip.mp4", n_src)
+    assert frame_codes(frames_for_audio(clip, n_out)) == upstream_loop(n_src, n_out)
+
+
+def test_loop_survives_a_container_that_overstates_its_duration(tmp_path, monkeypatch):
+    clip = write_clip(tmp_path / "clip.mp4", 6)
+    monkeypatch.setattr(media, "declared_duration", lambda path: 3600.0)    # "long enough: no spill needed"
+    assert frame_codes(frames_for_audio(clip, 20)) == upstream_loop(6, 20)
+
+
+def test_looped_frames_are_replayed_from_disk(tmp_path):
+    """The replay buffer is a file in the spill folder, not RAM; it is gone once the frames are consumed."""
+    clip = write_clip(tmp_path / "clip.mp4", 5)
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    frames = frames_for_audio(clip, 12, spill_dir)
+    for _ in range(5):
+        next(frames)
+    spill = media.FrameSpill(spill_dir)             # the same mechanism, inspected directly
+    spill.append(np.zeros((4, 4, 3), np.uint8))
+    assert spill._file.tell() == 4 * 4 * 3
+    spill.close()
+    assert frame_codes(frames) == upstream_loop(5, 12)[5:]
+    assert list(spill_dir.iterdir()) == []          # unlinked temporary files leave nothing behind
+
+
+# ------------------------------------------------------------------------------------------------ audio
+def test_audio_matches_upstream_load_audio(shared_dir):
+    case = shared_dir / "golden" / "audio_features"
+    expected = np.load(case / "inputs.npz")["audio_16k_f32"]
+    got = np.concatenate(list(audio_chunks(case / "input.wav", chunk_samples=len(expected) // 3 + 1)))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_frame_count_formula_matches_upstream_chunks(shared_dir):
+    case = shared_dir / "golden" / "audio_features"
+    meta = json.loads((case / "case.json").read_text())
+    n_samples = meta["inputs"]["arrays"]["audio_16k_f32"]["shape"][0]
+    assert num_frames_for_audio(n_samples) == meta["outputs"]["n_chunks"]
+
+
+def test_any_rate_and_layout_becomes_16k_mono(tmp_path):
+    rate, seconds, tone = 44100, 1.5, 440.0
+    t = np.arange(int(rate * seconds)) / rate
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * tone * t), 0.5 * np.sin(2 * np.pi * tone * t)])
+    wav = write_wav(tmp_path / "stereo44k.wav", stereo, rate)
+    chunks = list(audio_chunks(wav, chunk_samples=4000))
+    assert all(c.dtype == np.float32 and c.ndim == 1 for c in chunks)
+    assert all(len(c) == 4000 for c in chunks[:-1])
+    samples = np.concatenate(chunks)
+    assert abs(len(samples) - seconds * 16000) <= 32
+    spectrum = np.abs(np.fft.rfft(samples))
+    assert abs(np.argmax(spectrum) * 16000 / len(samples) - tone) < 2
+    assert 0.4 < np.abs(samples).max() <= 0.51
+
+
+def test_audio_track_of_a_video_file(shared_dir):
+    clip = shared_dir / "media" / "retalking_face2.mp4"
+    with av.open(str(clip)) as c:
+        seconds = float(c.streams.audio[0].duration * c.streams.audio[0].time_base)
+    n = sum(len(c) for c in audio_chunks(clip))
+    assert abs(n / 16000 - seconds) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_unusable_files_raise_input_error_naming_the_file(tmp_path, shared_dir):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n" * 100)
+    with pytest.raises(InputError, match="notes.txt"):
+        next(frames_25fps(text))
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    with pytest.raises(InputError, match="noise.mp4: unsupported"):
+        next(audio_chunks(noise))
+    with pytest.raises(InputError, match="no such file"):
+        next(audio_chunks(tmp_path / "missing.wav"))
+    with pytest.raises(InputError, match="no video stream"):
+        next(frames_25fps(shared_dir / "media" / "demo1_audio.wav"))
+    silent = write_clip(tmp_path / "silent.mp4", 3)
+    with pytest.raises(InputError, match="no audio track"):
+        next(audio_chunks(silent))
+    with pytest.raises(InputError, match="no audio track"):
+        media.check_inputs(silent, silent)
+
+
+# ------------------------------------------------------------------------------------------------ writer
+def test_writer_leaves_nothing_behind_on_failure(tmp_path, shared_dir):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with SyncedVideoWriter(out, shared_dir / "media" / "demo1_audio.wav", 10) as writer:
+            writer.write(np.zeros((32, 32, 3), np.uint8))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_output_timing_and_trimmed_audio(tmp_path, shared_dir):
+    out, n = tmp_path / "out.mp4", 30
+    with SyncedVideoWriter(out, shared_dir / "media" / "retalking_face2.mp4", n, preset="ultrafast") as writer:
+        for i in range(n):
+            writer.write(np.full((33, 47, 3), i * 8, np.uint8))    # odd sizes are cut to even
+    with av.open(str(out)) as c:
+        video, audio = c.streams.video[0], c.streams.audio[0]
+        assert (video.average_rate, video.width, video.height) == (25, 46, 32)
+        frames = list(c.decode(video))
+        assert [f.pts * f.time_base for f in frames] == [Fraction(i, 25) for i in range(n)]
+        # the audio track is trimmed to the video (AAC's end padding is hidden by the mp4 edit list)
+        assert abs(float(audio.duration * audio.time_base) - n / 25) < 1e-3
+        assert audio.codec_context.name == "aac"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+# ------------------------------------------------------------------------------------------------ decode-ahead
+def test_prefetch_keeps_order_bounds_lookahead_and_reraises():
+    from latentsync_client.sync import prefetch
+    pulled = []
+
+    def source():
+        for i in range(50):
+            pulled.append(i)
+            yield i
+        raise InputError("broken at 50")
+
+    seen = []
+    with pytest.raises(InputError, match="broken at 50"):
+        for item in prefetch(source(), depth=4):
+            seen.append(item)
+            assert len(pulled) - len(seen) <= 4 + 2          # queue depth + one in hand on each side
+    assert seen == list(range(50))
+
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(5)] == list(range(5))
+    it.close()                                                # stops and closes the source
+    assert closed == [True]
