@@ -140,7 +140,9 @@ class LocalModels:
 
     @torch.no_grad()
     def vae_posterior(self, pixels):
-        return self.codec.posterior(pixels.to(self.device, self.codec.dtype))
+        # contiguous, as a server receives every tensor: oneDNN's result depends on the memory layout (~1e-3
+        # on a VAE posterior), and the Triton deployment must reproduce this oracle exactly.
+        return self.codec.posterior(pixels.to(self.device, self.codec.dtype).contiguous())
 
     @torch.no_grad()
     def unet(self, sample, timesteps, audio):
@@ -149,7 +151,7 @@ class LocalModels:
 
     @torch.no_grad()
     def vae_decode(self, latents):
-        return self.codec.decode(latents.to(self.device, self.codec.dtype)).float().cpu()
+        return self.codec.decode(latents.to(self.device, self.codec.dtype).contiguous()).float().cpu()
 
     def paste_back(self, frames, faces, affines):
         resized = resize_face_to_box(faces.float(), box_hw(faces.shape[-1]))

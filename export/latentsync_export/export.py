@@ -1,0 +1,443 @@
+"""`latentsync-export`: build a ready Triton model repository from LatentSync weights.
+
+    latentsync-export --out REPO --tiny                      # seeded random test weights, 1.5 and 1.6
+    latentsync-export --out REPO --weights DIR               # official LatentSync-1.5 files (layout: weights.py)
+    latentsync-export --out REPO --weights 1.6=DIR16 --weights 1.5=DIR15 --target gpu
+
+Targets:
+  cpu  every model is a Python-backend model running latentsync_core in torch (works on the pytriton server;
+       KIND_GPU instance groups run torch on GPUs). Weights are referenced by absolute path, or copied into
+       the models' version folders with --copy-weights (always for --tiny).
+  gpu  the NGC Triton container: UNet, VAE encoder/decoder and audio encoder become float16 ONNX graphs
+       (float32 I/O) served by the onnxruntime backend with TensorRT as execution accelerator (engines are
+       built on the GPU at deploy time and cached); the float32 graphs are validated here against torch with
+       onnxruntime on the CPU. The face detector, restorer and lipsync stay Python models.
+
+The repository: model_repository/ templates filled in (docs/REPOSITORY.md), one UNet model per variant
+(`unet_1.5`, `unet_1.6`; the audio encoder and VAE are shared), and `repository.json` describing the build.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .model_config import (InstanceSpec, parse_model_config, set_batching, set_parameters, templates_dir,
+                           use_onnxruntime, write_model_config)
+from .onnx_export import ExportError
+
+MANIFEST = "repository.json"
+VARIANT_ORDER = ("1.5", "1.6")
+PER_FRAME_MODELS = ("face_detector", "vae_encoder", "vae_decoder", "restorer")  # batch = frames
+ONNX_MODELS = ("audio_encoder", "unet", "vae_encoder", "vae_decoder")         # templates the gpu target converts
+MIN_FRAME_BATCH = 16  # one whole window per call
+
+
+class ExportConfigError(ValueError):
+    """Options or inputs that cannot give a working repository."""
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    target: str = "cpu"
+    weights: dict[str, Path] = field(default_factory=dict)  # variant -> weights folder (first = shared models)
+    tiny: bool = False
+    variants: tuple[str, ...] = VARIANT_ORDER                # --tiny: which variants to make
+    seed: int = 0
+    copy_weights: bool = False
+    detector: str = "mediapipe"
+    detector_dir: Path | None = None
+    face_policy: str = "largest"
+    instances: dict[str, InstanceSpec] = field(default_factory=dict)  # template or model name -> spec
+    unet_max_batch: int = 8
+    frame_max_batch: int = 32
+    max_queue_delay_us: int = 2000
+    max_streams: int = 8
+    idle_timeout_s: float = 300.0   # longer than a client may wait for its windows (Triton counts only requests)
+    unet_step_batching: bool = False
+    fp16: bool = True
+    trt_cache_dir: str = "/tmp/latentsync-trt-cache"
+    force: bool = False
+
+    def check(self) -> None:
+        if self.target not in ("cpu", "gpu"):
+            raise ExportConfigError(f"target must be cpu or gpu, got {self.target!r}")
+        if self.tiny == bool(self.weights):
+            raise ExportConfigError("give exactly one of --tiny and --weights")
+        for v in (*self.weights, *self.variants):
+            if v not in VARIANT_ORDER:
+                raise ExportConfigError(f"unknown variant {v!r} in --weights; expected one of {VARIANT_ORDER}")
+        if self.unet_max_batch < 2:
+            raise ExportConfigError("--unet-max-batch must be >= 2 (one window under guidance is 2 items)")
+        if self.frame_max_batch < MIN_FRAME_BATCH:
+            raise ExportConfigError(f"--frame-max-batch must be >= {MIN_FRAME_BATCH} (one whole window)")
+        if self.detector == "insightface" and self.detector_dir is None:
+            raise ExportConfigError("--detector insightface needs --detector-dir (a buffalo_l / buffalo_s folder)")
+        if self.face_policy not in ("largest", "track"):
+            raise ExportConfigError(f"face policy must be largest or track, got {self.face_policy!r}")
+        if self.max_streams < 1 or self.idle_timeout_s <= 0 or self.max_queue_delay_us < 0:
+            raise ExportConfigError("--max-streams >= 1, --idle-timeout-s > 0 and --max-queue-delay-us >= 0")
+
+    def instance_spec(self, template: str, model: str) -> InstanceSpec:
+        on_gpu = self.target == "gpu" and template in ONNX_MODELS
+        return self.instances.get(model) or self.instances.get(template) or InstanceSpec("gpu" if on_gpu else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def build_repository(opts: ExportOptions) -> dict:
+    """Write the repository to opts.out (built beside it, then moved into place); returns the manifest."""
+    from latentsync_core.weights import locate
+
+    opts.check()
+    out = Path(opts.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ExportConfigError(f"{out} is not empty and not a repository built by latentsync-export")
+        if not opts.force:
+            raise ExportConfigError(f"{out} exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename works
+    tiny_dir = Path(tempfile.mkdtemp(prefix="latentsync-tiny-")) if opts.tiny else None
+    try:
+        weights = _tiny_weights(tiny_dir, opts.seed, opts.variants) if opts.tiny else dict(opts.weights)
+        paths = {v: locate(d) for v, d in weights.items()}
+        manifest = _Builder(opts, staging, paths, copy=opts.copy_weights or opts.tiny).build()
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if tiny_dir is not None:
+            shutil.rmtree(tiny_dir, ignore_errors=True)
+
+
+def _tiny_weights(root: Path, seed: int, variants: Sequence[str]) -> dict[str, Path]:
+    """Random tiny weights per variant (different seeds, so a variant mix-up shows in the output)."""
+    from latentsync_core.tiny import make_tiny_weights
+
+    return {v: make_tiny_weights(root / v, seed + VARIANT_ORDER.index(v)) for v in variants}
+
+
+class _Builder:
+    def __init__(self, opts: ExportOptions, root: Path, paths: dict, copy: bool):
+        self.opts, self.root, self.paths, self.copy = opts, root, paths, copy
+        self.variants = [v for v in paths]  # first = default and source of the shared models
+        self.shared = paths[self.variants[0]]
+        self.templates = templates_dir()
+        self.manifest: dict = {
+            "format": 1, "generator": "latentsync-export", "target": opts.target, "variants": self.variants,
+            "random_weights": any(p.is_random for p in paths.values()),
+            "models": {}, "weights": {"unet": {}, "unet_config": {}}, "onnx": {},
+            "detector": {"kind": opts.detector, "policy": opts.face_policy,
+                         "model_dir": str(opts.detector_dir) if opts.detector_dir else None},
+        }
+
+    def build(self) -> dict:
+        from latentsync_core.configs import get_variant
+        from latentsync_core.vae import load_vae
+
+        self.codec = load_vae(self.shared.vae)
+        self.resolutions = [get_variant(v).resolution for v in self.variants]
+        for v in self.variants:
+            self.unet(v)
+        self.audio_encoder()
+        self.vae("vae_encoder")
+        self.vae("vae_decoder")
+        self.face_detector()
+        self.simple("restorer")
+        self.lipsync()
+        return self.manifest
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def start(self, template: str, model: str | None = None):
+        """Copy a template folder (config + model.py for Python models) and return its parsed config."""
+        model = model or template
+        src = self.templates / template
+        if not (src / "config.pbtxt").is_file():
+            raise ExportConfigError(f"template {src}/config.pbtxt not found (set LATENTSYNC_TEMPLATES?)")
+        (self.root / model / "1").mkdir(parents=True)
+        config = parse_model_config(src / "config.pbtxt")
+        config.name = model
+        self.opts.instance_spec(template, model).apply(config)
+        set_batching(config, max_queue_delay_us=self.opts.max_queue_delay_us)
+        if template in PER_FRAME_MODELS:
+            set_batching(config, max(config.max_batch_size, self.opts.frame_max_batch))
+        return config
+
+    def finish(self, template: str, model: str, config, python: bool) -> None:
+        if python:
+            for f in (self.templates / template / "1").glob("*.py"):
+                shutil.copy2(f, self.root / model / "1" / f.name)
+        backend = "python" if python else "onnxruntime"
+        header = (f"Generated by latentsync-export (target {self.opts.target}) from model_repository/{template}/"
+                  "config.pbtxt;\nsee that template and docs/REPOSITORY.md for what every field means.")
+        write_model_config(config, self.root / model / "config.pbtxt", header)
+        self.manifest["models"][model] = {"template": template, "backend": backend}
+
+    def weight(self, src: Path, model: str, name: str) -> str:
+        """Copy (hard-link where possible) into the model's version folder, or reference by absolute path."""
+        if not self.copy:
+            return str(Path(src).resolve())
+        dst = self.root / model / "1" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+        return name
+
+    def record(self, value: str, model: str) -> str:
+        """A weight path for the manifest: relative to the repository root when it was copied into it."""
+        return value if Path(value).is_absolute() else f"{model}/1/{value}"
+
+    def onnx(self, model: str, spec, profiles: dict[str, tuple[str, str, str]] | None, config) -> None:
+        from .onnx_export import export_and_validate
+
+        record = export_and_validate(spec, self.root / model / "1" / "model.onnx", fp16=self.opts.fp16)
+        self.manifest["onnx"][model] = record
+        trt = {"precision_mode": "FP16" if self.opts.fp16 else "FP32",
+               "max_workspace_size_bytes": str(4 << 30),
+               "trt_engine_cache_enable": "1",
+               "trt_engine_cache_path": f"{self.opts.trt_cache_dir.rstrip('/')}/{model}"}
+        if profiles:
+            for i, kind in enumerate(("min", "opt", "max")):
+                trt[f"trt_profile_{kind}_shapes"] = ",".join(f"{k}:{v[i]}" for k, v in profiles.items())
+        use_onnxruntime(config, trt)
+
+    # ------------------------------------------------------------------------------------------ models
+    def unet(self, variant: str) -> None:
+        from latentsync_core.configs import get_variant
+
+        model, paths = f"unet_{variant}", self.paths[variant]
+        config = self.start("unet", model)
+        set_batching(config, self.opts.unet_max_batch)
+        self.manifest["weights"]["unet_config"][variant] = paths.unet_config
+        if self.opts.target == "gpu":
+            from latentsync_core.checkpoints import load_unet
+
+            from .onnx_export import unet_spec
+
+            size, mb = get_variant(variant).latent_size, self.opts.unet_max_batch
+            spec = unet_spec(load_unet(paths.unet, paths.unet_config), size)
+            shapes = lambda b, f: (f"{b}x13x{f}x{size}x{size}", f"{b}", f"{b}x{f}x50x384")  # noqa: E731
+            lo, mid, hi = shapes(1, 1), shapes(2, 16), shapes(mb, 16)
+            profiles = {name: (lo[i], mid[i], hi[i]) for i, name in enumerate(("SAMPLE", "TIMESTEP", "AUDIO"))}
+            self.onnx(model, spec, profiles, config)
+            self.manifest["weights"]["unet"][variant] = None if self.opts.tiny else str(paths.unet.resolve())
+        else:
+            ckpt = self.weight(paths.unet, model, "latentsync_unet.pt")
+            set_parameters(config, {"checkpoint": ckpt, "unet_config": json.dumps(paths.unet_config)})
+            self.manifest["weights"]["unet"][variant] = self.record(ckpt, model)
+        self.finish("unet", model, config, python=self.opts.target == "cpu")
+
+    def audio_encoder(self) -> None:
+        config = self.start("audio_encoder")
+        if self.opts.target == "gpu":
+            from latentsync_core.models.whisper import load_whisper_encoder
+
+            from .onnx_export import audio_encoder_spec
+
+            mb = config.max_batch_size
+            self.onnx("audio_encoder", audio_encoder_spec(load_whisper_encoder(self.shared.whisper)),
+                      {"MEL": ("1x80x3000", "1x80x3000", f"{mb}x80x3000")}, config)
+            self.manifest["weights"]["whisper"] = None if self.opts.tiny else str(self.shared.whisper.resolve())
+        else:
+            ckpt = self.weight(self.shared.whisper, "audio_encoder", "whisper/tiny.pt")
+            set_parameters(config, {"checkpoint": ckpt})
+            self.manifest["weights"]["whisper"] = self.record(ckpt, "audio_encoder")
+        self.finish("audio_encoder", "audio_encoder", config, python=self.opts.target == "cpu")
+
+    def vae(self, model: str) -> None:
+        config = self.start(model)
+        if self.opts.target == "gpu":
+            from .onnx_export import vae_decoder_spec, vae_encoder_spec
+
+            mb, lo, hi = config.max_batch_size, min(self.resolutions), max(self.resolutions)
+            if model == "vae_encoder":
+                spec = vae_encoder_spec(self.codec, self.resolutions)
+                profiles = {"PIXELS": (f"1x3x{lo}x{lo}", f"16x3x{hi}x{hi}", f"{mb}x3x{hi}x{hi}")}
+            else:
+                spec = vae_decoder_spec(self.codec, [r // 8 for r in self.resolutions])
+                lo, hi = lo // 8, hi // 8
+                profiles = {"LATENTS": (f"1x4x{lo}x{lo}", f"16x4x{hi}x{hi}", f"{mb}x4x{hi}x{hi}")}
+            self.onnx(model, spec, profiles, config)
+            self.manifest["weights"]["vae"] = None if self.opts.tiny else str(self.shared.vae.resolve())
+        else:
+            folder = self.weight(self.shared.vae, model, "vae")
+            set_parameters(config, {"vae": folder})
+            self.manifest["weights"]["vae"] = self.record(folder, model)
+        self.finish(model, model, config, python=self.opts.target == "cpu")
+
+    def face_detector(self) -> None:
+        config = self.start("face_detector")
+        values = {"kind": self.opts.detector, "policy": self.opts.face_policy}
+        if self.opts.detector_dir is not None:
+            values["model_dir"] = self.weight(self.opts.detector_dir, "face_detector", "detector")
+        set_parameters(config, values)
+        self.finish("face_detector", "face_detector", config, python=True)
+
+    def simple(self, model: str) -> None:
+        self.finish(model, model, self.start(model), python=True)
+
+    def lipsync(self) -> None:
+        config = self.start("lipsync")
+        seq = config.sequence_batching
+        seq.max_sequence_idle_microseconds = int(self.opts.idle_timeout_s * 1e6)
+        seq.oldest.max_candidate_sequences = self.opts.max_streams
+        set_parameters(config, {
+            "unet_models": ",".join(f"{v}=unet_{v}" for v in self.variants),
+            "audio_encoder_max_batch": _max_batch(self.root / "audio_encoder"),
+            "vae_scaling_factor": repr(float(self.codec.scaling_factor)),
+            "stream_idle_timeout_s": f"{self.opts.idle_timeout_s:g}",
+            "random_weights": str(self.manifest["random_weights"]).lower(),
+            "face_policy": self.opts.face_policy,
+            "unet_max_batch": self.opts.unet_max_batch,
+            "unet_step_batching": str(self.opts.unet_step_batching).lower(),
+        })
+        self.finish("lipsync", "lipsync", config, python=True)
+
+
+def _max_batch(model_dir: Path) -> int:
+    return parse_model_config(model_dir / "config.pbtxt").max_batch_size
+
+
+def _link_or_copy(src, dst) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_manifest(repo: str | Path) -> dict:
+    path = Path(repo) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a repository built by latentsync-export")
+    return json.loads(path.read_text())
+
+
+def load_reference(repo: str | Path, variant: str | None = None, detector=None, device: str = "cpu"):
+    """The in-process LipSyncPipeline on exactly the weights a built repository serves (the parity oracle).
+
+    `detector`: a FaceDetector, or None for the one the repository was built with.
+    """
+    from latentsync_core.checkpoints import load_unet
+    from latentsync_core.face.detect import create_detector
+    from latentsync_core.models.whisper import load_whisper_encoder
+    from latentsync_core.pipeline import LipSyncPipeline, LocalModels
+    from latentsync_core.vae import load_vae
+
+    repo = Path(repo).resolve()
+    m = read_manifest(repo)
+    variant = variant or m["variants"][0]
+    w = m["weights"]
+    sources = [w["unet"].get(variant), w.get("whisper"), w.get("vae")]
+    if None in sources:
+        raise FileNotFoundError(f"{repo}: built from temporary tiny weights for the gpu target; no torch weights")
+    unet_path, whisper_path, vae_path = (repo / p for p in sources)  # absolute paths stay absolute
+    if detector is None:
+        d = m["detector"]
+        copied = repo / "face_detector" / "1" / "detector"
+        model_dir = copied if copied.exists() else d["model_dir"]
+        detector = create_detector(d["kind"], model_dir, policy=d.get("policy", "largest"))
+    models = LocalModels(load_unet(unet_path, w["unet_config"][variant], device=device),
+                         load_whisper_encoder(whisper_path, device=device), load_vae(vae_path, device=device),
+                         detector, device=device)
+    return LipSyncPipeline(models, variant)
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+def parse_weights(items: Sequence[str]) -> dict[str, Path]:
+    """`[VARIANT=]DIR` items; a bare DIR is variant 1.5."""
+    out: dict[str, Path] = {}
+    for item in items:
+        variant, sep, folder = item.partition("=")
+        variant, folder = (variant, folder) if sep else ("1.5", item)
+        if variant in out:
+            raise ExportConfigError(f"--weights names variant {variant} twice")
+        out[variant] = Path(folder)
+    return out
+
+
+def parse_instances(items: Sequence[str]) -> dict[str, InstanceSpec]:
+    out = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ExportConfigError(f"--instances {item!r}: expected MODEL=KIND[:COUNT[:GPUS]], e.g. unet=gpu:2:0,1")
+        out[name.strip()] = InstanceSpec.parse(spec)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="latentsync-export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, type=Path, help="repository folder to write")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", action="append", default=[], metavar="[VARIANT=]DIR",
+                     help="weights folder (latentsync_unet.pt, whisper/tiny.pt, vae/); VARIANT 1.5 (default) or "
+                          "1.6; repeat for both; the audio encoder and VAE come from the first")
+    src.add_argument("--tiny", action="store_true", help="seeded random tiny weights for 1.5 and 1.6 (tests, demo)")
+    p.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --tiny weights")
+    p.add_argument("--variants", default=",".join(VARIANT_ORDER),
+                   help="--tiny: comma-separated variants to build (the first is the default variant)")
+    p.add_argument("--copy-weights", action="store_true", help="copy weights into the repository (cpu target)")
+    p.add_argument("--detector", choices=("mediapipe", "insightface"), default="mediapipe")
+    p.add_argument("--detector-dir", type=Path,
+                   help="insightface: buffalo_l / buffalo_s folder; mediapipe: a folder of its .tflite files "
+                        "(default: the installed mediapipe wheel's)")
+    p.add_argument("--face-policy", choices=("largest", "track"), default="largest",
+                   help="several faces in a frame: the largest (upstream) or the one tracked from the last frame")
+    p.add_argument("--instances", action="append", default=[], metavar="MODEL=KIND[:COUNT[:GPUS]]",
+                   help="instance group of a model, e.g. unet=gpu:2:0,1 or lipsync=cpu:2 (repeatable)")
+    p.add_argument("--unet-max-batch", type=int, default=8, help="UNet batch (2 per window under guidance)")
+    p.add_argument("--frame-max-batch", type=int, default=32, help="batch of the per-frame models (>= 16)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay of every model")
+    p.add_argument("--max-streams", type=int, default=8, help="concurrent streams per lipsync instance")
+    p.add_argument("--idle-timeout-s", type=float, default=300.0,
+                   help="drop a stream that sent nothing for this long; must exceed the time a client may wait "
+                        "for its in-flight windows (Triton's idle clock restarts only on requests)")
+    p.add_argument("--unet-step-batching", action="store_true",
+                   help="lipsync merges the UNet steps of its concurrent streams into one request (waits up to "
+                        "about one UNet call for them) instead of relying on Triton's dynamic batcher alone")
+    p.add_argument("--fp32", action="store_true", help="gpu target: ship float32 ONNX graphs")
+    p.add_argument("--trt-cache-dir", default="/tmp/latentsync-trt-cache", help="gpu target: TensorRT engine cache")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    a = p.parse_args(argv)
+    try:
+        opts = ExportOptions(out=a.out, target=a.target, weights=parse_weights(a.weights), tiny=a.tiny,
+                             variants=tuple(v.strip() for v in a.variants.split(",") if v.strip()),
+                             seed=a.seed, copy_weights=a.copy_weights, detector=a.detector,
+                             detector_dir=a.detector_dir, face_policy=a.face_policy, instances=parse_instances(a.instances),
+                             unet_max_batch=a.unet_max_batch, frame_max_batch=a.frame_max_batch,
+                             max_queue_delay_us=a.max_queue_delay_us, max_streams=a.max_streams,
+                             idle_timeout_s=a.idle_timeout_s,
+                             unet_step_batching=a.unet_step_batching, fp16=not a.fp32, trt_cache_dir=a.trt_cache_dir,
+                             force=a.force)
+        manifest = build_repository(opts)
+    except (ExportConfigError, ExportError, FileNotFoundError, ValueError) as e:
+        print(f"latentsync-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {opts.out} (target {opts.target}; variants {', '.join(manifest['variants'])}; "
+          f"models {', '.join(manifest['models'])})")
+    for model, rec in manifest["onnx"].items():
+        print(f"  {model}: ONNX {rec['dtype']}, float32 graph vs torch max abs error {rec['fp32_max_abs_error']:.3g}")
+    if manifest["random_weights"]:
+        print("NOTE: RANDOM test weights (--tiny): the output video will NOT be lip-synced.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

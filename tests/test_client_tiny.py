@@ -1,0 +1,40 @@
+"""latentsync-client against the real product: the tiny repository (`latentsync-export --tiny`, random
+weights, every model a Python-backend model) served by tritonserver. Output content is meaningless (random
+weights); the contract is what is checked: frame count from the audio, 25 fps, duration, audio track."""
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+from test_client_e2e import FAST, assert_synced_output, cut_audio, run_cli
+from test_client_media import write_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_server(triton_server, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    export = Path(sys.executable).with_name("latentsync-export")
+    r = subprocess.run([str(export), "--out", str(repo), "--tiny"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return triton_server(repo, timeout=300)
+
+
+def clip_30fps(media: Path, tmp_path: Path) -> Path:
+    with av.open(str(media / "retalking_face2.mp4")) as c:
+        frames = [f.to_ndarray(width=320, height=320, format="rgb24") for _, f in zip(range(20), c.decode(video=0))]
+    return write_clip(tmp_path / "clip30.mp4", len(frames), fps=30, size=(320, 320), frames=frames)
+
+
+@pytest.mark.parametrize("video", ["retalking_face1.mp4", "demo1_video.mp4", "30fps"])
+def test_cli_on_tiny_repository(tiny_server, shared_dir, tmp_path, video):
+    """22 fps h264, 25 fps HEVC portrait and 30 fps inputs all come back at 25 fps with the audio's length."""
+    media = shared_dir / "media"
+    source = clip_30fps(media, tmp_path) if video == "30fps" else media / video
+    audio = cut_audio(media / "demo1_audio.wav", tmp_path / "voice.wav", 0.3)       # part of one window
+    out = tmp_path / "out.mp4"
+    r = run_cli(source, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1",
+                "--allow-no-face", *FAST, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert_synced_output(out, audio, tmp_path)
