@@ -4,7 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 GOLDEN  ?= ../shared/golden
 
-.PHONY: setup test parity demo clean
+WEIGHTS ?=
+
+.PHONY: setup test parity demo demo-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,6 +20,17 @@ setup: $(BIN)/python
 
 test:
 	$(BIN)/pytest -q
+
+# The demo's inputs: speech from espeak-ng (Debian) and a sample portrait shipped in the insightface wheel
+# (only its image files are used, so --no-deps).
+demo-deps:
+	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; }
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('insightface') is None)" \
+		|| $(BIN)/pip install -q --no-deps insightface==2.1
+
+# Build a repository (tiny random weights unless WEIGHTS=DIR), serve it with Triton, sync a portrait to speech.
+demo: demo-deps
+	$(BIN)/python -m latentsync_export.demo $(if $(WEIGHTS),--weights $(WEIGHTS)) --out out/demo.mp4
 
 parity:
 	$(BIN)/latentsync-parity $(GOLDEN)
