@@ -1,0 +1,76 @@
+"""The opt-in speed/quality trade-offs: DPM-Solver++ (fewer steps) and DeepCache-style feature reuse."""
+import pytest
+import torch
+
+from latentsync_core.deepcache import DeepCacheUNet, cached_step, full_step
+from latentsync_core.denoise import WindowConditioning, denoise_window, make_scheduler
+from latentsync_core.models.unet3d import UNet3DConditionModel
+from latentsync_core.samplers import make_sampler
+from latentsync_core.tiny import TINY_UNET, redraw_
+
+
+@pytest.fixture(scope="module")
+def unet():
+    model = UNet3DConditionModel.from_config(TINY_UNET).eval()
+    model.load_state_dict(redraw_(model.state_dict(), torch.Generator().manual_seed(0), skip=("pos_encoder.pe",)))
+    return model
+
+
+def window(frames=2, hw=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = WindowConditioning(mask=torch.rand(1, 1, frames, hw, hw, generator=g).round(),
+                              masked=torch.randn(1, 4, frames, hw, hw, generator=g),
+                              reference=torch.randn(1, 4, frames, hw, hw, generator=g),
+                              audio=torch.randn(frames, 50, 384, generator=g))
+    return torch.randn(1, 4, frames, hw, hw, generator=g), cond
+
+
+def test_ddim_sampler_is_upstreams_scheduler():
+    ddim, reference = make_sampler("ddim", 20), make_scheduler(20)
+    assert torch.equal(ddim.timesteps, reference.timesteps)
+
+
+def test_dpm_solver_restarts_in_every_window(unet):
+    """Two windows from the same inputs must give the same latents: the solver history is per window."""
+    latents, cond = window()
+    sampler = make_sampler("dpmsolver++", 3)
+    assert len(sampler.timesteps) == 3
+    with torch.no_grad():
+        first = denoise_window(unet, latents, cond, sampler, 1.5)
+        second = denoise_window(unet, latents, cond, sampler, 1.5)
+        fresh = denoise_window(unet, latents, cond, make_sampler("dpmsolver++", 3), 1.5)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(fresh, first, rtol=0, atol=0)
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("euler", 10)
+
+
+def test_deepcache_full_and_reused_steps_match_the_unet(unet):
+    sample = torch.randn(2, 13, 2, 8, 8)
+    t = torch.tensor([901, 901])
+    audio = torch.randn(2, 2, 50, 384)
+    with torch.no_grad():
+        reference = unet(sample, t, audio)
+        out, cache = full_step(unet, sample, t, audio)
+        reused = cached_step(unet, sample, t, audio, cache)   # same input: same result from the cached feature
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    torch.testing.assert_close(reused, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_deepcache_runs_the_full_unet_every_interval_steps_of_each_window(unet):
+    latents, cond = window()
+    cached = DeepCacheUNet(unet, interval=3)
+    scheduler = make_scheduler(4)
+    with torch.no_grad():
+        for _ in range(2):                                     # two windows: the count restarts in each
+            out = denoise_window(cached, latents, cond, scheduler, 1.5)
+    assert (cached.full_steps, cached.cached_steps) == (2 * 2, 2 * 2)   # steps 0 and 3 of 4 are full
+    with torch.no_grad():
+        exact = denoise_window(DeepCacheUNet(unet, interval=1), latents, cond, scheduler, 1.5)
+        plain = denoise_window(unet, latents, cond, scheduler, 1.5)
+    torch.testing.assert_close(exact, plain, rtol=0, atol=0)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)   # an approximation, not the same output
