@@ -106,12 +106,12 @@ def test_zero_length_audio_exits_2(server, media, tmp_path):
 
 
 def test_audio_in_an_unknown_codec_fails_cleanly(server, media, tmp_path):
-    """WAV with codec tag 0x1234 (no decoder). KNOWN BUG (see the matrix): exit 1 'AttributeError: ...' instead
-    of exit 2 naming the file; asserted here is what already holds: non-zero, one line, no output."""
+    """WAV with codec tag 0x1234 (FFmpeg has no decoder): exit 2, one line naming the file, no output."""
     out = tmp_path / "out.mp4"
     r = run_cli(media / "retalking_face2.mp4", write_wav(tmp_path / "odd.wav", 0x1234, b"\0" * 32000),
                 "-o", out, "--url", server.grpc_url, "-q")
-    assert r.returncode not in (0, ServerUnreachable.exit_code), r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "odd.wav" in r.stderr and "unsupported audio codec" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists(), r.stderr
     assert_ready_and_drained(server)
 

@@ -51,8 +51,11 @@ def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
     """Fail early (InputError) unless `video` has a video stream and `audio` an audio track."""
     for path, kind in ((video, "video"), (audio, "audio")):
         with open_media(path) as container:
-            if not getattr(container.streams, kind):
+            streams = getattr(container.streams, kind)
+            if not streams:
                 raise InputError(f"{path}: has no {'video stream' if kind == 'video' else 'audio track'}")
+            if streams[0].codec_context is None:  # FFmpeg has no decoder for this codec
+                raise InputError(f"{path}: unsupported {kind} codec (no decoder for it)")
 
 
 # ------------------------------------------------------------------------------------------------------ audio
