@@ -16,11 +16,12 @@ def shared_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def triton_server(tmp_path_factory):
     """Factory: `triton_server(repo, timeout=..., **TritonServer kwargs)` starts a real server and waits until
     it is ready (its log goes to pytest's temp folder unless log_path is given); every server it started is
-    stopped at the end of the session (or earlier by `.stop()`)."""
+    stopped at the end of the test module (or earlier by `.stop()`), so idle servers of finished modules
+    neither hold memory (several GB each with the tiny repository) nor take CPU from later timings."""
     from latentsync_export.serve import TritonServer
 
     started = []

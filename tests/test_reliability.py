@@ -7,8 +7,10 @@ One tiny repository (random weights, CPU) and one real tritonserver serve the wh
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from latentsync_client.errors import InputError, ServerUnreachable  # noqa: E402
 from latentsync_core.configs import NUM_FRAMES  # noqa: E402
 from latentsync_export.export import ExportOptions, build_repository  # noqa: E402
 from latentsync_export.serve import free_port  # noqa: E402
-from test_client_e2e import run_cli  # noqa: E402
+from test_client_e2e import CLI, FAST, run_cli  # noqa: E402
 from test_triton_lipsync import audio_for, clip, metric, run_stream, wait_for  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(600)
@@ -205,6 +207,38 @@ def test_client_vanishing_mid_stream_frees_its_state(server, clip):
     again = run_stream(server.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1})
     assert not again.errors and len(again.video) == 2
     assert_ready_and_drained(server)
+
+
+def test_server_killed_mid_stream_restarts_and_serves_again(triton_server, server, clip, media, tmp_path):
+    """SIGKILL to a serving server (and its backend stubs) while a CLI sync is mid-stream: the CLI exits 3 with
+    one line and no output; stop() removes the Python backend's /dev/shm regions the dead stubs left behind;
+    a new server on the same repository and ports serves again, with the same frames as before the kill."""
+    video, samples = clip
+    first = triton_server(server.model_repository, timeout=600)
+    before = run_stream(first.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1, "seed": 3})
+    assert not before.errors and len(before.video) == 2
+    regions = first.shm_regions()
+    assert regions, "the Python backend's shm regions carry this server's prefix"
+
+    out = tmp_path / "out.mp4"
+    cli = subprocess.Popen(CLI + [media / "demo1_video.mp4", media / "demo1_audio.wav", "-o", out,
+                                  "--url", first.grpc_url, "--steps", "1", *FAST], stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: open_streams(first) == 1 or cli.poll() is not None, 120, "the CLI's stream to open")
+    assert cli.poll() is None, cli.communicate()
+    os.killpg(first.pid, signal.SIGKILL)
+    _, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == ServerUnreachable.exit_code, stderr
+    assert "lost the connection" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert list(tmp_path.iterdir()) == []                     # no partial output, no temp file
+    first.stop()
+    assert not any(r.exists() for r in regions)
+
+    again = triton_server(server.model_repository, timeout=600, grpc_port=first.grpc_port,
+                          http_port=first.http_port, metrics_port=first.metrics_port)
+    after = run_stream(again.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1, "seed": 3})
+    assert not after.errors and np.array_equal(after.video, before.video)
+    assert_ready_and_drained(again)
+    again.stop()
 
 
 # ------------------------------------------------------------------------------------------------ soak

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -128,8 +129,12 @@ def parse_model_config(path: str | os.PathLike):
 def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_port: int, metrics_port: int,
                 address: str = "127.0.0.1", admin_key: str | None = None, model_control_mode: str = "none",
                 load_models: Sequence[str] = (), max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
-                exit_timeout_s: int = 30, options: frozenset[str] = frozenset()) -> list[str]:
-    """tritonserver command-line flags (without the binary and backend directory)."""
+                exit_timeout_s: int = 30, options: frozenset[str] = frozenset(),
+                shm_prefix: str | None = None) -> list[str]:
+    """tritonserver command-line flags (without the binary and backend directory).
+
+    `shm_prefix` names the Python backend's /dev/shm regions, so the regions of one server can be found and
+    removed after it was killed (a SIGKILLed server leaves them behind, 16+ MB per model instance)."""
     if model_control_mode not in ("none", "explicit"):
         raise ValueError("model_control_mode must be 'none' (load everything, fixed) or 'explicit'")
     args = [f"--model-repository={Path(model_repository).resolve()}",
@@ -141,6 +146,8 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
             f"--exit-timeout-secs={exit_timeout_s}",  # drain in-flight windows (and idle HTTP keep-alives)
             f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}"]
+    if shm_prefix:
+        args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
     if model_control_mode == "explicit":
         args += [f"--load-model={m}" for m in (load_models or ["*"])]
     if admin_key:
@@ -183,6 +190,7 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen | None = None
         self._work_dir: Path | None = None
+        self.shm_prefix = f"latentsync_{uuid.uuid4().hex[:12]}_"   # this server's /dev/shm regions
 
     grpc_url = property(lambda self: f"{self.host}:{self.grpc_port}")
     http_url = property(lambda self: f"{self.host}:{self.http_port}")
@@ -196,6 +204,11 @@ class TritonServer:
         # The stub's embedded interpreter finds its prefix through `python3` on PATH: put this venv's bin/
         # first, unresolved (a venv is recognised by the pyvenv.cfg beside bin/, not by the real binary).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # glibc gives every thread that allocates its own arena and rarely returns their memory: tritonserver
+        # and the stubs (gRPC, one thread per stream) grew ~500 MB under 8 streams before levelling off, vs
+        # ~180 MB with two arenas (docs/OPERATIONS.md). Unless the caller chose (e.g. LD_PRELOAD=jemalloc).
+        if "MALLOC_ARENA_MAX" not in env and "jemalloc" not in env.get("LD_PRELOAD", ""):
+            env["MALLOC_ARENA_MAX"] = "2"
         return env
 
     def command(self) -> list[str]:
@@ -207,7 +220,7 @@ class TritonServer:
                              metrics_port=self.metrics_port, address=self.address, admin_key=self.admin_key,
                              model_control_mode=self.model_control_mode, load_models=self.load_models,
                              max_input_bytes=self.max_input_bytes, exit_timeout_s=self.exit_timeout_s,
-                             options=options),
+                             options=options, shm_prefix=self.shm_prefix),
                 *self.extra_args]
 
     def exec(self) -> None:
@@ -276,10 +289,16 @@ class TritonServer:
                     pass
             _kill_group(proc.pid)               # stubs that outlived the server, or the server itself
             code = proc.wait()
+            for region in self.shm_regions():   # left behind when the server or a stub was killed
+                region.unlink(missing_ok=True)
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
         return code
+
+    def shm_regions(self) -> list[Path]:
+        """The Python backend's shared-memory regions of this server (in /dev/shm)."""
+        return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
 
     def __enter__(self) -> "TritonServer":
         if self._proc is not None:              # `with server.start():` manages an already started one
