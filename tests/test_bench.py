@@ -11,6 +11,7 @@ from latentsync_export.bench import BenchOptions, markdown, run
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_WINDOWS_AT_4 = 3.0     # mean 16-frame windows per UNet execution at 4 concurrent streams (issue 6)
+MAX_OVERHEAD = 0.10        # Triton wall time / in-process wall time - 1 (issue 6)
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +22,21 @@ def clip(shared_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def report(clip) -> dict:
-    # One window per stream, 2 steps: small enough for 2 CPU cores, still every model and every BLS call.
-    opts = BenchOptions(video=clip, tiny=True, size=256, seconds=0.56, steps=2, streams=[4], repeats=3)
+    # One 16-frame window per stream at 256 px, tiny weights: small enough for 2 CPU cores, still every model and
+    # every BLS call. 10 steps (the recipe has 20): the streams reach their first UNet step at different times
+    # (the first step may run as up to 4 groups), after that they step together; at 2 steps that transient
+    # alone decided the mean batch, which is not what a served stream sees.
+    opts = BenchOptions(video=clip, tiny=True, size=256, seconds=0.56, steps=10, streams=[4], repeats=3)
     return run(opts)
 
 
-def test_overhead_is_measured_on_the_same_frames(report):
-    # The < 10 % overhead target is a timing ratio: `latentsync-bench` reports it (RESULTS/PERFORMANCE docs);
-    # asserting it here made CI depend on machine noise, so the test checks what is deterministic.
+def test_serving_overhead_under_10_percent(report):
+    """Issue 6: Triton path vs the in-process pipeline on the same weights and frames, best of 3 interleaved
+    runs each (so background load hits both), must cost under 10 % more."""
     print(markdown(report))
     assert report["faces_found"].split("/")[0] == report["faces_found"].split("/")[1]
-    assert report["triton"]["runs_s"] and report["reference"]["runs_s"]
-    assert report["overhead"] > -1
+    assert len(report["triton"]["runs_s"]) == len(report["reference"]["runs_s"]) == 3
+    assert report["overhead"] < MAX_OVERHEAD, (report["triton"]["runs_s"], report["reference"]["runs_s"])
 
 
 def test_four_streams_share_unet_executions(report):
