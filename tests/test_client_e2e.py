@@ -268,10 +268,13 @@ def wait_until_streaming(proc, seconds):
 
 def test_ctrl_c_leaves_no_output(slow_server, media_dir, tmp_path):
     out = tmp_path / "out.mp4"
+    # Ctrl-C as a terminal delivers it: a job started in the background of a script (CI runners, `cmd &`)
+    # inherits SIGINT *ignored*, and Python then keeps ignoring it; the CLI starts with the default here.
     proc = subprocess.Popen(CLI + [str(media_dir / "retalking_face2.mp4"), str(media_dir / "demo1_audio.wav"),
                                    "-o", str(out), "--url", slow_server.grpc_url, *FAST],
-                            stderr=subprocess.PIPE, text=True)
-    wait_until_streaming(proc, 3.0)                           # 16 windows x 0.3 s: well inside the stream
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_until_streaming(proc, 3.0)                           # 15 windows x 0.3 s: well inside the stream
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == Interrupted.exit_code
