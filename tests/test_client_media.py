@@ -13,6 +13,7 @@ import pytest
 
 from latentsync_client import InputError, audio_chunks, frames_25fps, frames_for_audio, num_frames_for_audio
 from latentsync_client import media
+from latentsync_client.protocol import MAX_FRAME_SIDE
 from latentsync_client.writer import SyncedVideoWriter
 
 CODE_STEP = 7               # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
@@ -224,6 +225,16 @@ def test_unusable_files_raise_input_error_naming_the_file(tmp_path, shared_dir):
         next(audio_chunks(silent))
     with pytest.raises(InputError, match="no audio track"):
         media.check_inputs(silent, silent)
+
+
+def test_frames_over_the_servers_size_limit_are_refused_before_connecting(tmp_path, shared_dir):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, MAX_FRAME_SIDE + 4, 3), np.uint8)).save(tmp_path / "wide.png")
+    with pytest.raises(InputError, match=f"wide.png: frames are {MAX_FRAME_SIDE + 4}x16; the server takes at most"):
+        media.check_inputs(tmp_path / "wide.png", shared_dir / "media" / "demo1_audio.wav")
+    Image.fromarray(np.zeros((16, MAX_FRAME_SIDE, 3), np.uint8)).save(tmp_path / "ok.png")
+    media.check_inputs(tmp_path / "ok.png", shared_dir / "media" / "demo1_audio.wav")
 
 
 # ------------------------------------------------------------------------------------------------ writer

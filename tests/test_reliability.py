@@ -24,6 +24,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from latentsync_client.errors import InputError, ServerUnreachable  # noqa: E402
 from latentsync_core.configs import NUM_FRAMES  # noqa: E402
 from latentsync_export.export import ExportOptions, build_repository  # noqa: E402
+from latentsync_export.lipsync_service import MAX_FRAME_SIDE  # noqa: E402
 from latentsync_export.serve import free_port  # noqa: E402
 from test_client_e2e import CLI, FAST, run_cli  # noqa: E402
 from test_triton_lipsync import audio_for, clip, metric, run_stream, wait_for  # noqa: E402,F401
@@ -172,6 +173,8 @@ CONTRACT_VIOLATIONS = {
     "audio-2d": ([({"AUDIO": AUDIO.reshape(2, -1)}, True, True)], "unexpected shape for input 'AUDIO'"),
     "unknown-input": ([({"AUDIO": AUDIO, "EXTRA": AUDIO}, True, True)], "'EXTRA'"),
     "over-16-frames": (audio_then({"FRAMES": frames(NUM_FRAMES + 1)}), f"at most {NUM_FRAMES} per request"),
+    "frame-over-4096-px": (audio_then({"FRAMES": frames(1, MAX_FRAME_SIDE + 1, 8)}),
+                           f"FRAMES are 8x{MAX_FRAME_SIDE + 1} pixels; at most {MAX_FRAME_SIDE} per side"),
     "size-changes": (audio_then({"FRAMES": frames(2)}, {"FRAMES": frames(2, 32, 32)}), "FRAMES size changed"),
     "frames-before-audio": ([({"FRAMES": frames(2), "AUDIO": NO_AUDIO}, True, True)], "FRAMES before AUDIO"),
     "no-sequence-start": ([({"AUDIO": AUDIO}, False, True)], "START flag"),

@@ -22,7 +22,7 @@ import av
 import numpy as np
 
 from .errors import InputError
-from .protocol import FPS, SAMPLE_RATE
+from .protocol import FPS, MAX_FRAME_SIDE, SAMPLE_RATE
 
 
 # FFmpeg demuxers that render any text file as "video": never what a user meant.
@@ -48,7 +48,8 @@ def _decode_error(path, e: Exception) -> InputError:
 
 
 def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
-    """Fail early (InputError) unless `video` has a video stream and `audio` an audio track."""
+    """Fail early (InputError) unless `video` has a video stream (frames <= MAX_FRAME_SIDE per side) and `audio`
+    an audio track."""
     for path, kind in ((video, "video"), (audio, "audio")):
         with open_media(path) as container:
             streams = getattr(container.streams, kind)
@@ -56,6 +57,10 @@ def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
                 raise InputError(f"{path}: has no {'video stream' if kind == 'video' else 'audio track'}")
             if streams[0].codec_context is None:  # FFmpeg has no decoder for this codec
                 raise InputError(f"{path}: unsupported {kind} codec (no decoder for it)")
+            ctx = streams[0].codec_context
+            if kind == "video" and max(ctx.width, ctx.height) > MAX_FRAME_SIDE:
+                raise InputError(f"{path}: frames are {ctx.width}x{ctx.height}; the server takes at most "
+                                 f"{MAX_FRAME_SIDE} pixels per side (scale the video down)")
 
 
 # ------------------------------------------------------------------------------------------------------ audio

@@ -10,6 +10,7 @@ FPS = 25                      # frames are sent and returned at 25 fps
 SAMPLE_RATE = 16_000          # audio is sent as 16 kHz mono float32
 WINDOW = 16                   # the server answers once per window of up to 16 frames
 MAX_FRAMES_PER_REQUEST = 16
+MAX_FRAME_SIDE = 4096         # pixels per side the server accepts
 VARIANTS = ("1.5", "1.6")
 
 

@@ -27,6 +27,7 @@ from .bls import ModelNames, TritonModels
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
+MAX_FRAME_SIDE = 4096   # pixels per side (4K UHD either way up); one window of such frames is ~800 MB as float
 PARAMETERS = ("steps", "guidance", "seed", "variant")
 
 
@@ -194,6 +195,9 @@ class Stream:
             raise StreamError(f"FRAMES must be [n, H, W, 3] RGB uint8, got shape {list(frames.shape)}")
         if len(frames) > NUM_FRAMES:
             raise StreamError(f"FRAMES holds {len(frames)} frames; at most {NUM_FRAMES} per request")
+        if max(frames.shape[1:3]) > MAX_FRAME_SIDE:
+            raise StreamError(f"FRAMES are {frames.shape[2]}x{frames.shape[1]} pixels; at most {MAX_FRAME_SIDE} "
+                              "per side (scale the video down)")
         if self.frame_hw is None:
             self.frame_hw = frames.shape[1:3]
         elif frames.shape[1:3] != self.frame_hw:
