@@ -26,16 +26,16 @@ def report(clip) -> dict:
     # every BLS call. 10 steps (the recipe has 20): the streams reach their first UNet step at different times
     # (the first step may run as up to 4 groups), after that they step together; at 2 steps that transient
     # alone decided the mean batch, which is not what a served stream sees.
-    opts = BenchOptions(video=clip, tiny=True, size=256, seconds=0.56, steps=10, streams=[4], repeats=3)
+    opts = BenchOptions(video=clip, tiny=True, size=256, seconds=0.56, steps=10, streams=[4], repeats=4)
     return run(opts)
 
 
 def test_serving_overhead_under_10_percent(report):
-    """Issue 6: Triton path vs the in-process pipeline on the same weights and frames, best of 3 interleaved
-    runs each (so background load hits both), must cost under 10 % more."""
+    """Issue 6: Triton path vs the in-process pipeline on the same weights and frames, best of 4 interleaved
+    runs each (so background load hits both; both with the server's malloc settings), must cost under 10 % more."""
     print(markdown(report))
     assert report["faces_found"].split("/")[0] == report["faces_found"].split("/")[1]
-    assert len(report["triton"]["runs_s"]) == len(report["reference"]["runs_s"]) == 3
+    assert len(report["triton"]["runs_s"]) == len(report["reference"]["runs_s"]) == 4
     assert report["overhead"] < MAX_OVERHEAD, (report["triton"]["runs_s"], report["reference"]["runs_s"])
 
 

@@ -353,11 +353,20 @@ class ReferenceWorker:
         self._tmp = tempfile.TemporaryDirectory(prefix="latentsync-bench-ref-")
         media_file = str(Path(self._tmp.name) / "media.npz")
         np.savez(media_file, frames=media.frames, audio=media.audio)
+        from .serve import allocator_env
+
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_reference_worker, args=(child, str(repo), variant, media_file, params),
                                 name="latentsync-bench-reference", daemon=True)
-        self.proc.start()
+        # The same malloc settings as the server's processes, so the allocator is not part of the difference.
+        saved = dict(os.environ)
+        os.environ.update(allocator_env(dict(os.environ)))
+        try:
+            self.proc.start()                  # the spawned interpreter reads its environment at exec
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self.torch_threads = self._receive()["torch_threads"]
 
     def _receive(self) -> dict:

@@ -159,6 +159,13 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
     return args
 
 
+def allocator_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with two glibc malloc arenas, unless it already chose (MALLOC_ARENA_MAX, or jemalloc preloaded)."""
+    if "MALLOC_ARENA_MAX" not in env and "jemalloc" not in env.get("LD_PRELOAD", ""):
+        env["MALLOC_ARENA_MAX"] = "2"
+    return env
+
+
 # ---------------------------------------------------------------------------------------------------- server
 class TritonServer:
     """A tritonserver child process on loopback; a context manager that always stops it.
@@ -207,9 +214,7 @@ class TritonServer:
         # glibc gives every thread that allocates its own arena and rarely returns their memory: tritonserver
         # and the stubs (gRPC, one thread per stream) grew ~500 MB under 8 streams before levelling off, vs
         # ~180 MB with two arenas (docs/OPERATIONS.md). Unless the caller chose (e.g. LD_PRELOAD=jemalloc).
-        if "MALLOC_ARENA_MAX" not in env and "jemalloc" not in env.get("LD_PRELOAD", ""):
-            env["MALLOC_ARENA_MAX"] = "2"
-        return env
+        return allocator_env(env)
 
     def command(self) -> list[str]:
         env = self._env()
