@@ -158,13 +158,12 @@ def soak(a: argparse.Namespace) -> dict:
     # The allocators (glibc arenas per thread, Triton's gRPC buffers, torch's caches) keep growing for a while
     # after the first round; the baseline is taken after --warmup-seconds more of full load, so the bound
     # is on growth under steady load, which is what a leak shows up as.
-    warm_at, rss_warm, rss_peak, samples = time.monotonic() + a.warmup_seconds, None, 0.0, []
+    warm_at, samples, after_warm = time.monotonic() + a.warmup_seconds, [], []
     while a.server_pid and any(t.is_alive() for t in threads):
         rss = tree_rss_mb(a.server_pid)
         samples.append(round(rss))           # every 5 s: tells a one-off step from steady growth
-        if rss_warm is None and time.monotonic() >= warm_at:
-            rss_warm = rss
-        rss_peak = max(rss_peak, rss) if rss_warm is not None else 0.0
+        if time.monotonic() >= warm_at:
+            after_warm.append(rss)           # the first one is the baseline
         time.sleep(5.0)
     for t in threads:
         t.join()
@@ -181,7 +180,8 @@ def soak(a: argparse.Namespace) -> dict:
         p.unlink()
     work.rmdir()
     # Growth = the highest sample after the baseline (not just the end: ended streams free their state).
-    growth = None if rss_warm is None else max(rss_peak, rss_end) - rss_warm
+    rss_warm = after_warm[0] if after_warm else None
+    growth = None if rss_warm is None else max(after_warm + [rss_end]) - rss_warm
     if a.server_pid and rss_warm is None:
         stats["errors"].append(f"the run ended before the {a.warmup_seconds:g} s warm-up: no memory baseline")
     ok = (not stats["errors"] and not stats["incomplete"] and stats["syncs"] >= a.streams
