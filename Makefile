@@ -6,20 +6,35 @@ GOLDEN  ?= ../shared/golden
 
 WEIGHTS ?=
 
-.PHONY: setup test parity demo demo-deps clean
+.PHONY: setup test test-fast lint format parity demo demo-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# CPU install from the package registries (torch 2.13.0 CPU is on disk for pip).
+# CPU install from the package registries (torch 2.13.0 CPU is on disk for pip). Every part of the project is
+# its own package (README "Layout"); all are installed editable, with the pip Triton server and the test tools.
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e '.[server,test]' -e ./client
+	$(BIN)/pip install -q -e ./contract -e . -e './serving[triton]' -e ./export -e ./client -e ./load \
+		-r tests/requirements.txt
 	$(BIN)/pip install -q --no-deps mediapipe==0.10.21   # real face detector weights (.tflite), see face/detectors
 	@echo "setup done: $(VENV)"
 
-test:
+# The whole suite: golden parity, numerics, real Triton servers on loopback, the client, ops files, benchmarks.
+test: lint
 	$(BIN)/pytest -q
+
+# The inner loop: everything that starts no Triton server and is not slow (a few minutes on 2 cores).
+test-fast:
+	$(BIN)/pytest -q -m "not server and not slow"
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The demo's inputs: speech from espeak-ng (Debian) and a sample portrait shipped in the insightface wheel
 # (only its image files are used, so --no-deps).
@@ -30,10 +45,10 @@ demo-deps:
 
 # Build a repository (tiny random weights unless WEIGHTS=DIR), serve it with Triton, sync a portrait to speech.
 demo: demo-deps
-	$(BIN)/python -m latentsync_export.demo $(if $(WEIGHTS),--weights $(WEIGHTS)) --out out/demo.mp4
+	$(BIN)/latentsync-demo $(if $(WEIGHTS),--weights $(WEIGHTS)) --out out/demo.mp4
 
 parity:
 	$(BIN)/latentsync-parity $(GOLDEN)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info */*.egg-info

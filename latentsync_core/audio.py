@@ -10,7 +10,7 @@ Upstream quirks kept on purpose (they change the numbers or the frame count):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +51,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return samples.astype(np.float32) / 32768.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def mel_filters(device: str = "cpu") -> torch.Tensor:
     """(80, 201) slaney mel filter bank = librosa.filters.mel(sr=16000, n_fft=400, n_mels=80), whisper's filters."""
     from transformers.audio_utils import mel_filter_bank
@@ -120,12 +120,6 @@ def feature_chunks(features: np.ndarray | torch.Tensor, fps: float = FPS) -> tor
     features = torch.as_tensor(features)
     index = torch.from_numpy(feature_chunk_indices(len(features), fps)).to(features.device)
     return features[index].flatten(1, 2)
-
-
-def num_frames_for_audio(n_samples: int, fps: float = FPS) -> int:
-    """Number of video frames (= chunks) upstream produces for `n_samples` of 16 kHz audio."""
-    n_features = n_samples // HOP_LENGTH // 2
-    return len(_chunk_centres(n_features, fps))
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Reading official checkpoints strictly, with errors that say what is wrong.
 
-Upstream loads the UNet with strict=False (a wrong or truncated checkpoint silently leaves random weights);
-here every load checks the full key set and every shape against the model built from the config, and a
-mismatch is one `CheckpointError` naming the first offending key and a likely cause.
+Every loader (latentsync_core.loaders) checks the full key set and every shape against the model built from
+its config with `check_state_dict`; a mismatch is one `CheckpointError` naming the first offending key and a
+likely cause.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 
 class CheckpointError(ValueError):
@@ -26,9 +28,6 @@ def read_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -76,27 +75,6 @@ def check_state_dict(expected: Mapping[str, tuple], state_dict: Mapping, what: s
 
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def load_unet(path: str | Path, config: Mapping | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32):
-    """Load an official `latentsync_unet.pt` ({"state_dict": ...}) or a .safetensors state dict, strictly."""
-    from .configs import UNET_STAGE2
-    from .models.unet3d import UNet3DConditionModel
-
-    config = dict(config or UNET_STAGE2)
-    obj = read_checkpoint(path)
-    state_dict = obj if Path(path).suffix == ".safetensors" else unwrap(obj, "state_dict", path)
-    with torch.device("meta"):
-        model = UNet3DConditionModel.from_config(config)
-    check_state_dict(
-        module_shapes(model), state_dict, f"UNet checkpoint {path}",
-        hint="Is this checkpoint for another UNet config? LatentSync 1.5 and 1.6 (stage2.yaml / stage2_512.yaml) "
-             "share one architecture; stage1 and stage2_efficient checkpoints differ.",
-    )
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _is_zip(path: Path) -> bool:

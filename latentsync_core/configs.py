@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+# The stream's recipe defaults, rates and window size are part of the client contract.
+from latentsync_contract import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, FPS, SAMPLE_RATE, WINDOW  # noqa: F401
+
 UNET_STAGE2: dict = {
     "act_fn": "silu",
     "add_audio_layer": True,
@@ -66,12 +69,7 @@ WHISPER_TINY_DIMS: dict = {
 }
 
 VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, shift 0
-NUM_FRAMES = 16               # frames per window (non-overlapping)
-FPS = 25
-SAMPLE_RATE = 16000
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 1.5
-DEFAULT_SEED = 1247
+NUM_FRAMES = WINDOW           # frames per window (non-overlapping)
 
 
 @dataclass(frozen=True)

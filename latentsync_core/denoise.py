@@ -1,7 +1,9 @@
-"""One 16-frame window of LatentSync's denoising loop: DDIM + classifier-free guidance on 13-channel input.
+"""LatentSync's denoising loop per 16-frame window: DDIM + classifier-free guidance on 13-channel input.
 
-The UNet is passed in as a callable `unet(sample, timesteps, audio) -> noise_pred` so the same loop runs
-in-process (torch module) and in the Triton orchestrator (a BLS call to the `unet` model).
+The UNet is a callable `unet(sample, timesteps, audio) -> noise_pred`. A window's loop is a `WindowJob`;
+`step` advances any number of jobs, each at its own step, with as few UNet forwards as their shapes allow
+(iteration-level batching): the in-process pipeline runs one job to its end (`denoise_window`), the Triton
+`denoiser` model keeps the windows of every stream in flight and admits new ones between steps.
   sample    (b, 13, f, h, w)  channels [noisy latents 4 | mask 1 | masked-face latents 4 | reference latents 4]
   timesteps (b,) int64        one per batch item (different streams may be at different steps on a server)
   audio     (b, f, 50, 384)   whisper chunks; with guidance the unconditional item is all-zero audio, FIRST
@@ -9,15 +11,17 @@ in-process (torch module) and in the Triton orchestrator (a BLS call to the `une
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from .configs import SCHEDULER_CONFIG
+from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULER_CONFIG
+from .samplers import SAMPLERS, make_sampler
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Sampler = Any   # DDIMScheduler or samplers.MultistepSampler: timesteps, scale_model_input, step
 
 
 def make_scheduler(steps: int) -> DDIMScheduler:
@@ -27,6 +31,27 @@ def make_scheduler(steps: int) -> DDIMScheduler:
     scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
     scheduler.set_timesteps(int(steps))
     return scheduler
+
+
+@dataclass(frozen=True)
+class DenoiseSpec:
+    """How a stream's windows are denoised; upstream's recipe is 20 DDIM steps with guidance 1.5."""
+
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    sampler: str = "ddim"
+
+    def __post_init__(self):
+        if not 1 <= int(self.steps) <= 1000:
+            raise ValueError(f"steps must be in 1..1000, got {self.steps}")
+        if not self.guidance >= 1.0:
+            raise ValueError(f"guidance must be >= 1 (1 disables guidance), got {self.guidance}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+
+    def sampler_for_window(self):
+        """A fresh sampler: every window starts from noise, and a multistep sampler's history with it."""
+        return make_sampler(self.sampler, self.steps)
 
 
 def initial_noise(generator: torch.Generator, latent_hw: tuple[int, int], dtype=torch.float32) -> torch.Tensor:
@@ -64,19 +89,73 @@ class WindowConditioning:
         return sample, audio
 
 
-def denoise_window(unet: UNetFn, latents: torch.Tensor, cond: WindowConditioning, scheduler: DDIMScheduler,
-                   guidance: float, callback: Callable[[int, dict], None] | None = None) -> torch.Tensor:
-    """Run every timestep of `scheduler` on one window; returns the final (1, 4, f, h, w) latents."""
-    guided = guidance > 1.0
-    for i, t in enumerate(scheduler.timesteps):
-        sample, audio = cond.unet_input(scheduler.scale_model_input(latents, t), guided)
-        timesteps = torch.full((sample.shape[0],), int(t), dtype=torch.int64)
+@dataclass(eq=False)
+class WindowJob:
+    """One window's denoising loop, advanced a step at a time by `step`, alone or batched with other windows.
+
+    The latents stay float32 for the sampler (as upstream's float32 path); the UNet sees them in the
+    conditioning's dtype. The sampler is this window's own: DPM-Solver++ keeps a history per window.
+    """
+
+    latents: torch.Tensor                    # (1, 4, f, h, w)
+    cond: WindowConditioning
+    sampler: Sampler
+    guidance: float
+    trace: Callable[[int, dict], None] | None = None
+    index: int = 0                           # steps done
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.sampler.timesteps)
+
+    @property
+    def frames(self) -> int:
+        return self.latents.shape[2]
+
+    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample (b,13,f,h,w), timesteps (b,), audio (b,f,50,384)) of this window's next step."""
+        t = self.sampler.timesteps[self.index]
+        latents = self.sampler.scale_model_input(self.latents, t).to(self.cond.mask.dtype)
+        sample, audio = self.cond.unet_input(latents, self.guided)
+        return sample, torch.full((len(sample),), int(t), dtype=torch.int64, device=sample.device), audio
+
+    def advance(self, noise_pred: torch.Tensor, unet_input: torch.Tensor | None = None) -> None:
+        """Guidance and the sampler update from this window's UNet output, on the latents' device."""
+        t = self.sampler.timesteps[self.index]
+        eps = noise_pred.to(self.latents.dtype)
+        if self.guided:
+            uncond, audio_pred = eps.chunk(2)
+            eps = uncond + self.guidance * (audio_pred - uncond)
+        self.latents = self.sampler.step(eps, t, self.latents, eta=0.0).prev_sample
+        if self.trace is not None:
+            self.trace(self.index, {"t": int(t), "unet_input": unet_input, "noise_pred": noise_pred,
+                                    "latents": self.latents})
+        self.index += 1
+
+
+def step(unet: UNetFn, jobs: Sequence[WindowJob]) -> int:
+    """Advance every job by one step. Windows of equal frame count share one UNet forward (guided windows give
+    two items each); returns the number of forwards run."""
+    groups: dict[int, list[WindowJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.frames, []).append(job)
+    for group in groups.values():
+        inputs = [job.unet_input() for job in group]
+        sample, timesteps, audio = (torch.cat(parts) if len(group) > 1 else parts[0] for parts in zip(*inputs))
         noise_pred = unet(sample, timesteps, audio)
-        eps = noise_pred
-        if guided:
-            uncond, audio_pred = noise_pred.chunk(2)
-            eps = uncond + guidance * (audio_pred - uncond)
-        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-        if callback is not None:
-            callback(i, {"t": int(t), "unet_input": sample, "noise_pred": noise_pred, "latents": latents})
-    return latents
+        for job, (own, _, _), pred in zip(group, inputs, noise_pred.split([len(i[0]) for i in inputs])):
+            job.advance(pred, own)
+    return len(groups)
+
+
+def denoise_window(unet: UNetFn, latents: torch.Tensor, cond: WindowConditioning, sampler: Sampler,
+                   guidance: float, callback: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+    """Run every timestep of `sampler` on one window; returns the final (1, 4, f, h, w) latents."""
+    job = WindowJob(latents, cond, sampler, guidance, trace=callback)
+    while not job.done:
+        step(unet, [job])
+    return job.latents

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -16,8 +17,22 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from latentsync_contract import num_frames_for_audio
+
+from . import audio
+from .checkpoints import module_shapes
+from .configs import VAE_SCALING_FACTOR
+from .denoise import WindowConditioning, denoise_window, frames_to_batch, make_scheduler, mask_latents
+from .face.align import FaceAligner, landmarks_to_points
+from .face.restore import paste_back
+from .loaders import load_unet, load_whisper_encoder
+from .models.unet3d import UNet3DConditionModel
+from .models.whisper import whisper_state_dict_shapes
 
 
 @dataclass
@@ -94,10 +109,6 @@ def external(case_dir: Path, ref: str):
 
 def unet_from_safetensors(weights: Path, config: dict) -> torch.nn.Module:
     """Goes through the official checkpoint format ({'state_dict': ...} in a .pt) and the strict loader."""
-    from safetensors.torch import load_file
-
-    from .checkpoints import load_unet
-
     sd = {k: v.float() for k, v in load_file(str(weights)).items()}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "latentsync_unet.pt"
@@ -128,9 +139,6 @@ def run_unet(case_dir: Path, case: dict) -> list[Check]:
 
 
 def run_unet_manifest(case_dir: Path, case: dict) -> list[Check]:
-    from .checkpoints import module_shapes
-    from .models.unet3d import UNet3DConditionModel
-
     checks = []
     for name, file in case["files"].items():
         manifest = json.loads((case_dir / file).read_text())
@@ -145,8 +153,6 @@ def run_unet_manifest(case_dir: Path, case: dict) -> list[Check]:
 
 
 def run_whisper_manifest(case_dir: Path, case: dict) -> list[Check]:
-    from .models.whisper import whisper_state_dict_shapes
-
     checks = []
     for name, file in case["files"].items():
         manifest = json.loads((case_dir / file).read_text())
@@ -164,11 +170,6 @@ def _manifest_mismatches(ours: dict, ref: dict) -> int:
 
 
 def run_audio_features(case_dir: Path, case: dict) -> list[Check]:
-    from safetensors.torch import load_file
-
-    from . import audio
-    from .models.whisper import load_whisper_encoder
-
     dims = json.loads((case_dir / case["weights"]["dims_file"]).read_text())
     sd = load_file(str(case_dir / case["weights"]["file"]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,17 +205,12 @@ def run_audio_features(case_dir: Path, case: dict) -> list[Check]:
         elif key.startswith("chunks_last"):
             k = len(out[key])
             checks.append(Check(key, max_abs(chunks[-k:], out[key]), t_chunk))
-    n_frames = audio.num_frames_for_audio(len(samples))
+    n_frames = num_frames_for_audio(len(samples))
     checks.append(exact_check("num_frames_for_audio", n_frames, n_ref))
     return checks
 
 
 def run_align_restore(case_dir: Path, case: dict) -> list[Check]:
-    import cv2
-
-    from .face.align import FaceAligner, landmarks_to_points
-    from .face.restore import paste_back
-
     frame = cv2.cvtColor(cv2.imread(str(case_dir / "frame.png"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     inp = np.load(case_dir / "inputs.npz")
     out = np.load(case_dir / "outputs.npz")
@@ -273,8 +269,6 @@ def _chw(face: np.ndarray) -> np.ndarray:
 
 
 def run_denoise_loop(case_dir: Path, case: dict) -> list[Check]:
-    from .denoise import WindowConditioning, denoise_window, frames_to_batch, make_scheduler, mask_latents
-
     cfg = case["config"]
     ext = case["inputs"]["external"]
     weights = external(case_dir, ext["unet_weights"])
@@ -283,7 +277,7 @@ def run_denoise_loop(case_dir: Path, case: dict) -> list[Check]:
     audio = torch.from_numpy(external(case_dir, ext["audio_chunks"])).float()
     inp = np.load(case_dir / case["inputs"]["file"])
     out = np.load(case_dir / case["outputs"]["file"])
-    scale = float(cfg.get("vae_scaling_factor", 0.18215))
+    scale = float(cfg.get("vae_scaling_factor", VAE_SCALING_FACTOR))
     shift = float(cfg.get("vae_shift_factor", 0.0))
     latents = torch.from_numpy(inp["initial_latents"]).float()
     h, w = latents.shape[-2:]
@@ -357,7 +351,7 @@ def run_case(case_dir: Path) -> CaseResult:
         result.checks = runner(case_dir, case)
     except Exception as e:  # a case that cannot run is a failed case, with its reason
         result.error = f"{type(e).__name__}: {e}"
-        if "LATENTSYNC_PARITY_TRACE" in __import__("os").environ:
+        if "LATENTSYNC_PARITY_TRACE" in os.environ:
             traceback.print_exc()
     result.seconds = time.perf_counter() - start
     return result

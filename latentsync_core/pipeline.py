@@ -1,22 +1,27 @@
 """The in-process reference pipeline, and the per-stream logic the Triton orchestrator reuses.
 
 `LipSyncStream` holds what upstream keeps per call (alignment smoothing, the one initial noise, the RNG, the
-audio chunks) and turns one window of frames (<= 16) into synced frames. It reaches the models only through a
-`ModelBackend`; `LocalModels` implements it with torch modules in this process (the oracle), and the `lipsync`
-Triton model implements it with BLS calls to the other Triton models. The numerics in between are shared.
+audio chunks) and turns one window of frames (<= 16) into synced frames. `WindowedStream` cuts a stream's
+frames, however they arrive, into those windows and applies the stream-level rules. Both reach the models only
+through a `ModelBackend`; `LocalModels` implements it with torch modules in this process (the oracle), and the
+`lipsync` Triton model implements it with BLS calls to the other Triton models. The numerics are shared.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
+from latentsync_contract import ContractError, no_face_message
+
 from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
-from .denoise import WindowConditioning, denoise_window, frames_to_batch, initial_noise, make_scheduler, mask_latents
+from .denoise import (DenoiseSpec, WindowConditioning, denoise_window, frames_to_batch, initial_noise,
+                      mask_latents)
 from .face.align import FaceAligner, box_hw
 from .face.mask import masked_face_inputs, mouth_mask
 from .face.restore import paste_back, resize_face_to_box
@@ -35,7 +40,7 @@ class ModelBackend(Protocol):
     def detect(self, frames: np.ndarray) -> Detections: ...
     def encode_audio(self, mel_segments: torch.Tensor) -> torch.Tensor: ...  # (s,80,3000) -> (s,1500,L+1,C)
     def vae_posterior(self, pixels: torch.Tensor) -> Posterior: ...
-    def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, audio: torch.Tensor) -> torch.Tensor: ...
+    def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor: ...
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
     def paste_back(self, frames: np.ndarray, faces: torch.Tensor, affines: np.ndarray) -> np.ndarray: ...
 
@@ -47,24 +52,41 @@ class WindowResult:
     face_found: np.ndarray  # (n,) bool
 
 
+@dataclass
+class PreparedWindow:
+    """A window after the stream-ordered phase (detection, alignment, VAE encoding, the stream's RNG draws)."""
+
+    frames: np.ndarray                  # (n, H, W, 3) uint8, owned
+    indices: np.ndarray                 # (n,) int64
+    found: np.ndarray                   # (n,) bool
+    affines: np.ndarray                 # (k, 2, 3) of the k frames with a face
+    reference: torch.Tensor | None      # (k, 3, R, R) aligned faces in [-1, 1] (compositing)
+    masks: torch.Tensor | None          # (k, 1, R, R) mouth masks, 1 = keep the reference pixel
+    latents: torch.Tensor | None        # (1, 4, k, h, w) initial noisy latents
+    cond: WindowConditioning | None
+
+
 class LipSyncStream:
-    """One video stream: call `set_audio` once, then `process` windows of frames in order."""
+    """One video stream: call `set_audio` once, then `process` windows of frames in order.
+
+    `process` = `prepare` (stream order: alignment smoothing and the seeded RNG), `denoise` and `finish`
+    (decode, composite, paste back). A server may prepare the next window while the current one denoises:
+    as long as `prepare` runs in window order the results are the same.
+    """
 
     def __init__(self, backend: ModelBackend, variant: str | Variant = "1.5", steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED, mask: np.ndarray | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", sampler: str = "ddim"):
         self.backend = backend
         self.variant = variant if isinstance(variant, Variant) else get_variant(variant)
-        if guidance < 1.0:
-            raise ValueError(f"guidance must be >= 1 (1 disables guidance), got {guidance}")
-        self.steps, self.guidance, self.dtype = int(steps), float(guidance), dtype
-        self.scheduler = make_scheduler(self.steps)
+        self.spec = DenoiseSpec(int(steps), float(guidance), sampler)
+        self.dtype, self.device = dtype, torch.device(device)
         self.aligner = FaceAligner(self.variant.resolution)
         self.mask = mouth_mask(self.variant.resolution) if mask is None else mask
         self.generator = torch.Generator().manual_seed(int(seed))
         self.latent_hw = (self.variant.latent_size, self.variant.latent_size)
         # Drawn first, as upstream's prepare_latents runs before any VAE posterior sample.
-        self.noise = initial_noise(self.generator, self.latent_hw)
+        self.noise = initial_noise(self.generator, self.latent_hw).to(self.device)
         self.chunks: torch.Tensor | None = None
         self.next_index = 0
 
@@ -81,6 +103,12 @@ class LipSyncStream:
 
     def process(self, frames: np.ndarray) -> WindowResult:
         """Synced frames for the next window (n <= 16 frames, RGB uint8). Frames without a face pass through."""
+        window = self.prepare(np.array(frames, copy=True))   # finish pastes into the window's own frames
+        return self.finish(window, self.denoise(window))
+
+    def prepare(self, frames: np.ndarray) -> PreparedWindow:
+        """Detect and align the faces of the next window and build its conditioning (in window order).
+        The window takes `frames` over: `finish` pastes the synced faces into them in place."""
         if self.chunks is None:
             raise RuntimeError("set_audio() must be called before process()")
         n = len(frames)
@@ -91,34 +119,46 @@ class LipSyncStream:
             raise ValueError(f"frame {indices[-1]} is past the audio's {self.num_frames} frames")
         self.next_index += n
         det = self.backend.detect(frames)
-        out = frames.copy()
-        found = np.flatnonzero(det.found)
-        if len(found):
-            aligned = [self.aligner.align(frames[i], det.points[i]) for i in found]
-            faces = np.stack([a.face for a in aligned])
-            affines = np.stack([a.affine for a in aligned])
-            synced = self._generate(faces, self.chunks[indices[found]])
-            out[found] = self.backend.paste_back(frames[found], synced, affines)
-        return WindowResult(out, indices, det.found.astype(bool))
-
-    def _generate(self, faces: np.ndarray, audio: torch.Tensor) -> torch.Tensor:
-        """Aligned faces (f, R, R, 3) uint8 -> composited faces (f, 3, R, R) float in [-1, 1]."""
+        found = det.found.astype(bool)
+        rows = np.flatnonzero(found)
+        window = PreparedWindow(frames, indices, found, np.zeros((0, 2, 3), np.float32), None, None, None, None)
+        if not len(rows):
+            return window
+        aligned = [self.aligner.align(frames[i], det.points[i]) for i in rows]
+        faces = torch.from_numpy(np.stack([a.face for a in aligned])).to(self.device)
+        window.affines = np.stack([a.affine for a in aligned])
         ref, masked, masks = masked_face_inputs(faces, self.mask)
         dt = self.dtype
-        post_masked = self.backend.vae_posterior(masked.to(dt))
-        post_ref = self.backend.vae_posterior(ref.to(dt))
-        cond = WindowConditioning(
+        # One encoder call for both; the stream's generator then draws the masked faces' sample first, as upstream.
+        post = self.backend.vae_posterior(torch.cat([masked, ref]).to(dt))
+        k = len(rows)
+        post_masked = Posterior(post.mean[:k], post.std[:k], post.scale)
+        post_ref = Posterior(post.mean[k:], post.std[k:], post.scale)
+        window.cond = WindowConditioning(
             mask=mask_latents(masks, self.latent_hw).to(dt),
             masked=frames_to_batch(sample_latents(post_masked, self.generator)),
             reference=frames_to_batch(sample_latents(post_ref, self.generator)),
-            audio=audio.to(dt),
+            audio=self.chunks[indices[rows]].to(self.device, dt),
         )
-        latents = self.noise.repeat(1, 1, len(faces), 1, 1).to(dt)
-        latents = denoise_window(self.backend.unet, latents, cond, self.scheduler, self.guidance)
-        decoded = self.backend.vae_decode(latents[0].transpose(0, 1))
-        # Only the masked mouth region comes from the diffusion output (mask 1 = keep the original pixels).
-        masks = masks.to(decoded.dtype)
-        return decoded * (1 - masks) + ref.to(decoded.dtype) * masks
+        window.latents = self.noise.repeat(1, 1, k, 1, 1)   # float32: the sampler's precision
+        window.reference, window.masks = ref, masks
+        return window
+
+    def denoise(self, window: PreparedWindow) -> torch.Tensor | None:
+        """The window's final latents (None without faces); the only step a server may overlap."""
+        return None if window.cond is None else self.backend.denoise(window.latents, window.cond, self.spec)
+
+    def finish(self, window: PreparedWindow, latents: torch.Tensor | None) -> WindowResult:
+        """Decode, keep only the mouth region from the diffusion output, paste the faces back (in place)."""
+        out = window.frames
+        if latents is not None:
+            decoded = self.backend.vae_decode(latents[0].transpose(0, 1))
+            # mask 1 = keep the original pixels; only the masked mouth region comes from the diffusion output
+            masks = window.masks.to(decoded.dtype)
+            synced = decoded * (1 - masks) + window.reference.to(decoded.dtype) * masks
+            rows = np.flatnonzero(window.found)
+            out[rows] = self.backend.paste_back(window.frames[rows], synced, window.affines)
+        return WindowResult(out, window.indices, window.found)
 
 
 class LocalModels:
@@ -142,9 +182,14 @@ class LocalModels:
     def vae_posterior(self, pixels):
         # contiguous, as a server receives every tensor: oneDNN's result depends on the memory layout (~1e-3
         # on a VAE posterior), and the Triton deployment must reproduce this oracle exactly.
-        return self.codec.posterior(pixels.to(self.device, self.codec.dtype).contiguous())
+        post = self.codec.posterior(pixels.to(self.device, self.codec.dtype).contiguous())
+        # float32, as a served encoder answers: the stream's noise is then drawn the same way at any precision
+        return Posterior(post.mean.float(), post.std.float(), post.scale)
 
     @torch.no_grad()
+    def denoise(self, latents, cond, spec):
+        return denoise_window(self.unet, latents, cond, spec.sampler_for_window(), spec.guidance)
+
     def unet(self, sample, timesteps, audio):
         dt = self._dtype(self.unet_model)
         return self.unet_model(sample.to(self.device, dt), timesteps.to(self.device), audio.to(self.device, dt))
@@ -162,33 +207,153 @@ class LocalModels:
         return next(module.parameters()).dtype
 
 
+class NoFaceInStream(ContractError):
+    """No frame of a whole stream had a face: nothing was synced."""
+
+
+class WindowedStream:
+    """A stream's frames, in any chunking, cut into windows of 16 in order, with the stream-level rules: one
+    frame size, at most the audio's frame count, and (at `end`) at least one frame with a face.
+
+    Each window's frames are copied once, into that window's own buffer, and its result is pasted in place.
+    Results go to `deliver(result, tag)` in window order, with the `tag` of the `push` or `end` call that
+    completed the window. With `overlap`, a window's denoising, decoding and
+    paste-back run on a worker thread while the caller fills and prepares the next window (detection,
+    alignment and VAE encoding, in window order, so the results are the same); at most two windows are in
+    flight, and the frames of a third wait for a slot, which bounds memory at two windows of frames. An error
+    on the worker goes to `fail(error, tag)`, and no later window is computed; `after(fn)` runs fn once every
+    earlier window is delivered or skipped (the server sends a request's final response that way).
+    """
+
+    DEPTH = 2
+
+    def __init__(self, stream: LipSyncStream, deliver: Callable[[WindowResult, Any], None],
+                 fail: Callable[[BaseException, Any], None] | None = None, overlap: bool = False):
+        self.stream, self.deliver, self.fail = stream, deliver, fail
+        self.buffer: np.ndarray | None = None   # the window being filled: (16, H, W, 3)
+        self.frame_shape: tuple | None = None
+        self.filled = 0
+        self.received = self.done = self.with_face = 0
+        self.failed: BaseException | None = None   # set on the first error: later windows are skipped
+        self.in_flight = 0                           # windows scheduled and not yet delivered
+        self._slots = threading.Semaphore(self.DEPTH) if overlap else None
+        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if overlap else None
+        self._worker = threading.Thread(target=self._work, name="lipsync-window", daemon=True) if overlap else None
+        if self._worker is not None:
+            self._worker.start()
+
+    def push(self, frames: np.ndarray, tag: Any = None) -> None:
+        """Add (n, H, W, 3) RGB frames; every window they complete is prepared and scheduled."""
+        if self.frame_shape is None:
+            self.frame_shape = frames.shape[1:]
+        elif frames.shape[1:] != self.frame_shape:
+            raise ContractError(f"FRAMES size changed from {list(self.frame_shape[:2])} to "
+                                f"{list(frames.shape[1:3])} within the stream")
+        total = self.stream.num_frames
+        if self.received + len(frames) > total:
+            raise ContractError(f"FRAMES: frame {total} and later are past the end of the audio, which covers "
+                                f"{total} frames (send num_frames_for_audio(len(audio)) frames)")
+        self.received += len(frames)
+        while len(frames):
+            if self.buffer is None:
+                if self._slots is not None:
+                    self._slots.acquire()   # released when a window in flight is delivered
+                self.buffer = np.empty((NUM_FRAMES, *self.frame_shape), np.uint8)   # pages touched as filled
+            take = min(len(frames), NUM_FRAMES - self.filled)
+            self.buffer[self.filled:self.filled + take] = frames[:take]
+            self.filled, frames = self.filled + take, frames[take:]
+            if self.filled == NUM_FRAMES:
+                self._schedule_window(tag)
+
+    def end(self, tag: Any = None) -> None:
+        """The last, shorter window; then NoFaceInStream if no frame of the stream had a face."""
+        if self.filled:
+            self._schedule_window(tag)
+        self._schedule(self._check_faces, tag)
+
+    def after(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once every window scheduled so far was delivered or skipped (at once without overlap)."""
+        self._schedule(fn, None, always=True)
+
+    def close(self) -> None:
+        """Stop the worker after what was scheduled (nothing more is delivered after an error)."""
+        if self._queue is not None:
+            self._queue.put(None)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _schedule_window(self, tag: Any) -> None:
+        frames, self.buffer, self.filled = self.buffer[:self.filled], None, 0
+        self.in_flight += 1
+        try:
+            prepared = self.stream.prepare(frames)       # the caller's thread: stream order
+        except BaseException:
+            self._window_done()
+            raise
+        self._schedule(lambda: self._complete(prepared, tag), tag, release=True)
+
+    def _complete(self, prepared: PreparedWindow, tag: Any) -> None:
+        result = self.stream.finish(prepared, self.stream.denoise(prepared))
+        self.done += len(result.frames)
+        self.with_face += int(result.face_found.sum())
+        self.deliver(result, tag)
+
+    def _window_done(self) -> None:
+        self.in_flight -= 1
+        if self._slots is not None:
+            self._slots.release()
+
+    def _check_faces(self) -> None:
+        if self.done and not self.with_face:
+            raise NoFaceInStream(no_face_message(self.done))
+
+    def _schedule(self, fn: Callable[[], None], tag: Any, always: bool = False, release: bool = False) -> None:
+        item = (fn, tag, always, release)
+        if self._queue is None:
+            self._run(item)
+            if self.failed is not None and not always:
+                raise self.failed
+        else:
+            self._queue.put(item)
+
+    def _run(self, item) -> None:
+        fn, tag, always, release = item
+        try:
+            if always or self.failed is None:
+                fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the stream's owner, which ends the stream
+            self.failed = e
+            if self.fail is not None and self._queue is not None:
+                self.fail(e, tag)
+        finally:
+            if release:
+                self._window_done()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._run(item)
+
+
 class LipSyncPipeline:
     """Video frames + 16 kHz audio in, synced frames out, window by window (bounded memory)."""
 
     def __init__(self, models: LocalModels, variant: str = "1.5"):
         self.models, self.variant = models, get_variant(variant)
 
-    @classmethod
-    def from_weights(cls, weights: str | Path, variant: str = "1.5", detector: str = "mediapipe",
-                     device: str = "cpu", dtype: torch.dtype = torch.float32) -> "LipSyncPipeline":
-        from .weights import load_models
-
-        return cls(load_models(weights, detector=detector, device=device, dtype=dtype), variant)
-
     def stream(self, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, seed=DEFAULT_SEED, **kw) -> LipSyncStream:
         return LipSyncStream(self.models, self.variant, steps, guidance, seed, **kw)
 
     def __call__(self, frames: Iterable[np.ndarray], samples: np.ndarray, **params) -> Iterator[WindowResult]:
-        """Frames beyond the audio's frame count are dropped (the caller loops a short video, as upstream)."""
+        """Frames beyond the audio's frame count are dropped (the caller loops a short video, as upstream).
+        Raises NoFaceInStream at the end if no frame had a face, as the server does."""
         stream = self.stream(**params)
+        results: list[WindowResult] = []
+        windows = WindowedStream(stream, lambda result, _: results.append(result))
         total = stream.set_audio(samples)
-        window: list[np.ndarray] = []
         for i, frame in enumerate(frames):
             if i >= total:
                 break
-            window.append(frame)
-            if len(window) == NUM_FRAMES:
-                yield stream.process(np.stack(window))
-                window = []
-        if window:
-            yield stream.process(np.stack(window))
+            windows.push(frame[None])
+            yield from results
+            results.clear()
+        windows.end()
+        yield from results

@@ -12,9 +12,13 @@ import math
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from .configs import unet_config
-from .weights import TINY_MARKER
+from .models.unet3d import UNet3DConditionModel
+from .models.whisper import whisper_state_dict_shapes
+
+TINY_MARKER = "TINY_RANDOM_WEIGHTS"   # a weights folder holding this file has random weights
 
 # Full architecture (block types, motion modules, 13 input channels, 384-d audio) with narrow channels.
 TINY_UNET = unet_config(block_out_channels=[32, 64, 64, 64], sample_size=8)
@@ -45,8 +49,6 @@ def redraw_(tensors: dict[str, torch.Tensor], generator: torch.Generator, skip=(
 
 
 def make_unet(out: Path, generator: torch.Generator, config: dict = TINY_UNET) -> None:
-    from .models.unet3d import UNet3DConditionModel
-
     model = UNet3DConditionModel.from_config(config)
     sd = redraw_(model.state_dict(), generator, skip=("pos_encoder.pe",))
     torch.save({"state_dict": sd}, out / "latentsync_unet.pt")
@@ -54,8 +56,6 @@ def make_unet(out: Path, generator: torch.Generator, config: dict = TINY_UNET) -
 
 
 def make_whisper(out: Path, generator: torch.Generator, dims: dict = TINY_WHISPER_DIMS) -> None:
-    from .models.whisper import whisper_state_dict_shapes
-
     shapes = whisper_state_dict_shapes(dims)
     sd = redraw_({k: torch.empty(s) for k, s in shapes.items()}, generator, skip=("positional_embedding",))
     sd["encoder.positional_embedding"] = sinusoids(dims["n_audio_ctx"], dims["n_audio_state"])
@@ -76,8 +76,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch
 
 
 def make_vae(out: Path, generator: torch.Generator) -> None:
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL(**TINY_VAE)
     vae.load_state_dict(redraw_(vae.state_dict(), generator))
     vae.save_pretrained(str(out / "vae"))

@@ -1,8 +1,18 @@
-"""Shared pytest fixtures: the reference data folder and real Triton servers."""
+"""Shared pytest fixtures: the reference data folder, a real talking-face clip and real Triton servers.
+
+Tests that start a Triton server carry the `server` marker (set here from the fixtures they use), so
+`make test-fast` (-m "not server and not slow") skips them; `make test` runs everything.
+"""
 import os
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
+
+from latentsync_contract import WINDOW
+from latentsync_core.audio import load_audio
+from latentsync_serving.serve import TritonServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +32,6 @@ def triton_server(tmp_path_factory):
     it is ready (its log goes to pytest's temp folder unless log_path is given); every server it started is
     stopped at the end of the test module (or earlier by `.stop()`), so idle servers of finished modules
     neither hold memory (several GB each with the tiny repository) nor take CPU from later timings."""
-    from latentsync_export.serve import TritonServer
-
     started = []
 
     def start(model_repository, timeout: float = 180.0, **kwargs) -> TritonServer:
@@ -35,3 +43,22 @@ def triton_server(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def clip(shared_dir):
+    """Half-size frames of a real clip and its 16 kHz speech (a few frames more than any test sends)."""
+    frames = []
+    with av.open(str(shared_dir / "media" / "demo1_video.mp4")) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=frame.width // 2, height=frame.height // 2))
+            if len(frames) == WINDOW + 8:
+                break
+    return np.stack(frames), load_audio(shared_dir / "media" / "demo1_audio.wav")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that (indirectly) uses the triton_server fixture starts a real server: mark it `server`."""
+    for item in items:
+        if "triton_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)

@@ -13,8 +13,15 @@ from PIL import Image
 
 from latentsync_core.face.align import FaceAligner, box_hw, landmarks_to_points
 from latentsync_core.face.mask import masked_face_inputs, mouth_mask
-from latentsync_core.face.restore import (erode, gaussian_blur, paste_back, paste_in_window, paste_mask,
-                                          paste_window, resize_face_to_box)
+from latentsync_core.face.restore import (
+    erode,
+    gaussian_blur,
+    paste_back,
+    paste_in_window,
+    paste_mask,
+    paste_window,
+    resize_face_to_box,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentsync_contract import num_frames_for_audio
 from latentsync_core import audio
 from latentsync_core.checkpoints import CheckpointError
-from latentsync_core.models.whisper import load_whisper_encoder, whisper_state_dict_shapes
+from latentsync_core.loaders import load_whisper_encoder
+from latentsync_core.models.whisper import whisper_state_dict_shapes
 
 # Real encoder context (the encoder always sees 3000 mel frames), everything else tiny, for fast synthetic tests.
 SMALL_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 16, "n_audio_head": 2, "n_audio_layer": 2,
@@ -77,7 +79,7 @@ def test_chunk_indices_and_frame_count_match_golden(golden):
     indices = audio.feature_chunk_indices(len(golden["features"]))
     assert indices.dtype == np.int64
     np.testing.assert_array_equal(indices, golden["out"]["chunk_feature_indices"])
-    assert audio.num_frames_for_audio(len(golden["samples"])) == golden["case"]["outputs"]["n_chunks"]
+    assert num_frames_for_audio(len(golden["samples"])) == golden["case"]["outputs"]["n_chunks"]
 
 
 def test_positional_embedding_comes_from_the_checkpoint(golden):
@@ -187,7 +189,7 @@ def test_long_audio_is_encoded_in_zero_padded_segments(small_encoder):
     torch.testing.assert_close(feats[seg // 2:], second[: rest.shape[1] // 2], rtol=0, atol=1e-5)
     # Frame count: the chunk list of the real features has the length num_frames_for_audio predicts.
     chunks = audio.feature_chunks(feats)
-    assert len(chunks) == audio.num_frames_for_audio(n_samples) == len(upstream_chunk_indices(len(feats), 25))
+    assert len(chunks) == num_frames_for_audio(n_samples) == len(upstream_chunk_indices(len(feats), 25))
 
 
 @pytest.mark.parametrize("n_samples", [320, 16000 + 1, 48000 + 480])
@@ -195,7 +197,7 @@ def test_num_frames_for_audio_counts_the_chunks(small_encoder, n_samples):
     samples = np.sin(np.arange(n_samples) * 0.05).astype(np.float32)
     chunks = audio.AudioFeaturizer(small_encoder)(samples)
     assert chunks.shape[1:] == (10 * (SMALL_DIMS["n_audio_layer"] + 1), SMALL_DIMS["n_audio_state"])
-    assert len(chunks) == audio.num_frames_for_audio(n_samples)
+    assert len(chunks) == num_frames_for_audio(n_samples)
 
 
 def test_too_short_audio_is_rejected():

@@ -1,5 +1,5 @@
 """`latentsync-bench` against a real tiny Triton server: the serving-overhead and cross-stream batching guards,
-and a CPU dry run of the GPU script (load/gpu_bench.py) so it is known to work when a GPU is lent."""
+and a CPU dry run of the GPU script (latentsync-gpu-bench) so it is known to work when a GPU is lent."""
 import json
 import subprocess
 import sys
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from latentsync_export.bench import BenchOptions, markdown, run
+from latentsync_load.bench import BenchOptions, markdown, run
 
 REPO = Path(__file__).resolve().parents[1]
-MIN_WINDOWS_AT_4 = 3.0     # mean 16-frame windows per UNet execution at 4 concurrent streams (issue 6)
-MAX_OVERHEAD = 0.10        # Triton wall time / in-process wall time - 1 (issue 6)
+MIN_WINDOWS_AT_4 = 3.0     # mean 16-frame windows per UNet execution at 4 concurrent streams
+MAX_OVERHEAD = 0.10        # Triton wall time / in-process wall time - 1
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,8 @@ def report(clip) -> dict:
     return run(opts)
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_serving_overhead_under_10_percent(report):
     """Issue 6: Triton path vs the in-process pipeline on the same weights and frames, best of 4 interleaved
     runs each (so background load hits both; both with the server's malloc settings), must cost under 10 % more."""
@@ -39,6 +41,8 @@ def test_serving_overhead_under_10_percent(report):
     assert report["overhead"] < MAX_OVERHEAD, (report["triton"]["runs_s"], report["reference"]["runs_s"])
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_four_streams_share_unet_executions(report):
     (four,) = [c for c in report["concurrency"] if c["streams"] == 4]
     assert not four["errors"]
@@ -46,6 +50,8 @@ def test_four_streams_share_unet_executions(report):
     assert four["unet_windows_per_execution"] >= MIN_WINDOWS_AT_4, four["unet_batch_histogram"]
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_report_covers_stages_and_memory(report):
     stages = report["stage_ms_per_frame"]
     for stage in ("decode", "detect", "align", "audio", "unet", "unet_step", "vae_encode", "vae_decode",
@@ -60,7 +66,7 @@ def test_report_covers_stages_and_memory(report):
 
 
 def test_gpu_script_dry_run(tmp_path):
-    cmd = [sys.executable, str(REPO / "load" / "gpu_bench.py"), "--tiny", "--variants", "1.5", "--streams", "1",
+    cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--variants", "1.5", "--streams", "1",
            "--out", str(tmp_path), "--iters", "1"]
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
     result = json.loads((tmp_path / "gpu_bench.json").read_text())

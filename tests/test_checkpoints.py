@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from latentsync_core.checkpoints import CheckpointError, load_unet, read_checkpoint
+from latentsync_core.checkpoints import CheckpointError, read_checkpoint
 from latentsync_core.configs import unet_config
+from latentsync_core.loaders import load_unet
 from latentsync_core.models.unet3d import UNet3DConditionModel
 
 SMALL = unet_config(block_out_channels=[32, 32, 32, 32], sample_size=8)

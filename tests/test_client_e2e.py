@@ -5,37 +5,37 @@ product) that enforces docs/PROTOCOL.md and echoes frames back per 16-frame wind
 streaming, backpressure, error handling and encode are tested with real gRPC streams.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from helpers import (
+    CLI,
+    FAST,
+    assert_synced_output,
+    audio_samples,
+    cut_audio,
+    echo_repository,
+    run_cli,
+    write_clip,
+    write_wav,
+)
 
-from latentsync_client import (InputError, LipsyncClient, ServerError, SyncParams, audio_chunks, frames_25fps,
-                               num_frames_for_audio)
+from latentsync_client import (
+    InputError,
+    LipsyncClient,
+    ServerError,
+    StreamParams,
+    audio_chunks,
+    frames_25fps,
+    num_frames_for_audio,
+)
 from latentsync_client.errors import Interrupted, NoFaceError, ServerUnreachable
-from test_client_media import write_clip, write_wav
-
-ECHO_MODEL = Path(__file__).parent / "models" / "protocol_echo"
-CLI = [str(Path(sys.executable).with_name("latentsync-client"))]
-FAST = ["--preset", "ultrafast", "-q"]
-
-
-def echo_repository(root: Path, window_delay_s: float = 0.0, variants: str = "1.5,1.6") -> Path:
-    """A model repository whose `lipsync` is the protocol echo double, with its test knobs set."""
-    shutil.copytree(ECHO_MODEL, root / "lipsync")
-    config = root / "lipsync" / "config.pbtxt"
-    text = config.read_text()
-    text = text.replace('key: "window_delay_s" value { string_value: "0" }',
-                        f'key: "window_delay_s" value {{ string_value: "{window_delay_s}" }}')
-    text = text.replace('string_value: "1.5,1.6"', f'string_value: "{variants}"')
-    config.write_text(text)
-    return root
+from latentsync_serving.serve import free_port
 
 
 @pytest.fixture(scope="module")
@@ -52,44 +52,6 @@ def slow_server(triton_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def media_dir(shared_dir):
     return shared_dir / "media"
-
-
-def run_cli(*args, timeout=120):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-
-
-def audio_samples(path) -> int:
-    return sum(len(c) for c in audio_chunks(path))
-
-
-def probe(path: Path) -> dict:
-    """What a player sees: video frames, rate, duration; audio codec and duration."""
-    with av.open(str(path)) as c:
-        video, audio = c.streams.video[0], c.streams.audio[0]
-        info = dict(fps=video.average_rate, size=(video.height, video.width), codec=video.codec_context.name,
-                    duration=float(video.duration * video.time_base), audio_codec=audio.codec_context.name,
-                    audio_duration=float(audio.duration * audio.time_base))
-        info["frames"] = [f.to_ndarray(format="rgb24") for f in c.decode(video)]
-    return info
-
-
-def assert_synced_output(out: Path, audio: Path, tmp_dir: Path):
-    """Frame count from the audio (PROTOCOL.md), 25 fps, matching duration, AAC audio trimmed to the video."""
-    n = num_frames_for_audio(audio_samples(audio))
-    info = probe(out)
-    assert (info["codec"], info["fps"], len(info["frames"])) == ("h264", 25, n)
-    assert abs(info["duration"] - n / 25) < 1e-6
-    assert info["audio_codec"] == "aac"
-    with av.open(str(audio)) as c:
-        source_seconds = float(c.streams.audio[0].duration * c.streams.audio[0].time_base)
-    assert abs(info["audio_duration"] - min(source_seconds, n / 25)) < 0.05
-    assert [p.name for p in tmp_dir.iterdir() if ".partial" in p.name] == []
-    return info
-
-
-def cut_audio(src: Path, dst: Path, seconds: float) -> Path:
-    samples = np.concatenate(list(audio_chunks(src)))
-    return write_wav(dst, samples[: int(seconds * 16000)])
 
 
 # ------------------------------------------------------------------------------------------------ happy paths
@@ -162,7 +124,7 @@ def test_library_stream_backpressure_and_order(server):
             yield np.full((8, 8, 3), i % 251, np.uint8)
 
     most_in_flight = 0
-    for k, synced in enumerate(client.stream([audio[:30000], audio[30000:]], frames, SyncParams(steps=3))):
+    for k, synced in enumerate(client.stream([audio[:30000], audio[30000:]], frames, StreamParams(steps=3))):
         most_in_flight = max(most_in_flight, len(pulled) - k)
         assert synced.index == k and synced.face_found is False          # uniform frames: "no face"
         assert synced.frame.shape == (8, 8, 3) and synced.frame[0, 0, 0] == k % 251
@@ -215,7 +177,6 @@ def test_peak_memory_does_not_grow_with_length(server, media_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ failures
 def test_unreachable_server(media_dir, tmp_path):
-    from latentsync_export.serve import free_port
     out = tmp_path / "out.mp4"
     r = run_cli(media_dir / "retalking_face2.mp4", media_dir / "demo1_audio.wav", "-o", out,
                 "--url", f"127.0.0.1:{free_port()}", "-q")

@@ -10,13 +10,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import frame_codes, write_clip, write_wav
 
-from latentsync_client import InputError, audio_chunks, frames_25fps, frames_for_audio, num_frames_for_audio
-from latentsync_client import media
-from latentsync_client.protocol import MAX_FRAME_SIDE
+from latentsync_client import InputError, audio_chunks, frames_25fps, frames_for_audio, media, num_frames_for_audio
 from latentsync_client.writer import SyncedVideoWriter
-
-CODE_STEP = 7               # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
+from latentsync_contract import MAX_FRAME_SIDE
 
 
 def test_client_imports_neither_torch_nor_the_server_core():
@@ -27,40 +25,6 @@ def test_client_imports_neither_torch_nor_the_server_core():
 
 
 # ------------------------------------------------------------------------------------------------ clip makers
-def write_clip(path, n_frames, fps=25, size=(48, 64), rotation=0, frames=None):
-    """An h264 clip whose frame i is flat grey i * CODE_STEP (or the given RGB frames), nearly lossless."""
-    h, w = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"qp": "0"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        if rotation:
-            stream.set_display_rotation(rotation)
-        for i in range(n_frames):
-            rgb = frames[i] if frames is not None else np.full((h, w, 3), i * CODE_STEP % 256, np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        out.mux(stream.encode())
-    return Path(path)
-
-
-def write_wav(path, samples, rate=16000):
-    """PCM16 wav of float samples in [-1, 1], shape (n,) or (channels, n)."""
-    samples = np.atleast_2d(samples)
-    layout = "mono" if len(samples) == 1 else "stereo"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout=layout)
-        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)     # packed s16
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
-        frame.rate = rate
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return Path(path)
-
-
-def frame_codes(frames):
-    """Source index of each index-coded frame."""
-    return [int(round(float(f.mean()) / CODE_STEP)) for f in frames]
-
-
 def remux_rotated(src, dst, degrees):
     """Copy `src`'s video packets unchanged into `dst` with a display-matrix rotation."""
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import av
 import pytest
-
-from test_client_e2e import FAST, assert_synced_output, cut_audio, run_cli
-from test_client_media import write_clip
+from helpers import FAST, assert_synced_output, cut_audio, run_cli, write_clip
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from latentsync_export.export import ExportConfigError, ExportOptions, build_repository, main, read_manifest
+from latentsync_export.export import ExportConfigError, ExportOptions, build_repository, main
+from latentsync_export.manifest import read_manifest
 from latentsync_export.model_config import InstanceSpec, parse_model_config, templates_dir
 
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-CPU_MODELS = {"unet_1.5", "unet_1.6", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer",
-              "lipsync"}
-ONNX_MODELS = {"unet_1.5", "audio_encoder", "vae_encoder", "vae_decoder"}
+CPU_MODELS = {"denoiser_1.5", "denoiser_1.6", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector",
+              "restorer", "lipsync"}
+ONNX_MODELS = {"audio_encoder", "vae_encoder", "vae_decoder"}
+GPU_PYTHON_MODELS = {"denoiser_1.5", "vae_encoder", "vae_decoder", "audio_encoder", "restorer", "lipsync"}
 
 
 def configs(repo):
@@ -24,8 +25,8 @@ def configs(repo):
 @pytest.fixture(scope="module")
 def cpu_repo(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu") / "repo"
-    code = main(["--tiny", "--out", str(out), "--instances", "unet=cpu:2", "--instances", "restorer=gpu:1:0",
-                 "--max-streams", "5", "--idle-timeout-s", "30", "--unet-max-batch", "4"])
+    code = main(["--tiny", "--out", str(out), "--instances", "denoiser=cpu:2", "--instances", "restorer=gpu:1:0",
+                 "--max-streams", "5", "--idle-timeout-s", "30", "--max-windows", "4"])
     assert code == 0
     return out
 
@@ -33,13 +34,22 @@ def cpu_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpu_repo(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "repo"
-    build_repository(ExportOptions(out=out, tiny=True, variants=("1.5",), target="gpu", trt_cache_dir="/cache/trt"))
+    build_repository(ExportOptions(out=out, tiny=True, variants=("1.5",), target="gpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tensorrt_repo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "repo"
+    build_repository(ExportOptions(out=out, tiny=True, variants=("1.5",), target="gpu", tensorrt=True,
+                                   trt_cache_dir="/cache/trt"))
     return out
 
 
 def test_templates_parse_and_cover_every_model():
     found = configs(templates_dir())
-    assert {"unet", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer", "lipsync"} <= set(found)
+    assert {"denoiser", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer",
+            "lipsync"} <= set(found)
 
 
 def test_cpu_repository(cpu_repo):
@@ -48,25 +58,29 @@ def test_cpu_repository(cpu_repo):
     assert all(c.backend == "python" and (cpu_repo / n / "1" / "model.py").is_file() for n, c in cfg.items())
     assert all(c.name == n for n, c in cfg.items())
     # instance groups as asked; defaults elsewhere
-    assert [(g.kind, g.count) for g in cfg["unet_1.6"].instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+    assert [(g.kind, g.count) for g in cfg["denoiser_1.6"].instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
     assert [(g.kind, list(g.gpus)) for g in cfg["restorer"].instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, [0])]
     assert cfg["vae_encoder"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    # batching: UNet batch dim first, dynamic batching everywhere but the orchestrator
-    assert cfg["unet_1.5"].max_batch_size == 4 and cfg["unet_1.5"].HasField("dynamic_batching")
-    assert [i.name for i in cfg["unet_1.5"].input] == ["SAMPLE", "TIMESTEP", "AUDIO"]
-    assert all(cfg[m].max_batch_size >= 16 for m in ("vae_encoder", "vae_decoder", "restorer", "face_detector"))
+    # the denoiser: decoupled, one window per request, its loop batches up to --max-windows windows per step
+    dn = cfg["denoiser_1.5"]
+    assert dn.model_transaction_policy.decoupled and dn.max_batch_size == 0
+    assert [i.name for i in dn.input] == ["LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO"]
+    assert dn.parameters["max_windows"].string_value == "4" and dn.parameters["dtype"].string_value == "float32"
+    # dynamic batching of the per-frame models: a whole window at least
+    assert all(cfg[m].max_batch_size >= 16 and cfg[m].HasField("dynamic_batching")
+               for m in ("vae_encoder", "vae_decoder", "restorer", "face_detector"))
     # the orchestrator: decoupled, one sequence per stream, idle timeout and slots as asked
     ls = cfg["lipsync"]
     assert ls.model_transaction_policy.decoupled and ls.max_batch_size == 0
     assert ls.sequence_batching.max_sequence_idle_microseconds == 30_000_000
     assert ls.sequence_batching.oldest.max_candidate_sequences == 5
     p = {k: v.string_value for k, v in ls.parameters.items()}
-    assert p["unet_models"] == "1.5=unet_1.5,1.6=unet_1.6" and p["random_weights"] == "true"
+    assert p["denoiser_models"] == "1.5=denoiser_1.5,1.6=denoiser_1.6" and p["random_weights"] == "true"
     assert p["stream_idle_timeout_s"] == "30" and float(p["vae_scaling_factor"]) == pytest.approx(0.18215)
     # --tiny copies the weights into the version folders, referenced relative to them
-    unet_ckpt = cfg["unet_1.6"].parameters["checkpoint"].string_value
-    assert not unet_ckpt.startswith("/") and (cpu_repo / "unet_1.6" / "1" / unet_ckpt).is_file()
-    assert json.loads(cfg["unet_1.6"].parameters["unet_config"].string_value)["in_channels"] == 13
+    unet_ckpt = cfg["denoiser_1.6"].parameters["checkpoint"].string_value
+    assert not unet_ckpt.startswith("/") and (cpu_repo / "denoiser_1.6" / "1" / unet_ckpt).is_file()
+    assert json.loads(cfg["denoiser_1.6"].parameters["unet_config"].string_value)["in_channels"] == 13
     assert (cpu_repo / "audio_encoder" / "1" / cfg["audio_encoder"].parameters["checkpoint"].string_value).is_file()
     m = read_manifest(cpu_repo)
     assert m["target"] == "cpu" and m["variants"] == ["1.5", "1.6"] and m["random_weights"]
@@ -74,8 +88,8 @@ def test_cpu_repository(cpu_repo):
 
 
 def test_variants_get_different_unet_weights(cpu_repo):
-    a = torch.load(cpu_repo / "unet_1.5/1/latentsync_unet.pt", weights_only=True)["state_dict"]
-    b = torch.load(cpu_repo / "unet_1.6/1/latentsync_unet.pt", weights_only=True)["state_dict"]
+    a = torch.load(cpu_repo / "denoiser_1.5/1/latentsync_unet.pt", weights_only=True)["state_dict"]
+    b = torch.load(cpu_repo / "denoiser_1.6/1/latentsync_unet.pt", weights_only=True)["state_dict"]
     key = next(k for k in a if k.endswith("conv_in.weight"))
     assert not torch.equal(a[key], b[key])
 
@@ -87,12 +101,13 @@ def test_weights_folder_is_referenced_not_copied(tmp_path):
     out = tmp_path / "repo"
     build_repository(ExportOptions(out=out, weights={"1.6": weights}))
     cfg = configs(out)
-    assert "unet_1.6" in cfg and "unet_1.5" not in cfg
-    assert cfg["unet_1.6"].parameters["checkpoint"].string_value == str((weights / "latentsync_unet.pt").resolve())
+    assert "denoiser_1.6" in cfg and "denoiser_1.5" not in cfg
+    assert cfg["denoiser_1.6"].parameters["checkpoint"].string_value == \
+        str((weights / "latentsync_unet.pt").resolve())
     assert cfg["vae_decoder"].parameters["vae"].string_value == str((weights / "vae").resolve())
-    assert not (out / "unet_1.6" / "1" / "latentsync_unet.pt").exists()
+    assert not (out / "denoiser_1.6" / "1" / "latentsync_unet.pt").exists()
     p = cfg["lipsync"].parameters
-    assert p["unet_models"].string_value == "1.6=unet_1.6"
+    assert p["denoiser_models"].string_value == "1.6=denoiser_1.6"
     assert p["random_weights"].string_value == "true"  # the tiny folder's marker travels with it
     # an existing repository is only replaced with force
     with pytest.raises(ExportConfigError, match="--force"):
@@ -108,13 +123,31 @@ def test_weights_folder_is_referenced_not_copied(tmp_path):
 
 
 def test_gpu_repository_configs(gpu_repo):
+    """gpu target: the Python models on the GPU, the denoiser and the VAE in bfloat16, sized for a GPU."""
     cfg = configs(gpu_repo)
-    assert set(cfg) == {"unet_1.5", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer",
+    assert set(cfg) == {"denoiser_1.5", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer",
                         "lipsync"}
+    for name in GPU_PYTHON_MODELS:
+        assert cfg[name].backend == "python" and cfg[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert cfg["face_detector"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    for name in ("denoiser_1.5", "vae_encoder", "vae_decoder"):
+        assert cfg[name].parameters["dtype"].string_value == "bfloat16"
+    assert cfg["denoiser_1.5"].parameters["max_windows"].string_value == "16"
+    assert cfg["lipsync"].sequence_batching.oldest.max_candidate_sequences == 24
+    assert cfg["vae_encoder"].max_batch_size >= 32 and cfg["face_detector"].max_batch_size >= 64
+    # GPU tensors of the orchestrator reach the models in device memory
+    for name in ("denoiser_1.5", "vae_encoder", "vae_decoder", "restorer"):
+        assert cfg[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert read_manifest(gpu_repo)["dtype"] == "bfloat16"
+
+
+def test_tensorrt_repository_configs(tensorrt_repo):
+    cfg = configs(tensorrt_repo)
     for name in ONNX_MODELS:
         c = cfg[name]
         assert c.platform == "onnxruntime_onnx" and not c.parameters
-        assert (gpu_repo / name / "1" / "model.onnx").is_file() and not (gpu_repo / name / "1" / "model.py").exists()
+        assert (tensorrt_repo / name / "1" / "model.onnx").is_file()
+        assert not (tensorrt_repo / name / "1" / "model.py").exists()
         assert c.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
         (trt,) = c.optimization.execution_accelerators.gpu_execution_accelerator
         assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
@@ -122,57 +155,55 @@ def test_gpu_repository_configs(gpu_repo):
         for kind in ("min", "opt", "max"):  # one profile entry per input
             assert {s.split(":")[0] for s in trt.parameters[f"trt_profile_{kind}_shapes"].split(",")} == \
                 {i.name for i in c.input}
-    for name in ("face_detector", "restorer", "lipsync"):
-        assert cfg[name].backend == "python" and cfg[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    # the encoder's optimisation profile is at the served batch: one window's masked + reference faces
+    (trt,) = cfg["vae_encoder"].optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.parameters["trt_profile_opt_shapes"].startswith("PIXELS:32x3x")
+    assert cfg["denoiser_1.5"].backend == "python"
 
 
-def test_gpu_repository_onnx_graphs(gpu_repo):
+def test_tensorrt_repository_onnx_graphs(tensorrt_repo):
     """Graph I/O matches the Triton config; the float32 export matched torch; the shipped float16 graph loads."""
     import onnx
     import onnxruntime as ort
 
-    cfg, manifest = configs(gpu_repo), read_manifest(gpu_repo)
+    cfg, manifest = configs(tensorrt_repo), read_manifest(tensorrt_repo)
     for name in ONNX_MODELS:
         record = manifest["onnx"][name]
         print(f"{name}: float32 ONNX vs torch max abs error {record['fp32_max_abs_error']:.3g} "
               f"(output scale {record['output_scale']:.3g}); float16: {record['fp16_onnxruntime_cpu']}")
         assert record["dtype"] == "float16"
         assert record["fp32_max_abs_error"] <= 1e-3 * record["output_scale"]
-        model = onnx.load(str(gpu_repo / name / "1" / "model.onnx"))
+        model = onnx.load(str(tensorrt_repo / name / "1" / "model.onnx"))
         onnx.checker.check_model(model)
         graph_inputs = {i.name: i for i in model.graph.input}
         c = cfg[name]
         assert set(graph_inputs) == {i.name for i in c.input}
         assert {o.name for o in model.graph.output} == {o.name for o in c.output}
-        for i in c.input:  # batch dim + config dims (reshape applies to TIMESTEP) = graph rank
-            dims = list(i.reshape.shape) if i.HasField("reshape") else list(i.dims)
-            assert len(graph_inputs[i.name].type.tensor_type.shape.dim) == 1 + len(dims), i.name
+        for i in c.input:  # batch dim + config dims = graph rank
+            assert len(graph_inputs[i.name].type.tensor_type.shape.dim) == 1 + len(i.dims), i.name
         elem = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-        assert elem.get("SAMPLE", elem.get("MEL", elem.get("PIXELS", elem.get("LATENTS")))) == onnx.TensorProto.FLOAT
+        assert elem.get("MEL", elem.get("PIXELS", elem.get("LATENTS"))) == onnx.TensorProto.FLOAT
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-        ort.InferenceSession(str(gpu_repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(tensorrt_repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
-def test_shipped_unet_graph_runs_other_shapes(gpu_repo):
-    """The float16 UNet graph has dynamic batch and frame axes (checked on onnxruntime CPU, loosely)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(gpu_repo / "unet_1.5" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    sample = session.get_inputs()[0]
-    size = int(sample.shape[-1]) if isinstance(sample.shape[-1], int) else 32
-    rng = np.random.default_rng(0)
-    for b, f in [(1, 1), (4, 7)]:
-        out = session.run(None, {"SAMPLE": rng.standard_normal((b, 13, f, size, size), dtype=np.float32),
-                                 "TIMESTEP": np.full(b, 501, np.int64),
-                                 "AUDIO": rng.standard_normal((b, f, 50, 384), dtype=np.float32)})[0]
-        assert out.shape == (b, 4, f, size, size) and np.isfinite(out).all()
+def test_stand_in_repository(tmp_path):
+    """--stand-ins: the networks' models are switched to their stand-ins; the manifest says so."""
+    out = tmp_path / "repo"
+    build_repository(ExportOptions(out=out, tiny=True, variants=("1.5",), stand_ins=True))
+    cfg = configs(out)
+    for name in ("denoiser_1.5", "vae_encoder", "vae_decoder", "audio_encoder"):
+        assert cfg[name].parameters["stand_in"].string_value == "true"
+    assert read_manifest(out)["stand_ins"] is True
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--tiny", "--weights", "x"], "not allowed with"),
-    (["--tiny", "--instances", "unet"], "MODEL=KIND"),
-    (["--tiny", "--instances", "unet=tpu:1"], "KIND"),
-    (["--tiny", "--unet-max-batch", "1"], ">= 2"),
+    (["--tiny", "--instances", "denoiser"], "MODEL=KIND"),
+    (["--tiny", "--instances", "denoiser=tpu:1"], "KIND"),
+    (["--tiny", "--max-windows", "0"], ">= 1"),
+    (["--tiny", "--dtype", "bfloat16"], "float32"),
+    (["--tiny", "--tensorrt"], "--target gpu"),
     (["--tiny", "--detector", "insightface"], "--detector-dir"),
     (["--weights", "/nonexistent/weights"], "not found"),
 ])

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import av
 import cv2
+import fake_insightface as fake
 import numpy as np
 import onnx
 import pytest
 
-import fake_insightface as fake
 from latentsync_core.face.align import landmarks_to_points
 from latentsync_core.face.detect import Candidates, FaceFilter, box_iou, create_detector, select_faces
 

@@ -20,7 +20,8 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException
 
-from latentsync_export.serve import ADMIN_HEADER, RESTRICTED_APIS, free_port, parse_model_config
+from latentsync_export.model_config import parse_model_config
+from latentsync_serving.serve import ADMIN_HEADER, RESTRICTED_APIS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -297,6 +298,7 @@ cp -r "$EXPORT_SOURCE" "$out"
 """
 
 
+@pytest.mark.server
 def test_entrypoint_prepare_builds_once_then_warms_up(prepared_cache, tmp_path):
     source = tmp_path / "source_repo"
     prepared_cache.rename(source)
@@ -324,6 +326,7 @@ def test_entrypoint_prepare_builds_once_then_warms_up(prepared_cache, tmp_path):
     assert not Path(f"{repo}.partial").exists()
 
 
+@pytest.mark.server
 def test_entrypoint_refuses_to_serve_without_admin_key(prepared_cache):
     env = entrypoint_env(prepared_cache)
     env.pop("LATENTSYNC_ADMIN_KEY", None)
@@ -333,6 +336,7 @@ def test_entrypoint_refuses_to_serve_without_admin_key(prepared_cache):
     assert out.returncode != 0 and "LATENTSYNC_ADMIN_KEY" in out.stderr
 
 
+@pytest.mark.server
 def test_entrypoint_serve_restricts_model_control_and_keeps_inference(prepared_cache, tmp_path):
     """The container's own start command, on the real local server: admin calls need the key."""
     key_file = tmp_path / "admin.key"

@@ -1,5 +1,6 @@
 """The in-process reference pipeline on the project's tiny weights and real frames (MediaPipe detector)."""
 import os
+import threading
 from pathlib import Path
 
 import av
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from latentsync_core.audio import load_audio, num_frames_for_audio
+from latentsync_contract import num_frames_for_audio
+from latentsync_core.audio import load_audio
 from latentsync_core.checkpoints import CheckpointError
-from latentsync_core.pipeline import LipSyncPipeline
+from latentsync_core.loaders import load_pipeline, load_vae, locate
+from latentsync_core.pipeline import LipSyncPipeline, NoFaceInStream, WindowedStream
 from latentsync_core.tiny import make_tiny_weights
-from latentsync_core.weights import locate
 
 SHARED = Path(os.environ.get("LATENTSYNC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -23,7 +25,7 @@ def tiny_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_weights):
-    return LipSyncPipeline.from_weights(tiny_weights, "1.5")
+    return load_pipeline(tiny_weights, "1.5")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_weights_folder_errors(tmp_path, tiny_weights):
 
 def test_taesd_roundtrip_on_a_real_face(clip):
     """The real TAESD (tests only, from ../shared/models) keeps a face recognisable: PSNR well above random."""
-    from latentsync_core.vae import load_vae, sample_latents
+    from latentsync_core.vae import sample_latents
 
     codec = load_vae(SHARED / "models")
     face = torch.from_numpy(clip[0][0][300:556, 150:406]).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -113,3 +115,57 @@ def test_taesd_roundtrip_on_a_real_face(clip):
     mse = ((rec.clamp(-1, 1) - face) ** 2).mean().item() / 4  # in [0, 1] units
     psnr = 10 * np.log10(1 / mse)
     assert psnr > 20, psnr
+
+
+def test_overlapped_windows_give_the_same_frames(pipeline, clip):
+    """A server prepares a stream's next window while the current one denoises (WindowedStream overlap): the
+    frames are exactly those of the one-window-at-a-time path."""
+    frames, audio = clip
+    video = np.stack(frames[:18])
+
+    def run_windows(overlap: bool) -> np.ndarray:
+        stream = pipeline.stream(steps=1, seed=11)
+        stream.set_audio(audio)
+        results, errors = [], []
+        windows = WindowedStream(stream, lambda r, _: results.append(r), lambda e, _: errors.append(e),
+                                 overlap=overlap)
+        for i in range(0, len(video), 4):
+            windows.push(video[i:i + 4])
+        windows.end()
+        done = threading.Event()
+        windows.after(done.set)
+        assert done.wait(300)
+        windows.close()
+        assert not errors, errors
+        return np.concatenate([r.frames for r in results])
+
+    np.testing.assert_array_equal(run_windows(True), run_windows(False))
+
+
+def test_no_face_in_the_whole_stream_is_an_error_at_its_end(pipeline, clip):
+    """The stream rule the server applies, in the oracle too: frames pass through, then NoFaceInStream."""
+    _, audio = clip
+    blank = [np.zeros((96, 64, 3), np.uint8)] * 3
+    got = []
+    with pytest.raises(NoFaceInStream, match="no face found in any of the 3 frames"):
+        for window in pipeline(blank, audio, steps=1):
+            got.append(window.frames)
+    np.testing.assert_array_equal(np.concatenate(got), np.stack(blank))
+
+
+BF16_MAX_PIXEL_ERROR = 24   # uint8 levels; measured 0 .. 8 on this clip with the tiny weights (docs/PERFORMANCE.md)
+
+
+def test_bfloat16_costs_at_most_a_few_levels_per_pixel(tiny_weights, clip):
+    """What half precision costs: the same window in float32 and in bfloat16 (UNet and VAE), on the CPU."""
+    frames, audio = clip
+    outputs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe = load_pipeline(tiny_weights, "1.5", dtype=dtype)
+        outputs[dtype] = np.concatenate([w.frames for w in pipe(frames[:16], audio, steps=2, seed=3)])
+    err = np.abs(outputs[torch.float32].astype(int) - outputs[torch.bfloat16].astype(int))
+    edited = (outputs[torch.float32] != np.stack(frames[:16])).mean()
+    print(f"bfloat16 vs float32, one window: max {err.max()} levels, {(err > 0).mean():.2e} of values differ "
+          f"({edited:.3f} of values edited)")
+    assert edited > 0.005
+    assert err.max() <= BF16_MAX_PIXEL_ERROR

@@ -1,4 +1,4 @@
-"""Reliability (issue 8; the full matrix is tests/RELIABILITY-MATRIX.md): bad input files end the CLI with exit 2
+"""Reliability (the full matrix is tests/RELIABILITY-MATRIX.md): bad input files end the CLI with exit 2
 and one line, contract violations sent with raw tritonclient are refused by name and leave the server READY
 with no stream state left behind, a client that vanishes mid-stream is freed, and a short soak of 8 streams.
 
@@ -18,16 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from helpers import CLI, FAST, audio_for, metric, run_cli, run_stream, wait_for
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-
-from latentsync_client.errors import InputError, ServerUnreachable  # noqa: E402
-from latentsync_core.configs import NUM_FRAMES  # noqa: E402
-from latentsync_export.export import ExportOptions, build_repository  # noqa: E402
-from latentsync_export.lipsync_service import MAX_FRAME_SIDE  # noqa: E402
-from latentsync_export.serve import free_port  # noqa: E402
-from test_client_e2e import CLI, FAST, run_cli  # noqa: E402
-from test_triton_lipsync import audio_for, clip, metric, run_stream, wait_for  # noqa: E402,F401
+from latentsync_client.errors import InputError, ServerUnreachable
+from latentsync_contract import MAX_FRAME_SIDE
+from latentsync_contract import WINDOW as NUM_FRAMES
+from latentsync_export.export import ExportOptions, build_repository
+from latentsync_serving.serve import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -247,8 +245,8 @@ def test_server_killed_mid_stream_restarts_and_serves_again(triton_server, serve
 # ------------------------------------------------------------------------------------------------ soak
 def test_soak_short(server, media):
     """8 concurrent CLI-path syncs for ~40 s: no errors, every output decodes to its full frame count, the
-    gauge is back to 0, server memory growth stays under the bound soak.py states (--max-rss-growth-mb)."""
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "load" / "soak.py"), "--short", "--url", server.grpc_url,
+    gauge is back to 0, server memory growth stays under the bound latentsync-soak states (--max-rss-growth-mb)."""
+    r = subprocess.run([sys.executable, "-m", "latentsync_load.soak", "--short", "--url", server.grpc_url,
                         "--metrics-url", server.metrics_url, "--server-pid", str(server.pid),
                         "--clip", str(media / "demo1_video.mp4")], capture_output=True, text=True, timeout=400)
     summary = json.loads(r.stdout)

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from latentsync_export.serve import ADMIN_HEADER, RESTRICTED_APIS, TritonServer, free_port, port_is_free, server_args
+from latentsync_serving.serve import ADMIN_HEADER, RESTRICTED_APIS, TritonServer, free_port, port_is_free, server_args
 
 ADMIN_KEY = "test-admin-key"
 GRPC_ADMIN = {f"triton-grpc-protocol-{ADMIN_HEADER}": ADMIN_KEY}   # Triton prefixes gRPC restriction headers
@@ -178,6 +178,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.server
 def test_stop_leaves_no_process_and_frees_ports(tiny_repo, tmp_path):
     with TritonServer(tiny_repo, log_path=tmp_path / "triton.log") as server:
         pid, ports = server.pid, (server.grpc_port, server.http_port, server.metrics_port)
@@ -191,13 +192,14 @@ def test_stop_leaves_no_process_and_frees_ports(tiny_repo, tmp_path):
     assert "successfully loaded 'double'" in (tmp_path / "triton.log").read_text()
 
 
+@pytest.mark.server
 def test_cli_serves_until_sigint(tiny_repo, tmp_path):
     ports = []
     while len(ports) < 3:
         p = free_port()
         ports += [p] if p not in ports else []
     log = tmp_path / "cli.log"
-    cmd = [sys.executable, "-m", "latentsync_export.serve", str(tiny_repo), "--grpc-port", str(ports[0]),
+    cmd = [sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--grpc-port", str(ports[0]),
            "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--admin-key", ADMIN_KEY,
            "--log", str(log)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -227,9 +229,10 @@ def test_cli_serves_until_sigint(tiny_repo, tmp_path):
     assert "Started GRPCInferenceService" in log.read_text()
 
 
+@pytest.mark.server
 def test_server_dies_with_its_parent(tiny_repo, tmp_path):
     """A test run or CLI killed with SIGKILL leaves no orphaned tritonserver behind."""
-    script = (f"from latentsync_export.serve import TritonServer\n"
+    script = (f"from latentsync_serving.serve import TritonServer\n"
               f"s = TritonServer({str(tiny_repo)!r}, log_path={str(tmp_path / 'triton.log')!r}).start()\n"
               f"print(s.wait_ready(180).pid, flush=True)\n"
               f"import time; time.sleep(600)\n")

@@ -8,27 +8,19 @@
 """
 from __future__ import annotations
 
-import itertools
-import queue
 import threading
-import time
-import urllib.request
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from helpers import StreamResult, audio_for, metric, reference_video, run_stream, unet_stats, wait_for
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-
-from latentsync_core.audio import load_audio, num_frames_for_audio  # noqa: E402
-from latentsync_core.configs import NUM_FRAMES  # noqa: E402
-from latentsync_export.export import ExportOptions, build_repository, load_reference  # noqa: E402
+from latentsync_contract import WINDOW as NUM_FRAMES
+from latentsync_export.export import ExportOptions, build_repository
 
 pytestmark = pytest.mark.timeout(1200)
 
 IDLE_TIMEOUT_S = 4.0
 STEPS = 2             # few DDIM steps keep CPU time down; the loop is the same for 20
-_ids = itertools.count(1000)
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -42,108 +34,6 @@ def tiny_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(triton_server, tiny_repo):
     return triton_server(tiny_repo, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def clip(shared_dir):
-    """Half-size frames of a real clip and its 16 kHz speech (a few frames more than any test sends)."""
-    import av
-
-    frames = []
-    with av.open(str(shared_dir / "media" / "demo1_video.mp4")) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=frame.width // 2, height=frame.height // 2))
-            if len(frames) == NUM_FRAMES + 8:
-                break
-    return np.stack(frames), load_audio(shared_dir / "media" / "demo1_audio.wav")
-
-
-def audio_for(samples: np.ndarray, n_frames: int) -> np.ndarray:
-    """The shortest prefix of the track that covers n_frames video frames (upstream's frame count)."""
-    n = n_frames * 640
-    while num_frames_for_audio(n) < n_frames:
-        n += 160
-    return np.ascontiguousarray(samples[:n], np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------- client
-@dataclass
-class StreamResult:
-    frames: list = field(default_factory=list)
-    indices: list = field(default_factory=list)
-    found: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-
-    @property
-    def video(self) -> np.ndarray:
-        return np.concatenate(self.frames)
-
-
-def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: dict | None, sequence_id: int | None = None,
-               timeout: float = 600.0, start: bool = True, end: bool = True) -> StreamResult:
-    """One stream per docs/PROTOCOL.md: whole audio first (sequence_start), then frames in windows of 16."""
-    client = grpcclient.InferenceServerClient(url)
-    replies: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: replies.put((result, error)))
-    sequence_id = sequence_id or next(_ids)
-    h, w = (frames.shape[1:3] if len(frames) else (8, 8))
-    requests = [(np.zeros((0, h, w, 3), np.uint8), audio)] if audio is not None else []
-    requests += [(np.ascontiguousarray(frames[i:i + NUM_FRAMES]), np.zeros(0, np.float32))
-                 for i in range(0, len(frames), NUM_FRAMES)]
-    for i, (f, a) in enumerate(requests):
-        inputs = [grpcclient.InferInput("FRAMES", list(f.shape), "UINT8"), grpcclient.InferInput("AUDIO", list(a.shape), "FP32")]
-        inputs[0].set_data_from_numpy(f)
-        inputs[1].set_data_from_numpy(a)
-        first, last = i == 0 and start, i == len(requests) - 1 and end
-        client.async_stream_infer("lipsync", inputs, request_id=str(i), sequence_id=sequence_id,
-                                  sequence_start=first, sequence_end=last, enable_empty_final_response=True,
-                                  parameters=params if first and params else None)
-    result, finals = StreamResult(), 0
-    try:
-        while finals < len(requests):
-            reply, error = replies.get(timeout=timeout)
-            if error is not None:
-                result.errors.append(str(error))
-                finals += 1
-                continue
-            response = reply.get_response()
-            finals += response.parameters["triton_final_response"].bool_param
-            if response.outputs:
-                result.frames.append(reply.as_numpy("FRAMES"))
-                result.indices.append(reply.as_numpy("FRAME_INDEX"))
-                result.found.append(reply.as_numpy("FACE_FOUND"))
-    finally:
-        client.stop_stream()
-        client.close()
-    return result
-
-
-def reference_video(repo, variant, frames, audio, **params) -> np.ndarray:
-    pipeline = load_reference(repo, variant)
-    return np.concatenate([w.frames for w in pipeline(frames, audio, **params)])
-
-
-def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
-    assert values, f"metric {name} not exported"
-    return sum(values)
-
-
-def unet_stats(server, model: str) -> dict:
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    batches = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
-    return {"requests": int(stats["inference_stats"]["success"].get("count", 0)),
-            "inferences": int(stats.get("inference_count", 0)), "executions": int(stats.get("execution_count", 0)),
-            "batches": batches}
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 # ---------------------------------------------------------------------------------------------------- parity

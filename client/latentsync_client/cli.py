@@ -10,8 +10,19 @@ import signal
 import sys
 from typing import Sequence
 
-from .errors import ClientError, Interrupted
-from .protocol import SyncParams, VARIANTS
+from latentsync_contract import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    MODEL_NAME,
+    VARIANTS,
+    ContractError,
+    StreamParams,
+)
+
+from .errors import ClientError, InputError, Interrupted
 from .stream import LipsyncClient
 from .sync import sync_file
 
@@ -25,11 +36,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("audio", help="any file with an audio track (wav, mp3, m4a, a video...)")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4: h264 + AAC)")
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint HOST:PORT (default %(default)s)")
-    p.add_argument("--model", default="lipsync", help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps, 1..100 (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=1.5, help="guidance scale, >= 1 (default %(default)s)")
-    p.add_argument("--seed", type=int, default=1247, help="noise seed (default %(default)s)")
-    p.add_argument("--variant", choices=VARIANTS, default="1.5", help="1.5: 256 px, 1.6: 512 px faces")
+    p.add_argument("--model", default=MODEL_NAME, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps, 1..{MAX_STEPS} (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"guidance scale, 1..{MAX_GUIDANCE:g}; 1 = no guidance (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed, 0..2^63-1 (default %(default)s)")
+    p.add_argument("--variant", choices=VARIANTS,
+                   help="1.5: 256 px, 1.6: 512 px faces (default: the server's first variant)")
     p.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (default %(default)s)")
     p.add_argument("--preset", default="medium", help="x264 speed preset (default %(default)s)")
     p.add_argument("--allow-no-face", action="store_true",
@@ -69,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)      # same clean-up as Ctrl-C
     bar = ProgressBar(not a.quiet)
     try:
-        params = SyncParams(steps=a.steps, guidance=a.guidance, seed=a.seed, variant=a.variant)
+        try:
+            params = StreamParams(steps=a.steps, guidance=a.guidance, seed=a.seed, variant=a.variant)
+        except ContractError as e:
+            raise InputError(str(e)) from None
         client = LipsyncClient(a.url, a.model, response_timeout=a.timeout or None)
         result = sync_file(a.video, a.audio, a.output, client=client, params=params, progress=bar,
                            require_face=not a.allow_no_face, crf=a.crf, preset=a.preset, spill_dir=a.tmp_dir)

@@ -21,9 +21,9 @@ from typing import Iterator
 import av
 import numpy as np
 
-from .errors import InputError
-from .protocol import FPS, MAX_FRAME_SIDE, SAMPLE_RATE
+from latentsync_contract import FPS, SAMPLE_RATE, ContractError, check_frame_size
 
+from .errors import InputError
 
 # FFmpeg demuxers that render any text file as "video": never what a user meant.
 TEXT_ART_FORMATS = {"tty", "bin", "xbin", "adf", "idf"}
@@ -48,7 +48,7 @@ def _decode_error(path, e: Exception) -> InputError:
 
 
 def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
-    """Fail early (InputError) unless `video` has a video stream (frames <= MAX_FRAME_SIDE per side) and `audio`
+    """Fail early (InputError) unless `video` has a video stream (of a frame size the server takes) and `audio`
     an audio track."""
     for path, kind in ((video, "video"), (audio, "audio")):
         with open_media(path) as container:
@@ -58,9 +58,11 @@ def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
             if streams[0].codec_context is None:  # FFmpeg has no decoder for this codec
                 raise InputError(f"{path}: unsupported {kind} codec (no decoder for it)")
             ctx = streams[0].codec_context
-            if kind == "video" and max(ctx.width, ctx.height) > MAX_FRAME_SIDE:
-                raise InputError(f"{path}: frames are {ctx.width}x{ctx.height}; the server takes at most "
-                                 f"{MAX_FRAME_SIDE} pixels per side (scale the video down)")
+            if kind == "video":
+                try:
+                    check_frame_size(ctx.height, ctx.width)
+                except ContractError as e:
+                    raise InputError(f"{path}: the server would refuse it: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------------ audio

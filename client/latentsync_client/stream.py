@@ -17,9 +17,22 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from latentsync_contract import (
+    AUDIO,
+    FACE_FOUND,
+    FRAME_INDEX,
+    FRAMES,
+    MAX_FRAMES_PER_REQUEST,
+    MODEL_NAME,
+    SAMPLE_RATE,
+    WINDOW,
+    StreamParams,
+    is_no_face_error,
+    min_audio_samples,
+    num_frames_for_audio,
+)
+
 from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable
-from .protocol import (MAX_FRAMES_PER_REQUEST, MODEL_NAME, SAMPLE_RATE, WINDOW, SyncParams, min_audio_samples,
-                       num_frames_for_audio)
 
 # gRPC status codes that mean the connection, not the request, failed.
 _CONNECTION_CODES = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL")
@@ -76,7 +89,7 @@ class LipsyncClient:
         self._connect().close()
 
     def stream(self, audio: np.ndarray | Iterable[np.ndarray], frames: FramesArg,
-               params: SyncParams | None = None) -> Iterator[SyncedFrame]:
+               params: StreamParams | None = None) -> Iterator[SyncedFrame]:
         """Sync `frames` to `audio`, yielding synced frames in order as the server finishes them.
 
         audio: 16 kHz mono float32 samples in [-1, 1], one array or an iterable of chunks (sent as they come).
@@ -84,7 +97,7 @@ class LipsyncClient:
             or a callable taking that count and returning them (the count is known once the audio is sent).
         Closing the generator early (or an exception) cancels the stream.
         """
-        params = params or SyncParams()
+        params = params or StreamParams()
         client = self._connect()
         responses: queue.Queue = queue.Queue()
         try:
@@ -97,8 +110,8 @@ class LipsyncClient:
         state = {"started": False, "ended": False, "completed": False}
 
         def send(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False) -> str:
-            inputs = [grpcclient.InferInput("FRAMES", list(frames_batch.shape), "UINT8"),
-                      grpcclient.InferInput("AUDIO", list(audio_chunk.shape), "FP32")]
+            inputs = [grpcclient.InferInput(FRAMES, list(frames_batch.shape), "UINT8"),
+                      grpcclient.InferInput(AUDIO, list(audio_chunk.shape), "FP32")]
             inputs[0].set_data_from_numpy(frames_batch)
             inputs[1].set_data_from_numpy(audio_chunk)
             request_id = f"{sequence_id}-{next(request_count)}"
@@ -196,9 +209,9 @@ class LipsyncClient:
         if error is not None:
             raise _classify(error, self.url)
         synced = []
-        frames = result.as_numpy("FRAMES")
+        frames = result.as_numpy(FRAMES)
         if frames is not None and len(frames):
-            index, faces = result.as_numpy("FRAME_INDEX"), result.as_numpy("FACE_FOUND")
+            index, faces = result.as_numpy(FRAME_INDEX), result.as_numpy(FACE_FOUND)
             if index is None or faces is None or len(index) != len(frames) or len(faces) != len(frames):
                 raise ServerError("malformed response: FRAMES, FRAME_INDEX and FACE_FOUND differ in length")
             if not np.array_equal(index, np.arange(received, received + len(frames))):
@@ -229,4 +242,4 @@ def _classify(error: InferenceServerException, url: str) -> Exception:
     if any(status.endswith(code) for code in _CONNECTION_CODES):
         return ServerUnreachable(f"lost the connection to the server at {url} ({_first_line(error.message())})")
     message = _first_line(error.message())
-    return (NoFaceError if "no face" in message.lower() else ServerError)(f"server error: {message}")
+    return (NoFaceError if is_no_face_error(message) else ServerError)(f"server error: {message}")

@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from latentsync_contract import FPS, StreamParams
+
 from .errors import NoFaceError
 from .media import audio_chunks, check_inputs, frames_for_audio
-from .protocol import FPS, SyncParams
 from .stream import LipsyncClient
 from .writer import SyncedVideoWriter
 
@@ -72,7 +73,7 @@ class SyncResult:
 
 
 def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike, *,
-              client: LipsyncClient | None = None, params: SyncParams | None = None,
+              client: LipsyncClient | None = None, params: StreamParams | None = None,
               progress: Progress | None = None, require_face: bool = True, crf: int = 18,
               preset: str = "medium", spill_dir: str | os.PathLike | None = None) -> SyncResult:
     """Lip-sync `video` (any video file, or a still image) to the audio track of `audio`; write `output`.
@@ -81,7 +82,7 @@ def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | 
     `output` appears only on success (NoFaceError if no frame had a face and `require_face`).
     """
     client = client or LipsyncClient()
-    params = params or SyncParams()
+    params = params or StreamParams()
     started = time.monotonic()
     check_inputs(video, audio)              # fail fast, before any network or decoding work
     client.check()

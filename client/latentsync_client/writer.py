@@ -8,9 +8,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from latentsync_contract import FPS
+
 from .errors import InputError
 from .media import open_media
-from .protocol import FPS
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
@@ -78,7 +79,7 @@ class SyncedVideoWriter:
         self._audio_written = 0
         self._audio_ended = False
 
-    def __enter__(self) -> "SyncedVideoWriter":
+    def __enter__(self) -> SyncedVideoWriter:
         try:
             self._container = av.open(str(self.tmp_path), "w", options=self._muxer_options())
         except (av.FFmpegError, ValueError) as e:

@@ -1,20 +1,29 @@
 """`latentsync-export`: build a ready Triton model repository from LatentSync weights.
 
     latentsync-export --out REPO --tiny                      # seeded random test weights, 1.5 and 1.6
-    latentsync-export --out REPO --weights DIR               # official LatentSync-1.5 files (layout: weights.py)
+    latentsync-export --out REPO --weights DIR               # official LatentSync-1.5 files (layout: loaders.py)
     latentsync-export --out REPO --weights 1.6=DIR16 --weights 1.5=DIR15 --target gpu
+    latentsync-export --out REPO --tiny --stand-ins          # the networks replaced by near-zero-cost stand-ins
 
 Targets:
-  cpu  every model is a Python-backend model running latentsync_core in torch (works on the pytriton server;
-       KIND_GPU instance groups run torch on GPUs). Weights are referenced by absolute path, or copied into
-       the models' version folders with --copy-weights (always for --tiny).
-  gpu  the NGC Triton container: UNet, VAE encoder/decoder and audio encoder become float16 ONNX graphs
-       (float32 I/O) served by the onnxruntime backend with TensorRT as execution accelerator (engines are
-       built on the GPU at deploy time and cached); the float32 graphs are validated here against torch with
-       onnxruntime on the CPU. The face detector, restorer and lipsync stay Python models.
+  cpu  every model is a Python-backend model running latentsync_core in torch, float32, on the CPU (works on the
+       pytriton server). Weights are referenced by absolute path, or copied into the models' version folders
+       with --copy-weights (always for --tiny).
+  gpu  the same Python models on the GPU (KIND_GPU): the denoiser and the VAE in bfloat16 (--dtype), the lipsync
+       orchestrator on the GPU too, so the tensors of a window stay in device memory between the models
+       (DLPack); the face detector stays on the CPU. With --tensorrt, the VAE encoder/decoder and the audio
+       encoder become float16 ONNX graphs (float32 I/O) for the onnxruntime backend with TensorRT (engines built
+       on the GPU at deploy time and cached), validated here against torch with onnxruntime on the CPU.
 
-The repository: model_repository/ templates filled in (docs/REPOSITORY.md), one UNet model per variant
-(`unet_1.5`, `unet_1.6`; the audio encoder and VAE are shared), and `repository.json` describing the build.
+Sizing for a GPU (defaults of --target gpu, arithmetic in docs/PERFORMANCE.md "Sizing"): the denoiser advances
+up to --max-windows windows per step (16: 32 UNet items under guidance, enough for about half of an H100/H200's
+bf16 peak at 1.5), so at least that many streams must have a window in flight: --max-streams 24 per lipsync
+instance keeps 16 denoising while the others are prepared or pasted back. On a card with less memory or
+throughput, lower --max-windows (memory grows with it, the UNet's efficiency falls below ~8) and --max-streams
+with it (about 1.5x --max-windows); use one server per GPU (docker/compose.per-gpu.yaml).
+
+The repository: model_repository/ templates filled in (docs/REPOSITORY.md), one denoiser model per variant
+(`denoiser_1.5`, `denoiser_1.6`; the audio encoder and VAE are shared), and `repository.json` describing it.
 """
 from __future__ import annotations
 
@@ -28,19 +37,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .model_config import (InstanceSpec, parse_model_config, set_batching, set_parameters, templates_dir,
-                           use_onnxruntime, write_model_config)
-from .onnx_export import ExportError
+from latentsync_core.configs import get_variant
+from latentsync_core.loaders import load_vae, load_whisper_encoder, locate
+from latentsync_serving.backend import DTYPES
+from latentsync_core.tiny import make_tiny_weights
 
-MANIFEST = "repository.json"
+from .manifest import MANIFEST
+from .model_config import (
+    InstanceSpec,
+    parse_model_config,
+    set_batching,
+    set_parameters,
+    templates_dir,
+    use_onnxruntime,
+    write_model_config,
+)
+from .onnx_export import (
+    ExportError,
+    audio_encoder_spec,
+    export_and_validate,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
+
 VARIANT_ORDER = ("1.5", "1.6")
 PER_FRAME_MODELS = ("face_detector", "vae_encoder", "vae_decoder", "restorer")  # batch = frames
-ONNX_MODELS = ("audio_encoder", "unet", "vae_encoder", "vae_decoder")         # templates the gpu target converts
+NETWORKS = ("audio_encoder", "denoiser", "vae_encoder", "vae_decoder")        # stand-ins replace these
+ONNX_MODELS = ("audio_encoder", "vae_encoder", "vae_decoder")                  # --tensorrt converts these
+HALF_MODELS = ("denoiser", "vae_encoder", "vae_decoder")                       # --dtype applies to these
 MIN_FRAME_BATCH = 16  # one whole window per call
 
 
 class ExportConfigError(ValueError):
     """Options or inputs that cannot give a working repository."""
+
+
+@dataclass(frozen=True)
+class TargetDefaults:
+    """What a target serves with unless told otherwise (docs/PERFORMANCE.md "Sizing" for the gpu numbers)."""
+
+    dtype: str
+    max_windows: int
+    max_streams: int
+    frame_max_batch: int
+
+
+TARGETS = {"cpu": TargetDefaults("float32", 8, 8, 32), "gpu": TargetDefaults("bfloat16", 16, 24, 64)}
 
 
 @dataclass
@@ -56,26 +98,41 @@ class ExportOptions:
     detector_dir: Path | None = None
     face_policy: str = "largest"
     instances: dict[str, InstanceSpec] = field(default_factory=dict)  # template or model name -> spec
-    unet_max_batch: int = 8
-    frame_max_batch: int = 32
+    dtype: str | None = None            # denoiser and VAE; None: the target's default
+    max_windows: int | None = None      # windows the denoiser advances together
+    max_streams: int | None = None      # streams per lipsync instance
+    frame_max_batch: int | None = None  # per-frame models' batch
     max_queue_delay_us: int = 2000
-    max_streams: int = 8
     idle_timeout_s: float = 300.0   # longer than a client may wait for its windows (Triton counts only requests)
-    unet_step_batching: bool = False
+    overlap_windows: bool = True
+    stand_ins: bool = False
+    tensorrt: bool = False
     fp16: bool = True
     trt_cache_dir: str = "/tmp/latentsync-trt-cache"
     force: bool = False
 
+    def __post_init__(self):
+        defaults = TARGETS.get(self.target, TARGETS["cpu"])
+        for name in ("dtype", "max_windows", "max_streams", "frame_max_batch"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
+
     def check(self) -> None:
-        if self.target not in ("cpu", "gpu"):
+        if self.target not in TARGETS:
             raise ExportConfigError(f"target must be cpu or gpu, got {self.target!r}")
         if self.tiny == bool(self.weights):
             raise ExportConfigError("give exactly one of --tiny and --weights")
         for v in (*self.weights, *self.variants):
             if v not in VARIANT_ORDER:
                 raise ExportConfigError(f"unknown variant {v!r} in --weights; expected one of {VARIANT_ORDER}")
-        if self.unet_max_batch < 2:
-            raise ExportConfigError("--unet-max-batch must be >= 2 (one window under guidance is 2 items)")
+        if self.dtype not in DTYPES:
+            raise ExportConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.target == "cpu" and self.dtype != "float32":
+            raise ExportConfigError("--dtype: the cpu target computes in float32 (half precision is for GPUs)")
+        if self.tensorrt and self.target != "gpu":
+            raise ExportConfigError("--tensorrt needs --target gpu")
+        if self.max_windows < 1:
+            raise ExportConfigError("--max-windows must be >= 1")
         if self.frame_max_batch < MIN_FRAME_BATCH:
             raise ExportConfigError(f"--frame-max-batch must be >= {MIN_FRAME_BATCH} (one whole window)")
         if self.detector == "insightface" and self.detector_dir is None:
@@ -86,15 +143,16 @@ class ExportOptions:
             raise ExportConfigError("--max-streams >= 1, --idle-timeout-s > 0 and --max-queue-delay-us >= 0")
 
     def instance_spec(self, template: str, model: str) -> InstanceSpec:
-        on_gpu = self.target == "gpu" and template in ONNX_MODELS
+        on_gpu = self.target == "gpu" and template != "face_detector"
         return self.instances.get(model) or self.instances.get(template) or InstanceSpec("gpu" if on_gpu else "cpu")
+
+    def onnx(self, template: str) -> bool:
+        return self.tensorrt and template in ONNX_MODELS and not self.stand_ins
 
 
 # ---------------------------------------------------------------------------------------------------- build
 def build_repository(opts: ExportOptions) -> dict:
     """Write the repository to opts.out (built beside it, then moved into place); returns the manifest."""
-    from latentsync_core.weights import locate
-
     opts.check()
     out = Path(opts.out).resolve()
     if out.exists() and any(out.iterdir()):
@@ -122,8 +180,6 @@ def build_repository(opts: ExportOptions) -> dict:
 
 def _tiny_weights(root: Path, seed: int, variants: Sequence[str]) -> dict[str, Path]:
     """Random tiny weights per variant (different seeds, so a variant mix-up shows in the output)."""
-    from latentsync_core.tiny import make_tiny_weights
-
     return {v: make_tiny_weights(root / v, seed + VARIANT_ORDER.index(v)) for v in variants}
 
 
@@ -136,19 +192,17 @@ class _Builder:
         self.manifest: dict = {
             "format": 1, "generator": "latentsync-export", "target": opts.target, "variants": self.variants,
             "random_weights": any(p.is_random for p in paths.values()),
-            "models": {}, "weights": {"unet": {}, "unet_config": {}}, "onnx": {},
+            "models": {}, "weights": {"unet": {}, "unet_config": {}}, "onnx": {}, "stand_ins": opts.stand_ins,
+            "dtype": opts.dtype,
             "detector": {"kind": opts.detector, "policy": opts.face_policy,
                          "model_dir": str(opts.detector_dir) if opts.detector_dir else None},
         }
 
     def build(self) -> dict:
-        from latentsync_core.configs import get_variant
-        from latentsync_core.vae import load_vae
-
         self.codec = load_vae(self.shared.vae)
         self.resolutions = [get_variant(v).resolution for v in self.variants]
         for v in self.variants:
-            self.unet(v)
+            self.denoiser(v)
         self.audio_encoder()
         self.vae("vae_encoder")
         self.vae("vae_decoder")
@@ -163,7 +217,7 @@ class _Builder:
         model = model or template
         src = self.templates / template
         if not (src / "config.pbtxt").is_file():
-            raise ExportConfigError(f"template {src}/config.pbtxt not found (set LATENTSYNC_TEMPLATES?)")
+            raise ExportConfigError(f"template {src}/config.pbtxt not found (a broken installation?)")
         (self.root / model / "1").mkdir(parents=True)
         config = parse_model_config(src / "config.pbtxt")
         config.name = model
@@ -200,8 +254,6 @@ class _Builder:
         return value if Path(value).is_absolute() else f"{model}/1/{value}"
 
     def onnx(self, model: str, spec, profiles: dict[str, tuple[str, str, str]] | None, config) -> None:
-        from .onnx_export import export_and_validate
-
         record = export_and_validate(spec, self.root / model / "1" / "model.onnx", fp16=self.opts.fp16)
         self.manifest["onnx"][model] = record
         trt = {"precision_mode": "FP16" if self.opts.fp16 else "FP32",
@@ -214,68 +266,55 @@ class _Builder:
         use_onnxruntime(config, trt)
 
     # ------------------------------------------------------------------------------------------ models
-    def unet(self, variant: str) -> None:
-        from latentsync_core.configs import get_variant
+    def networks(self, template: str, model: str, config) -> dict:
+        """Parameters every network template shares: precision, and the stand-in switch."""
+        values = {"stand_in": str(self.opts.stand_ins).lower()}
+        if template in HALF_MODELS:
+            values["dtype"] = self.opts.dtype
+        return values
 
-        model, paths = f"unet_{variant}", self.paths[variant]
-        config = self.start("unet", model)
-        set_batching(config, self.opts.unet_max_batch)
+    def denoiser(self, variant: str) -> None:
+        model, paths = f"denoiser_{variant}", self.paths[variant]
+        config = self.start("denoiser", model)
+        ckpt = self.weight(paths.unet, model, "latentsync_unet.pt")
+        set_parameters(config, {"checkpoint": ckpt, "unet_config": json.dumps(paths.unet_config),
+                                "max_windows": self.opts.max_windows, **self.networks("denoiser", model, config)})
+        self.manifest["weights"]["unet"][variant] = self.record(ckpt, model)
         self.manifest["weights"]["unet_config"][variant] = paths.unet_config
-        if self.opts.target == "gpu":
-            from latentsync_core.checkpoints import load_unet
-
-            from .onnx_export import unet_spec
-
-            size, mb = get_variant(variant).latent_size, self.opts.unet_max_batch
-            spec = unet_spec(load_unet(paths.unet, paths.unet_config), size)
-            shapes = lambda b, f: (f"{b}x13x{f}x{size}x{size}", f"{b}", f"{b}x{f}x50x384")  # noqa: E731
-            lo, mid, hi = shapes(1, 1), shapes(2, 16), shapes(mb, 16)
-            profiles = {name: (lo[i], mid[i], hi[i]) for i, name in enumerate(("SAMPLE", "TIMESTEP", "AUDIO"))}
-            self.onnx(model, spec, profiles, config)
-            self.manifest["weights"]["unet"][variant] = None if self.opts.tiny else str(paths.unet.resolve())
-        else:
-            ckpt = self.weight(paths.unet, model, "latentsync_unet.pt")
-            set_parameters(config, {"checkpoint": ckpt, "unet_config": json.dumps(paths.unet_config)})
-            self.manifest["weights"]["unet"][variant] = self.record(ckpt, model)
-        self.finish("unet", model, config, python=self.opts.target == "cpu")
+        self.finish("denoiser", model, config, python=True)
 
     def audio_encoder(self) -> None:
         config = self.start("audio_encoder")
-        if self.opts.target == "gpu":
-            from latentsync_core.models.whisper import load_whisper_encoder
-
-            from .onnx_export import audio_encoder_spec
-
+        if self.opts.onnx("audio_encoder"):
             mb = config.max_batch_size
             self.onnx("audio_encoder", audio_encoder_spec(load_whisper_encoder(self.shared.whisper)),
                       {"MEL": ("1x80x3000", "1x80x3000", f"{mb}x80x3000")}, config)
             self.manifest["weights"]["whisper"] = None if self.opts.tiny else str(self.shared.whisper.resolve())
         else:
             ckpt = self.weight(self.shared.whisper, "audio_encoder", "whisper/tiny.pt")
-            set_parameters(config, {"checkpoint": ckpt})
+            set_parameters(config, {"checkpoint": ckpt, **self.networks("audio_encoder", "audio_encoder", config)})
             self.manifest["weights"]["whisper"] = self.record(ckpt, "audio_encoder")
-        self.finish("audio_encoder", "audio_encoder", config, python=self.opts.target == "cpu")
+        self.finish("audio_encoder", "audio_encoder", config, python=not self.opts.onnx("audio_encoder"))
 
     def vae(self, model: str) -> None:
         config = self.start(model)
-        if self.opts.target == "gpu":
-            from .onnx_export import vae_decoder_spec, vae_encoder_spec
-
+        if self.opts.onnx(model):
             mb, lo, hi = config.max_batch_size, min(self.resolutions), max(self.resolutions)
+            # optimisation profiles at the served batch: one window's masked + reference faces, or its 16 latents
             if model == "vae_encoder":
                 spec = vae_encoder_spec(self.codec, self.resolutions)
-                profiles = {"PIXELS": (f"1x3x{lo}x{lo}", f"16x3x{hi}x{hi}", f"{mb}x3x{hi}x{hi}")}
+                profiles = {"PIXELS": (f"1x3x{lo}x{lo}", f"{2 * MIN_FRAME_BATCH}x3x{hi}x{hi}", f"{mb}x3x{hi}x{hi}")}
             else:
                 spec = vae_decoder_spec(self.codec, [r // 8 for r in self.resolutions])
                 lo, hi = lo // 8, hi // 8
-                profiles = {"LATENTS": (f"1x4x{lo}x{lo}", f"16x4x{hi}x{hi}", f"{mb}x4x{hi}x{hi}")}
+                profiles = {"LATENTS": (f"1x4x{lo}x{lo}", f"{MIN_FRAME_BATCH}x4x{hi}x{hi}", f"{mb}x4x{hi}x{hi}")}
             self.onnx(model, spec, profiles, config)
             self.manifest["weights"]["vae"] = None if self.opts.tiny else str(self.shared.vae.resolve())
         else:
             folder = self.weight(self.shared.vae, model, "vae")
-            set_parameters(config, {"vae": folder})
+            set_parameters(config, {"vae": folder, **self.networks(model, model, config)})
             self.manifest["weights"]["vae"] = self.record(folder, model)
-        self.finish(model, model, config, python=self.opts.target == "cpu")
+        self.finish(model, model, config, python=not self.opts.onnx(model))
 
     def face_detector(self) -> None:
         config = self.start("face_detector")
@@ -294,14 +333,13 @@ class _Builder:
         seq.max_sequence_idle_microseconds = int(self.opts.idle_timeout_s * 1e6)
         seq.oldest.max_candidate_sequences = self.opts.max_streams
         set_parameters(config, {
-            "unet_models": ",".join(f"{v}=unet_{v}" for v in self.variants),
+            "denoiser_models": ",".join(f"{v}=denoiser_{v}" for v in self.variants),
             "audio_encoder_max_batch": _max_batch(self.root / "audio_encoder"),
-            "vae_scaling_factor": repr(float(self.codec.scaling_factor)),
+            "vae_scaling_factor": repr(1.0 if self.opts.stand_ins else float(self.codec.scaling_factor)),
             "stream_idle_timeout_s": f"{self.opts.idle_timeout_s:g}",
             "random_weights": str(self.manifest["random_weights"]).lower(),
             "face_policy": self.opts.face_policy,
-            "unet_max_batch": self.opts.unet_max_batch,
-            "unet_step_batching": str(self.opts.unet_step_batching).lower(),
+            "overlap_windows": str(self.opts.overlap_windows).lower(),
         })
         self.finish("lipsync", "lipsync", config, python=True)
 
@@ -316,44 +354,6 @@ def _link_or_copy(src, dst) -> str:
     except OSError:
         shutil.copy2(src, dst)
     return str(dst)
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-def read_manifest(repo: str | Path) -> dict:
-    path = Path(repo) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a repository built by latentsync-export")
-    return json.loads(path.read_text())
-
-
-def load_reference(repo: str | Path, variant: str | None = None, detector=None, device: str = "cpu"):
-    """The in-process LipSyncPipeline on exactly the weights a built repository serves (the parity oracle).
-
-    `detector`: a FaceDetector, or None for the one the repository was built with.
-    """
-    from latentsync_core.checkpoints import load_unet
-    from latentsync_core.face.detect import create_detector
-    from latentsync_core.models.whisper import load_whisper_encoder
-    from latentsync_core.pipeline import LipSyncPipeline, LocalModels
-    from latentsync_core.vae import load_vae
-
-    repo = Path(repo).resolve()
-    m = read_manifest(repo)
-    variant = variant or m["variants"][0]
-    w = m["weights"]
-    sources = [w["unet"].get(variant), w.get("whisper"), w.get("vae")]
-    if None in sources:
-        raise FileNotFoundError(f"{repo}: built from temporary tiny weights for the gpu target; no torch weights")
-    unet_path, whisper_path, vae_path = (repo / p for p in sources)  # absolute paths stay absolute
-    if detector is None:
-        d = m["detector"]
-        copied = repo / "face_detector" / "1" / "detector"
-        model_dir = copied if copied.exists() else d["model_dir"]
-        detector = create_detector(d["kind"], model_dir, policy=d.get("policy", "largest"))
-    models = LocalModels(load_unet(unet_path, w["unet_config"][variant], device=device),
-                         load_whisper_encoder(whisper_path, device=device), load_vae(vae_path, device=device),
-                         detector, device=device)
-    return LipSyncPipeline(models, variant)
 
 
 # ---------------------------------------------------------------------------------------------------- cli
@@ -374,7 +374,7 @@ def parse_instances(items: Sequence[str]) -> dict[str, InstanceSpec]:
     for item in items:
         name, sep, spec = item.partition("=")
         if not sep:
-            raise ExportConfigError(f"--instances {item!r}: expected MODEL=KIND[:COUNT[:GPUS]], e.g. unet=gpu:2:0,1")
+            raise ExportConfigError(f"--instances {item!r}: expected MODEL=KIND[:COUNT[:GPUS]], e.g. denoiser=gpu:2:0,1")
         out[name.strip()] = InstanceSpec.parse(spec)
     return out
 
@@ -401,19 +401,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--face-policy", choices=("largest", "track"), default="largest",
                    help="several faces in a frame: the largest (upstream) or the one tracked from the last frame")
     p.add_argument("--instances", action="append", default=[], metavar="MODEL=KIND[:COUNT[:GPUS]]",
-                   help="instance group of a model, e.g. unet=gpu:2:0,1 or lipsync=cpu:2 (repeatable)")
-    p.add_argument("--unet-max-batch", type=int, default=8, help="UNet batch (2 per window under guidance)")
-    p.add_argument("--frame-max-batch", type=int, default=32, help="batch of the per-frame models (>= 16)")
+                   help="instance group of a model, e.g. denoiser=gpu:2:0,1 or lipsync=cpu:2 (repeatable)")
+    p.add_argument("--dtype", choices=DTYPES, help="gpu target: precision of the denoiser and the VAE "
+                   "(default bfloat16; the cpu target is float32)")
+    p.add_argument("--max-windows", type=int, help="windows the denoiser advances together, 2 UNet items each under "
+                   "guidance (default: cpu 8, gpu 16; see Sizing above)")
+    p.add_argument("--max-streams", type=int, help="concurrent streams per lipsync instance (default: cpu 8, gpu 24)")
+    p.add_argument("--frame-max-batch", type=int, help="batch of the per-frame models, >= 16 (default: cpu 32, gpu 64)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay of every model")
-    p.add_argument("--max-streams", type=int, default=8, help="concurrent streams per lipsync instance")
     p.add_argument("--idle-timeout-s", type=float, default=300.0,
                    help="drop a stream that sent nothing for this long; must exceed the time a client may wait "
                         "for its in-flight windows (Triton's idle clock restarts only on requests)")
-    p.add_argument("--unet-step-batching", action="store_true",
-                   help="lipsync merges the UNet steps of its concurrent streams into one request (waits up to "
-                        "about one UNet call for them) instead of relying on Triton's dynamic batcher alone")
-    p.add_argument("--fp32", action="store_true", help="gpu target: ship float32 ONNX graphs")
-    p.add_argument("--trt-cache-dir", default="/tmp/latentsync-trt-cache", help="gpu target: TensorRT engine cache")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="do not prepare a stream's next window while the current one denoises (same results)")
+    p.add_argument("--stand-ins", action="store_true", help="serve near-zero-cost stand-ins instead of the UNet, "
+                   "VAE and audio encoder: measures the serving path's own ceiling (latentsync-bench --stand-ins)")
+    p.add_argument("--tensorrt", action="store_true", help="gpu target: VAE and audio encoder as ONNX for TensorRT")
+    p.add_argument("--fp32", action="store_true", help="--tensorrt: ship float32 ONNX graphs")
+    p.add_argument("--trt-cache-dir", default="/tmp/latentsync-trt-cache", help="--tensorrt: engine cache")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
     try:
@@ -421,11 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              variants=tuple(v.strip() for v in a.variants.split(",") if v.strip()),
                              seed=a.seed, copy_weights=a.copy_weights, detector=a.detector,
                              detector_dir=a.detector_dir, face_policy=a.face_policy, instances=parse_instances(a.instances),
-                             unet_max_batch=a.unet_max_batch, frame_max_batch=a.frame_max_batch,
+                             dtype=a.dtype, max_windows=a.max_windows, frame_max_batch=a.frame_max_batch,
                              max_queue_delay_us=a.max_queue_delay_us, max_streams=a.max_streams,
-                             idle_timeout_s=a.idle_timeout_s,
-                             unet_step_batching=a.unet_step_batching, fp16=not a.fp32, trt_cache_dir=a.trt_cache_dir,
-                             force=a.force)
+                             idle_timeout_s=a.idle_timeout_s, overlap_windows=not a.no_overlap,
+                             stand_ins=a.stand_ins, tensorrt=a.tensorrt, fp16=not a.fp32,
+                             trt_cache_dir=a.trt_cache_dir, force=a.force)
         manifest = build_repository(opts)
     except (ExportConfigError, ExportError, FileNotFoundError, ValueError) as e:
         print(f"latentsync-export: error: {e}", file=sys.stderr)
@@ -434,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"models {', '.join(manifest['models'])})")
     for model, rec in manifest["onnx"].items():
         print(f"  {model}: ONNX {rec['dtype']}, float32 graph vs torch max abs error {rec['fp32_max_abs_error']:.3g}")
-    if manifest["random_weights"]:
+    if manifest["stand_ins"]:
+        print("NOTE: STAND-INS instead of the networks (--stand-ins): for measuring the serving path only.")
+    elif manifest["random_weights"]:
         print("NOTE: RANDOM test weights (--tiny): the output video will NOT be lip-synced.")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,14 +22,22 @@ KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIN
 
 
 def templates_dir() -> Path:
-    """model_repository/ of the source tree (env LATENTSYNC_TEMPLATES overrides)."""
-    env = os.environ.get("LATENTSYNC_TEMPLATES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "model_repository"
+    """The model templates (the source tree's model_repository/, shipped inside this package as `templates`)."""
+    return Path(str(resources.files("latentsync_export") / "templates"))
 
 
 def parse_model_config(path: str | os.PathLike) -> ModelConfig:
-    """Parse a config.pbtxt with tritonclient's ModelConfig protobuf (raises text_format.ParseError)."""
-    return text_format.Parse(Path(path).read_text(), ModelConfig())
+    """Parse a model's config.pbtxt (or a configs/<name>.pbtxt variant) with Triton's ModelConfig protobuf.
+
+    Unknown fields, wrong enum values and syntax errors raise google.protobuf.text_format.ParseError; a `name`
+    that differs from the model folder raises ValueError (Triton refuses to load such a model).
+    """
+    path = Path(path)
+    config = text_format.Parse(path.read_text(), ModelConfig())
+    model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    if config.name and config.name != model_dir.name:
+        raise ValueError(f"{path}: name {config.name!r} differs from its folder {model_dir.name!r}")
+    return config
 
 
 def write_model_config(config: ModelConfig, path: str | os.PathLike, header: str = "") -> None:
@@ -45,7 +54,7 @@ class InstanceSpec:
     gpus: tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "InstanceSpec":
+    def parse(cls, text: str) -> InstanceSpec:
         m = re.fullmatch(r"(cpu|gpu|auto)(?::(\d+))?(?::(\d+(?:,\d+)*))?", text.strip().lower())
         if not m or (m.group(2) is not None and int(m.group(2)) < 1):
             raise ValueError(f"instance group {text!r}: expected KIND[:COUNT[:GPU,...]] with KIND cpu, gpu or "

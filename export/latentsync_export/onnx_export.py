@@ -1,4 +1,4 @@
-"""ONNX graphs of the UNet, the VAE encoder/decoder and the whisper encoder for the GPU repository.
+"""ONNX graphs of the VAE encoder/decoder and the whisper encoder for a TensorRT repository (--tensorrt).
 
 Each graph keeps float32 inputs/outputs and the Triton tensor names, with dynamic batch (and frame/size) axes.
 The float32 graph is checked against torch with onnxruntime on the CPU, on shapes other than the traced ones
@@ -37,15 +37,6 @@ class GraphSpec:
 
 
 # ---------------------------------------------------------------------------------------------------- modules
-class UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, audio):
-        return self.unet(sample, timestep, audio)
-
-
 class PosteriorGraph(torch.nn.Module):
     """Unscaled posterior mean and std (the random draw stays with the stream in `lipsync`)."""
 
@@ -80,22 +71,6 @@ class Float16(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- specs
-def unet_spec(unet, latent_size: int, audio_tokens: int = 50, audio_dim: int = 384, seed: int = 0) -> GraphSpec:
-    g = torch.Generator().manual_seed(seed)
-
-    def example(b, f):
-        return {"SAMPLE": torch.randn(b, 13, f, latent_size, latent_size, generator=g),
-                "TIMESTEP": torch.randint(1, 1000, (b,), generator=g),
-                "AUDIO": torch.randn(b, f, audio_tokens, audio_dim, generator=g)}
-
-    traced = example(2, 3)
-    return GraphSpec(UNetGraph(unet), {k: (lambda v=v: v) for k, v in traced.items()}, ["NOISE_PRED"],
-                     {"SAMPLE": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "TIMESTEP": {0: "batch"},
-                      "AUDIO": {0: "batch", 1: "frames"}, "NOISE_PRED": {0: "batch", 2: "frames", 3: "height",
-                                                                         4: "width"}},
-                     [example(3, 2)])  # other batch and frame counts than traced
-
-
 def vae_encoder_spec(codec, resolutions: list[int], seed: int = 0) -> GraphSpec:
     g = torch.Generator().manual_seed(seed)
     px = lambda n, r: torch.rand(n, 3, r, r, generator=g) * 2 - 1  # noqa: E731

@@ -41,7 +41,7 @@ class FaceResult:
     found: np.ndarray   # (n,) bool
 
     @classmethod
-    def empty(cls, n: int) -> "FaceResult":
+    def empty(cls, n: int) -> FaceResult:
         return cls(np.zeros((n, 4), np.float32), np.zeros(n, np.float32), np.zeros((n, 3, 2), np.float32),
                    np.zeros(n, bool))
 
@@ -58,7 +58,7 @@ class Candidates:
     keypoints: np.ndarray  # (k, p, 2) float32 detector keypoints (eyes, nose, ...), used by stage 2
 
     @classmethod
-    def none(cls, num_keypoints: int) -> "Candidates":
+    def none(cls, num_keypoints: int) -> Candidates:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, num_keypoints, 2), np.float32))
 
 

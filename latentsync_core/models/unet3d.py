@@ -20,8 +20,14 @@ from torch import nn
 from .attention import Transformer3DModel
 from .motion_module import get_motion_module
 from .resnet import ClipGroupNorm, ResnetBlock3D
-from .unet_blocks import (DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, DownBlock3D, UNetMidBlock3DCrossAttn,
-                          UpBlock3D)
+from .unet_blocks import (
+    DOWN_BLOCK_TYPES,
+    MID_BLOCK_TYPES,
+    UP_BLOCK_TYPES,
+    DownBlock3D,
+    UNetMidBlock3DCrossAttn,
+    UpBlock3D,
+)
 
 # Fields upstream's constructor accepts that no LatentSync config changes: accepted at these values only.
 _FIXED_FIELDS = {"only_cross_attention": False, "dual_cross_attention": False, "use_linear_projection": False,
@@ -139,7 +145,7 @@ class UNet3DConditionModel(nn.Module):
         return self.conv_in.weight.device
 
     @classmethod
-    def from_config(cls, config: dict) -> "UNet3DConditionModel":
+    def from_config(cls, config: dict) -> UNet3DConditionModel:
         """Build from a stage2*.yaml `model:` section (a plain dict); unknown fields raise TypeError."""
         return cls(**copy.deepcopy(dict(config)))
 

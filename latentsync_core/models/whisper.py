@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import CheckpointError, check_state_dict, module_shapes, read_checkpoint, unwrap
+from ..checkpoints import CheckpointError, module_shapes
 
 
 @dataclass(frozen=True)
@@ -140,26 +139,3 @@ def whisper_state_dict_shapes(dims: Mapping | WhisperDims) -> dict[str, tuple]:
     """Ordered key -> shape of OpenAI's Whisper(ModelDimensions(**dims)).state_dict(), decoder included."""
     with torch.device("meta"):
         return module_shapes(Whisper(WhisperDims.from_dict(dims)))
-
-
-def load_whisper_encoder(path_or_dict: str | Path | Mapping, device: str | torch.device = "cpu") -> AudioEncoder:
-    """Load the encoder of an OpenAI-format whisper checkpoint (a path or the already loaded dict), in float32.
-
-    The whole state dict (decoder included) must match the checkpoint's own dims key for key and shape for
-    shape, as upstream's strict load_model; otherwise CheckpointError names the first offending key.
-    """
-    name = "whisper checkpoint" if isinstance(path_or_dict, Mapping) else f"whisper checkpoint {path_or_dict}"
-    obj = path_or_dict if isinstance(path_or_dict, Mapping) else read_checkpoint(path_or_dict)
-    if "dims" not in obj:
-        raise CheckpointError(f"{name}: no 'dims' entry; expected OpenAI's {{'dims', 'model_state_dict'}} format")
-    dims = WhisperDims.from_dict(obj["dims"])
-    state_dict = unwrap(obj, "model_state_dict", name)
-    check_state_dict(whisper_state_dict_shapes(dims), state_dict, name,
-                     hint="Is this an OpenAI whisper checkpoint (tiny.pt / small.pt) with matching dims?")
-    with torch.device("meta"):
-        encoder = make_encoder(dims)
-    encoder = encoder.to_empty(device=device)
-    prefix = "encoder."
-    encoder.load_state_dict({k[len(prefix):]: v.float() for k, v in state_dict.items() if k.startswith(prefix)},
-                            strict=True)
-    return encoder.eval().requires_grad_(False)

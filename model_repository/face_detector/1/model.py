@@ -2,7 +2,7 @@
 import triton_python_backend_utils as pb_utils
 
 from latentsync_core.face.detect import create_detector
-from latentsync_export.backend_utils import ModelContext
+from latentsync_serving.backend import ModelContext
 
 
 def detector_options(kind: str, params: dict) -> dict:

@@ -1,7 +1,7 @@
-"""lipsync: decoupled, sequence-batched orchestrator; all logic lives in latentsync_export.lipsync_service."""
+"""lipsync: decoupled, sequence-batched orchestrator; all logic lives in latentsync_serving.lipsync_service."""
 import triton_python_backend_utils as pb_utils
 
-from latentsync_export.lipsync_service import LipSyncService
+from latentsync_serving.lipsync_service import LipSyncService
 
 
 class TritonPythonModel:

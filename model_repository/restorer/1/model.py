@@ -4,19 +4,17 @@ import triton_python_backend_utils as pb_utils
 
 from latentsync_core.face.align import box_hw
 from latentsync_core.face.restore import paste_back, resize_face_to_box
-from latentsync_export.backend_utils import ModelContext, serve_batch
+from latentsync_serving.backend import ModelContext, serve_batch
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext.from_args(args)
 
-    @torch.no_grad()
     def run(self, frames, faces, affines):
-        faces = torch.from_numpy(faces).to(self.ctx.device)
         # The crop box follows from the model resolution R, as in the aligner that produced the affines.
         resized = resize_face_to_box(faces, box_hw(faces.shape[-1]))
-        return [paste_back(frames, resized, affines)]
+        return [torch.from_numpy(paste_back(frames.cpu().numpy(), resized, affines.cpu().numpy()))]
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["FRAMES", "FACES", "AFFINES"], ["RESTORED"], self.run)
+        return serve_batch(pb_utils, requests, ["FRAMES", "FACES", "AFFINES"], ["RESTORED"], self.run, self.ctx.device)

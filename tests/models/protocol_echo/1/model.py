@@ -1,7 +1,8 @@
 """PROTOCOL CONFORMANCE DOUBLE for client tests, NOT the product: implements the `lipsync` streaming contract
-(docs/PROTOCOL.md) without any model. It checks what a client sends (audio first, frame count from the audio
-length, one frame size, parameters, sequence flags) and echoes every frame back unchanged, one response per
-16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is reported as FACE_FOUND=false.
+(docs/PROTOCOL.md, latentsync_contract) without any model. It checks what a client sends (audio first, frame
+count from the audio length, one frame size, parameters, sequence flags) and echoes every frame back
+unchanged, one response per 16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is
+reported as FACE_FOUND=false.
 """
 import json
 import time
@@ -9,13 +10,20 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-WINDOW = 16
+from latentsync_contract import (
+    AUDIO,
+    FACE_FOUND,
+    FRAME_INDEX,
+    FRAMES,
+    WINDOW,
+    ContractError,
+    StreamParams,
+    check_frames_shape,
+    num_frames_for_audio,
+)
+
 SEQUENCE_START, SEQUENCE_END = 1, 2        # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def num_frames_for_audio(n_samples):
-    return n_samples // 160 // 2 // 2 + 2
 
 
 class ProtocolViolation(Exception):
@@ -24,29 +32,19 @@ class ProtocolViolation(Exception):
 
 class Stream:
     def __init__(self, parameters, variants):
-        self.params = self.check_parameters(parameters, variants)
+        try:
+            self.params = StreamParams.parse(parameters, variants)
+        except ContractError as e:
+            raise ProtocolViolation(str(e)) from None
         self.n_samples, self.frames, self.next_index, self.size = 0, [], 0, None
-
-    @staticmethod
-    def check_parameters(p, variants):
-        steps, guidance = p.get("steps", 20), p.get("guidance", 1.5)
-        seed, variant = p.get("seed", 1247), p.get("variant", "1.5")
-        if not isinstance(steps, int) or not 1 <= steps <= 100:
-            raise ProtocolViolation(f"parameter steps: must be an int 1..100, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or guidance < 1:
-            raise ProtocolViolation(f"parameter guidance: must be >= 1, got {guidance!r}")
-        if not isinstance(seed, int):
-            raise ProtocolViolation(f"parameter seed: must be an int, got {seed!r}")
-        if variant not in variants:
-            raise ProtocolViolation(f"parameter variant: {variant!r} is not in this repository "
-                                    f"(built with {', '.join(variants)})")
-        return dict(steps=steps, guidance=guidance, seed=seed, variant=variant)
 
     def add(self, frames, audio):
         if len(audio) and (self.next_index or self.frames):
             raise ProtocolViolation("AUDIO: audio must all come before the first frames")
-        if len(frames) > WINDOW:
-            raise ProtocolViolation(f"FRAMES: at most {WINDOW} frames per request, got {len(frames)}")
+        try:
+            check_frames_shape(frames.shape)
+        except ContractError as e:
+            raise ProtocolViolation(str(e)) from None
         if len(frames) and self.n_samples == 0:
             raise ProtocolViolation("FRAMES: frames sent before any audio")
         if len(frames):
@@ -105,11 +103,11 @@ class TritonPythonModel:
         if sid not in self.streams:
             raise ProtocolViolation("sequence_start: the first request of a stream must start the sequence")
         stream = self.streams[sid]
-        frames = pb_utils.get_input_tensor_by_name(request, "FRAMES").as_numpy()
-        audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy()
+        frames = pb_utils.get_input_tensor_by_name(request, FRAMES).as_numpy()
+        audio = pb_utils.get_input_tensor_by_name(request, AUDIO).as_numpy()
         stream.add(frames, audio)
         for window, index, face in stream.windows(end=bool(flags & SEQUENCE_END)):
             time.sleep(self.delay)
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("FRAMES", window),
-                                                    pb_utils.Tensor("FRAME_INDEX", index),
-                                                    pb_utils.Tensor("FACE_FOUND", face)]))
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(FRAMES, window),
+                                                    pb_utils.Tensor(FRAME_INDEX, index),
+                                                    pb_utils.Tensor(FACE_FOUND, face)]))

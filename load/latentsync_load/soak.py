@@ -1,8 +1,8 @@
 """Bounded soak test: N concurrent latentsync-client syncs for T seconds against a running `lipsync` server.
 
-    python load/soak.py --url 127.0.0.1:8001 --metrics-url http://127.0.0.1:8002/metrics --server-pid PID \
+    latentsync-soak --url 127.0.0.1:8001 --metrics-url http://127.0.0.1:8002/metrics --server-pid PID \
         --clip ../shared/media/demo1_video.mp4 --streams 8 --seconds 300 --max-rss-growth-mb 1024
-    python load/soak.py ... --short          # 8 streams for ~40 s (the CI smoke version)
+    latentsync-soak ... --short          # 8 streams for ~40 s (the CI smoke version)
 
 Each worker runs `sync_file` (the CLI's own path: decode, stream, encode) on a small clip made once from
 --clip and --audio-seconds of a tone, over and over until the time is up (a sync in progress finishes), and
@@ -29,7 +29,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from latentsync_client import LipsyncClient, SyncParams, num_frames_for_audio
+from latentsync_client import LipsyncClient, StreamParams, num_frames_for_audio
 from latentsync_client.errors import ClientError
 from latentsync_client.sync import sync_file
 
@@ -124,7 +124,7 @@ def soak(a: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="latentsync-soak-"))
     video, audio = make_inputs(a.clip, a.clip_frames, a.face_frames, a.width, a.audio_seconds, work)
     expected = num_frames_for_audio(int(a.audio_seconds * 16000))
-    params = SyncParams(steps=a.steps, seed=7)
+    params = StreamParams(steps=a.steps, seed=7)
     lock, warm = threading.Lock(), threading.Barrier(a.streams + 1)
     stats = {"syncs": 0, "frames": 0, "errors": [], "incomplete": []}
     deadline = time.monotonic() + a.seconds

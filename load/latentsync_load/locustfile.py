@@ -1,6 +1,6 @@
 """Locust load test: users stream a real clip through the `lipsync` model over gRPC (docs/PROTOCOL.md).
 
-    locust -f load/locustfile.py --headless -u 4 -r 4 --host 127.0.0.1:8001 \
+    latentsync-locust --headless -u 4 -r 4 --host 127.0.0.1:8001 \
         --clip ../shared/media/retalking_face2.mp4 --clip-seconds 2 --steps 20 --streams-per-user 1 \
         --csv /tmp/locust --summary-json /tmp/locust/summary.json
 
@@ -68,8 +68,9 @@ class Clip:
     audio: np.ndarray
 
     @classmethod
-    def load(cls, opts) -> "Clip":
+    def load(cls, opts) -> Clip:
         import cv2
+
         from latentsync_client import audio_chunks, frames_for_audio, num_frames_for_audio
 
         clip = cls()

@@ -1,6 +1,6 @@
 """perf_analyzer input data (--input-data JSON) for every model of a repository built by latentsync-export.
 
-    python load/perf_inputs.py --repo REPO --clip FACE.mp4 --out DIR [--variant 1.5] [--streams 4]
+    python -m latentsync_load.perf_inputs --repo REPO --clip FACE.mp4 --out DIR [--variant 1.5] [--streams 4]
 
 Writes DIR/<model>.json, tensors base64-encoded with explicit shapes:
   lipsync          one data stream per sequence (perf_analyzer replays each on its own correlation id): the
@@ -39,6 +39,7 @@ def write(path: Path, data) -> None:
 def load_clip(clip: Path, seconds: float, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Frames (n, H, W, 3) uint8 for `seconds` of the clip's audio (ping-pong looped) and that audio."""
     import cv2
+
     from latentsync_client import audio_chunks, frames_for_audio, num_frames_for_audio
 
     audio = np.concatenate(list(audio_chunks(clip)))[: int(seconds * 16000)].astype(np.float32)

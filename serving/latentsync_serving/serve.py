@@ -22,9 +22,9 @@ import sys
 import sysconfig
 import tempfile
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -82,7 +82,7 @@ def prepare_backends(home: Path, work_dir: Path) -> Path:
     return backends
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def supported_options(binary: str, ld_library_path: str = "") -> frozenset[str]:
     """Long options this tritonserver build knows (e.g. --http-max-input-size is newer than 2.51)."""
     env = dict(os.environ, LD_LIBRARY_PATH=ld_library_path)
@@ -105,24 +105,6 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
-
-
-# ---------------------------------------------------------------------------------------------------- configs
-def parse_model_config(path: str | os.PathLike):
-    """Parse a model's config.pbtxt (or a configs/<name>.pbtxt variant) with Triton's ModelConfig protobuf.
-
-    Unknown fields, wrong enum values and syntax errors raise google.protobuf.text_format.ParseError; a `name`
-    that differs from the model folder raises ValueError (Triton refuses to load such a model).
-    """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    path = Path(path)
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
-    if config.name and config.name != model_dir.name:
-        raise ValueError(f"{path}: name {config.name!r} differs from its folder {model_dir.name!r}")
-    return config
 
 
 # ---------------------------------------------------------------------------------------------------- flags
@@ -235,7 +217,7 @@ class TritonServer:
         sys.stdout.flush()
         os.execve(cmd[0], cmd, self._env())
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
         self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-triton-"))
@@ -262,7 +244,7 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 120.0) -> "TritonServer":
+    def wait_ready(self, timeout: float = 120.0) -> TritonServer:
         """Block until /v2/health/ready answers 200; raise with the log tail if the server dies or times out."""
         deadline = time.monotonic() + timeout
         while not self.is_ready():
@@ -305,7 +287,7 @@ class TritonServer:
         """The Python backend's shared-memory regions of this server (in /dev/shm)."""
         return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         if self._proc is not None:              # `with server.start():` manages an already started one
             return self
         try:

@@ -1,11 +1,11 @@
 """Every CPU figure of RESULTS.md in one run, on loopback, with the tiny repository (random weights):
 
-    python load/cpu_results.py --out results/cpu          # about 30 min on 2 cores
+    latentsync-cpu-results --out results/cpu          # about 30 min on 2 cores
 
 1. `latentsync-bench`: (a) serving overhead, (b) 1, 2, 4 and 8 concurrent streams, (c) per-stage cost,
    (d) peak memory; the recipe's 20 steps and guidance 1.5, one 16-frame window per stream.
-2. locust (load/locustfile.py): 4 users, one stream each, streaming a real clip through `lipsync`.
-3. perf_analyzer (load/run_perf_analyzer.py): every model, `lipsync` with --streaming.
+2. locust (latentsync_load/locustfile.py): 4 users, one stream each, streaming a real clip through `lipsync`.
+3. perf_analyzer (latentsync-perf-analyzer): every model, `lipsync` with --streaming.
 
 The bench starts its own server; locust and perf_analyzer share one started here. Each tool's own report
 lands in --out (bench.md/.json, locust_*.csv + locust.json, perf_analyzer/summary.md/.json) with
@@ -21,6 +21,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from latentsync_serving.serve import TritonServer
+
+from .bench import machine
+from .locust_cli import LOCUSTFILE
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -40,7 +45,7 @@ def run(cmd: list, log: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/cpu"))
-    p.add_argument("--shared", type=Path, default=Path(os.environ.get("LATENTSYNC_SHARED", HERE.parent.parent / "shared")))
+    p.add_argument("--shared", type=Path, default=Path(os.environ.get("LATENTSYNC_SHARED", "../shared")))
     p.add_argument("--clip", type=Path, help="video with a face (default: shared media retalking_face2.mp4)")
     p.add_argument("--skip", default="", help="comma-separated: bench, locust, perf_analyzer")
     a = p.parse_args(argv)
@@ -48,8 +53,6 @@ def main(argv=None) -> int:
     skip = set(filter(None, a.skip.split(",")))
     a.out.mkdir(parents=True, exist_ok=True)
 
-    from latentsync_export.bench import machine
-    from latentsync_export.serve import TritonServer
 
     (a.out / "machine.json").write_text(json.dumps(machine(), indent=1) + "\n")
     with tempfile.TemporaryDirectory(prefix="latentsync-results-") as tmp:
@@ -66,13 +69,13 @@ def main(argv=None) -> int:
             return 0
         with TritonServer(repo, log_path=a.out / "tritonserver.log") as server:
             if "locust" not in skip:
-                run([BIN / "locust", "-f", HERE / "locustfile.py", "--headless", "-u", "4", "-r", "4",
+                run([BIN / "locust", "-f", LOCUSTFILE, "--headless", "-u", "4", "-r", "4",
                      "--host", server.grpc_url, "--clip", clip, "--clip-seconds", "1.28", "--size", "256",
                      "--steps", "10", "--streams-per-user", "1", "--max-run-seconds", "900",
                      "--csv", a.out / "locust", "--summary-json", a.out / "locust.json", "--only-summary"],
                     a.out / "locust.log")
             if "perf_analyzer" not in skip:
-                run([sys.executable, HERE / "run_perf_analyzer.py", "--repo", repo, "--clip", clip,
+                run([sys.executable, "-m", "latentsync_load.run_perf_analyzer", "--repo", repo, "--clip", clip,
                      "--out", a.out / "perf_analyzer", "--url", server.grpc_url], a.out / "perf_analyzer.log")
     return 0
 

@@ -1,10 +1,10 @@
 """GPU benchmark of full-size LatentSync 1.5 / 1.6 models with random weights (same FLOPs as the real ones).
 
-    python load/gpu_bench.py                  # on a GPU: 1.5 and 1.6 at 1 and 8 streams, well under 8 minutes
-    python load/gpu_bench.py --tiny           # dry run on the CPU with scaled-down models (seconds)
-    python load/gpu_bench.py --out DIR        # table as DIR/gpu_bench.md and DIR/gpu_bench.json ($OUT by default)
+    latentsync-gpu-bench                  # on a GPU: 1.5 and 1.6 at 1 and 8 streams, well under 8 minutes
+    latentsync-gpu-bench --tiny           # dry run on the CPU with scaled-down models (seconds)
+    latentsync-gpu-bench --out DIR        # table as DIR/gpu_bench.md and DIR/gpu_bench.json ($OUT by default)
 
-What it measures, per variant and stream count (the recipe of issue 6: 20 DDIM steps, guidance 1.5):
+What it measures, per variant and stream count (the recipe: 20 DDIM steps, guidance 1.5):
   * one UNet step at batch 2 x streams (classifier-free guidance doubles every window) of 16-frame windows,
     fp16, SDPA attention, channels_last, cudnn autotuning; CUDA graphs on top where capture works;
   * the UNet's FLOPs per step (torch.utils.flop_counter on one forward, counted on the meta device with the
@@ -23,18 +23,15 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from latentsync_core.configs import NUM_FRAMES, UNET_STAGE2, get_variant  # noqa: E402
-from latentsync_core.deepcache import cached_step, full_step  # noqa: E402
-from latentsync_core.models.unet3d import UNet3DConditionModel  # noqa: E402
+from latentsync_core.configs import NUM_FRAMES, UNET_STAGE2, get_variant
+from latentsync_core.deepcache import cached_step, full_step
+from latentsync_core.models.unet3d import UNet3DConditionModel
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)

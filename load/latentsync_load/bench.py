@@ -73,8 +73,9 @@ class Media:
 def load_media(video: Path, audio: Path | None, size: int, seconds: float) -> Media:
     """Decode (and time) the frames the audio needs, resized once; the video loops ping-pong if short."""
     import cv2
+
     from latentsync_client import audio_chunks, frames_25fps, num_frames_for_audio, ping_pong_index
-    from latentsync_client.protocol import SAMPLE_RATE
+    from latentsync_contract import SAMPLE_RATE
 
     audio_path = Path(audio or video)
     samples = np.concatenate(list(audio_chunks(audio_path)))[: int(seconds * SAMPLE_RATE)]
@@ -148,7 +149,7 @@ class MemorySampler:
             self.peak = max(self.peak, sum(_rss_bytes(p) for p in pids))
             self._stop.wait(self.period)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         if self.pgid:
             self._thread.start()
         return self
@@ -313,8 +314,7 @@ def _reference_worker(conn, repo: str, variant: str, media_file: str, params: di
         import torch
 
         from latentsync_core.pipeline import LipSyncStream
-
-        from .export import load_reference
+        from latentsync_export.manifest import load_reference
 
         data = np.load(media_file)
         frames, audio = data["frames"], data["audio"]
@@ -353,7 +353,7 @@ class ReferenceWorker:
         self._tmp = tempfile.TemporaryDirectory(prefix="latentsync-bench-ref-")
         media_file = str(Path(self._tmp.name) / "media.npz")
         np.savez(media_file, frames=media.frames, audio=media.audio)
-        from .serve import allocator_env
+        from latentsync_serving.serve import allocator_env
 
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -419,7 +419,7 @@ def _server(opts: BenchOptions, repo: Path):
     if opts.url:
         yield opts.url, opts.server_pid
         return
-    from .serve import TritonServer
+    from latentsync_serving.serve import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="latentsync-bench-log-") as logs:
         server = TritonServer(repo, log_path=Path(logs) / "tritonserver.log")
@@ -431,9 +431,8 @@ def _server(opts: BenchOptions, repo: Path):
 
 
 def run(opts: BenchOptions) -> dict:
-    from latentsync_client import SyncParams
-
-    from .export import read_manifest
+    from latentsync_contract import StreamParams
+    from latentsync_export.manifest import read_manifest
 
     media = load_media(opts.video, opts.audio, opts.size, opts.seconds)
     n_frames = len(media.frames)
@@ -444,7 +443,7 @@ def run(opts: BenchOptions) -> dict:
         repo = stack.enter_context(_repository(opts))
         manifest = read_manifest(repo)
         variant = opts.variant or manifest["variants"][0]
-        params = SyncParams(steps=opts.steps, guidance=opts.guidance, seed=opts.seed, variant=variant)
+        params = StreamParams(steps=opts.steps, guidance=opts.guidance, seed=opts.seed, variant=variant)
         report.update(variant=variant, random_weights=manifest.get("random_weights"),
                       repository=str(repo) if opts.repo else "(temporary --tiny)")
         url, server_pid = stack.enter_context(_server(opts, repo))

@@ -1,9 +1,9 @@
 """Run Triton's perf_analyzer against every model of a LatentSync repository (lipsync streaming over gRPC).
 
-    python load/run_perf_analyzer.py --repo REPO --clip FACE.mp4 --out DIR --start-server   # loopback server
-    python load/run_perf_analyzer.py --repo REPO --clip FACE.mp4 --out DIR --url 127.0.0.1:8001
+    latentsync-perf-analyzer --repo REPO --clip FACE.mp4 --out DIR --start-server   # loopback server
+    latentsync-perf-analyzer --repo REPO --clip FACE.mp4 --out DIR --url 127.0.0.1:8001
 
-perf_analyzer comes from load/install_perf_analyzer.sh (run on demand), input data from load/perf_inputs.py.
+perf_analyzer comes from install_perf_analyzer.sh beside this file (run on demand), input data from perf_inputs.py.
 For each model: DIR/<model>.csv (perf_analyzer's own report), DIR/<model>.log (its stdout), and together
 DIR/summary.json and DIR/summary.md (throughput, latency percentiles, server queue/compute split). `lipsync`
 runs with --streaming and real per-sequence data streams (audio first, then frames); its figures are per
@@ -16,14 +16,14 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # perf_inputs beside this file
+from latentsync_serving.serve import TritonServer
 
-import perf_inputs  # noqa: E402
+from . import perf_inputs
+
+HERE = Path(__file__).resolve().parent
 
 
 def perf_analyzer() -> str:
@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     if a.url:
         summary = run(a, a.url)
     else:
-        from latentsync_export.serve import TritonServer
 
         server = TritonServer(a.repo, log_path=a.out / "tritonserver.log")
         try:

@@ -1,7 +1,7 @@
 """`make demo`: build a repository, serve it with a real Triton server, lip-sync a still portrait to speech.
 
-    python -m latentsync_export.demo                      # tiny RANDOM weights (the lips do not follow speech)
-    python -m latentsync_export.demo --weights DIR        # official LatentSync weights folder (or WEIGHTS=DIR)
+    latentsync-demo                       # tiny RANDOM weights (the lips do not follow speech)
+    latentsync-demo --weights DIR         # official LatentSync weights folder (or WEIGHTS=DIR)
 
 The portrait is a sample photo shipped in the `insightface` wheel (t1.jpg, a group photo: the largest face is
 synced, upstream's rule; `pip install --no-deps insightface` is enough, only the image is used) unless --image
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .export import ExportOptions, build_repository
-from .serve import TritonServer
+from latentsync_client.cli import main as client_main
+from latentsync_export.export import ExportOptions, build_repository
+from latentsync_serving.serve import TritonServer
 
 DEFAULT_TEXT = "Hello from LatentSync on Triton."
 SAMPLE_IMAGE = ("data", "images", "t1.jpg")
@@ -85,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         banner([f"{a.weights} holds RANDOM test weights (TINY_RANDOM_WEIGHTS marker): output is not lip-synced."])
 
     print("[2/3] starting Triton (loads every model; a minute on a small CPU) ...", flush=True)
-    from latentsync_client.cli import main as client_main
-
     with TritonServer(repo, log_path=a.work / "tritonserver.log") as server:
         print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}", flush=True)
         print(f"[3/3] lip-syncing {image} to {audio} ({steps} steps, variant {a.variant}) ...", flush=True)

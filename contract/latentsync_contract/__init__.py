@@ -1,0 +1,151 @@
+"""The `lipsync` stream contract, written once for the server, the client and the test double.
+
+Tensor names, limits, defaults, stream parameters with their validation (the server's own messages) and the
+frame-count arithmetic of docs/PROTOCOL.md. Pure Python: the client imports it without torch or numpy, and
+whatever the client refuses here is exactly what the server would refuse.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+MODEL_NAME = "lipsync"
+
+# Tensors: requests carry FRAMES and/or AUDIO; responses FRAMES, FRAME_INDEX and FACE_FOUND.
+FRAMES, AUDIO, FRAME_INDEX, FACE_FOUND = "FRAMES", "AUDIO", "FRAME_INDEX", "FACE_FOUND"
+
+FPS = 25                      # frames are sent and returned at 25 fps
+SAMPLE_RATE = 16_000          # audio is 16 kHz mono float32
+HOP_LENGTH = 160              # audio samples per log-mel frame (whisper)
+WINDOW = 16                   # frames per window: the server answers window by window
+MAX_FRAMES_PER_REQUEST = WINDOW
+MAX_FRAME_SIDE = 4096         # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
+VARIANTS = ("1.5", "1.6")     # LatentSync releases: 256 px and 512 px faces
+
+DEFAULT_STEPS, MAX_STEPS = 20, 100
+DEFAULT_GUIDANCE, MAX_GUIDANCE = 1.5, 20.0
+DEFAULT_SEED, MAX_SEED = 1247, 2**63 - 1
+
+
+class ContractError(ValueError):
+    """What a client sent breaks the contract; the message names the tensor or parameter."""
+
+
+# ---------------------------------------------------------------------------------------------------- arithmetic
+def num_frames_for_audio(n_samples: int) -> int:
+    """Frames of a stream with `n_samples` of audio: upstream's feature2chunks count at 25 fps.
+
+    mel frames = n // 160, whisper steps = mel // 2 (50 per second), chunks = steps // 2 + 2."""
+    return n_samples // HOP_LENGTH // 2 // 2 + 2
+
+
+def min_audio_samples() -> int:
+    """The shortest track that gives one whisper feature step (20 ms)."""
+    return 2 * HOP_LENGTH
+
+
+def window_sizes(n_frames: int) -> list[int]:
+    """Sizes of the windows a stream of `n_frames` is cut into: full windows, then the rest."""
+    return [WINDOW] * (n_frames // WINDOW) + ([n_frames % WINDOW] if n_frames % WINDOW else [])
+
+
+def no_face_message(n_frames: int) -> str:
+    """The error that ends a stream in which no frame had a face."""
+    return f"no face found in any of the {n_frames} frames of the stream"
+
+
+def is_no_face_error(message: str) -> bool:
+    return "no face found in any of the" in message
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
+def check_frames_shape(shape: Sequence[int]) -> None:
+    """A FRAMES request tensor: [n, H, W, 3] with n <= 16 and H, W <= MAX_FRAME_SIDE."""
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ContractError(f"FRAMES must be [n, H, W, 3] RGB uint8, got shape {list(shape)}")
+    if shape[0] > MAX_FRAMES_PER_REQUEST:
+        raise ContractError(f"FRAMES holds {shape[0]} frames; at most {MAX_FRAMES_PER_REQUEST} per request")
+    check_frame_size(shape[1], shape[2])
+
+
+def check_frame_size(height: int, width: int) -> None:
+    if max(height, width) > MAX_FRAME_SIDE:
+        raise ContractError(f"FRAMES are {width}x{height} pixels; at most {MAX_FRAME_SIDE} per side "
+                            "(scale the video down)")
+
+
+def check_audio_shape(shape: Sequence[int]) -> None:
+    if len(shape) != 1:
+        raise ContractError(f"AUDIO must be 1-D 16 kHz samples, got shape {list(shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class StreamParams:
+    """A stream's parameters, sent with its first request. `variant` None: the server's default variant."""
+
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = DEFAULT_SEED
+    variant: str | None = None
+
+    def __post_init__(self):
+        _check_type("steps", self.steps, int)
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ContractError(f"parameter 'steps' must be in 1..{MAX_STEPS}, got {self.steps}")
+        _check_type("guidance", self.guidance, float)
+        object.__setattr__(self, "guidance", float(self.guidance))
+        if not (math.isfinite(self.guidance) and 1.0 <= self.guidance <= MAX_GUIDANCE):
+            raise ContractError(f"parameter 'guidance' must be in [1, {MAX_GUIDANCE:g}] (1 = no guidance), "
+                                f"got {self.guidance}")
+        _check_type("seed", self.seed, int)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ContractError(f"parameter 'seed' must be in 0..2^63-1, got {self.seed}")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise ContractError(f"parameter 'variant' must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(cls.__dataclass_fields__)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], variants: Sequence[str]) -> StreamParams:
+        """Request parameters (JSON values) -> parameters; absent ones take their defaults, `variant` the first
+        of the `variants` this server was built with. Unknown names are refused: a typo must not silently
+        fall back to a default."""
+        unknown = sorted(k for k in raw if k not in cls.names())
+        if unknown:
+            raise ContractError(f"unknown parameter '{unknown[0]}'; expected some of {', '.join(cls.names())}")
+        values = {k: _coerce(k, raw[k], cls.__dataclass_fields__[k].type) for k in raw}
+        variant = str(values.pop("variant", variants[0]))
+        if variant not in variants:
+            raise ContractError(f"parameter 'variant' must be one of {', '.join(variants)} "
+                                f"(the variants this repository was built with), got {variant!r}")
+        return cls(**values, variant=variant)
+
+    def as_parameters(self) -> dict:
+        """Typed request parameters (tritonclient sends int/float/str as int64/double/string)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _check_type(name: str, value, kind: type) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) if kind is int else \
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ContractError(f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, "
+                            f"got {value!r}")
+
+
+def _coerce(name: str, value, annotation: str):
+    """A JSON parameter value in the field's type: numbers may arrive as strings; no bools, no fractional ints."""
+    kind = int if annotation == "int" else float if annotation == "float" else str
+    if kind is str:
+        return str(value)
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ContractError(f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, "
+                            f"got {value!r}") from None

@@ -1,0 +1,111 @@
+"""What the Python-backend model.py files share: reading their config, placing torch, moving tensors between
+Triton and torch, serving dynamic batches.
+
+These run inside Triton's Python backend stub (one process per model instance). `pb_utils` (the stub's
+triton_python_backend_utils module) is passed in, so this module imports without a server. Tensors that live
+on a GPU stay there: they cross between models through DLPack (Triton passes device memory, no host copy);
+only host tensors go through numpy.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelContext:
+    """One model instance as Triton describes it in `initialize(args)`."""
+
+    name: str
+    version_dir: Path
+    params: dict[str, str]
+    device: torch.device
+    max_batch_size: int
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> ModelContext:
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        # KIND_GPU is only advisory for Python models: the instance places itself on its device.
+        gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
+        device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        threads = int(params.get("torch_threads", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if gpu:  # float32 work on a GPU may use TF32 tensor cores (half precision is the default there anyway)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return cls(config["name"], Path(args["model_repository"]) / str(args["model_version"]), params, device,
+                   int(config.get("max_batch_size", 0)))
+
+    def path(self, key: str) -> Path:
+        """A file parameter: absolute, or relative to the model's version folder (weights copied into it)."""
+        value = self.params.get(key, "")
+        if not value:
+            raise ValueError(f"model {self.name}: parameter '{key}' is not set")
+        path = Path(value)
+        return path if path.is_absolute() else self.version_dir / path
+
+    @property
+    def stand_in(self) -> bool:
+        """The repository serves a near-zero-cost stand-in instead of this network (stand_ins.py)."""
+        return self.params.get("stand_in", "false").strip().lower() == "true"
+
+    def dtype(self) -> torch.dtype:
+        name = self.params.get("dtype", "float32") or "float32"
+        if name not in DTYPES:
+            raise ValueError(f"model {self.name}: dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+
+
+def to_torch(tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A pb_utils.Tensor as torch: device memory through DLPack (no copy), host memory as a numpy view
+    (valid while its request is), then moved to `device` if given."""
+    out = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack())
+    return out if device is None else out.to(device)
+
+
+def from_torch(pb_utils, name: str, tensor: torch.Tensor):
+    """A torch tensor as a pb_utils.Tensor: GPU tensors stay on their device (DLPack); floats cross as float32,
+    the models' declared I/O type, whatever precision they compute in."""
+    tensor = tensor.detach()
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    if tensor.device.type != "cpu":
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
+    return pb_utils.Tensor(name, tensor.contiguous().numpy())
+
+
+def serve_batch(pb_utils, requests: Sequence, inputs: Sequence[str], outputs: Sequence[str],
+                run: Callable[..., Sequence[torch.Tensor]], device: torch.device) -> list:
+    """Run one dynamic batch as few model calls as possible and answer every request.
+
+    The requests of a batch are concatenated along dim 0 (on `device`) and run together; requests whose
+    shapes differ (Triton only batches equal shapes, so this is a safeguard) run in separate groups. A failing
+    group gets error responses; the others are unaffected.
+    """
+    tensors = [[to_torch(pb_utils.get_input_tensor_by_name(r, n), device) for n in inputs] for r in requests]
+    groups: dict[tuple, list[int]] = {}
+    for i, xs in enumerate(tensors):
+        groups.setdefault(tuple(x.shape[1:] for x in xs), []).append(i)
+    responses: list = [None] * len(requests)
+    for members in groups.values():
+        sizes = [len(tensors[i][0]) for i in members]
+        try:
+            batch = [torch.cat([tensors[i][k] for i in members]) if len(members) > 1 else tensors[members[0]][k]
+                     for k in range(len(inputs))]
+            with torch.no_grad():
+                results = run(*batch)
+            parts = [r.split(sizes) for r in results]
+            for j, i in enumerate(members):
+                out = [from_torch(pb_utils, name, part[j]) for name, part in zip(outputs, parts)]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=out)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, who names the failing model
+            for i in members:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
+    return responses

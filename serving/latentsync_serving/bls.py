@@ -1,0 +1,128 @@
+"""`TritonModels`: the pipeline's ModelBackend as BLS calls from the `lipsync` model to the other Triton models.
+
+The per-stream numerics (alignment, masks, posterior sampling with the stream's generator, compositing) stay in
+latentsync_core.pipeline.LipSyncStream; only the model calls cross the process boundary, so a Triton stream
+computes exactly what LocalModels computes in-process. Tensors cross as torch tensors of the stream's device:
+on a GPU through DLPack in device memory (the callee answers in device memory too), on the CPU through numpy.
+Per window a stream makes one call to each model; the denoising loop's steps all run inside the denoiser.
+Every call blocks its stream's thread only; the calls of concurrent streams meet in the callees' batchers.
+Each call's count and bytes are counted per callee (`lipsync_bls_*` metrics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from latentsync_core.denoise import DenoiseSpec, WindowConditioning
+from latentsync_core.pipeline import Detections
+from latentsync_core.vae import Posterior
+
+from .backend import from_torch, to_torch
+from .metrics import Metrics
+
+TRAFFIC = {"lipsync_bls_requests": "BLS requests sent, by callee",
+           "lipsync_bls_input_bytes": "Bytes of the tensors sent to each callee",
+           "lipsync_bls_output_bytes": "Bytes of the tensors received from each callee"}
+
+
+class ModelCallError(RuntimeError):
+    """A BLS call that a composing model answered with an error."""
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """Names of the composing models (they can be renamed in the exported repository)."""
+
+    face_detector: str = "face_detector"
+    audio_encoder: str = "audio_encoder"
+    denoiser: str = "denoiser_1.5"
+    vae_encoder: str = "vae_encoder"
+    vae_decoder: str = "vae_decoder"
+    restorer: str = "restorer"
+
+
+class TritonModels:
+    """ModelBackend over BLS; one per stream (it names that stream's denoiser variant)."""
+
+    def __init__(self, pb_utils, names: ModelNames, vae_scale: float, traffic: Metrics, device: torch.device,
+                 audio_max_batch: int = 8, track_faces: bool = False):
+        self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
+        self.device, self.audio_max_batch = device, audio_max_batch
+        # With the detector's "track" policy the stream's last face box is its reference for the next window.
+        self.last_box = np.full(4, np.nan, np.float32) if track_faces else None
+        memory = getattr(pb_utils, "PreferredMemory", None)
+        kind = pb_utils.TRITONSERVER_MEMORY_GPU if device.type == "cuda" else pb_utils.TRITONSERVER_MEMORY_CPU
+        self._memory = {} if memory is None else {"preferred_memory": memory(kind, device.index or 0)}
+
+    # ------------------------------------------------------------------------------------------ transport
+    def call(self, model: str, inputs: dict[str, torch.Tensor | np.ndarray], outputs: list[str],
+             parameters: dict | None = None, decoupled: bool = False) -> list[torch.Tensor]:
+        pb = self.pb
+        tensors = [pb.Tensor(k, np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else from_torch(pb, k, v)
+                   for k, v in inputs.items()]
+        request = pb.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors,
+                                      **({"parameters": parameters} if parameters else {}), **self._memory)
+        responses = request.exec(decoupled=True) if decoupled else [request.exec()]
+        found: dict[str, torch.Tensor] = {}
+        for response in responses:
+            if response.has_error():
+                raise ModelCallError(f"model '{model}' failed: {response.error().message()}")
+            for name in outputs:
+                tensor = pb.get_output_tensor_by_name(response, name)
+                if tensor is not None:
+                    found[name] = self._own(tensor)
+        missing = [name for name in outputs if name not in found]
+        if missing:
+            raise ModelCallError(f"model '{model}' answered without {', '.join(missing)}")
+        self.traffic.add("lipsync_bls_requests", callee=model)
+        self.traffic.add("lipsync_bls_input_bytes", sum(_nbytes(v) for v in inputs.values()), callee=model)
+        self.traffic.add("lipsync_bls_output_bytes", sum(_nbytes(v) for v in found.values()), callee=model)
+        return [found[name] for name in outputs]
+
+    def _own(self, tensor) -> torch.Tensor:
+        """An output as a tensor this stream owns (the response's buffer is released with the response)."""
+        out = to_torch(tensor)
+        return out.clone() if out.device.type != "cpu" else torch.from_numpy(np.array(out.numpy(), copy=True))
+
+    # ------------------------------------------------------------------------------------------ ModelBackend
+    def detect(self, frames: np.ndarray) -> Detections:
+        inputs = {"FRAMES": frames}
+        if self.last_box is not None:
+            inputs["REFERENCE_BOX"] = np.repeat(self.last_box[None], len(frames), axis=0)  # row 0 is used
+        box, points, found = self.call(self.names.face_detector, inputs, ["BOX", "POINTS", "FOUND"])
+        found = found.reshape(len(frames)).numpy().astype(bool)
+        if self.last_box is not None and found.any():
+            self.last_box = box[np.flatnonzero(found)[-1]].numpy().astype(np.float32)
+        return Detections(points.numpy().astype(np.float32), found)
+
+    def encode_audio(self, mel_segments: torch.Tensor) -> torch.Tensor:
+        mel = mel_segments.float()
+        return torch.cat([self.call(self.names.audio_encoder, {"MEL": mel[i:i + self.audio_max_batch]},
+                                    ["FEATURES"])[0].cpu() for i in range(0, len(mel), self.audio_max_batch)])
+
+    def vae_posterior(self, pixels: torch.Tensor) -> Posterior:
+        mean, std = self.call(self.names.vae_encoder, {"PIXELS": pixels}, ["MEAN", "STD"])
+        return Posterior(mean.to(self.device), std.to(self.device), self.vae_scale)
+
+    def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor:
+        inputs = {"LATENTS": latents[0], "MASK": cond.mask[0], "MASKED": cond.masked[0],
+                  "REFERENCE": cond.reference[0], "AUDIO": cond.audio}
+        # One JSON parameter: BLS parameters take bool/int/str only, and a float's repr round-trips exactly.
+        params = {"spec": json.dumps(dataclasses.asdict(spec))}
+        out, = self.call(self.names.denoiser, inputs, ["LATENTS"], params, decoupled=True)
+        return out.to(self.device)[None]
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.call(self.names.vae_decoder, {"LATENTS": latents}, ["PIXELS"])[0].to(self.device)
+
+    def paste_back(self, frames: np.ndarray, faces: torch.Tensor, affines: np.ndarray) -> np.ndarray:
+        inputs = {"FRAMES": frames, "FACES": faces, "AFFINES": np.asarray(affines, np.float32)}
+        return self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
+
+
+def _nbytes(x: torch.Tensor | np.ndarray) -> int:
+    return x.nbytes if isinstance(x, np.ndarray) else x.numel() * x.element_size()

@@ -1,0 +1,136 @@
+"""The `denoiser_<variant>` model: each window's whole denoising loop, the steps of all windows batched.
+
+A request is one window: its initial latents and conditioning (mask, masked-face and reference latents,
+audio chunks) and the stream's denoising parameters. The window's conditioning crosses into this process once;
+every step then runs here, on the model's device, with nothing crossing a process boundary: classifier-free
+guidance's zero-audio branch, the UNet, guidance and the sampler update. One worker thread advances all
+windows in flight together (iteration-level batching, as LLM servers batch tokens): a window that arrives
+while others denoise joins them at the next step, so the UNet's batch is every active window of every stream,
+whichever step each one is at. The decoupled response (the final latents) is sent when the window's last step
+is done.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from latentsync_core.denoise import DenoiseSpec, WindowConditioning, WindowJob, step
+from latentsync_core.loaders import load_unet
+
+from .backend import ModelContext, from_torch, to_torch
+from .metrics import Metrics, log
+from .stand_ins import NullUNet
+
+INPUTS = ("LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO")   # (c, f, h, w) each; AUDIO (f, 50, 384)
+
+
+@dataclass(eq=False)
+class _Window:
+    job: WindowJob
+    sender: Any
+    arrived: float
+
+
+class DenoiserService:
+    def __init__(self, pb_utils, unet, device: torch.device, dtype: torch.dtype, max_windows: int,
+                 model: str = "denoiser"):
+        self.pb, self.unet, self.device, self.dtype = pb_utils, unet, device, dtype
+        self.max_windows = max_windows
+        self.metrics = Metrics(pb_utils, model, counters={
+            "denoiser_steps": "Iterations of the denoising loop (each advances every active window by one step)",
+            "denoiser_window_steps": "Window-steps done (mean windows per iteration = this / denoiser_steps)",
+            "denoiser_unet_forwards": "UNet forwards (windows of different frame counts need their own)",
+            "denoiser_windows": "Windows denoised to their last step"},
+            gauges={"denoiser_active_windows": "Windows being denoised now"})
+        self._pending: deque[_Window] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"{model}-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str], pb_utils) -> DenoiserService:
+        ctx = ModelContext.from_args(args)
+        dtype = ctx.dtype()
+        if ctx.stand_in:
+            unet = NullUNet()
+        else:
+            config = json.loads(ctx.params.get("unet_config") or "null")  # null -> stage2.yaml
+            unet = load_unet(ctx.path("checkpoint"), config, device=ctx.device, dtype=dtype)
+        log(pb_utils, "info", f"{ctx.name}: UNet on {ctx.device} in {dtype}")
+        return cls(pb_utils, unet, ctx.device, dtype, int(ctx.params.get("max_windows") or 16), ctx.name)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def submit(self, request) -> None:
+        """Parse one window (on the model's device) and queue it; errors are answered at once."""
+        sender = request.get_response_sender()
+        try:
+            job = self._job(request)
+        except Exception as e:  # noqa: BLE001 - the caller (lipsync) names this model in its error
+            sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")),
+                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        with self._cond:
+            self._pending.append(_Window(job, sender, time.monotonic()))
+            self._cond.notify()
+
+    def _job(self, request) -> WindowJob:
+        # Copies: the window outlives the request's own buffers (a decoupled model answers later).
+        t = {name: to_torch(self.pb.get_input_tensor_by_name(request, name), self.device).clone()
+             for name in INPUTS}
+        spec = DenoiseSpec(**json.loads(json.loads(request.parameters() or "{}").get("spec", "{}")))
+        dt = self.dtype
+        cond = WindowConditioning(mask=t["MASK"][None].to(dt), masked=t["MASKED"][None].to(dt),
+                                  reference=t["REFERENCE"][None].to(dt), audio=t["AUDIO"].to(dt))
+        return WindowJob(t["LATENTS"][None].float(), cond, spec.sampler_for_window(), spec.guidance)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        active: list[_Window] = []
+        while True:
+            with self._cond:
+                while not self._stop and not active and not self._pending:
+                    self._cond.wait()
+                if self._stop:
+                    break
+                while self._pending and len(active) < self.max_windows:
+                    active.append(self._pending.popleft())
+            try:
+                with torch.no_grad():
+                    forwards = step(self.unet, [w.job for w in active])
+            except Exception as e:  # noqa: BLE001 - every window of the failed step is answered with the error
+                for w in active:
+                    self._answer(w, error=f"{type(e).__name__}: {e}")
+                active = []
+                continue
+            self.metrics.add("denoiser_steps")
+            self.metrics.add("denoiser_window_steps", len(active))
+            self.metrics.add("denoiser_unet_forwards", forwards)
+            finished = [w for w in active if w.job.done]
+            for w in finished:
+                self._answer(w)
+            active = [w for w in active if not w.job.done]
+            self.metrics.set("denoiser_active_windows", len(active))
+        for w in [*active, *self._pending]:
+            self._answer(w, error="the denoiser is shutting down")
+
+    def _answer(self, w: _Window, error: str | None = None) -> None:
+        pb = self.pb
+        if error is None:
+            self.metrics.add("denoiser_windows")
+            response = pb.InferenceResponse(output_tensors=[from_torch(pb, "LATENTS", w.job.latents[0])])
+        else:
+            response = pb.InferenceResponse(error=pb.TritonError(error))
+        w.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)

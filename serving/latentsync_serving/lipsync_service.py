@@ -1,0 +1,287 @@
+"""The `lipsync` model's stream handling: one `Stream` per Triton sequence, each served on its own thread.
+
+Contract: docs/PROTOCOL.md. Triton's sequence batcher ("oldest" strategy) hands this decoupled model the
+requests of up to max_candidate_sequences streams at once; `execute` only routes each request to its stream's
+queue and returns, so the BLS calls of concurrent streams are in flight together and the composing models'
+dynamic batchers can merge them. Within a stream, requests are handled strictly in order. State is freed at
+sequence end, on the first error, on cancellation and after an idle timeout.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from latentsync_contract import (
+    AUDIO,
+    FACE_FOUND,
+    FRAME_INDEX,
+    FRAMES,
+    ContractError,
+    StreamParams,
+    check_audio_shape,
+    check_frames_shape,
+)
+from latentsync_core.configs import VAE_SCALING_FACTOR
+from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
+
+from .backend import ModelContext
+from .bls import TRAFFIC, ModelNames, TritonModels
+from .metrics import Metrics, log
+
+SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The lipsync model's config parameters (written by latentsync-export)."""
+
+    denoisers: dict[str, str]          # variant -> denoiser model name; the first is the default variant
+    names: ModelNames = field(default_factory=ModelNames)
+    vae_scale: float = VAE_SCALING_FACTOR
+    audio_max_batch: int = 8
+    idle_timeout_s: float = 300.0
+    random_weights: bool = False
+    track_faces: bool = False          # face_detector policy "track": send each stream's previous box
+    overlap: bool = True               # prepare a stream's next window while the current one denoises
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
+        denoisers = dict(item.split("=", 1) for item in p["denoiser_models"].split(",") if item.strip())
+        names = ModelNames(**{k: p[f"{k}_model"] for k in ("face_detector", "audio_encoder", "vae_encoder",
+                                                           "vae_decoder", "restorer") if f"{k}_model" in p})
+        flag = lambda key, default: p.get(key, default).strip().lower() == "true"  # noqa: E731
+        return cls({k.strip(): v.strip() for k, v in denoisers.items()}, names,
+                   vae_scale=float(p.get("vae_scaling_factor", VAE_SCALING_FACTOR)),
+                   audio_max_batch=int(p.get("audio_encoder_max_batch", 8)),
+                   idle_timeout_s=float(p.get("stream_idle_timeout_s", 300)),
+                   random_weights=flag("random_weights", "false"),
+                   track_faces=p.get("face_policy", "largest") == "track", overlap=flag("overlap_windows", "true"))
+
+
+# ---------------------------------------------------------------------------------------------------- stream
+@dataclass(eq=False)
+class _Request:
+    """A request of the stream: its windows' responses and then its final response go to its sender."""
+
+    sender: Any
+    closed: bool = False
+
+
+class Stream:
+    """One client stream: the requests of one sequence, handled in order on this stream's thread; with overlap,
+    each window's denoising and paste-back finish on a second thread while the next window is prepared."""
+
+    def __init__(self, service: LipSyncService, stream_id):
+        self.service, self.pb, self.id = service, service.pb, stream_id
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.params: StreamParams | None = None
+        self.audio: list[np.ndarray] = []
+        self.windows: WindowedStream | None = None   # once the first frames arrived
+        self.error: str | None = None
+        self.busy = False
+        self.last_active = time.monotonic()
+        self._send_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"lipsync-stream-{stream_id}", daemon=True)
+        self.thread.start()
+
+    def put(self, request) -> None:
+        self.last_active = time.monotonic()
+        self.requests.put(request)
+
+    def close(self) -> None:
+        self.requests.put(None)  # after the requests already queued
+
+    def idle_for(self) -> float:
+        working = self.busy or not self.requests.empty() or (self.windows is not None and self.windows.in_flight)
+        return 0.0 if working else time.monotonic() - self.last_active
+
+    def _run(self) -> None:
+        while (request := self.requests.get()) is not None:
+            self.busy = True
+            try:
+                self._handle(_Request(request.get_response_sender()), request)
+            finally:
+                self.busy, self.last_active = False, time.monotonic()
+        if self.windows is not None:
+            self.windows.close()
+        self.windows, self.audio = None, []
+
+    # ------------------------------------------------------------------------------------------ one request
+    def _handle(self, req: _Request, request) -> None:
+        if self.error is not None:
+            self._send(req, self._error(f"stream {self.id} already failed: {self.error}"), final=True)
+            return
+        try:
+            if self.params is None:
+                self.params = StreamParams.parse(json.loads(request.parameters() or "{}"),
+                                                 list(self.service.settings.denoisers))
+            self._consume(request, req)
+        except Exception as e:  # noqa: BLE001 - every failure ends the stream with a message to the client
+            self._fail(e, req)
+            return
+        if self.windows is None:
+            self._close(req)
+        else:
+            self.windows.after(lambda: self._close(req))
+
+    def _consume(self, request, req: _Request) -> None:
+        audio, frames = self._input(request, AUDIO), self._input(request, FRAMES)
+        if audio is not None and audio.size:
+            if self.windows is not None:
+                raise ContractError("AUDIO arrived after FRAMES: send the whole audio track first "
+                                    "(upstream normalises the log-mel over the whole track)")
+            check_audio_shape(audio.shape)
+            self.audio.append(np.array(audio, np.float32, copy=True))
+        if frames is not None and len(frames):
+            check_frames_shape(frames.shape)
+            if self.windows is None:
+                self.windows = WindowedStream(self._start(), self._deliver, self._fail,
+                                              overlap=self.service.settings.overlap)
+            self._check_cancelled(req)
+            self.windows.push(frames, req)
+        if request.flags() & SEQUENCE_END and self.windows is not None:
+            self._check_cancelled(req)
+            self.windows.end(req)
+
+    def _start(self) -> LipSyncStream:
+        if not self.audio:
+            raise ContractError("FRAMES before AUDIO: send the whole 16 kHz audio track first")
+        p = self.params
+        lipsync = LipSyncStream(self.service.backend(p.variant), p.variant, p.steps, p.guidance, p.seed,
+                                device=self.service.device)
+        samples, self.audio = np.concatenate(self.audio), []
+        try:
+            lipsync.set_audio(samples)
+        except ValueError as e:
+            raise ContractError(f"AUDIO: {e}") from None
+        return lipsync
+
+    @staticmethod
+    def _check_cancelled(req: _Request) -> None:
+        if req.sender.is_cancelled():
+            raise ContractError("the client cancelled the stream")
+
+    # ------------------------------------------------------------------------------------------ responses
+    def _deliver(self, result: WindowResult, req: _Request) -> None:
+        self._send(req, self._response(result))
+
+    def _close(self, req: _Request) -> None:
+        """A request's final response, after its windows (an error if the stream failed meanwhile)."""
+        if self.error is not None:
+            self._send(req, self._error(f"stream {self.id} already failed: {self.error}"), final=True)
+        else:
+            self._send(req, None, final=True)
+
+    def _fail(self, e: BaseException, req: _Request) -> None:
+        """The first error ends the stream: it answers the request it happened in; later ones get 'already failed'."""
+        if self.error is None:
+            self.error = str(e) if isinstance(e, ContractError) else f"{type(e).__name__}: {e}"
+            if self.windows is not None:
+                self.windows.failed = self.windows.failed or e
+        self._send(req, self._error(self.error), final=True)
+
+    def _send(self, req: _Request, response, final: bool = False) -> None:
+        with self._send_lock:
+            if req.closed:
+                return
+            req.closed = final
+            flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+            if response is None:
+                req.sender.send(flags=flags)
+            else:
+                req.sender.send(response, flags=flags)
+
+    def _input(self, request, name: str) -> np.ndarray | None:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def _response(self, r: WindowResult):
+        pb = self.pb
+        return pb.InferenceResponse(output_tensors=[
+            pb.Tensor(FRAMES, np.ascontiguousarray(r.frames)),
+            pb.Tensor(FRAME_INDEX, r.indices.astype(np.int64)),
+            pb.Tensor(FACE_FOUND, r.face_found.astype(bool))])
+
+    def _error(self, message: str):
+        return self.pb.InferenceResponse(error=self.pb.TritonError(message))
+
+
+# ---------------------------------------------------------------------------------------------------- service
+class LipSyncService:
+    """Routes requests to their streams; frees streams at end, on error (at the end) and when idle."""
+
+    def __init__(self, pb_utils, settings: ServiceSettings, model: str = "lipsync",
+                 device: torch.device = torch.device("cpu")):
+        self.pb, self.settings, self.device = pb_utils, settings, device
+        self.streams: dict[Any, Stream] = {}
+        self.lock = threading.Lock()
+        self.metrics = Metrics(pb_utils, model, counters=TRAFFIC, gauges={
+            "lipsync_open_streams": "Streams started and not yet ended, failed-and-ended or timed out"})
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_idle, name="lipsync-reaper", daemon=True)
+        self._reaper.start()
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str], pb_utils) -> LipSyncService:
+        ctx = ModelContext.from_args(args)  # also applies torch_threads
+        settings = ServiceSettings.from_params(ctx.params)
+        if settings.random_weights:
+            log(pb_utils, "warn", "lipsync: this repository uses RANDOM test weights; output is not lip-synced")
+        return cls(pb_utils, settings, ctx.name, ctx.device)
+
+    def backend(self, variant: str) -> TritonModels:
+        """A stream's model calls: its variant's denoiser, on this instance's device."""
+        names = ModelNames(**{**self.settings.names.__dict__, "denoiser": self.settings.denoisers[variant]})
+        return TritonModels(self.pb, names, self.settings.vae_scale, self.metrics, self.device,
+                            self.settings.audio_max_batch, self.settings.track_faces)
+
+    def submit(self, request) -> None:
+        stream_id, flags = request.correlation_id(), request.flags()
+        with self.lock:
+            stream = self.streams.get(stream_id)
+            if flags & SEQUENCE_START:
+                if stream is not None:
+                    stream.close()
+                stream = self.streams[stream_id] = Stream(self, stream_id)
+            if stream is not None and flags & SEQUENCE_END:
+                del self.streams[stream_id]
+            self._count()
+        if stream is None:
+            request.get_response_sender().send(
+                self.pb.InferenceResponse(error=self.pb.TritonError(
+                    f"unknown stream {stream_id}: its first request must set sequence_start "
+                    f"(or it was dropped after {self.settings.idle_timeout_s:g} s idle)")),
+                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        stream.put(request)
+        if flags & SEQUENCE_END:
+            stream.close()
+
+    def _reap_idle(self) -> None:
+        period = max(0.2, min(5.0, self.settings.idle_timeout_s / 4))
+        while not self._stop.wait(period):
+            with self.lock:
+                idle = [k for k, s in self.streams.items() if s.idle_for() > self.settings.idle_timeout_s]
+                for k in idle:
+                    self.streams.pop(k).close()
+                self._count()
+
+    def _count(self) -> None:
+        self.metrics.set("lipsync_open_streams", len(self.streams))
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        with self.lock:
+            streams, self.streams = list(self.streams.values()), {}
+        for s in streams:
+            s.close()
+        for s in streams:
+            s.thread.join(timeout)

@@ -1,0 +1,214 @@
+"""Helpers shared by the test modules: media files, the CLI, raw gRPC streams to `lipsync`, server metrics.
+
+Fixtures live in conftest.py; this module holds plain functions the tests import by name.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from latentsync_client import audio_chunks, num_frames_for_audio
+from latentsync_contract import AUDIO, FACE_FOUND, FRAME_INDEX, FRAMES, MODEL_NAME, WINDOW
+from latentsync_export.manifest import load_reference
+
+_ids = itertools.count(1000)
+
+
+# ---------------------------------------------------------------------------------------------------- media
+CODE_STEP = 7               # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
+
+
+
+
+def write_clip(path, n_frames, fps=25, size=(48, 64), rotation=0, frames=None):
+    """An h264 clip whose frame i is flat grey i * CODE_STEP (or the given RGB frames), nearly lossless."""
+    h, w = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i in range(n_frames):
+            rgb = frames[i] if frames is not None else np.full((h, w, 3), i * CODE_STEP % 256, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())
+    return Path(path)
+
+
+def write_wav(path, samples, rate=16000):
+    """PCM16 wav of float samples in [-1, 1], shape (n,) or (channels, n)."""
+    samples = np.atleast_2d(samples)
+    layout = "mono" if len(samples) == 1 else "stereo"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout=layout)
+        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)     # packed s16
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+        frame.rate = rate
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return Path(path)
+
+
+def frame_codes(frames):
+    """Source index of each index-coded frame."""
+    return [int(round(float(f.mean()) / CODE_STEP)) for f in frames]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+ECHO_MODEL = Path(__file__).parent / "models" / "protocol_echo"
+CLI = [str(Path(sys.executable).with_name("latentsync-client"))]
+FAST = ["--preset", "ultrafast", "-q"]
+
+
+def echo_repository(root: Path, window_delay_s: float = 0.0, variants: str = "1.5,1.6") -> Path:
+    """A model repository whose `lipsync` is the protocol echo double, with its test knobs set."""
+    shutil.copytree(ECHO_MODEL, root / "lipsync")
+    config = root / "lipsync" / "config.pbtxt"
+    text = config.read_text()
+    text = text.replace('key: "window_delay_s" value { string_value: "0" }',
+                        f'key: "window_delay_s" value {{ string_value: "{window_delay_s}" }}')
+    text = text.replace('string_value: "1.5,1.6"', f'string_value: "{variants}"')
+    config.write_text(text)
+    return root
+
+
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+def audio_samples(path) -> int:
+    return sum(len(c) for c in audio_chunks(path))
+
+
+def probe(path: Path) -> dict:
+    """What a player sees: video frames, rate, duration; audio codec and duration."""
+    with av.open(str(path)) as c:
+        video, audio = c.streams.video[0], c.streams.audio[0]
+        info = dict(fps=video.average_rate, size=(video.height, video.width), codec=video.codec_context.name,
+                    duration=float(video.duration * video.time_base), audio_codec=audio.codec_context.name,
+                    audio_duration=float(audio.duration * audio.time_base))
+        info["frames"] = [f.to_ndarray(format="rgb24") for f in c.decode(video)]
+    return info
+
+
+def assert_synced_output(out: Path, audio: Path, tmp_dir: Path):
+    """Frame count from the audio (PROTOCOL.md), 25 fps, matching duration, AAC audio trimmed to the video."""
+    n = num_frames_for_audio(audio_samples(audio))
+    info = probe(out)
+    assert (info["codec"], info["fps"], len(info["frames"])) == ("h264", 25, n)
+    assert abs(info["duration"] - n / 25) < 1e-6
+    assert info["audio_codec"] == "aac"
+    with av.open(str(audio)) as c:
+        source_seconds = float(c.streams.audio[0].duration * c.streams.audio[0].time_base)
+    assert abs(info["audio_duration"] - min(source_seconds, n / 25)) < 0.05
+    assert [p.name for p in tmp_dir.iterdir() if ".partial" in p.name] == []
+    return info
+
+
+def cut_audio(src: Path, dst: Path, seconds: float) -> Path:
+    samples = np.concatenate(list(audio_chunks(src)))
+    return write_wav(dst, samples[: int(seconds * 16000)])
+
+
+# ---------------------------------------------------------------------------------------------------- streams
+def audio_for(samples: np.ndarray, n_frames: int) -> np.ndarray:
+    """The shortest prefix of the track that covers n_frames video frames (upstream's frame count)."""
+    n = n_frames * 640
+    while num_frames_for_audio(n) < n_frames:
+        n += 160
+    return np.ascontiguousarray(samples[:n], np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- client
+@dataclass
+class StreamResult:
+    frames: list = field(default_factory=list)
+    indices: list = field(default_factory=list)
+    found: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+
+    @property
+    def video(self) -> np.ndarray:
+        return np.concatenate(self.frames)
+
+
+def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: dict | None, sequence_id: int | None = None,
+               timeout: float = 600.0, start: bool = True, end: bool = True) -> StreamResult:
+    """One stream per docs/PROTOCOL.md: whole audio first (sequence_start), then frames in windows of 16."""
+    client = grpcclient.InferenceServerClient(url)
+    replies: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    sequence_id = sequence_id or next(_ids)
+    h, w = (frames.shape[1:3] if len(frames) else (8, 8))
+    requests = [(np.zeros((0, h, w, 3), np.uint8), audio)] if audio is not None else []
+    requests += [(np.ascontiguousarray(frames[i:i + WINDOW]), np.zeros(0, np.float32))
+                 for i in range(0, len(frames), WINDOW)]
+    for i, (f, a) in enumerate(requests):
+        inputs = [grpcclient.InferInput(FRAMES, list(f.shape), "UINT8"), grpcclient.InferInput(AUDIO, list(a.shape), "FP32")]
+        inputs[0].set_data_from_numpy(f)
+        inputs[1].set_data_from_numpy(a)
+        first, last = i == 0 and start, i == len(requests) - 1 and end
+        client.async_stream_infer(MODEL_NAME, inputs, request_id=str(i), sequence_id=sequence_id,
+                                  sequence_start=first, sequence_end=last, enable_empty_final_response=True,
+                                  parameters=params if first and params else None)
+    result, finals = StreamResult(), 0
+    try:
+        while finals < len(requests):
+            reply, error = replies.get(timeout=timeout)
+            if error is not None:
+                result.errors.append(str(error))
+                finals += 1
+                continue
+            response = reply.get_response()
+            finals += response.parameters["triton_final_response"].bool_param
+            if response.outputs:
+                result.frames.append(reply.as_numpy(FRAMES))
+                result.indices.append(reply.as_numpy(FRAME_INDEX))
+                result.found.append(reply.as_numpy(FACE_FOUND))
+    finally:
+        client.stop_stream()
+        client.close()
+    return result
+
+
+def reference_video(repo, variant, frames, audio, **params) -> np.ndarray:
+    pipeline = load_reference(repo, variant)
+    return np.concatenate([w.frames for w in pipeline(frames, audio, **params)])
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    assert values, f"metric {name} not exported"
+    return sum(values)
+
+
+def unet_stats(server, model: str) -> dict:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    batches = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
+    return {"requests": int(stats["inference_stats"]["success"].get("count", 0)),
+            "inferences": int(stats.get("inference_count", 0)), "executions": int(stats.get("execution_count", 0)),
+            "batches": batches}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
