@@ -1,4 +1,5 @@
-"""One 16-frame window of LatentSync's denoising loop: DDIM + classifier-free guidance on 13-channel input.
+"""One 16-frame window of LatentSync's denoising loop: a sampler (upstream's DDIM from samplers.make_sampler)
++ classifier-free guidance on 13-channel input.
 
 The UNet is passed in as a callable `unet(sample, timesteps, audio) -> noise_pred` so the same loop runs
 in-process (torch module) and in the Triton orchestrator (a BLS call to the `unet` model).
@@ -13,20 +14,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
-
-from .configs import SCHEDULER_CONFIG
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def make_scheduler(steps: int) -> DDIMScheduler:
-    """Upstream's configs/scheduler_config.json; 'leading' spacing gives 951, 901, ..., 1 for 20 steps."""
-    if not 1 <= int(steps) <= 1000:
-        raise ValueError(f"steps must be in 1..1000, got {steps}")
-    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-    scheduler.set_timesteps(int(steps))
-    return scheduler
 
 
 def initial_noise(generator: torch.Generator, latent_hw: tuple[int, int], dtype=torch.float32) -> torch.Tensor:
@@ -64,9 +53,10 @@ class WindowConditioning:
         return sample, audio
 
 
-def denoise_window(unet: UNetFn, latents: torch.Tensor, cond: WindowConditioning, scheduler: DDIMScheduler,
+def denoise_window(unet: UNetFn, latents: torch.Tensor, cond: WindowConditioning, scheduler,
                    guidance: float, callback: Callable[[int, dict], None] | None = None) -> torch.Tensor:
-    """Run every timestep of `scheduler` on one window; returns the final (1, 4, f, h, w) latents."""
+    """Run every timestep of `scheduler` (a samplers.make_sampler object) on one window; returns the final
+    (1, 4, f, h, w) latents."""
     guided = guidance > 1.0
     for i, t in enumerate(scheduler.timesteps):
         sample, audio = cond.unet_input(scheduler.scale_model_input(latents, t), guided)

@@ -273,7 +273,8 @@ def _chw(face: np.ndarray) -> np.ndarray:
 
 
 def run_denoise_loop(case_dir: Path, case: dict) -> list[Check]:
-    from .denoise import WindowConditioning, denoise_window, frames_to_batch, make_scheduler, mask_latents
+    from .denoise import WindowConditioning, denoise_window, frames_to_batch, mask_latents
+    from .samplers import make_sampler
 
     cfg = case["config"]
     ext = case["inputs"]["external"]
@@ -298,7 +299,7 @@ def run_denoise_loop(case_dir: Path, case: dict) -> list[Check]:
         reference=to_latent(inp["vae_ref_image_posterior_sample"]),
         audio=audio[:f],
     )
-    scheduler = make_scheduler(cfg["num_inference_steps"])
+    scheduler = make_sampler("ddim", cfg["num_inference_steps"])
     rec: dict[str, list] = {"unet_input": [], "noise_pred": [], "latents": []}
 
     def record(i, d):

@@ -16,10 +16,11 @@ import torch
 
 from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
-from .denoise import WindowConditioning, denoise_window, frames_to_batch, initial_noise, make_scheduler, mask_latents
+from .denoise import WindowConditioning, denoise_window, frames_to_batch, initial_noise, mask_latents
 from .face.align import FaceAligner, box_hw
 from .face.mask import masked_face_inputs, mouth_mask
 from .face.restore import paste_back, resize_face_to_box
+from .samplers import make_sampler
 from .vae import Posterior, sample_latents
 
 
@@ -58,7 +59,7 @@ class LipSyncStream:
         if guidance < 1.0:
             raise ValueError(f"guidance must be >= 1 (1 disables guidance), got {guidance}")
         self.steps, self.guidance, self.dtype = int(steps), float(guidance), dtype
-        self.scheduler = make_scheduler(self.steps)
+        self.scheduler = make_sampler("ddim", self.steps)
         self.aligner = FaceAligner(self.variant.resolution)
         self.mask = mouth_mask(self.variant.resolution) if mask is None else mask
         self.generator = torch.Generator().manual_seed(int(seed))
