@@ -1,102 +1,123 @@
-"""DeepCache-style feature reuse for the LatentSync UNet (opt-in; a quality/speed trade-off).
+"""DeepCache feature reuse for the LatentSync UNet (opt-in; a quality/speed trade-off), equal to the DeepCache
+library that upstream's entry points enable: `DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)`
+(PyPI DeepCache 0.1.1; tests/test_deepcache_parity.py runs that library on this UNet and compares).
 
-Upstream's entry points enable `DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)`: in every window the
-full UNet runs on step indices 0, 3, 6, ...; on the other steps everything but the shallowest branch is reused
-from the last full step. With branch 0 the fresh work of a reused step is: time embedding, conv_in, the LAST
-layer of the final up block (ResNet, transformer, motion module) on [cached hidden state | fresh conv_in
-skip], and the output head. This module computes exactly that from the model's own submodules, with no
-monkey-patching.
+Which steps are full: the library takes step k as the position of t in `scheduler.timesteps`, so k restarts
+at 0 in every window (every window runs the whole schedule); step k runs the full UNet when (k - k0) % interval
+== 0, k0 being the step of the first UNet call after enable() (0 in LatentSync): `deepcache_plan`. With 20 steps
+that is 0, 3, 6, ..., 18: 7 full and 13 cached steps per window.
 
-The cache is per stream and per window (upstream restarts the step count in each window), so this wraps one
-stream's in-process UNet. A Triton `unet` model batches windows of different streams at different steps and
-would need the cached tensor per stream (two engines: a full UNet that also returns the cached feature and a
-shallow one that takes it); docs/PERFORMANCE.md measures what that would gain.
+What a full step does: the whole UNet, and it keeps the hidden state entering the final up block's last layer
+(the "feature", (b*f, C0, h, w) with C0 = block_out_channels[0]).
+
+What a cached step does, in the library (branch 0 on upstream's UNet): the UNet's own forward runs the time
+embedding, conv_in and the head (conv_norm_out, SiLU, conv_out); every down block, the mid block and every up
+block but the final one return their outputs stored at the last full step; in the final up block, the ResNets
+and transformers of all layers but the last return stored outputs, the motion modules after them (which the
+library does not wrap) run again on those stored outputs and so give the stored result once more, and the last
+layer runs: ResNet on [feature | fresh conv_in output] with the fresh time embedding, transformer (audio
+cross-attention), motion module. Here a cached step runs only that fresh work, from the UNet's own pieces:
+`embed` (time embedding, conv_in), `last_layer` on the stored feature, `head`. Same values; nothing re-run.
+
+Every function here takes a batch of several windows (b items of f frames; with guidance a window is two items,
+[unconditional, audio]); features are frame batches, item j's rows j*f..(j+1)*f-1, so a caller can split and
+concatenate them per item along dim 0. `DeepCacheUNet` wraps one stream for `denoise.denoise_window`;
+`deepcache_step` serves a batch whose items are at different steps (windows of different streams).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from .models.unet3d import UNet3DConditionModel
 
 
-def _embed(unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio: torch.Tensor):
-    """What every step computes first: frame-batch input after conv_in, time embedding, flat audio tokens."""
-    b, _, f, h, w = sample.shape
-    if unet.center_input_sample:
-        sample = 2 * sample - 1.0
-    audio = audio.flatten(0, 1) if audio.dim() == 4 else audio
-    t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
-    temb = unet.time_embedding(unet.time_proj(t.to(sample.device).reshape(-1).expand(b)).to(sample.dtype))
-    x = unet.conv_in(sample.transpose(1, 2).reshape(b * f, -1, h, w))
-    return x, temb, audio, (b, f, h, w)
+def deepcache_plan(step_index: int, interval: int) -> bool:
+    """True when step `step_index` of a window (0-based, counted from the window's first step) runs the full
+    UNet; False when it reuses the feature of the window's last full step. interval 1 = always full."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    return step_index % interval == 0
 
 
-def _layer(block, i: int, x, skip, temb, audio, f: int):
-    """Layer i of an up block: ResNet on [x | skip] -> [transformer] -> [motion module]."""
-    x = block.resnets[i](torch.cat([x, skip], dim=1), temb, f)
-    if block.attentions is not None:
-        x = block.attentions[i](x, audio)
-    if block.motion_modules is not None:
-        x = block.motion_modules[i](x, f)
-    return x
-
-
-def _head(unet: UNet3DConditionModel, x, shape) -> torch.Tensor:
-    b, f, h, w = shape
-    x = unet.conv_out(unet.conv_act(unet.conv_norm_out(x, f)))
-    return x.view(b, f, -1, h, w).transpose(1, 2).contiguous()
-
-
-def full_step(unet: UNet3DConditionModel, sample, timestep, audio) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's forward (same result as `unet(sample, timestep, audio)`), plus the hidden state entering the
-    last layer of the final up block (the feature reused by `cached_step`)."""
-    x, temb, audio, shape = _embed(unet, sample, timestep, audio)
+def full_step(unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`unet(sample, timestep, audio)` (the same result, bit for bit) and the feature: the hidden state entering
+    the final up block's last layer, (b*f, C0, h, w)."""
+    x, temb, audio, shape = unet.embed(sample, timestep, audio)
     f = shape[1]
-    skips = [x]
-    for block in unet.down_blocks:
-        x, block_skips = block(x, temb, audio, f)
-        skips += block_skips
-    x = unet.mid_block(x, temb, audio, f)
-    for block in unet.up_blocks[:-1]:
-        n = len(block.resnets)
-        block_skips, skips = skips[-n:], skips[:-n]
-        x = block(x, block_skips, temb, audio, f, skips[-1].shape[-2:])
-    last = unet.up_blocks[-1]
-    for i in range(len(last.resnets) - 1):
-        x = _layer(last, i, x, skips[-1 - i], temb, audio, f)
-    cached = x
-    x = _layer(last, len(last.resnets) - 1, x, skips[0], temb, audio, f)
-    return _head(unet, x, shape), cached
+    deep, skips = unet.encode(x, temb, audio, f)
+    feature = unet.decode(deep, skips, temb, audio, f, stop_before_last_layer=True)
+    return unet.head(unet.last_layer(feature, x, temb, audio, f), shape), feature
 
 
-def cached_step(unet: UNet3DConditionModel, sample, timestep, audio, cached: torch.Tensor) -> torch.Tensor:
-    """A reused step: only conv_in, the final up block's last layer and the head run on the new input."""
-    x, temb, audio, shape = _embed(unet, sample, timestep, audio)
-    last = unet.up_blocks[-1]
-    x = _layer(last, len(last.resnets) - 1, cached, x, temb, audio, shape[1])
-    return _head(unet, x, shape)
+def cached_step(unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio: torch.Tensor,
+                feature: torch.Tensor) -> torch.Tensor:
+    """A reused step: time embedding, conv_in, the final up block's last layer on [feature | conv_in output],
+    head. `feature` (b*f, C0, h, w) comes from full_step on the same items."""
+    x, temb, audio, shape = unet.embed(sample, timestep, audio)
+    return unet.head(unet.last_layer(feature, x, temb, audio, shape[1]), shape)
+
+
+def deepcache_step(unet: UNet3DConditionModel, sample: torch.Tensor, timesteps, audio: torch.Tensor,
+                   features: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step for b items that may be at different steps of their windows: item j runs the full UNet where
+    features[j] is None (the caller decides with deepcache_plan), else a cached step on features[j] (f, C0, h, w).
+
+    sample (b, c_in, f, h, w); timesteps (b,), one per item, or one for all; audio (b, f, 50, 384) or
+    (b*f, 50, 384). Returns (noise_pred (b, c_out, f, h, w), every item's feature: new for full items, the
+    given one for the others). At most two UNet calls: the full items together, the cached items together.
+    """
+    b, f = sample.shape[0], sample.shape[2]
+    if len(features) != b:
+        raise ValueError(f"need one feature (or None) per item: {len(features)} for {b} items")
+    timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1).expand(b)
+    audio = audio.reshape(b, f, *audio.shape[-2:])
+    full = [j for j in range(b) if features[j] is None]
+    reuse = [j for j in range(b) if features[j] is not None]
+    features, preds = list(features), []
+    if full:
+        pred, new = full_step(unet, *_items((sample, timesteps, audio), full, b))
+        preds.append(pred)
+        for j, feature in zip(full, new.split(f)):
+            features[j] = feature
+    if reuse:
+        preds.append(cached_step(unet, *_items((sample, timesteps, audio), reuse, b),
+                                 torch.cat([features[j] for j in reuse])))
+    if not (full and reuse):
+        return preds[0], features
+    order = torch.tensor(full + reuse, device=sample.device).argsort()
+    return torch.cat(preds).index_select(0, order), features
+
+
+def _items(tensors, index: list[int], b: int):
+    """The rows `index` of every tensor (no copy when that is all of them, in order)."""
+    if index == list(range(b)):
+        return tensors
+    index = torch.tensor(index, device=tensors[0].device)
+    return tuple(t.index_select(0, index) for t in tensors)
 
 
 class DeepCacheUNet:
-    """A UNetFn `(sample, timesteps, audio) -> noise_pred` for ONE stream that reuses deep features.
+    """A UNetFn `(sample, timesteps, audio) -> noise_pred` for ONE stream (all items at the same step).
 
-    Step k of a window (k = 0, 1, ...) runs the full UNet when k % interval == 0. A window is recognised by
-    its timesteps restarting (the sampler's timesteps decrease within a window) or the input shape changing.
-    `interval=1` is the plain UNet.
+    Step k of a window (k = 0, 1, ...) is full when deepcache_plan(k, interval). A window is recognised by its
+    timesteps restarting (the sampler's timesteps decrease within a window) or the input shape changing, so
+    it follows the library's count (the index of t in the sampler's timesteps) for whole-schedule windows.
     """
 
     def __init__(self, unet: UNet3DConditionModel, interval: int = 3):
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
+        deepcache_plan(0, interval)  # validates interval
         self.unet, self.interval = unet, interval
         self.step = 0
         self.full_steps = 0  # counters for reports and tests
         self.cached_steps = 0
-        self._cache: torch.Tensor | None = None
+        self._feature: torch.Tensor | None = None
         self._last: tuple[int, torch.Size] | None = None
 
     def reset(self) -> None:
-        self.step, self._cache, self._last = 0, None, None
+        self.step, self._feature, self._last = 0, None, None
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
@@ -104,11 +125,11 @@ class DeepCacheUNet:
         if self._last is None or t >= self._last[0] or sample.shape != self._last[1]:
             self.step = 0  # a new window
         self._last = (t, sample.shape)
-        if self.step % self.interval == 0 or self._cache is None:
-            out, self._cache = full_step(self.unet, sample, timesteps, audio)
+        if deepcache_plan(self.step, self.interval) or self._feature is None:
+            out, self._feature = full_step(self.unet, sample, timesteps, audio)
             self.full_steps += 1
         else:
-            out = cached_step(self.unet, sample, timesteps, audio, self._cache)
+            out = cached_step(self.unet, sample, timesteps, audio, self._feature)
             self.cached_steps += 1
         self.step += 1
         return out

@@ -15,22 +15,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
-
-from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULER_CONFIG
+from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .samplers import SAMPLERS, make_sampler
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Any   # DDIMScheduler or samplers.MultistepSampler: timesteps, scale_model_input, step
-
-
-def make_scheduler(steps: int) -> DDIMScheduler:
-    """Upstream's configs/scheduler_config.json; 'leading' spacing gives 951, 901, ..., 1 for 20 steps."""
-    if not 1 <= int(steps) <= 1000:
-        raise ValueError(f"steps must be in 1..1000, got {steps}")
-    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-    scheduler.set_timesteps(int(steps))
-    return scheduler
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ from latentsync_contract import num_frames_for_audio
 from . import audio
 from .checkpoints import module_shapes
 from .configs import VAE_SCALING_FACTOR
-from .denoise import WindowConditioning, denoise_window, frames_to_batch, make_scheduler, mask_latents
+from .denoise import WindowConditioning, denoise_window, frames_to_batch, mask_latents
 from .face.align import FaceAligner, landmarks_to_points
 from .face.restore import paste_back
 from .loaders import load_unet, load_whisper_encoder
 from .models.unet3d import UNet3DConditionModel
 from .models.whisper import whisper_state_dict_shapes
+from .samplers import make_sampler
 
 
 @dataclass
@@ -292,7 +293,7 @@ def run_denoise_loop(case_dir: Path, case: dict) -> list[Check]:
         reference=to_latent(inp["vae_ref_image_posterior_sample"]),
         audio=audio[:f],
     )
-    scheduler = make_scheduler(cfg["num_inference_steps"])
+    scheduler = make_sampler("ddim", cfg["num_inference_steps"])
     rec: dict[str, list] = {"unet_input": [], "noise_pred": [], "latents": []}
 
     def record(i, d):

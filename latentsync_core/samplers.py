@@ -1,11 +1,11 @@
 """Samplers for the denoising loop: upstream's DDIM (the default) and DPM-Solver++ (fewer steps, opt-in).
 
 `make_sampler(name, steps)` returns an object with the interface `denoise.denoise_window` uses (`timesteps`,
-`scale_model_input`, `step(eps, t, latents, eta=...)`), so it drops in where `denoise.make_scheduler` is used.
+`scale_model_input`, `step(eps, t, latents, eta=...)`); it is the one place that builds upstream's DDIM.
 
 DPM-Solver++ is a multistep solver: it keeps the previous model outputs. LatentSync denoises every 16-frame
-window from fresh noise, so that history must start empty in every window (upstream issue #290 hit this);
-`MultistepSampler` resets it whenever a window starts again at the first timestep.
+window from fresh noise, so that history must start empty in every window: `MultistepSampler` resets it
+whenever a window starts again at the first timestep.
 
 Trade-off (documented in docs/PERFORMANCE.md): DPM-Solver++ at 10 steps costs half the UNet time of DDIM at
 20 steps; its output differs from upstream's DDIM output (it is a different sampler, not a faster DDIM).
@@ -46,8 +46,9 @@ class MultistepSampler:
 
 
 def make_sampler(name: str = "ddim", steps: int = 20):
-    """'ddim': upstream's scheduler (leading spacing, eta 0); 'dpmsolver++': 2nd-order DPM-Solver++ on the same
-    noise schedule (its own default linspace spacing, lower-order final steps)."""
+    """'ddim': upstream's configs/scheduler_config.json ('leading' spacing: 951, 901, ..., 1 for 20 steps; the
+    loop passes eta 0); 'dpmsolver++': 2nd-order DPM-Solver++ on the same noise schedule (its own default
+    linspace spacing, lower-order final steps)."""
     if not 1 <= int(steps) <= 1000:
         raise ValueError(f"steps must be in 1..1000, got {steps}")
     if name == "ddim":

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
-from latentsync_core.deepcache import DeepCacheUNet, cached_step, full_step
-from latentsync_core.denoise import WindowConditioning, denoise_window, make_scheduler
+from diffusers import DDIMScheduler
+
+from latentsync_core.configs import SCHEDULER_CONFIG
+from latentsync_core.deepcache import DeepCacheUNet, cached_step, deepcache_plan, deepcache_step, full_step
+from latentsync_core.denoise import WindowConditioning, denoise_window
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.samplers import make_sampler
 from latentsync_core.tiny import TINY_UNET, redraw_
@@ -25,9 +28,14 @@ def window(frames=2, hw=8, seed=0):
     return torch.randn(1, 4, frames, hw, hw, generator=g), cond
 
 
-def test_ddim_sampler_is_upstreams_scheduler():
-    ddim, reference = make_sampler("ddim", 20), make_scheduler(20)
-    assert torch.equal(ddim.timesteps, reference.timesteps)
+@pytest.mark.parametrize("steps", [20, 7])
+def test_ddim_sampler_is_upstreams_scheduler(steps):
+    """Upstream's scheduler_config.json as is; 'leading' spacing: k * (1000 // steps) + steps_offset, descending."""
+    ddim = make_sampler("ddim", steps)
+    assert type(ddim) is DDIMScheduler
+    assert all(ddim.config[k] == v for k, v in SCHEDULER_CONFIG.items() if k != "skip_prk_steps")  # a PNDM field
+    leading = torch.arange(steps - 1, -1, -1) * (1000 // steps) + SCHEDULER_CONFIG["steps_offset"]
+    assert torch.equal(ddim.timesteps, leading)
 
 
 def test_dpm_solver_restarts_in_every_window(unet):
@@ -64,7 +72,7 @@ def test_deepcache_full_and_reused_steps_match_the_unet(unet):
 def test_deepcache_runs_the_full_unet_every_interval_steps_of_each_window(unet):
     latents, cond = window()
     cached = DeepCacheUNet(unet, interval=3)
-    scheduler = make_scheduler(4)
+    scheduler = make_sampler("ddim", 4)
     with torch.no_grad():
         for _ in range(2):                                     # two windows: the count restarts in each
             out = denoise_window(cached, latents, cond, scheduler, 1.5)
@@ -74,3 +82,26 @@ def test_deepcache_runs_the_full_unet_every_interval_steps_of_each_window(unet):
         plain = denoise_window(unet, latents, cond, scheduler, 1.5)
     torch.testing.assert_close(exact, plain, rtol=0, atol=0)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)   # an approximation, not the same output
+
+
+def test_deepcache_plan_counts_from_each_windows_first_step():
+    assert [deepcache_plan(k, 3) for k in range(7)] == [True, False, False, True, False, False, True]
+    assert all(deepcache_plan(k, 1) for k in range(5))
+    with pytest.raises(ValueError, match="interval"):
+        deepcache_plan(0, 0)
+
+
+def test_deepcache_step_serves_items_at_different_steps(unet):
+    """One batch, three items: full, cached (on its own earlier feature), full; each group runs as one batch."""
+    g = torch.Generator().manual_seed(1)
+    sample, audio = torch.randn(3, 13, 2, 8, 8, generator=g), torch.randn(3, 2, 50, 384, generator=g)
+    t = torch.tensor([951, 651, 301])
+    with torch.no_grad():
+        _, earlier = full_step(unet, sample[1:2] * 0.5, 701, audio[1:2])  # item 1's last full step
+        out, features = deepcache_step(unet, sample, t, audio, [None, earlier, None])
+        full, full_features = full_step(unet, sample[0::2], t[0::2], audio[0::2])
+        reused = cached_step(unet, sample[1:2], t[1:2], audio[1:2], earlier)
+    torch.testing.assert_close(out, torch.cat([full[:1], reused, full[1:]]), rtol=0, atol=0)
+    assert features[1] is earlier
+    torch.testing.assert_close(torch.cat([features[0], features[2]]), full_features, rtol=0, atol=0)
+    assert not torch.allclose(reused, unet(sample[1:2], t[1:2], audio[1:2]), atol=1e-3)  # really the old feature

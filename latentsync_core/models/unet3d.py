@@ -149,17 +149,17 @@ class UNet3DConditionModel(nn.Module):
         """Build from a stage2*.yaml `model:` section (a plain dict); unknown fields raise TypeError."""
         return cls(**copy.deepcopy(dict(config)))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """sample (b, c_in, f, h, w); timestep: 0-d/(1,)/(b,) tensor or a number; encoder_hidden_states: audio
-        tokens (b*f, 50, 384) ordered batch-major, or (b, f, 50, 384). Returns the noise prediction
-        (b, c_out, f, h, w) in sample's dtype."""
+    # forward() in named pieces, so a caller can stop and resume it (DeepCache reuses the hidden state entering
+    # the final up block's last layer); each runs exactly the operations forward() runs.
+    def embed(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor):
+        """Returns (x, temb, audio, shape): conv_in's output as a frame batch (b*f, C0, h, w), the time embedding
+        (b, 4*C0), the audio tokens (b*f, 50, 384) in sample's dtype, and shape = (b, f, h, w)."""
         b, _, f, h, w = sample.shape
         if self.center_input_sample:
             sample = 2 * sample - 1.0
         if encoder_hidden_states.dim() == 4:
             encoder_hidden_states = encoder_hidden_states.flatten(0, 1)
-        encoder_hidden_states = encoder_hidden_states.to(sample.dtype)
+        audio = encoder_hidden_states.to(sample.dtype)
 
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=sample.device)
@@ -168,19 +168,54 @@ class UNet3DConditionModel(nn.Module):
         temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
 
         x = self.conv_in(sample.transpose(1, 2).reshape(b * f, -1, h, w))
+        return x, temb, audio, (b, f, h, w)
+
+    def encode(self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor,
+               num_frames: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down blocks and mid block on conv_in's output x. Returns (the mid block's output, the skip connections
+        [x, then every down block's]) for decode()."""
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, encoder_hidden_states, f)
+            x, block_skips = block(x, temb, audio, num_frames)
             skips += block_skips
+        return self.mid_block(x, temb, audio, num_frames), skips
 
-        x = self.mid_block(x, temb, encoder_hidden_states, f)
-
-        for block in self.up_blocks:
+    def decode(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, audio: torch.Tensor,
+               num_frames: int, stop_before_last_layer: bool = False) -> torch.Tensor:
+        """Up blocks, each taking its skip connections from the end of `skips`. With stop_before_last_layer,
+        returns the hidden state entering the final up block's last layer (which last_layer() runs on it and
+        skips[0]); the final up block has no upsampler, so nothing else is left out."""
+        last = len(self.up_blocks) - 1
+        for k, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
+            if k == last and stop_before_last_layer:
+                for i in range(n - 1):
+                    x = block.layer(i, x, block_skips[-1 - i], temb, audio, num_frames)
+                return x
             # upsample to the next skip's size: 2x, or what upstream forces when h, w are not multiples of 8
             size = skips[-1].shape[-2:] if skips else None
-            x = block(x, block_skips, temb, encoder_hidden_states, f, size)
+            x = block(x, block_skips, temb, audio, num_frames, size)
+        return x
 
+    def last_layer(self, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor,
+                   num_frames: int) -> torch.Tensor:
+        """The final up block's last layer on x and its skip connection (conv_in's output)."""
+        block = self.up_blocks[-1]
+        return block.layer(len(block.resnets) - 1, x, skip, temb, audio, num_frames)
+
+    def head(self, x: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """Output norm, activation and conv; frame batch -> (b, c_out, f, h, w)."""
+        b, f, h, w = shape
         x = self.conv_out(self.conv_act(self.conv_norm_out(x, f)))
         return x.view(b, f, -1, h, w).transpose(1, 2).contiguous()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample (b, c_in, f, h, w); timestep: 0-d/(1,)/(b,) tensor or a number; encoder_hidden_states: audio
+        tokens (b*f, 50, 384) ordered batch-major, or (b, f, 50, 384). Returns the noise prediction
+        (b, c_out, f, h, w) in sample's dtype."""
+        x, temb, audio, shape = self.embed(sample, timestep, encoder_hidden_states)
+        f = shape[1]
+        x, skips = self.encode(x, temb, audio, f)
+        return self.head(self.decode(x, skips, temb, audio, f), shape)

@@ -3,7 +3,9 @@
 Each layer of a block is: ResNet -> [spatial/audio transformer] -> [motion module]. Upstream's
 CrossAttn*Block3D and *Block3D differ only in whether the transformer is there, so one class covers both.
 Submodules are registered in upstream's order (attentions, resnets, motion_modules, down/upsamplers) so
-state_dict() lists keys exactly as the official checkpoints do.
+state_dict() lists keys exactly as the official checkpoints do. A block without transformers or motion modules
+holds an EMPTY `attentions` / `motion_modules` list (no state_dict keys): code written for upstream's blocks,
+such as the DeepCache library's `getattr(block, "attentions", [])`, iterates it as it iterates upstream's.
 """
 from __future__ import annotations
 
@@ -18,17 +20,26 @@ from .resnet import Downsample3D, Upsample3D
 Factory = Callable[..., nn.Module]
 
 
+def _attend(block: nn.Module, i: int, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """What follows layer i's ResNet: [transformer] -> [motion module]."""
+    if block.attentions:
+        x = block.attentions[i](x, context)
+    if block.motion_modules:
+        x = block.motion_modules[i](x, num_frames)
+    return x
+
+
 class DownBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, make_resnet: Factory,
                  make_attention: Factory | None = None, make_motion: Factory | None = None,
                  add_downsample: bool = True, downsample_padding: int = 1):
         super().__init__()
         self.attentions = nn.ModuleList(
-            [make_attention(out_channels) for _ in range(num_layers)]) if make_attention else None
+            [make_attention(out_channels) for _ in range(num_layers)] if make_attention else [])
         self.resnets = nn.ModuleList(
             [make_resnet(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)])
         self.motion_modules = nn.ModuleList(
-            [make_motion(out_channels) for _ in range(num_layers)]) if make_motion else None
+            [make_motion(out_channels) for _ in range(num_layers)] if make_motion else [])
         self.downsamplers = nn.ModuleList(
             [Downsample3D(out_channels, downsample_padding)]) if add_downsample else None
 
@@ -36,11 +47,7 @@ class DownBlock3D(nn.Module):
         """Returns the output and the skip connections (one per layer, plus the downsampled output)."""
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb, num_frames)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            if self.motion_modules is not None:
-                x = self.motion_modules[i](x, num_frames)
+            x = _attend(self, i, resnet(x, temb, num_frames), context, num_frames)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -56,14 +63,13 @@ class UNetMidBlock3DCrossAttn(nn.Module):
         super().__init__()
         self.attentions = nn.ModuleList([make_attention(channels) for _ in range(num_layers)])
         self.resnets = nn.ModuleList([make_resnet(channels, channels) for _ in range(num_layers + 1)])
-        self.motion_modules = nn.ModuleList(
-            [make_motion(channels) for _ in range(num_layers)]) if make_motion else None
+        self.motion_modules = nn.ModuleList([make_motion(channels) for _ in range(num_layers)] if make_motion else [])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         x = self.resnets[0](x, temb, num_frames)
         for i, (attention, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
             x = attention(x, context)
-            if self.motion_modules is not None:
+            if self.motion_modules:
                 x = self.motion_modules[i](x, num_frames)
             x = resnet(x, temb, num_frames)
         return x
@@ -77,23 +83,25 @@ class UpBlock3D(nn.Module):
                  add_upsample: bool = True):
         super().__init__()
         self.attentions = nn.ModuleList(
-            [make_attention(out_channels) for _ in range(num_layers)]) if make_attention else None
+            [make_attention(out_channels) for _ in range(num_layers)] if make_attention else [])
         self.resnets = nn.ModuleList([
             make_resnet((prev_output_channels if i == 0 else out_channels)
                         + (in_channels if i == num_layers - 1 else out_channels), out_channels)
             for i in range(num_layers)])
         self.motion_modules = nn.ModuleList(
-            [make_motion(out_channels) for _ in range(num_layers)]) if make_motion else None
+            [make_motion(out_channels) for _ in range(num_layers)] if make_motion else [])
         self.upsamplers = nn.ModuleList([Upsample3D(out_channels)]) if add_upsample else None
+
+    def layer(self, i: int, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+              num_frames: int) -> torch.Tensor:
+        """Layer i alone: ResNet on [x | skip] -> [transformer] -> [motion module]."""
+        return _attend(self, i, self.resnets[i](torch.cat([x, skip], dim=1), temb, num_frames), context, num_frames)
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
                 num_frames: int, upsample_size=None) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            if self.motion_modules is not None:
-                x = self.motion_modules[i](x, num_frames)
+        """`skips` are consumed from the end: layer i takes skips[-1 - i]."""
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, skips[-1 - i], temb, context, num_frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
