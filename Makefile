@@ -17,7 +17,9 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e ./contract -e . -e './serving[triton]' -e ./export -e ./client -e ./load \
 		-r tests/requirements.txt
-	$(BIN)/pip install -q --no-deps mediapipe==0.10.21   # real face detector weights (.tflite), see face/detectors
+	# --no-deps: only files are used: mediapipe's face detector weights (.tflite, see face/detectors) and the
+	# sample photos of insightface (the demo portrait; test_pose)
+	$(BIN)/pip install -q --no-deps mediapipe==0.10.21 insightface==2.1
 	@echo "setup done: $(VENV)"
 
 # The whole suite: golden parity, numerics, real Triton servers on loopback, the client, ops files, benchmarks.

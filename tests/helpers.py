@@ -66,6 +66,22 @@ def frame_codes(frames):
     return [int(round(float(f.mean()) / CODE_STEP)) for f in frames]
 
 
+def decode(path: Path, scale: float = 1.0, step: int = 1, limit: int | None = None) -> np.ndarray:
+    """RGB frames of a clip, resized by PyAV's scaler (cheap detection at reduced cost)."""
+    frames = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        w, h = stream.codec_context.width, stream.codec_context.height
+        size = dict(width=int(w * scale) // 2 * 2, height=int(h * scale) // 2 * 2)
+        for i, frame in enumerate(container.decode(stream)):
+            if i % step == 0:
+                frames.append(frame.to_ndarray(format="rgb24", **size))
+            if limit and len(frames) >= limit:
+                break
+    return np.stack(frames)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 ECHO_MODEL = Path(__file__).parent / "models" / "protocol_echo"
 CLI = [str(Path(sys.executable).with_name("latentsync-client"))]

@@ -2,12 +2,12 @@
 request independence, and the InsightFace loading/decoding path on small fake ONNX files."""
 from pathlib import Path
 
-import av
 import cv2
 import fake_insightface as fake
 import numpy as np
 import onnx
 import pytest
+from helpers import decode
 
 from latentsync_core.face.align import landmarks_to_points
 from latentsync_core.face.detect import Candidates, FaceFilter, box_iou, create_detector, select_faces
@@ -20,22 +20,6 @@ MIN_IOU, MIN_MEAN_IOU = 0.6, 0.75
 # subsample of the others.
 CLIPS = [("demo1_video.mp4", 0.5, 1), ("demo2_video.mp4", 0.5, 10),
          ("retalking_face1.mp4", 1.0, 5), ("retalking_face2.mp4", 1.0, 5)]
-
-
-def decode(path: Path, scale: float = 1.0, step: int = 1, limit: int | None = None) -> np.ndarray:
-    """RGB frames of a clip, resized by PyAV's scaler (cheap detection at reduced cost)."""
-    frames = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        w, h = stream.codec_context.width, stream.codec_context.height
-        size = dict(width=int(w * scale) // 2 * 2, height=int(h * scale) // 2 * 2)
-        for i, frame in enumerate(container.decode(stream)):
-            if i % step == 0:
-                frames.append(frame.to_ndarray(format="rgb24", **size))
-            if limit and len(frames) >= limit:
-                break
-    return np.stack(frames)
 
 
 def yunet_boxes(model: Path, frames: np.ndarray, subsample: int = 2) -> np.ndarray:

@@ -3,13 +3,22 @@ real clips and on the demo's group photo, the turned-face mask, and the frontal 
 import cv2
 import numpy as np
 import pytest
+from helpers import decode
 
 from latentsync_core.face.detect import box_iou, create_detector, select_faces
 from latentsync_core.face.detectors.mediapipe_tflite import MESH_SIZE
-from latentsync_core.face.pose import (DEFAULT_MAX_YAW, FRONTAL_MAX_YAW, NOSE_DEPTH, NOSE_DROP, all_faces, frontal_crop,
-                                       head_pose, too_turned, yaw_degrees)
-from latentsync_export.demo import sample_portrait
-from test_face_detect import decode
+from latentsync_core.face.pose import (
+    DEFAULT_MAX_YAW,
+    FRONTAL_MAX_YAW,
+    NOSE_DEPTH,
+    NOSE_DROP,
+    all_faces,
+    frontal_crop,
+    head_pose,
+    too_turned,
+    yaw_degrees,
+)
+from latentsync_load.demo import sample_portrait
 
 # Agreement with the mesh's 3D cheek-to-cheek line (measured: per-clip mean |error| 1.2-4.0 degrees, largest 10;
 # t1.jpg's faces within 7.5); the bounds leave room for codec / library differences.

@@ -1,7 +1,6 @@
 """The opt-in speed/quality trade-offs: DPM-Solver++ (fewer steps) and DeepCache-style feature reuse."""
 import pytest
 import torch
-
 from diffusers import DDIMScheduler
 
 from latentsync_core.configs import SCHEDULER_CONFIG

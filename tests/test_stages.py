@@ -4,14 +4,24 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import decode
 
 from latentsync_core.face.align import FaceAligner
 from latentsync_core.face.detect import create_detector
 from latentsync_core.face.mask import mouth_mask
 from latentsync_core.face.restore import paste_back, resize_face_to_box
-from latentsync_core.face.stages import (BACKGROUND, BOX_COLOR, GAP, LABEL_H, POINT_COLORS, compose, render_stages,
-                                         save_picture, stage_panels, zoom_window)
-from test_face_detect import decode
+from latentsync_core.face.stages import (
+    BACKGROUND,
+    BOX_COLOR,
+    GAP,
+    LABEL_H,
+    POINT_COLORS,
+    compose,
+    render_stages,
+    save_picture,
+    stage_panels,
+    zoom_window,
+)
 
 LABELS = ["input", "detection", "aligned face", "mouth mask", "generated face", "pasted back", "output"]
 HEIGHT = 224
