@@ -21,8 +21,8 @@ cross-attention), motion module. Here a cached step runs only that fresh work, f
 
 Every function here takes a batch of several windows (b items of f frames; with guidance a window is two items,
 [unconditional, audio]); features are frame batches, item j's rows j*f..(j+1)*f-1, so a caller can split and
-concatenate them per item along dim 0. `DeepCacheUNet` wraps one stream for `denoise.denoise_window`;
-`deepcache_step` serves a batch whose items are at different steps (windows of different streams).
+concatenate them per item along dim 0. `deepcache_step` serves a batch whose items are at different steps
+(windows of different streams); denoise.WindowJob keeps each window's features between its steps.
 """
 from __future__ import annotations
 
@@ -97,39 +97,3 @@ def _items(tensors, index: list[int], b: int):
         return tensors
     index = torch.tensor(index, device=tensors[0].device)
     return tuple(t.index_select(0, index) for t in tensors)
-
-
-class DeepCacheUNet:
-    """A UNetFn `(sample, timesteps, audio) -> noise_pred` for ONE stream (all items at the same step).
-
-    Step k of a window (k = 0, 1, ...) is full when deepcache_plan(k, interval). A window is recognised by its
-    timesteps restarting (the sampler's timesteps decrease within a window) or the input shape changing, so
-    it follows the library's count (the index of t in the sampler's timesteps) for whole-schedule windows.
-    """
-
-    def __init__(self, unet: UNet3DConditionModel, interval: int = 3):
-        deepcache_plan(0, interval)  # validates interval
-        self.unet, self.interval = unet, interval
-        self.step = 0
-        self.full_steps = 0  # counters for reports and tests
-        self.cached_steps = 0
-        self._feature: torch.Tensor | None = None
-        self._last: tuple[int, torch.Size] | None = None
-
-    def reset(self) -> None:
-        self.step, self._feature, self._last = 0, None, None
-
-    @torch.no_grad()
-    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        t = int(torch.as_tensor(timesteps).reshape(-1)[0])
-        if self._last is None or t >= self._last[0] or sample.shape != self._last[1]:
-            self.step = 0  # a new window
-        self._last = (t, sample.shape)
-        if deepcache_plan(self.step, self.interval) or self._feature is None:
-            out, self._feature = full_step(self.unet, sample, timesteps, audio)
-            self.full_steps += 1
-        else:
-            out = cached_step(self.unet, sample, timesteps, audio, self._feature)
-            self.cached_steps += 1
-        self.step += 1
-        return out

@@ -10,12 +10,15 @@ The UNet is a callable `unet(sample, timesteps, audio) -> noise_pred`. A window'
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
 from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .deepcache import deepcache_plan, deepcache_step
 from .samplers import SAMPLERS, make_sampler
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,6 +32,7 @@ class DenoiseSpec:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     sampler: str = "ddim"
+    deepcache: int = 0        # DeepCache interval: the full UNet every k-th step of a window (0 = off)
 
     def __post_init__(self):
         if not 1 <= int(self.steps) <= 1000:
@@ -37,10 +41,16 @@ class DenoiseSpec:
             raise ValueError(f"guidance must be >= 1 (1 disables guidance), got {self.guidance}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        if self.deepcache < 0:
+            raise ValueError(f"deepcache must be >= 0 (0 = off), got {self.deepcache}")
 
     def sampler_for_window(self):
         """A fresh sampler: every window starts from noise, and a multistep sampler's history with it."""
         return make_sampler(self.sampler, self.steps)
+
+    def job(self, latents: torch.Tensor, cond: WindowConditioning, **kw) -> WindowJob:
+        """One window's loop under this spec."""
+        return WindowJob(latents, cond, self.sampler_for_window(), self.guidance, self.deepcache, **kw)
 
 
 def initial_noise(generator: torch.Generator, latent_hw: tuple[int, int], dtype=torch.float32) -> torch.Tensor:
@@ -68,6 +78,10 @@ class WindowConditioning:
     reference: torch.Tensor
     audio: torch.Tensor  # (f, 50, 384)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> WindowConditioning:
+        return WindowConditioning(*(t.to(device, dtype) for t in (self.mask, self.masked, self.reference,
+                                                                   self.audio)))
+
     def unet_input(self, latents: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sample (b,13,f,h,w), audio (b,f,50,384)) with b = 2 under guidance [uncond, cond]."""
         sample = torch.cat([latents, self.mask, self.masked, self.reference], dim=1)
@@ -90,8 +104,10 @@ class WindowJob:
     cond: WindowConditioning
     sampler: Sampler
     guidance: float
+    deepcache: int = 0                       # DeepCache interval (0 = every step runs the full UNet)
     trace: Callable[[int, dict], None] | None = None
     index: int = 0                           # steps done
+    features: list[torch.Tensor] | None = None   # DeepCache: the items' features of the last full step
 
     @property
     def guided(self) -> bool:
@@ -104,6 +120,11 @@ class WindowJob:
     @property
     def frames(self) -> int:
         return self.latents.shape[2]
+
+    def cached_features(self) -> list[torch.Tensor | None]:
+        """Per UNet item: the feature a DeepCache step reuses, or None where this step runs the full UNet."""
+        full = not self.deepcache or self.features is None or deepcache_plan(self.index, self.deepcache)
+        return [None] * (2 if self.guided else 1) if full else self.features
 
     def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample (b,13,f,h,w), timesteps (b,), audio (b,f,50,384)) of this window's next step."""
@@ -128,23 +149,36 @@ class WindowJob:
 
 def step(unet: UNetFn, jobs: Sequence[WindowJob]) -> int:
     """Advance every job by one step. Windows of equal frame count share one UNet forward (guided windows give
-    two items each); returns the number of forwards run."""
+    two items each); with DeepCache the items at a full step and those reusing a feature run as two sub-batches
+    (only a UNet module has the pieces for that; a plain callable runs every step in full). Returns the number
+    of UNet calls."""
     groups: dict[int, list[WindowJob]] = {}
     for job in jobs:
         groups.setdefault(job.frames, []).append(job)
+    calls = 0
     for group in groups.values():
         inputs = [job.unet_input() for job in group]
         sample, timesteps, audio = (torch.cat(parts) if len(group) > 1 else parts[0] for parts in zip(*inputs))
-        noise_pred = unet(sample, timesteps, audio)
-        for job, (own, _, _), pred in zip(group, inputs, noise_pred.split([len(i[0]) for i in inputs])):
+        sizes = [len(i[0]) for i in inputs]
+        if any(job.deepcache for job in group) and hasattr(unet, "embed"):
+            cached = [f for job in group for f in job.cached_features()]
+            noise_pred, features = deepcache_step(unet, sample, timesteps, audio, cached)
+            calls += any(f is None for f in cached) + any(f is not None for f in cached)
+            for job, start, n in zip(group, itertools.accumulate([0, *sizes]), sizes):
+                job.features = features[start:start + n] if job.deepcache else None
+        else:
+            noise_pred = unet(sample, timesteps, audio)
+            calls += 1
+        for job, (own, _, _), pred in zip(group, inputs, noise_pred.split(sizes)):
             job.advance(pred, own)
-    return len(groups)
+    return calls
 
 
 def denoise_window(unet: UNetFn, latents: torch.Tensor, cond: WindowConditioning, sampler: Sampler,
-                   guidance: float, callback: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+                   guidance: float, callback: Callable[[int, dict], None] | None = None,
+                   deepcache: int = 0) -> torch.Tensor:
     """Run every timestep of `sampler` on one window; returns the final (1, 4, f, h, w) latents."""
-    job = WindowJob(latents, cond, sampler, guidance, trace=callback)
+    job = WindowJob(latents, cond, sampler, guidance, deepcache, trace=callback)
     while not job.done:
         step(unet, [job])
     return job.latents

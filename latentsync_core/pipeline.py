@@ -20,8 +20,7 @@ from latentsync_contract import ContractError, no_face_message
 
 from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
-from .denoise import (DenoiseSpec, WindowConditioning, denoise_window, frames_to_batch, initial_noise,
-                      mask_latents)
+from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
 from .face.align import FaceAligner, box_hw
 from .face.mask import masked_face_inputs, mouth_mask
 from .face.restore import paste_back, resize_face_to_box
@@ -76,10 +75,11 @@ class LipSyncStream:
 
     def __init__(self, backend: ModelBackend, variant: str | Variant = "1.5", steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED, mask: np.ndarray | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", sampler: str = "ddim"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", sampler: str = "ddim",
+                 deepcache: int = 0):
         self.backend = backend
         self.variant = variant if isinstance(variant, Variant) else get_variant(variant)
-        self.spec = DenoiseSpec(int(steps), float(guidance), sampler)
+        self.spec = DenoiseSpec(int(steps), float(guidance), sampler, int(deepcache))
         self.dtype, self.device = dtype, torch.device(device)
         self.aligner = FaceAligner(self.variant.resolution)
         self.mask = mouth_mask(self.variant.resolution) if mask is None else mask
@@ -188,11 +188,10 @@ class LocalModels:
 
     @torch.no_grad()
     def denoise(self, latents, cond, spec):
-        return denoise_window(self.unet, latents, cond, spec.sampler_for_window(), spec.guidance)
-
-    def unet(self, sample, timesteps, audio):
-        dt = self._dtype(self.unet_model)
-        return self.unet_model(sample.to(self.device, dt), timesteps.to(self.device), audio.to(self.device, dt))
+        job = spec.job(latents.to(self.device), cond.to(self.device, self._dtype(self.unet_model)))
+        while not job.done:
+            step(self.unet_model, [job])
+        return job.latents
 
     @torch.no_grad()
     def vae_decode(self, latents):

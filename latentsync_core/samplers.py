@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from .configs import SCHEDULER_CONFIG
-
-SAMPLERS = ("ddim", "dpmsolver++")
+from .configs import SAMPLERS, SCHEDULER_CONFIG  # noqa: F401 - SAMPLERS: the names clients may ask for
 
 
 class MultistepSampler:

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from latentsync_core.deepcache import DeepCacheUNet, deepcache_plan, deepcache_step
-from latentsync_core.denoise import WindowConditioning, denoise_window
+from latentsync_core.deepcache import deepcache_plan
+from latentsync_core.denoise import WindowConditioning, WindowJob, denoise_window, step
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.samplers import make_sampler
 from latentsync_core.tiny import TINY_UNET, redraw_
@@ -95,48 +95,31 @@ def test_library_caches_what_the_module_docstring_says(library_result):
 
 
 def test_project_deepcache_per_stream_equals_the_library(library_result):
+    """One window at a time through the project's loop (denoise.WindowJob with DeepCache): exactly the library."""
     expected, _ = library_result
-    unet = DeepCacheUNet(tiny_unet(), interval=INTERVAL)
-    scheduler = make_sampler("ddim", STEPS)
+    unet, counts = tiny_unet(), {}
+    hook = count_calls(unet.down_blocks[0].resnets[0].conv1, counts, "deep")
     with torch.no_grad():
-        latents = [denoise_window(unet, *window(seed), scheduler, GUIDANCE) for seed in (0, 1)]
-    assert (unet.full_steps, unet.cached_steps) == (2 * FULL_STEPS, 2 * (STEPS - FULL_STEPS))
+        latents = [denoise_window(unet, *window(seed), make_sampler("ddim", STEPS), GUIDANCE, deepcache=INTERVAL)
+                   for seed in (0, 1)]
+    hook.remove()
+    assert counts["deep"] == 2 * FULL_STEPS          # the deep layers run on full steps only
     for got, want in zip(latents, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_project_deepcache_batched_windows_at_different_steps_equal_the_library(library_result):
-    """Two streams' windows share every UNet call; the second starts one step later, so most calls mix a
-    full and a cached window (deepcache_step runs them as two sub-batches) and the others hold two cached ones."""
+    """Two streams' windows share every UNet call, as in the denoiser model: the second starts one step later, so
+    most calls mix a full and a cached window (two sub-batches) and the others hold two cached ones."""
     expected, _ = library_result
-    unet, scheduler = tiny_unet(), make_sampler("ddim", STEPS)
-    windows = [window(seed) for seed in (0, 1)]
-    latents = [w[0] for w in windows]
-    start = [0, 1]                       # the tick at which each window takes its first step
-    features = [[None, None] for _ in windows]   # per window: its [unconditional, audio] items' features
+    unet = tiny_unet()
+    jobs = [WindowJob(*window(seed), make_sampler("ddim", STEPS), GUIDANCE, INTERVAL) for seed in (0, 1)]
     with torch.no_grad():
-        for tick in range(STEPS + max(start)):
-            active = [i for i in range(len(windows)) if 0 <= tick - start[i] < STEPS]
-            samples, audios, ts = [], [], []
-            for i in active:
-                k = tick - start[i]
-                t = scheduler.timesteps[k]
-                sample, audio = windows[i][1].unet_input(scheduler.scale_model_input(latents[i], t), guided=True)
-                samples.append(sample)
-                audios.append(audio)
-                ts += [int(t)] * 2
-                if deepcache_plan(k, INTERVAL):
-                    features[i] = [None, None]
-            noise_pred, new = deepcache_step(unet, torch.cat(samples), torch.tensor(ts), torch.cat(audios),
-                                             [f for i in active for f in features[i]])
-            for n, i in enumerate(active):
-                features[i] = new[2 * n:2 * n + 2]
-                uncond, audio_pred = noise_pred[2 * n:2 * n + 2].chunk(2)
-                eps = uncond + GUIDANCE * (audio_pred - uncond)
-                t = scheduler.timesteps[tick - start[i]]
-                latents[i] = scheduler.step(eps, t, latents[i], eta=0.0).prev_sample
+        step(unet, jobs[:1])                  # the first window's step 0 alone; then both together
+        while not all(job.done for job in jobs):
+            step(unet, [job for job in jobs if not job.done])
     # Not bit-exact: CPU kernels round differently for other batch sizes (the cached steps run 4 items where the
     # library runs 2). Measured: 3e-7 of the largest |latent|, i.e. a few float32 ulps.
-    for got, want in zip(latents, expected):
-        err, peak = (got - want).abs().max().item(), want.abs().max().item()
+    for job, want in zip(jobs, expected):
+        err, peak = (job.latents - want).abs().max().item(), want.abs().max().item()
         assert err <= 1e-6 * peak, f"max abs error {err:.3g} exceeds 1e-6 x max |latent| {peak:.3g}"

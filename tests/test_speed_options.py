@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from latentsync_core.configs import SCHEDULER_CONFIG
-from latentsync_core.deepcache import DeepCacheUNet, cached_step, deepcache_plan, deepcache_step, full_step
+from latentsync_core.deepcache import cached_step, deepcache_plan, deepcache_step, full_step
 from latentsync_core.denoise import WindowConditioning, denoise_window
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.samplers import make_sampler
@@ -70,15 +70,17 @@ def test_deepcache_full_and_reused_steps_match_the_unet(unet):
 
 def test_deepcache_runs_the_full_unet_every_interval_steps_of_each_window(unet):
     latents, cond = window()
-    cached = DeepCacheUNet(unet, interval=3)
-    scheduler = make_sampler("ddim", 4)
+    counts = {"deep": 0}
+    hook = unet.down_blocks[0].resnets[0].conv1.register_forward_hook(
+        lambda *_: counts.__setitem__("deep", counts["deep"] + 1))
     with torch.no_grad():
         for _ in range(2):                                     # two windows: the count restarts in each
-            out = denoise_window(cached, latents, cond, scheduler, 1.5)
-    assert (cached.full_steps, cached.cached_steps) == (2 * 2, 2 * 2)   # steps 0 and 3 of 4 are full
+            out = denoise_window(unet, latents, cond, make_sampler("ddim", 4), 1.5, deepcache=3)
+    hook.remove()
+    assert counts["deep"] == 2 * 2                             # steps 0 and 3 of 4 are full, in each window
     with torch.no_grad():
-        exact = denoise_window(DeepCacheUNet(unet, interval=1), latents, cond, scheduler, 1.5)
-        plain = denoise_window(unet, latents, cond, scheduler, 1.5)
+        exact = denoise_window(unet, latents, cond, make_sampler("ddim", 4), 1.5, deepcache=1)
+        plain = denoise_window(unet, latents, cond, make_sampler("ddim", 4), 1.5)
     torch.testing.assert_close(exact, plain, rtol=0, atol=0)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)   # an approximation, not the same output
 

@@ -26,6 +26,8 @@ VARIANTS = ("1.5", "1.6")     # LatentSync releases: 256 px and 512 px faces
 DEFAULT_STEPS, MAX_STEPS = 20, 100
 DEFAULT_GUIDANCE, MAX_GUIDANCE = 1.5, 20.0
 DEFAULT_SEED, MAX_SEED = 1247, 2**63 - 1
+SAMPLERS = ("ddim", "dpmsolver++")   # upstream's DDIM; DPM-Solver++ (2nd order) reaches it in fewer steps
+MAX_DEEPCACHE = 10                   # DeepCache interval: full UNet every k-th step (upstream's scripts: 3)
 
 
 class ContractError(ValueError):
@@ -89,6 +91,8 @@ class StreamParams:
     guidance: float = DEFAULT_GUIDANCE
     seed: int = DEFAULT_SEED
     variant: str | None = None
+    sampler: str = "ddim"
+    deepcache: int = 0            # 0 = off; k = the full UNet on every k-th step of a window, cached features between
 
     def __post_init__(self):
         _check_type("steps", self.steps, int)
@@ -104,6 +108,12 @@ class StreamParams:
             raise ContractError(f"parameter 'seed' must be in 0..2^63-1, got {self.seed}")
         if self.variant is not None and self.variant not in VARIANTS:
             raise ContractError(f"parameter 'variant' must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.sampler not in SAMPLERS:
+            raise ContractError(f"parameter 'sampler' must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        _check_type("deepcache", self.deepcache, int)
+        if not 0 <= self.deepcache <= MAX_DEEPCACHE:
+            raise ContractError(f"parameter 'deepcache' must be in 0..{MAX_DEEPCACHE} (0 = off; upstream's scripts "
+                                f"use 3), got {self.deepcache}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -125,8 +135,11 @@ class StreamParams:
         return cls(**values, variant=variant)
 
     def as_parameters(self) -> dict:
-        """Typed request parameters (tritonclient sends int/float/str as int64/double/string)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Typed request parameters (tritonclient sends int/float/str as int64/double/string); defaults left out,
+        so a client that asks for nothing new works with a server that knows fewer parameters."""
+        defaults = StreamParams()
+        return {k: v for k, v in asdict(self).items()
+                if v is not None and (k in ("steps", "guidance", "seed") or v != getattr(defaults, k))}
 
 
 def _check_type(name: str, value, kind: type) -> None:

@@ -88,7 +88,7 @@ class DenoiserService:
         dt = self.dtype
         cond = WindowConditioning(mask=t["MASK"][None].to(dt), masked=t["MASKED"][None].to(dt),
                                   reference=t["REFERENCE"][None].to(dt), audio=t["AUDIO"].to(dt))
-        return WindowJob(t["LATENTS"][None].float(), cond, spec.sampler_for_window(), spec.guidance)
+        return spec.job(t["LATENTS"][None].float(), cond)
 
     # ------------------------------------------------------------------------------------------ the loop
     def _run(self) -> None:

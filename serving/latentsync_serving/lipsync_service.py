@@ -156,7 +156,7 @@ class Stream:
             raise ContractError("FRAMES before AUDIO: send the whole 16 kHz audio track first")
         p = self.params
         lipsync = LipSyncStream(self.service.backend(p.variant), p.variant, p.steps, p.guidance, p.seed,
-                                device=self.service.device)
+                                device=self.service.device, sampler=p.sampler, deepcache=p.deepcache)
         samples, self.audio = np.concatenate(self.audio), []
         try:
             lipsync.set_audio(samples)
