@@ -206,20 +206,13 @@ def reference_video(repo, variant, frames, audio, **params) -> np.ndarray:
     return np.concatenate([w.frames for w in pipeline(frames, audio, **params)])
 
 
-def metric(server, name: str) -> float:
+def metric(server, name: str, default: float | None = None, **labels: str) -> float:
+    """The sum of a Prometheus metric over the series whose labels include `labels` (`default` if none)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
-    assert values, f"metric {name} not exported"
-    return sum(values)
-
-
-def unet_stats(server, model: str) -> dict:
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    batches = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
-    return {"requests": int(stats["inference_stats"]["success"].get("count", 0)),
-            "inferences": int(stats.get("inference_count", 0)), "executions": int(stats.get("execution_count", 0)),
-            "batches": batches}
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+              and all(f'{k}="{v}"' in line for k, v in labels.items())]
+    assert values or default is not None, f"metric {name} {labels or ''} not exported"
+    return sum(values) if values else default
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

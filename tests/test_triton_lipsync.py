@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import StreamResult, audio_for, metric, reference_video, run_stream, unet_stats, wait_for
+from helpers import StreamResult, audio_for, metric, reference_video, run_stream, wait_for
 
 from latentsync_contract import WINDOW as NUM_FRAMES
 from latentsync_export.export import ExportOptions, build_repository
@@ -63,11 +63,14 @@ def test_triton_equals_in_process_pipeline(server, tiny_repo, clip, variant, n_f
 
 
 # ---------------------------------------------------------------------------------------------------- batching
-def test_concurrent_streams_share_unet_executions(server, tiny_repo, clip):
+def test_concurrent_streams_share_denoiser_steps(server, tiny_repo, clip):
+    """The denoiser advances the windows of all streams in flight together: fewer loop iterations than
+    window-steps (its own counters), and batching does not change a stream's result."""
     frames, samples = clip
     n_streams, n_frames = 4, 6
     audio = audio_for(samples, n_frames)
-    before = unet_stats(server, "unet_1.5")
+    counters = ("denoiser_steps", "denoiser_window_steps", "denoiser_windows")
+    before = {c: metric(server, c, model="denoiser_1.5") for c in counters}
     results: dict[int, StreamResult] = {}
 
     def one(i):
@@ -79,25 +82,42 @@ def test_concurrent_streams_share_unet_executions(server, tiny_repo, clip):
         t.start()
     for t in threads:
         t.join()
-    after = unet_stats(server, "unet_1.5")
-    requests = after["requests"] - before["requests"]
-    executions = after["executions"] - before["executions"]
-    inferences = after["inferences"] - before["inferences"]
-    merged = {b: n - before["batches"].get(b, 0) for b, n in after["batches"].items() if b > 2}
-    print(f"unet_1.5 over {n_streams} streams: {requests} requests (2 items each), {inferences} inferences, "
-          f"{executions} executions; executions of batch > 2: {merged}")
+    delta = {c: metric(server, c, model="denoiser_1.5") - before[c] for c in counters}
+    print(f"denoiser_1.5 over {n_streams} streams: {delta}; windows per step "
+          f"{delta['denoiser_window_steps'] / delta['denoiser_steps']:.2f}")
     assert all(not r.errors for r in results.values()), [r.errors for r in results.values()]
-    assert requests == n_streams * STEPS          # one UNet call per step per window, guidance in one call
-    assert inferences == 2 * requests             # [unconditional, conditional] items of one window
-    # windows of different streams ran together: fewer executions than requests, > 1 window per execution
-    assert executions < requests and inferences > 2 * executions
-    assert sum(merged.values()) > 0
+    assert delta["denoiser_windows"] == n_streams                  # one window per stream
+    assert delta["denoiser_window_steps"] == n_streams * STEPS     # each window's every step, inside the denoiser
+    assert delta["denoiser_steps"] < delta["denoiser_window_steps"]  # windows of different streams shared steps
 
     # Batching does not change a stream's result: its own seeded generator draws its noise.
     want = reference_video(tiny_repo, "1.5", frames[:n_frames], audio, steps=STEPS, guidance=1.5, seed=100)
     err = np.abs(results[0].video.astype(np.int16) - want.astype(np.int16))
     print(f"batched stream vs in-process: max abs error {err.max()}, {(err > 0).mean():.2e} of values differ")
     assert err.max() <= 1 and (err > 0).mean() < 1e-3
+
+
+def test_a_window_crosses_once_whatever_its_steps(server, clip):
+    """Per window, each model gets one request, and its bytes do not depend on the number of steps: every step
+    (guidance's zero-audio branch, the UNet, the sampler) runs inside the denoiser; nothing crosses per step."""
+    frames, samples = clip
+    audio = audio_for(samples, 3)
+    traffic = ("lipsync_bls_requests", "lipsync_bls_input_bytes", "lipsync_bls_output_bytes")
+    callees = ("face_detector", "vae_encoder", "denoiser_1.5", "vae_decoder", "restorer")
+
+    def per_window(steps: int) -> dict:
+        before = {(t, c): metric(server, t, default=0.0, callee=c) for t in traffic for c in callees}
+        got = run_stream(server.grpc_url, frames[:3], audio, {"steps": steps, "variant": "1.5"})
+        assert not got.errors, got.errors
+        return {k: metric(server, k[0], callee=k[1]) - v for k, v in before.items()}
+
+    one, many = per_window(1), per_window(4)
+    print({f"{t}/{c}": one[(t, c)] for t, c in one})
+    assert one == many
+    assert all(one[("lipsync_bls_requests", c)] == 1 for c in callees)
+    # what the denoiser receives once per window: latents, mask, masked and reference latents, audio chunks
+    latent, frames_n = 32 * 32, 3
+    assert one[("lipsync_bls_input_bytes", "denoiser_1.5")] == 4 * frames_n * (13 * latent + 50 * 384)
 
 
 # ---------------------------------------------------------------------------------------------------- contract
