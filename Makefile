@@ -13,9 +13,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # CPU install from the package registries (torch 2.13.0 CPU is on disk for pip).
+# The optional face enhancer's loader (face/enhance.py) goes in with --no-deps: spandrel declares torchvision,
+# and PyPI's torchvision does not import beside the CPU torch (and then breaks diffusers' imports).
+# spandrel-extra-arches brings CodeFormer, whose licence allows non-commercial use only.
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e '.[server,test]' -e ./client
 	$(BIN)/pip install -q --no-deps mediapipe==0.10.21   # real face detector weights (.tflite), see face/detectors
+	$(BIN)/pip install -q --no-deps spandrel==0.4.2 spandrel-extra-arches==0.2.0 einops==0.8.2
 	@echo "setup done: $(VENV)"
 
 test:

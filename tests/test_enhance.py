@@ -53,9 +53,9 @@ def test_official_layout_loads_and_runs(arch):
 def test_restorer_file_loads_and_runs(restoreformer_file):
     enhancer = load_face_enhancer(restoreformer_file)
     assert (enhancer.arch, enhancer.size, enhancer.non_commercial) == ("RestoreFormer", 512, False)
-    torch.manual_seed(0)
-    expected = face_restorer_network("RestoreFormer", **SMALL_RESTOREFORMER).state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in enhancer.network.state_dict().items())
+    saved = torch.load(restoreformer_file, weights_only=True)["params_ema"]  # the official files' layout
+    loaded = enhancer.network.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in loaded.items())
 
     faces = random_faces(1)
     before = faces.clone()
@@ -72,8 +72,8 @@ def test_enhancer_batches_resizes_and_is_deterministic(arch, hyper):
     faces = random_faces(3, 128)
     out = enhancer(faces)
     assert out.shape == faces.shape and out.abs().max() <= 1
-    assert torch.equal(out, enhancer(faces))  # GFPGAN: the file's stored noise maps, not fresh noise per call
-    torch.testing.assert_close(out[1:2], enhancer(faces[1:2]), atol=1e-4, rtol=0)
+    assert torch.equal(out, enhancer(faces))  # GFPGAN: its stored noise maps, not fresh noise per call
+    torch.testing.assert_close(out[1:2], enhancer(faces[1:2]), atol=1e-3, rtol=0)  # kernels vary with batch size
     native = random_faces(2, 64)
     torch.testing.assert_close(enhancer(native), enhancer.restore(native).clamp(-1, 1), atol=0, rtol=0)
 
@@ -84,7 +84,7 @@ def test_enhancer_batches_resizes_and_is_deterministic(arch, hyper):
     torch.testing.assert_close(double, out, atol=1e-3, rtol=0)
 
 
-def test_one_clear_error_for_unusable_files(tmp_path, restoreformer_file):
+def test_one_clear_error_for_unusable_files(tmp_path):
     make_unet(tmp_path, torch.Generator().manual_seed(0))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -95,7 +95,7 @@ def test_one_clear_error_for_unusable_files(tmp_path, restoreformer_file):
     shrunk_gfpgan = make_face_restorer(tmp_path / "GFPGANv1.4.pth", "GFPGAN", **SMALL_GFPGAN)
     cases = {
         tmp_path / "missing.pth": "no such checkpoint file",
-        garbage: "",
+        garbage: "not a PyTorch weights checkpoint",
         tmp_path / "latentsync_unet.pt": "not a face restoration checkpoint",
         sr_network: "a Compact checkpoint, not a face restorer",
         shrunk_gfpgan: "looks like GFPGAN but does not load",

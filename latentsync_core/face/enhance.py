@@ -53,7 +53,8 @@ class FaceEnhancer(nn.Module):
 
     Faces are resized to the network's native size and back with bicubic, antialiased resampling (the project's
     face resize, `resize_face_to_box`): bicubic keeps the input sharper than bilinear going up, and the antialias
-    keeps the restored fine detail from aliasing going down. The network runs on its own device and dtype (`.to()`).
+    keeps the restored fine detail from aliasing going down. The network runs on its own device and dtype (`.to()`):
+    float32 or bfloat16; spandrel marks all three networks as unsafe in float16.
     """
 
     def __init__(self, network: nn.Module, arch: str, size: int = 512, fidelity: float = 0.5):
