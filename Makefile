@@ -20,6 +20,10 @@ setup: $(BIN)/python
 	# --no-deps: only files are used: mediapipe's face detector weights (.tflite, see face/detectors) and the
 	# sample photos of insightface (the demo portrait; test_pose)
 	$(BIN)/pip install -q --no-deps mediapipe==0.10.21 insightface==2.1
+	# The optional face enhancer's loader (face/enhance.py), --no-deps too: spandrel declares torchvision, and
+	# PyPI's torchvision does not import beside the CPU torch (and then breaks diffusers' imports).
+	# spandrel-extra-arches brings CodeFormer, whose licence allows non-commercial use only.
+	$(BIN)/pip install -q --no-deps spandrel==0.4.2 spandrel-extra-arches==0.2.0 einops==0.8.2
 	@echo "setup done: $(VENV)"
 
 # The whole suite: golden parity, numerics, real Triton servers on loopback, the client, ops files, benchmarks.

@@ -81,6 +81,38 @@ def make_vae(out: Path, generator: torch.Generator) -> None:
     vae.save_pretrained(str(out / "vae"))
 
 
+# Official release file names of the face restorers (optional face enhancer); each holds {'params_ema': state_dict}.
+FACE_RESTORER_FILES = {"GFPGAN": "GFPGANv1.4.pth", "RestoreFormer": "RestoreFormer.pth", "CodeFormer": "codeformer.pth"}
+
+
+def face_restorer_network(arch: str, **hyper) -> torch.nn.Module:
+    """spandrel's class of a face restoration architecture; its defaults are the official hyper-parameters (those of
+    GFPGANv1.4.pth, RestoreFormer.pth, codeformer.pth). Built under torch.device('meta') it costs no memory."""
+    from .face.enhance import import_spandrel
+
+    import_spandrel()
+    if arch == "GFPGAN":
+        from spandrel.architectures.GFPGAN import GFPGAN as network
+    elif arch == "RestoreFormer":
+        from spandrel.architectures.RestoreFormer import RestoreFormer as network
+    elif arch == "CodeFormer":
+        from spandrel_extra_arches.architectures.CodeFormer import CodeFormer as network
+    else:
+        raise ValueError(f"unknown face restorer {arch!r}; known: {', '.join(FACE_RESTORER_FILES)}")
+    return network(**hyper)
+
+
+def make_face_restorer(path: str | Path, arch: str, seed: int = 0, **hyper) -> Path:
+    """Seeded random weights of a real face restorer (the architecture's own initialisation), saved like the
+    official file: torch.save({'params_ema': state_dict}). Full size unless `hyper` shrinks it (spandrel reads
+    RestoreFormer's sizes from the weights; GFPGAN and CodeFormer load only at their official sizes)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        network = face_restorer_network(arch, **hyper)
+    torch.save({"params_ema": network.state_dict()}, path)
+    return Path(path)
+
+
 def make_tiny_weights(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
