@@ -22,7 +22,9 @@ from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
 from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
 from .face.align import FaceAligner, box_hw
+from .face.enhance import EnhanceSpec, enhance_mouths
 from .face.mask import masked_face_inputs, mouth_mask
+from .face.pose import too_turned
 from .face.restore import paste_back, resize_face_to_box
 from .vae import Posterior, sample_latents
 
@@ -31,6 +33,7 @@ from .vae import Posterior, sample_latents
 class Detections:
     points: np.ndarray  # (n, 3, 2) float32: left eyebrow, right eyebrow, nose centre (upstream's 3 points)
     found: np.ndarray   # (n,) bool
+    boxes: np.ndarray | None = None   # (n, 4) float32 x0, y0, x1, y1
 
 
 class ModelBackend(Protocol):
@@ -41,6 +44,7 @@ class ModelBackend(Protocol):
     def vae_posterior(self, pixels: torch.Tensor) -> Posterior: ...
     def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor: ...
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def enhance(self, faces: torch.Tensor) -> torch.Tensor: ...  # the face restorer at its native size and back
     def paste_back(self, frames: np.ndarray, faces: torch.Tensor, affines: np.ndarray) -> np.ndarray: ...
 
 
@@ -48,7 +52,8 @@ class ModelBackend(Protocol):
 class WindowResult:
     frames: np.ndarray      # (n, H, W, 3) uint8
     indices: np.ndarray     # (n,) int64 frame index in the stream
-    face_found: np.ndarray  # (n,) bool
+    face_found: np.ndarray  # (n,) bool: synced; False = passed through (no face, or one turned past max_yaw)
+    turned: int = 0         # frames passed through because their face was turned past max_yaw
 
 
 @dataclass
@@ -57,12 +62,15 @@ class PreparedWindow:
 
     frames: np.ndarray                  # (n, H, W, 3) uint8, owned
     indices: np.ndarray                 # (n,) int64
-    found: np.ndarray                   # (n,) bool
+    detections: Detections
+    found: np.ndarray                   # (n,) bool: the frames that are synced
     affines: np.ndarray                 # (k, 2, 3) of the k frames with a face
     reference: torch.Tensor | None      # (k, 3, R, R) aligned faces in [-1, 1] (compositing)
     masks: torch.Tensor | None          # (k, 1, R, R) mouth masks, 1 = keep the reference pixel
     latents: torch.Tensor | None        # (1, 4, k, h, w) initial noisy latents
     cond: WindowConditioning | None
+    turned: int = 0                     # faces found but turned past max_yaw (passed through)
+    synced: torch.Tensor | None = None  # (k, 3, R, R) the generated faces that were pasted back (after finish)
 
 
 class LipSyncStream:
@@ -76,10 +84,11 @@ class LipSyncStream:
     def __init__(self, backend: ModelBackend, variant: str | Variant = "1.5", steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED, mask: np.ndarray | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", sampler: str = "ddim",
-                 deepcache: int = 0):
+                 deepcache: int = 0, enhance: EnhanceSpec | None = None, max_yaw: float = 0.0):
         self.backend = backend
         self.variant = variant if isinstance(variant, Variant) else get_variant(variant)
         self.spec = DenoiseSpec(int(steps), float(guidance), sampler, int(deepcache))
+        self.enhance, self.max_yaw = enhance, float(max_yaw)
         self.dtype, self.device = dtype, torch.device(device)
         self.aligner = FaceAligner(self.variant.resolution)
         self.mask = mouth_mask(self.variant.resolution) if mask is None else mask
@@ -120,8 +129,11 @@ class LipSyncStream:
         self.next_index += n
         det = self.backend.detect(frames)
         found = det.found.astype(bool)
+        turned = too_turned(det.points, self.max_yaw) & found if self.max_yaw else np.zeros_like(found)
+        found &= ~turned   # a frontal template does not fit a face turned that far: pass it through, counted
         rows = np.flatnonzero(found)
-        window = PreparedWindow(frames, indices, found, np.zeros((0, 2, 3), np.float32), None, None, None, None)
+        window = PreparedWindow(frames, indices, det, found, np.zeros((0, 2, 3), np.float32), None, None, None, None,
+                                turned=int(turned.sum()))
         if not len(rows):
             return window
         aligned = [self.aligner.align(frames[i], det.points[i]) for i in rows]
@@ -156,23 +168,27 @@ class LipSyncStream:
             # mask 1 = keep the original pixels; only the masked mouth region comes from the diffusion output
             masks = window.masks.to(decoded.dtype)
             synced = decoded * (1 - masks) + window.reference.to(decoded.dtype) * masks
+            if self.enhance is not None:
+                e = self.enhance
+                synced = enhance_mouths(self.backend.enhance, synced, self.mask, e.blend, e.feather, e.min_sharpness)
             rows = np.flatnonzero(window.found)
             out[rows] = self.backend.paste_back(window.frames[rows], synced, window.affines)
-        return WindowResult(out, window.indices, window.found)
+            window.synced = synced
+        return WindowResult(out, window.indices, window.found, window.turned)
 
 
 class LocalModels:
     """ModelBackend with every model in this process (the reference the Triton deployment must match)."""
 
-    def __init__(self, unet, whisper, codec, detector=None, device: str = "cpu"):
+    def __init__(self, unet, whisper, codec, detector=None, device: str = "cpu", enhancer=None):
         self.unet_model, self.whisper, self.codec, self.detector = unet, whisper, codec, detector
-        self.device = torch.device(device)
+        self.enhancer, self.device = enhancer, torch.device(device)
 
     def detect(self, frames):
         if self.detector is None:
             raise RuntimeError("no face detector configured")
         res = self.detector.detect(frames)
-        return Detections(res.points.astype(np.float32), res.found.astype(bool))
+        return Detections(res.points.astype(np.float32), res.found.astype(bool), res.boxes.astype(np.float32))
 
     @torch.no_grad()
     def encode_audio(self, mel_segments):
@@ -196,6 +212,12 @@ class LocalModels:
     @torch.no_grad()
     def vae_decode(self, latents):
         return self.codec.decode(latents.to(self.device, self.codec.dtype).contiguous()).float().cpu()
+
+    @torch.no_grad()
+    def enhance(self, faces):
+        if self.enhancer is None:
+            raise RuntimeError("no face enhancer configured")
+        return self.enhancer(faces.to(self.device))
 
     def paste_back(self, frames, faces, affines):
         resized = resize_face_to_box(faces.float(), box_hw(faces.shape[-1]))
@@ -232,7 +254,7 @@ class WindowedStream:
         self.buffer: np.ndarray | None = None   # the window being filled: (16, H, W, 3)
         self.frame_shape: tuple | None = None
         self.filled = 0
-        self.received = self.done = self.with_face = 0
+        self.received = self.done = self.with_face = self.turned = 0
         self.failed: BaseException | None = None   # set on the first error: later windows are skipped
         self.in_flight = 0                           # windows scheduled and not yet delivered
         self._slots = threading.Semaphore(self.DEPTH) if overlap else None
@@ -294,6 +316,7 @@ class WindowedStream:
         result = self.stream.finish(prepared, self.stream.denoise(prepared))
         self.done += len(result.frames)
         self.with_face += int(result.face_found.sum())
+        self.turned += result.turned
         self.deliver(result, tag)
 
     def _window_done(self) -> None:
@@ -303,7 +326,7 @@ class WindowedStream:
 
     def _check_faces(self) -> None:
         if self.done and not self.with_face:
-            raise NoFaceInStream(no_face_message(self.done))
+            raise NoFaceInStream(no_face_message(self.done, self.turned))
 
     def _schedule(self, fn: Callable[[], None], tag: Any, always: bool = False, release: bool = False) -> None:
         item = (fn, tag, always, release)

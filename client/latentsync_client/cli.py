@@ -39,6 +39,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--deepcache", type=int, default=0, metavar="K",
                    help=f"DeepCache: the full UNet every K-th step, cached deep features between (about 2x faster; "
                         f"upstream's scripts use 3), 0..{MAX_DEEPCACHE}, 0 = off (default %(default)s)")
+    p.add_argument("--enhance", action="store_true",
+                   help="restore the generated mouth region with the server's face enhancer (if it has one)")
+    p.add_argument("--enhance-blend", type=float, default=1.0, metavar="B",
+                   help="0..1: how much of the restored mouth region replaces the generated one (default %(default)s)")
+    p.add_argument("--enhance-min-sharpness", type=float, default=0.0, metavar="S",
+                   help="enhance only faces whose mouth is blurrier than S (Laplacian variance; 0 = every face)")
     p.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (default %(default)s)")
     p.add_argument("--preset", default="medium", help="x264 speed preset (default %(default)s)")
     p.add_argument("--allow-no-face", action="store_true",
@@ -80,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             params = StreamParams(steps=a.steps, guidance=a.guidance, seed=a.seed, variant=a.variant,
-                                  sampler=a.sampler, deepcache=a.deepcache)
+                                  sampler=a.sampler, deepcache=a.deepcache, enhance=a.enhance,
+                                  enhance_blend=a.enhance_blend, enhance_min_sharpness=a.enhance_min_sharpness)
         except ContractError as e:
             raise InputError(str(e)) from None
         client = LipsyncClient(a.url, a.model, response_timeout=a.timeout or None)

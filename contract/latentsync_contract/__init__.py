@@ -52,9 +52,10 @@ def window_sizes(n_frames: int) -> list[int]:
     return [WINDOW] * (n_frames // WINDOW) + ([n_frames % WINDOW] if n_frames % WINDOW else [])
 
 
-def no_face_message(n_frames: int) -> str:
-    """The error that ends a stream in which no frame had a face."""
-    return f"no face found in any of the {n_frames} frames of the stream"
+def no_face_message(n_frames: int, turned: int = 0) -> str:
+    """The error that ends a stream in which no frame had a (frontal enough) face."""
+    more = f"; {turned} had a face turned further than max_yaw" if turned else ""
+    return f"no face found in any of the {n_frames} frames of the stream{more}"
 
 
 def is_no_face_error(message: str) -> bool:
@@ -93,6 +94,10 @@ class StreamParams:
     variant: str | None = None
     sampler: str = "ddim"
     deepcache: int = 0            # 0 = off; k = the full UNet on every k-th step of a window, cached features between
+    enhance: bool = False         # restore the generated mouth region with the repository's face enhancer
+    enhance_blend: float = 1.0    # 0..1: how much of the restored mouth region replaces the generated one
+    enhance_min_sharpness: float = 0.0   # enhance only faces whose mouth is blurrier than this (0 = every face)
+    max_yaw: float = 0.0          # degrees; faces turned further pass through unchanged, like faceless frames (0 = off)
 
     def __post_init__(self):
         _check_type("steps", self.steps, int)
@@ -114,16 +119,25 @@ class StreamParams:
         if not 0 <= self.deepcache <= MAX_DEEPCACHE:
             raise ContractError(f"parameter 'deepcache' must be in 0..{MAX_DEEPCACHE} (0 = off; upstream's scripts "
                                 f"use 3), got {self.deepcache}")
+        if not isinstance(self.enhance, bool):
+            raise ContractError(f"parameter 'enhance' must be true or false, got {self.enhance!r}")
+        for name, low, high in (("enhance_blend", 0.0, 1.0), ("enhance_min_sharpness", 0.0, math.inf),
+                                ("max_yaw", 0.0, 90.0)):
+            value = getattr(self, name)
+            _check_type(name, value, float)
+            if not (low <= value <= high and not math.isnan(value)):
+                raise ContractError(f"parameter '{name}' must be in [{low:g}, {high:g}], got {value}")
+            object.__setattr__(self, name, float(value))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(cls.__dataclass_fields__)
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any], variants: Sequence[str]) -> StreamParams:
+    def parse(cls, raw: Mapping[str, Any], variants: Sequence[str], enhancer: bool = False) -> StreamParams:
         """Request parameters (JSON values) -> parameters; absent ones take their defaults, `variant` the first
         of the `variants` this server was built with. Unknown names are refused: a typo must not silently
-        fall back to a default."""
+        fall back to a default. `enhancer`: whether this server has a face enhancer."""
         unknown = sorted(k for k in raw if k not in cls.names())
         if unknown:
             raise ContractError(f"unknown parameter '{unknown[0]}'; expected some of {', '.join(cls.names())}")
@@ -132,7 +146,11 @@ class StreamParams:
         if variant not in variants:
             raise ContractError(f"parameter 'variant' must be one of {', '.join(variants)} "
                                 f"(the variants this repository was built with), got {variant!r}")
-        return cls(**values, variant=variant)
+        params = cls(**values, variant=variant)
+        if params.enhance and not enhancer:
+            raise ContractError("parameter 'enhance': this repository has no face enhancer "
+                                "(latentsync-export --enhancer-weights FILE)")
+        return params
 
     def as_parameters(self) -> dict:
         """Typed request parameters (tritonclient sends int/float/str as int64/double/string); defaults left out,
@@ -152,7 +170,11 @@ def _check_type(name: str, value, kind: type) -> None:
 
 def _coerce(name: str, value, annotation: str):
     """A JSON parameter value in the field's type: numbers may arrive as strings; no bools, no fractional ints."""
-    kind = int if annotation == "int" else float if annotation == "float" else str
+    kind = {"int": int, "float": float, "bool": bool}.get(annotation, str)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return value          # __post_init__ refuses anything but a bool
     if kind is str:
         return str(value)
     try:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from latentsync_core.configs import get_variant
+from latentsync_core.face.enhance import FACE_ARCHS, load_face_enhancer
 from latentsync_core.loaders import load_vae, load_whisper_encoder, locate
 from latentsync_serving.backend import DTYPES
 from latentsync_core.tiny import make_tiny_weights
@@ -106,6 +107,7 @@ class ExportOptions:
     idle_timeout_s: float = 300.0   # longer than a client may wait for its windows (Triton counts only requests)
     overlap_windows: bool = True
     stand_ins: bool = False
+    enhancer_weights: Path | None = None   # an official face restorer file: adds the `enhancer` model
     tensorrt: bool = False
     fp16: bool = True
     trt_cache_dir: str = "/tmp/latentsync-trt-cache"
@@ -193,6 +195,7 @@ class _Builder:
             "format": 1, "generator": "latentsync-export", "target": opts.target, "variants": self.variants,
             "random_weights": any(p.is_random for p in paths.values()),
             "models": {}, "weights": {"unet": {}, "unet_config": {}}, "onnx": {}, "stand_ins": opts.stand_ins,
+            "enhancer": None,
             "dtype": opts.dtype,
             "detector": {"kind": opts.detector, "policy": opts.face_policy,
                          "model_dir": str(opts.detector_dir) if opts.detector_dir else None},
@@ -208,6 +211,8 @@ class _Builder:
         self.vae("vae_decoder")
         self.face_detector()
         self.simple("restorer")
+        if self.opts.enhancer_weights is not None:
+            self.enhancer(Path(self.opts.enhancer_weights))
         self.lipsync()
         return self.manifest
 
@@ -327,6 +332,17 @@ class _Builder:
     def simple(self, model: str) -> None:
         self.finish(model, model, self.start(model), python=True)
 
+    def enhancer(self, path: Path) -> None:
+        network = load_face_enhancer(path)          # one clear error naming the file if it is not a face restorer
+        arch = FACE_ARCHS[network.arch]
+        config = self.start("enhancer")
+        weights = self.weight(path, "enhancer", path.name)
+        # spandrel marks these networks unsafe in float16: bfloat16 on GPUs, float32 otherwise
+        set_parameters(config, {"weights": weights, "dtype": "bfloat16" if self.opts.dtype == "bfloat16" else "float32"})
+        self.manifest["enhancer"] = {"weights": self.record(weights, "enhancer"), "arch": network.arch,
+                                     "license": arch.license, "non_commercial": arch.non_commercial}
+        self.finish("enhancer", "enhancer", config, python=True)
+
     def lipsync(self) -> None:
         config = self.start("lipsync")
         seq = config.sequence_batching
@@ -340,6 +356,7 @@ class _Builder:
             "random_weights": str(self.manifest["random_weights"]).lower(),
             "face_policy": self.opts.face_policy,
             "overlap_windows": str(self.opts.overlap_windows).lower(),
+            "enhancer_model": "enhancer" if self.opts.enhancer_weights is not None else "",
         })
         self.finish("lipsync", "lipsync", config, python=True)
 
@@ -416,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="do not prepare a stream's next window while the current one denoises (same results)")
     p.add_argument("--stand-ins", action="store_true", help="serve near-zero-cost stand-ins instead of the UNet, "
                    "VAE and audio encoder: measures the serving path's own ceiling (latentsync-bench --stand-ins)")
+    p.add_argument("--enhancer-weights", type=Path, metavar="FILE",
+                   help="official face restorer weights (GFPGANv1.4.pth / RestoreFormer.pth / codeformer.pth, "
+                        "through spandrel): adds the `enhancer` model that streams asking for `enhance` use; "
+                        "CodeFormer's licence allows non-commercial use only")
     p.add_argument("--tensorrt", action="store_true", help="gpu target: VAE and audio encoder as ONNX for TensorRT")
     p.add_argument("--fp32", action="store_true", help="--tensorrt: ship float32 ONNX graphs")
     p.add_argument("--trt-cache-dir", default="/tmp/latentsync-trt-cache", help="--tensorrt: engine cache")
@@ -429,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              dtype=a.dtype, max_windows=a.max_windows, frame_max_batch=a.frame_max_batch,
                              max_queue_delay_us=a.max_queue_delay_us, max_streams=a.max_streams,
                              idle_timeout_s=a.idle_timeout_s, overlap_windows=not a.no_overlap,
-                             stand_ins=a.stand_ins, tensorrt=a.tensorrt, fp16=not a.fp32,
+                             stand_ins=a.stand_ins, enhancer_weights=a.enhancer_weights, tensorrt=a.tensorrt,
+                             fp16=not a.fp32,
                              trt_cache_dir=a.trt_cache_dir, force=a.force)
         manifest = build_repository(opts)
     except (ExportConfigError, ExportError, FileNotFoundError, ValueError) as e:
@@ -439,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"models {', '.join(manifest['models'])})")
     for model, rec in manifest["onnx"].items():
         print(f"  {model}: ONNX {rec['dtype']}, float32 graph vs torch max abs error {rec['fp32_max_abs_error']:.3g}")
+    if manifest["enhancer"]:
+        e = manifest["enhancer"]
+        print(f"  enhancer: {e['arch']} ({e['license']})"
+              + ("  NOTE: NON-COMMERCIAL USE ONLY (CodeFormer's licence)" if e["non_commercial"] else ""))
     if manifest["stand_ins"]:
         print("NOTE: STAND-INS instead of the networks (--stand-ins): for measuring the serving path only.")
     elif manifest["random_weights"]:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from latentsync_core.face.detect import FaceDetector, create_detector
+from latentsync_core.face.enhance import load_face_enhancer
 from latentsync_core.loaders import load_unet, load_vae, load_whisper_encoder
 from latentsync_core.pipeline import LipSyncPipeline, LocalModels
 
@@ -41,7 +42,8 @@ def load_reference(repo: str | Path, variant: str | None = None, detector: FaceD
         copied = repo / "face_detector" / "1" / "detector"
         model_dir = copied if copied.exists() else d["model_dir"]
         detector = create_detector(d["kind"], model_dir, policy=d.get("policy", "largest"))
+    enhancer = m.get("enhancer") and load_face_enhancer(repo / m["enhancer"]["weights"], device=device)
     models = LocalModels(load_unet(unet_path, w["unet_config"][variant], device=device),
                          load_whisper_encoder(whisper_path, device=device), load_vae(vae_path, device=device),
-                         detector, device=device)
+                         detector, device=device, enhancer=enhancer or None)
     return LipSyncPipeline(models, variant)

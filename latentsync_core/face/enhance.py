@@ -27,6 +27,15 @@ from ..checkpoints import CheckpointError, _first_line, read_checkpoint
 from .restore import erode, gaussian_blur, resize_face_to_box
 
 
+@dataclass(frozen=True)
+class EnhanceSpec:
+    """A stream's use of the enhancer: how much of the restored mouth replaces the generated one, and the gate."""
+
+    blend: float = 1.0
+    min_sharpness: float = 0.0      # restore only faces whose mouth sharpness is below this (0 = every face)
+    feather: int = 8                # px of the soft edge inside the mouth region
+
+
 class FaceEnhancerError(CheckpointError):
     """A face restorer weights file that is missing, unreadable, or not of a supported face restoration network."""
 

@@ -43,6 +43,7 @@ class ModelNames:
     vae_encoder: str = "vae_encoder"
     vae_decoder: str = "vae_decoder"
     restorer: str = "restorer"
+    enhancer: str = ""            # empty: the repository has no face enhancer
 
 
 class TritonModels:
@@ -97,7 +98,7 @@ class TritonModels:
         found = found.reshape(len(frames)).numpy().astype(bool)
         if self.last_box is not None and found.any():
             self.last_box = box[np.flatnonzero(found)[-1]].numpy().astype(np.float32)
-        return Detections(points.numpy().astype(np.float32), found)
+        return Detections(points.numpy().astype(np.float32), found, box.numpy().astype(np.float32))
 
     def encode_audio(self, mel_segments: torch.Tensor) -> torch.Tensor:
         mel = mel_segments.float()
@@ -118,6 +119,9 @@ class TritonModels:
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.call(self.names.vae_decoder, {"LATENTS": latents}, ["PIXELS"])[0].to(self.device)
+
+    def enhance(self, faces: torch.Tensor) -> torch.Tensor:
+        return self.call(self.names.enhancer, {"FACES": faces}, ["RESTORED"])[0].to(self.device)
 
     def paste_back(self, frames: np.ndarray, faces: torch.Tensor, affines: np.ndarray) -> np.ndarray:
         inputs = {"FRAMES": frames, "FACES": faces, "AFFINES": np.asarray(affines, np.float32)}

@@ -29,6 +29,7 @@ from latentsync_contract import (
     check_frames_shape,
 )
 from latentsync_core.configs import VAE_SCALING_FACTOR
+from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
 from .backend import ModelContext
@@ -56,7 +57,7 @@ class ServiceSettings:
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
         denoisers = dict(item.split("=", 1) for item in p["denoiser_models"].split(",") if item.strip())
         names = ModelNames(**{k: p[f"{k}_model"] for k in ("face_detector", "audio_encoder", "vae_encoder",
-                                                           "vae_decoder", "restorer") if f"{k}_model" in p})
+                                                           "vae_decoder", "restorer", "enhancer") if f"{k}_model" in p})
         flag = lambda key, default: p.get(key, default).strip().lower() == "true"  # noqa: E731
         return cls({k.strip(): v.strip() for k, v in denoisers.items()}, names,
                    vae_scale=float(p.get("vae_scaling_factor", VAE_SCALING_FACTOR)),
@@ -121,8 +122,9 @@ class Stream:
             return
         try:
             if self.params is None:
-                self.params = StreamParams.parse(json.loads(request.parameters() or "{}"),
-                                                 list(self.service.settings.denoisers))
+                settings = self.service.settings
+                self.params = StreamParams.parse(json.loads(request.parameters() or "{}"), list(settings.denoisers),
+                                                 enhancer=bool(settings.names.enhancer))
             self._consume(request, req)
         except Exception as e:  # noqa: BLE001 - every failure ends the stream with a message to the client
             self._fail(e, req)
@@ -155,8 +157,10 @@ class Stream:
         if not self.audio:
             raise ContractError("FRAMES before AUDIO: send the whole 16 kHz audio track first")
         p = self.params
+        enhance = EnhanceSpec(p.enhance_blend, p.enhance_min_sharpness) if p.enhance else None
         lipsync = LipSyncStream(self.service.backend(p.variant), p.variant, p.steps, p.guidance, p.seed,
-                                device=self.service.device, sampler=p.sampler, deepcache=p.deepcache)
+                                device=self.service.device, sampler=p.sampler, deepcache=p.deepcache, enhance=enhance,
+                                max_yaw=p.max_yaw)
         samples, self.audio = np.concatenate(self.audio), []
         try:
             lipsync.set_audio(samples)
