@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
 
     from latentsync_export.bench import machine
-    from latentsync_export.serve import TritonServer
+    from latentsync_export.serve import OPENABLE_APIS, TritonServer
 
     (a.out / "machine.json").write_text(json.dumps(machine(), indent=1) + "\n")
     with tempfile.TemporaryDirectory(prefix="latentsync-results-") as tmp:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                  "--out", a.out / "bench.json"], a.out / "bench.md")
         if {"locust", "perf_analyzer"} <= skip:
             return 0
-        with TritonServer(repo, log_path=a.out / "tritonserver.log") as server:
+        with TritonServer(repo, log_path=a.out / "tritonserver.log", open_apis=OPENABLE_APIS) as server:
             if "locust" not in skip:
                 run([BIN / "locust", "-f", HERE / "locustfile.py", "--headless", "-u", "4", "-r", "4",
                      "--host", server.grpc_url, "--clip", clip, "--clip-seconds", "1.28", "--size", "256",

@@ -134,9 +134,9 @@ def main(argv=None) -> int:
     if a.url:
         summary = run(a, a.url)
     else:
-        from latentsync_export.serve import TritonServer
+        from latentsync_export.serve import OPENABLE_APIS, TritonServer
 
-        server = TritonServer(a.repo, log_path=a.out / "tritonserver.log")
+        server = TritonServer(a.repo, log_path=a.out / "tritonserver.log", open_apis=OPENABLE_APIS)
         try:
             summary = run(a, server.start().wait_ready(600).grpc_url)
         finally:

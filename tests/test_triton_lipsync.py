@@ -132,7 +132,7 @@ def metric(server, name: str) -> float:
 
 def unet_stats(server, model: str) -> dict:
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    stats = client.get_inference_statistics(model, headers=server.grpc_admin_headers, as_json=True)["model_stats"][0]
     batches = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
     return {"requests": int(stats["inference_stats"]["success"].get("count", 0)),
             "inferences": int(stats.get("inference_count", 0)), "executions": int(stats.get("execution_count", 0)),
