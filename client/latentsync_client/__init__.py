@@ -7,7 +7,8 @@
     for synced in client.stream(audio_16k_mono, frames_25fps_rgb, SyncParams(steps=20)):
         use(synced.index, synced.frame, synced.face_found)
 """
-from .errors import ClientError, InputError, Interrupted, NoFaceError, ServerError, ServerUnreachable
+from .errors import (ClientError, InputError, Interrupted, NoFaceError, OutputError, ServerError, ServerUnreachable,
+                     StreamExpired)
 from .media import audio_chunks, frames_25fps, frames_for_audio, ping_pong_index
 from .protocol import FPS, SAMPLE_RATE, SyncParams, num_frames_for_audio
 from .stream import LipsyncClient, SyncedFrame
@@ -17,4 +18,4 @@ from .writer import SyncedVideoWriter
 __all__ = ["LipsyncClient", "SyncParams", "SyncedFrame", "SyncResult", "SyncedVideoWriter", "sync_file",
            "audio_chunks", "frames_25fps", "frames_for_audio", "ping_pong_index", "num_frames_for_audio",
            "FPS", "SAMPLE_RATE", "ClientError", "InputError", "ServerUnreachable", "ServerError",
-           "NoFaceError", "Interrupted"]
+           "NoFaceError", "StreamExpired", "OutputError", "Interrupted"]

@@ -22,7 +22,7 @@ import av
 import numpy as np
 
 from .errors import InputError
-from .protocol import FPS, MAX_FRAME_SIDE, SAMPLE_RATE
+from .protocol import FPS, MAX_FRAME_SIDE, MIN_FRAME_SIDE, SAMPLE_RATE
 
 
 # FFmpeg demuxers that render any text file as "video": never what a user meant.
@@ -48,8 +48,8 @@ def _decode_error(path, e: Exception) -> InputError:
 
 
 def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
-    """Fail early (InputError) unless `video` has a video stream (frames <= MAX_FRAME_SIDE per side) and `audio`
-    an audio track."""
+    """Fail early (InputError) unless `video` has a video stream (frames MIN_FRAME_SIDE..MAX_FRAME_SIDE per side)
+    and `audio` an audio track."""
     for path, kind in ((video, "video"), (audio, "audio")):
         with open_media(path) as container:
             streams = getattr(container.streams, kind)
@@ -61,6 +61,9 @@ def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
             if kind == "video" and max(ctx.width, ctx.height) > MAX_FRAME_SIDE:
                 raise InputError(f"{path}: frames are {ctx.width}x{ctx.height}; the server takes at most "
                                  f"{MAX_FRAME_SIDE} pixels per side (scale the video down)")
+            if kind == "video" and ctx.width and ctx.height and min(ctx.width, ctx.height) < MIN_FRAME_SIDE:
+                raise InputError(f"{path}: frames are {ctx.width}x{ctx.height}; at least {MIN_FRAME_SIDE} pixels "
+                                 "per side are needed (the output is h264 with even sizes)")
 
 
 # ------------------------------------------------------------------------------------------------------ audio

@@ -11,6 +11,7 @@ SAMPLE_RATE = 16_000          # audio is sent as 16 kHz mono float32
 WINDOW = 16                   # the server answers once per window of up to 16 frames
 MAX_FRAMES_PER_REQUEST = 16
 MAX_FRAME_SIDE = 4096         # pixels per side the server accepts
+MIN_FRAME_SIDE = 2            # pixels per side the client takes: its h264 (yuv420p) output needs even sizes >= 2
 VARIANTS = ("1.5", "1.6")
 
 

@@ -1,7 +1,8 @@
 """PROTOCOL CONFORMANCE DOUBLE for client tests, NOT the product: implements the `lipsync` streaming contract
 (docs/PROTOCOL.md) without any model. It checks what a client sends (audio first, frame count from the audio
 length, one frame size, parameters, sequence flags) and echoes every frame back unchanged, one response per
-16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is reported as FACE_FOUND=false.
+16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is reported as FACE_FOUND=false, and a
+stream in which no frame had a "face" ends with the `no face found` error after its frames came back.
 """
 import json
 import time
@@ -26,6 +27,7 @@ class Stream:
     def __init__(self, parameters, variants):
         self.params = self.check_parameters(parameters, variants)
         self.n_samples, self.frames, self.next_index, self.size = 0, [], 0, None
+        self.with_face = 0
 
     @staticmethod
     def check_parameters(p, variants):
@@ -66,10 +68,13 @@ class Stream:
             index = np.arange(self.next_index, self.next_index + len(window), dtype=np.int64)
             self.next_index += len(window)
             face = np.ptp(window.reshape(len(window), -1), axis=1) > 0
+            self.with_face += int(face.sum())
             yield window, index, face
         if end and self.next_index != num_frames_for_audio(self.n_samples):
             raise ProtocolViolation(f"FRAMES: the audio calls for {num_frames_for_audio(self.n_samples)} "
                                     f"frames, the stream ended after {self.next_index}")
+        if end and self.next_index and not self.with_face:
+            raise ProtocolViolation(f"no face found in any of the {self.next_index} frames of the stream")
 
 
 class TritonPythonModel:
