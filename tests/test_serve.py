@@ -377,7 +377,8 @@ def test_server_dies_with_its_parent(tiny_repo, tmp_path):
               f"s = TritonServer({str(tiny_repo)!r}, log_path={str(tmp_path / 'triton.log')!r}).start()\n"
               f"print(s.wait_ready(180).pid, flush=True)\n"
               f"import time; time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))   # its key file stays there
     try:
         server_pid = int(parent.stdout.readline())
     finally:
