@@ -222,6 +222,7 @@ def key_folder() -> Path:
 def write_private(path: Path, text: str) -> Path:
     """Write `text` to `path` with mode 0600 (a new file renamed into place, never through a link)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)                 # left by a killed run with this pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
