@@ -15,11 +15,9 @@ repo=${LATENTSYNC_REPO:-${cache}/${version}/model_repository}
 trt_cache=${LATENTSYNC_TRT_CACHE:-${cache}/${version}/trt}
 weights=${LATENTSYNC_WEIGHTS:-/weights}
 
-# The admin key comes from a secret file (compose secrets) or the environment (Kubernetes secretKeyRef).
-if [[ -n ${LATENTSYNC_ADMIN_KEY_FILE:-} ]]; then
-  LATENTSYNC_ADMIN_KEY=$(<"$LATENTSYNC_ADMIN_KEY_FILE")
-  export LATENTSYNC_ADMIN_KEY
-fi
+# The admin key comes from a secret file (compose secrets: LATENTSYNC_ADMIN_KEY_FILE) or the environment
+# (Kubernetes secretKeyRef: LATENTSYNC_ADMIN_KEY); latentsync-serve reads either and hands it to tritonserver
+# without putting it on a command line.
 
 # Server-wide memory: one CUDA pool per visible GPU (tensors passed between models and Python stubs live
 # there), pinned host memory for host<->device copies of video frames.
@@ -65,7 +63,10 @@ case "${1:-serve}" in
     ;;
   serve)
     shift || true
-    : "${LATENTSYNC_ADMIN_KEY:?set LATENTSYNC_ADMIN_KEY or LATENTSYNC_ADMIN_KEY_FILE: admin APIs must not be open}"
+    if [[ -z ${LATENTSYNC_ADMIN_KEY:-}${LATENTSYNC_ADMIN_KEY_FILE:-} ]]; then
+      echo "set LATENTSYNC_ADMIN_KEY or LATENTSYNC_ADMIN_KEY_FILE: operators need the key of the admin APIs" >&2
+      exit 1
+    fi
     [[ -f ${repo}/.complete ]] || prepare
     # shellcheck disable=SC2046 # one flag per line
     exec latentsync-serve "$repo" --exec --address 0.0.0.0 "$@" -- $(triton_memory_flags)

@@ -88,18 +88,19 @@ CLI = [str(Path(sys.executable).with_name("latentsync-client"))]
 FAST = ["--preset", "ultrafast", "-q"]
 
 
-def echo_repository(root: Path, window_delay_s: float = 0.0, variants: str = "1.5,1.6") -> Path:
+def echo_repository(root: Path, window_delay_s: float = 0.0, variants: str = "1.5,1.6",
+                    idle_timeout_s: float = 60.0) -> Path:
     """A model repository whose `lipsync` is the protocol echo double, with its test knobs set."""
     shutil.copytree(ECHO_MODEL, root / "lipsync")
     config = root / "lipsync" / "config.pbtxt"
     text = config.read_text()
+    text = text.replace("max_sequence_idle_microseconds: 60000000",
+                        f"max_sequence_idle_microseconds: {int(idle_timeout_s * 1e6)}")
     text = text.replace('key: "window_delay_s" value { string_value: "0" }',
                         f'key: "window_delay_s" value {{ string_value: "{window_delay_s}" }}')
     text = text.replace('string_value: "1.5,1.6"', f'string_value: "{variants}"')
     config.write_text(text)
     return root
-
-
 
 
 def run_cli(*args, timeout=120):

@@ -5,10 +5,12 @@ product) that enforces docs/PROTOCOL.md and echoes frames back per 16-frame wind
 streaming, backpressure, error handling and encode are tested with real gRPC streams.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -36,6 +38,7 @@ from latentsync_client import (
 )
 from latentsync_client.errors import Interrupted, NoFaceError, ServerUnreachable
 from latentsync_serving.serve import free_port
+from latentsync_client.errors import OutputError, StreamExpired
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +127,11 @@ def test_library_stream_backpressure_and_order(server):
             yield np.full((8, 8, 3), i % 251, np.uint8)
 
     most_in_flight = 0
-    for k, synced in enumerate(client.stream([audio[:30000], audio[30000:]], frames, StreamParams(steps=3))):
-        most_in_flight = max(most_in_flight, len(pulled) - k)
-        assert synced.index == k and synced.face_found is False          # uniform frames: "no face"
-        assert synced.frame.shape == (8, 8, 3) and synced.frame[0, 0, 0] == k % 251
+    with pytest.raises(NoFaceError, match=f"no face found in any of the {n} frames"):   # after the last frame
+        for k, synced in enumerate(client.stream([audio[:30000], audio[30000:]], frames, StreamParams(steps=3))):
+            most_in_flight = max(most_in_flight, len(pulled) - k)
+            assert synced.index == k and synced.face_found is False          # uniform frames: "no face"
+            assert synced.frame.shape == (8, 8, 3) and synced.frame[0, 0, 0] == k % 251
     assert k + 1 == n and len(pulled) == n
     assert most_in_flight <= 24 + 4
 
@@ -244,7 +248,7 @@ def test_ctrl_c_leaves_no_output(slow_server, media_dir, tmp_path):
     # The aborted sequence was ended: the server takes the next stream at once.
     client = LipsyncClient(slow_server.grpc_url, response_timeout=20)
     audio = np.zeros(8000, np.float32)
-    frames = [np.zeros((8, 8, 3), np.uint8)] * num_frames_for_audio(len(audio))
+    frames = [np.arange(192, dtype=np.uint8).reshape(8, 8, 3)] * num_frames_for_audio(len(audio))   # a "face"
     assert len(list(client.stream(audio, frames))) == len(frames)
 
 
@@ -263,3 +267,138 @@ def test_server_dying_mid_stream(triton_server, media_dir, tmp_path):
     assert proc.returncode == ServerUnreachable.exit_code, stderr
     assert "lost the connection" in stderr and len(stderr.strip().splitlines()) == 1
     assert list(work.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ limits, output
+def write_image(path: Path, pixels: np.ndarray) -> Path:
+    av.VideoFrame.from_ndarray(pixels, format="rgb24").to_image().save(path)
+    return path
+
+
+def closed_url() -> str:
+    from latentsync_export.serve import free_port
+    return f"127.0.0.1:{free_port()}"
+
+
+def assert_one_line_error(r, exit_code: int, text: str) -> None:
+    assert r.returncode == exit_code, r.stderr
+    assert text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_tiny_images_work_or_are_refused_before_connecting(server, media_dir, tmp_path):
+    """The h264 output needs even sizes >= 2 (an odd side loses a row / column): 1-pixel sides are refused
+    before connecting (a closed port would otherwise answer exit 3); 2x2 and 3x5 come back as 2x2 and 2x4."""
+    audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 0.5)
+    out = tmp_path / "out.mp4"
+    for h, w in [(1, 1), (1, 40), (40, 1)]:
+        r = run_cli(write_image(tmp_path / f"{h}x{w}.png", np.zeros((h, w, 3), np.uint8)), audio, "-o", out,
+                    "--url", closed_url(), "-q")
+        assert_one_line_error(r, InputError.exit_code, f"FRAMES are {w}x{h} pixels; at least 2 per side")
+    assert not out.exists()
+    for h, w in [(2, 2), (3, 5)]:
+        pixels = (np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3) * 17)   # not uniform: a "face"
+        r = run_cli(write_image(tmp_path / f"{h}x{w}.png", pixels), audio, "-o", out, "--url", server.grpc_url,
+                    *FAST)
+        assert r.returncode == 0, r.stderr
+        assert assert_synced_output(out, audio, tmp_path)["size"] == (h - h % 2, w - w % 2)
+
+
+def test_output_that_would_overwrite_an_input_is_refused_before_connecting(media_dir, tmp_path):
+    video = Path(shutil.copy(media_dir / "retalking_face2.mp4", tmp_path / "face.mp4"))
+    audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 1.0)
+    (tmp_path / "same-face.mp4").hardlink_to(video)
+    (tmp_path / "same-voice.wav").symlink_to(audio)
+    before = {p: p.read_bytes() for p in (video, audio)}
+    for out, source in [(video, video), (tmp_path / "same-face.mp4", video), (tmp_path / "same-voice.wav", audio)]:
+        r = run_cli(video, audio, "-o", out, "--url", closed_url(), "-q")
+        assert_one_line_error(r, InputError.exit_code, f"is the input {source} itself")
+    r = run_cli(video, audio, "-o", tmp_path, "--url", closed_url(), "-q")
+    assert_one_line_error(r, InputError.exit_code, "is a folder")
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.mp4", "same-face.mp4", "same-voice.wav", "voice.wav"]
+
+
+def run_cli_on_tmpfs(folder: Path, mount_options: str, *args, timeout=120):
+    """The CLI with `folder` a fresh tmpfs (`mount -o mount_options`), in a private user and mount namespace (no
+    privileges needed); after the CLI's own stderr, the last line lists what is left in the folder."""
+    script = 'mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; dir=$2; shift 2; "$@"; rc=$?; ' \
+             'echo "left: $(ls -A "$dir")" >&2; exit $rc'
+    folder.mkdir()
+    cmd = ["unshare", "-rm", "sh", "-c", script, "sh", mount_options, str(folder), *CLI, *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode != 99, r.stderr
+    *errors, left = r.stderr.strip().splitlines()
+    return r.returncode, errors, left.removeprefix("left:").split()
+
+
+def test_read_only_output_folder_exits_2_before_connecting(media_dir, tmp_path):
+    code, errors, left = run_cli_on_tmpfs(tmp_path / "ro", "ro", media_dir / "retalking_face2.mp4",
+                                         media_dir / "demo1_audio.wav", "-o", tmp_path / "ro" / "out.mp4",
+                                         "--url", closed_url(), "-q")
+    assert code == InputError.exit_code and len(errors) == 1, errors
+    assert "cannot write the output there (Read-only file system)" in errors[0] and left == []
+
+
+def test_full_disk_exits_5_and_leaves_nothing(server, media_dir, tmp_path):
+    audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 2.0)
+    code, errors, left = run_cli_on_tmpfs(tmp_path / "full", "size=64k", media_dir / "retalking_face2.mp4",
+                                         audio, "-o", tmp_path / "full" / "out.mp4", "--url", server.grpc_url,
+                                         "--preset", "ultrafast", "--crf", "0", "-q")
+    assert code == OutputError.exit_code and len(errors) == 1, errors
+    assert "No space left on device" in errors[0] and left == []
+
+
+def test_partials_of_killed_clients_are_removed_by_the_next_run(server, slow_server, media_dir, tmp_path):
+    """A SIGKILLed CLI leaves its partial file; the next run in that folder removes it, but not the partial of a
+    live writer (it holds the file's lock) nor files that are not partials."""
+    out = tmp_path / "out.mp4"
+    proc = subprocess.Popen(CLI + [str(media_dir / "retalking_face2.mp4"), str(media_dir / "demo1_audio.wav"),
+                                   "-o", str(out), "--url", slow_server.grpc_url, *FAST], stderr=subprocess.PIPE)
+    wait_until_streaming(proc, 3.0)
+    proc.kill()
+    proc.wait()
+    (stale,) = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert stale.name.startswith(f".out.partial-{proc.pid}-")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from latentsync_client.writer import claim_partial; "
+                               "print(claim_partial(Path(sys.argv[1]))[0], flush=True); sys.stdin.read()",
+                               str(tmp_path / "other.mp4")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(holder.stdout.readline().strip())
+        unrelated = tmp_path / ".notes.partial-1.txt"
+        unrelated.write_text("not ours")
+        audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 0.5)
+        r = run_cli(media_dir / "retalking_face2.mp4", audio, "-o", tmp_path / "second.mp4", "--url",
+                    server.grpc_url, *FAST)
+        assert r.returncode == 0, r.stderr
+        assert not stale.exists() and live.exists() and unrelated.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+# ------------------------------------------------------------------------------------------------ idle timeout
+@pytest.fixture(scope="module")
+def idle_server(triton_server, tmp_path_factory):
+    """Echo with a 3 s sequence idle timeout that takes 4 s per window: a client that sends nothing while it
+    waits for a window outlives the timeout."""
+    return triton_server(echo_repository(tmp_path_factory.mktemp("idle"), window_delay_s=4.0, idle_timeout_s=3.0))
+
+
+def test_waiting_for_slow_windows_keeps_the_stream_alive(idle_server, media_dir, tmp_path):
+    """The CLI holds back frames (48 in flight) while windows take longer than the server's idle timeout: its
+    keep-alive requests keep the sequence open. Without them the stream is dropped, and the error says so."""
+    audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 2.2)
+    n = num_frames_for_audio(audio_samples(audio))
+    assert n > 48 + 4                                         # some frames wait for the first window
+    out = tmp_path / "out.mp4"
+    r = run_cli(media_dir / "retalking_face2.mp4", audio, "-o", out, "--url", idle_server.grpc_url, *FAST)
+    assert r.returncode == 0, r.stderr
+    assert_synced_output(out, audio, tmp_path)
+
+    client = LipsyncClient(idle_server.grpc_url, keepalive_s=None)
+    frames = [np.arange(192, dtype=np.uint8).reshape(8, 8, 3)] * n
+    with pytest.raises(StreamExpired, match="dropped the stream as idle") as failure:
+        for _ in client.stream(np.zeros(audio_samples(audio), np.float32), frames):
+            pass
+    assert failure.value.exit_code == ServerError.exit_code

@@ -14,7 +14,7 @@ from helpers import frame_codes, write_clip, write_wav
 
 from latentsync_client import InputError, audio_chunks, frames_25fps, frames_for_audio, media, num_frames_for_audio
 from latentsync_client.writer import SyncedVideoWriter
-from latentsync_contract import MAX_FRAME_SIDE
+from latentsync_contract import MAX_FRAME_SIDE, MIN_FRAME_SIDE
 
 
 def test_client_imports_neither_torch_nor_the_server_core():
@@ -195,9 +195,19 @@ def test_frames_over_the_servers_size_limit_are_refused_before_connecting(tmp_pa
     from PIL import Image
 
     Image.fromarray(np.zeros((16, MAX_FRAME_SIDE + 4, 3), np.uint8)).save(tmp_path / "wide.png")
-    with pytest.raises(InputError, match=f"wide.png: frames are {MAX_FRAME_SIDE + 4}x16; the server takes at most"):
+    with pytest.raises(InputError, match=f"wide.png: the server would refuse it: FRAMES are {MAX_FRAME_SIDE + 4}x16 pixels; at most"):
         media.check_inputs(tmp_path / "wide.png", shared_dir / "media" / "demo1_audio.wav")
     Image.fromarray(np.zeros((16, MAX_FRAME_SIDE, 3), np.uint8)).save(tmp_path / "ok.png")
+    media.check_inputs(tmp_path / "ok.png", shared_dir / "media" / "demo1_audio.wav")
+
+
+def test_frames_under_the_clients_size_limit_are_refused_before_connecting(tmp_path, shared_dir):
+    """The h264 output crops to even sizes: a side of 1 pixel would leave nothing."""
+    from PIL import Image
+    Image.fromarray(np.zeros((MIN_FRAME_SIDE - 1, 9, 3), np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(InputError, match="flat.png: the server would refuse it: FRAMES are 9x1 pixels; at least 2 per side"):
+        media.check_inputs(tmp_path / "flat.png", shared_dir / "media" / "demo1_audio.wav")
+    Image.fromarray(np.zeros((MIN_FRAME_SIDE, MIN_FRAME_SIDE, 3), np.uint8)).save(tmp_path / "ok.png")
     media.check_inputs(tmp_path / "ok.png", shared_dir / "media" / "demo1_audio.wav")
 
 

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from helpers import FAST, assert_synced_output, cut_audio, run_cli, write_clip
+from latentsync_client import NoFaceError
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +38,19 @@ def test_cli_on_tiny_repository(tiny_server, shared_dir, tmp_path, video):
                 "--allow-no-face", *FAST, timeout=600)
     assert r.returncode == 0, r.stderr
     assert_synced_output(out, audio, tmp_path)
+
+
+def test_allow_no_face_writes_the_passed_through_frames(tiny_server, shared_dir, tmp_path):
+    """The real service ends a stream in which no frame had a face with its `no face found` error, after the
+    (unchanged) frames came back: exit 4 by default; with --allow-no-face the output is written and exit 0."""
+    photo = tmp_path / "wall.png"
+    av.VideoFrame.from_ndarray(np.full((64, 64, 3), 90, np.uint8), format="rgb24").to_image().save(photo)
+    audio = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "voice.wav", 0.3)
+    out = tmp_path / "out.mp4"
+    r = run_cli(photo, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1", *FAST, timeout=600)
+    assert r.returncode == NoFaceError.exit_code and "no face found" in r.stderr and not out.exists(), r.stderr
+    r = run_cli(photo, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1", "--allow-no-face",
+                "--preset", "ultrafast", timeout=600)
+    assert r.returncode == 0 and "without a face (passed through)" in r.stderr, r.stderr
+    info = assert_synced_output(out, audio, tmp_path)
+    assert np.abs(info["frames"][0].astype(int) - 90).mean() < 3            # the photo itself

@@ -274,6 +274,7 @@ def prepared_cache(tmp_path) -> Path:
 def entrypoint_env(repo: Path, **extra) -> dict:
     dockerfile = (DOCKER / "Dockerfile").read_text()
     image_env = dict(re.findall(r"^\s+(LATENTSYNC_\w+)=(\S+?)(?: \\)?$", dockerfile, re.M))
+    image_env.pop("LATENTSYNC_ARGV_SHIM")         # built in the image; here latentsync-serve compiles its own
     return {**os.environ, **image_env, "LATENTSYNC_REPO": str(repo), "LATENTSYNC_CACHE": str(repo.parent),
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra}
 
@@ -376,6 +377,7 @@ def test_entrypoint_serve_restricts_model_control_and_keeps_inference(prepared_c
         assert wait_for_success_count(f"http://127.0.0.1:{metrics_port}/metrics", "double") == 1
         # `serve` execs the server itself (PID 1 in a container): SIGTERM reaches Triton, which drains and exits.
         assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == "tritonserver"
+        assert b"entrypoint-test-key" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()   # not for `ps`
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
         assert proc.returncode == 0, out[-4000:]

@@ -1,6 +1,7 @@
 """`latentsync-serve`: the real Triton server on loopback, its admin restrictions, and a clean stop."""
 import importlib.metadata
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from latentsync_serving.serve import ADMIN_HEADER, RESTRICTED_APIS, TritonServer, free_port, port_is_free, server_args
+from latentsync_serving.serve import (ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED_APIS, TritonServer, free_port,
+                                     port_is_free, secret_env, secret_marker, server_args)
 
 ADMIN_KEY = "test-admin-key"
-GRPC_ADMIN = {f"triton-grpc-protocol-{ADMIN_HEADER}": ADMIN_KEY}   # Triton prefixes gRPC restriction headers
+GRPC_ADMIN = {GRPC_ADMIN_HEADER: ADMIN_KEY}   # Triton prefixes gRPC restriction headers
 HTTP_ADMIN = {ADMIN_HEADER: ADMIN_KEY}
 
 DOUBLE_MODEL = '''
@@ -68,7 +70,7 @@ def admin_server(triton_server, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo_env")
     write_python_model(repo, "double", DOUBLE_MODEL)
     write_python_model(repo, "environment", ENVIRONMENT_MODEL, output_type="TYPE_STRING")
-    server = triton_server(repo, admin_key=ADMIN_KEY, model_control_mode="explicit",
+    server = triton_server(repo, admin_key=ADMIN_KEY, model_control_mode="explicit", allow_shared_memory=True,
                            log_path=tmp_path_factory.mktemp("logs") / "triton.log")
     yield server
     server.stop()
@@ -145,18 +147,54 @@ def test_metrics_endpoint_counts_inferences(admin_server):
     assert "nv_inference_queue_duration_us" in text        # the autoscaling signal
 
 
+def test_shared_memory_with_allow_shared_memory_needs_the_key(admin_server, tmp_path):
+    """--allow-shared-memory puts registration behind the admin key (a region of our own here)."""
+    region = Path("/dev/shm") / f"latentsync_test_{os.getpid()}"
+    region.write_bytes(bytes(4096))
+    try:
+        with grpcclient.InferenceServerClient(admin_server.grpc_url) as g:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                g.register_system_shared_memory("mine", "/" + region.name, 4096)
+            g.register_system_shared_memory("mine", "/" + region.name, 4096, headers=GRPC_ADMIN)
+            assert "mine" in str(g.get_system_shared_memory_status(headers=GRPC_ADMIN))
+            g.unregister_system_shared_memory("mine", headers=GRPC_ADMIN)
+    finally:
+        region.unlink()
+
+
 def test_restriction_and_size_flags():
-    args = server_args("/repo", grpc_port=1, http_port=2, metrics_port=3, admin_key="k",
+    args = server_args("/repo", grpc_port=1, http_port=2, metrics_port=3,
                        options=frozenset({"--http-max-input-size"}), max_input_bytes=1234)
-    apis = ",".join(RESTRICTED_APIS)
-    assert f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}=k" in args
-    assert f"--http-restricted-api={apis}:{ADMIN_HEADER}=k" in args
+    admin = ",".join(a for a in RESTRICTED_APIS if a != "shared-memory")
+    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):    # always locked, keys as markers
+        assert f"{flag}={admin}{secret_marker('ADMIN')}" in args
+        assert f"{flag}=shared-memory{secret_marker('SEALED')}" in args     # sealed unless allowed
     assert "--http-max-input-size=1234" in args
     assert not {"health", "inference", "metadata"} & set(RESTRICTED_APIS)
-    bare = server_args("/repo", grpc_port=1, http_port=2, metrics_port=3)   # no key, an old build
-    assert not any("restricted" in a or "max-input" in a for a in bare)
+    secrets_ = secret_env("k")
+    assert secrets_["LATENTSYNC_SECRET_ADMIN"] == f":{ADMIN_HEADER}=k"
+    assert secrets_["LATENTSYNC_SECRET_SEALED"] != secret_env("k")["LATENTSYNC_SECRET_SEALED"]   # never reused
+    opened = server_args("/repo", grpc_port=1, http_port=2, metrics_port=3, open_apis=["statistics"],
+                         allow_shared_memory=True)                           # an old build: no size flag
+    assert f"--grpc-restricted-protocol=model-repository,model-config,shared-memory,trace,logging" \
+           f"{secret_marker('ADMIN')}" in opened
+    assert not any("SEALED" in a or "max-input" in a for a in opened)
+    with pytest.raises(ValueError, match="open"):
+        server_args("/repo", grpc_port=1, http_port=2, metrics_port=3, open_apis=["shared-memory"])
     with pytest.raises(ValueError):
         server_args("/repo", grpc_port=1, http_port=2, metrics_port=3, model_control_mode="poll")
+
+
+@pytest.mark.server
+def test_unfilled_key_marker_is_refused_by_tritonserver(tiny_repo, tmp_path):
+    """Fail closed: started without the argv library, the markers are malformed options and Triton exits at
+    once instead of serving with an empty or public key."""
+    server = TritonServer(tiny_repo)
+    server._work_dir = tmp_path
+    cmd = server.command()
+    r = subprocess.run(cmd, env=server._env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "option format is '<config name>:<setting>=<value>'" in r.stdout + r.stderr
 
 
 def children_of(pid: int) -> set[int]:
@@ -192,41 +230,149 @@ def test_stop_leaves_no_process_and_frees_ports(tiny_repo, tmp_path):
     assert "successfully loaded 'double'" in (tmp_path / "triton.log").read_text()
 
 
-@pytest.mark.server
-def test_cli_serves_until_sigint(tiny_repo, tmp_path):
+def three_free_ports() -> list[int]:
     ports = []
     while len(ports) < 3:
         p = free_port()
         ports += [p] if p not in ports else []
-    log = tmp_path / "cli.log"
-    cmd = [sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--grpc-port", str(ports[0]),
-           "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--admin-key", ADMIN_KEY,
-           "--log", str(log)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return ports
+
+
+def start_cli(repo: Path, log: Path, *args, env=None) -> tuple[subprocess.Popen, list[str], list[int]]:
+    """`latentsync-serve REPO` on free ports; returns once it announced readiness (its output lines so far)."""
+    ports = three_free_ports()
+    cmd = [sys.executable, "-m", "latentsync_serving.serve", str(repo), "--grpc-port", str(ports[0]),
+           "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log", str(log), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(180, proc.kill)               # a hung start fails the test instead of blocking
     watchdog.start()
+    seen = []
     try:
-        seen = []
         while not (seen and seen[-1].startswith("ready: grpc")):   # the CLI announces readiness, or exits
             line = proc.stdout.readline()
             assert line, "".join(seen)
             seen.append(line)
-        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=5).status == 200
-        assert infer_double(f"127.0.0.1:{ports[0]}", np.ones(2, np.float32)).tolist() == [2, 2]
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-        out = "".join(seen) + out
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         watchdog.cancel()
+    return proc, seen, ports
+
+
+def stop_cli(proc: subprocess.Popen, seen: list[str]) -> str:
+    """SIGINT; the CLI's whole output. The CLI must exit 0."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    out = "".join(seen) + out
     assert proc.returncode == 0, out
-    assert "ready: grpc" in out
-    server_pid = int(out.split("tritonserver pid ")[1].split(",")[0])
+    return out
+
+
+def process_memory(pid: int, what: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{what}").read_bytes()
+    except OSError:                                         # gone, or another user's environ
+        return b""
+
+
+@pytest.mark.server
+def test_cli_serves_until_sigint_and_keeps_the_key_off_every_command_line(tiny_repo, tmp_path):
+    """The key given in the environment reaches Triton (it works, a wrong one does not), yet no process shows
+    it in /proc/PID/cmdline (what `ps` prints to every user), the server and its stubs not even in their own
+    environment, and the server log does not contain it."""
+    key = "cli-key-" + os.urandom(12).hex()
+    log = tmp_path / "cli.log"
+    proc, seen, ports = start_cli(tiny_repo, log, env=dict(os.environ, LATENTSYNC_ADMIN_KEY=key))
+    try:
+        server_pid = int("".join(seen).split("tritonserver pid ")[1].split(",")[0])
+        group = {server_pid} | children_of(server_pid)
+        assert len(group) >= 2, "the python backend stub should run as a child of the server"
+        everyone = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        assert not [pid for pid in everyone if key.encode() in process_memory(pid, "cmdline")]
+        assert b"{LATENTSYNC_SECRET_ADMIN}" in process_memory(server_pid, "cmdline")     # the marker instead
+        assert not [pid for pid in group if key.encode() in process_memory(pid, "environ")]
+
+        url = f"127.0.0.1:{ports[0]}"
+        with grpcclient.InferenceServerClient(url) as g:
+            assert [m.name for m in g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: key}).models] \
+                == ["double"]
+            for headers in (None, {GRPC_ADMIN_HEADER: "wrong-key"}):
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    g.get_model_repository_index(headers=headers)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=5).status == 200
+        assert infer_double(url, np.ones(2, np.float32)).tolist() == [2, 2]
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    out = stop_cli(proc, seen)
+    assert "ready: grpc" in out and key not in out
     assert not alive(server_pid)
     assert all(port_is_free(p) for p in ports)
-    assert "Started GRPCInferenceService" in log.read_text()
+    text = log.read_text()
+    assert "Started GRPCInferenceService" in text and key not in text
+
+
+def test_cli_refuses_a_key_on_its_own_command_line(tiny_repo):
+    r = subprocess.run([sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--admin-key", "k"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "LATENTSYNC_ADMIN_KEY" in r.stderr and "ps" in r.stderr
+
+
+@pytest.mark.server
+def test_cli_defaults_lock_admin_apis_behind_a_generated_key(tiny_repo, tmp_path):
+    """`latentsync-serve REPO` with no key: the shared-memory attack (register a Python stub's own /dev/shm
+    region, whose name `ps` shows, then have an inference write into it: it wedged or aborted tritonserver) is
+    refused, as are logging and the other admin APIs; the server keeps serving. The key generated for the run
+    is in a 0600 file named at start, unlocks the admin APIs but not shared memory, and is removed at exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSYNC_ADMIN_KEY")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    proc, seen, ports = start_cli(tiny_repo, tmp_path / "cli.log", env=env)
+    try:
+        key_file = Path(re.search(r"with the key in (\S+) \(generated", "".join(seen)).group(1))
+        assert key_file.parent == tmp_path / "latentsync" and key_file.stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "latentsync").stat().st_mode & 0o777 == 0o700
+        key = key_file.read_text().strip()
+        server_pid = int("".join(seen).split("tritonserver pid ")[1].split(",")[0])
+        stub_args = b" ".join(process_memory(pid, "cmdline") for pid in children_of(server_pid))
+        region = re.search(rb"(latentsync_[0-9a-f]+_[0-9a-f-]+)", stub_args).group(1).decode()
+        assert (Path("/dev/shm") / region).exists()
+
+        url = f"127.0.0.1:{ports[0]}"
+        with grpcclient.InferenceServerClient(url) as g:
+            for headers in (None, {GRPC_ADMIN_HEADER: key}):           # sealed: not even with the key
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    g.register_system_shared_memory("stub", "/" + region, 4096, headers=headers)
+            for call in (lambda: g.update_log_settings({"log_verbose_level": 1}), g.get_log_settings,
+                         lambda: g.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+                         g.get_model_repository_index, lambda: g.get_model_config("double"),
+                         lambda: g.get_inference_statistics("double")):
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    call()
+            inp = grpcclient.InferInput("X", [256], "FP32")
+            inp.set_data_from_numpy(np.ones(256, np.float32))
+            out = grpcclient.InferRequestedOutput("Y")
+            out.set_shared_memory("stub", 1024)
+            with pytest.raises(InferenceServerException, match="stub"):   # no such region registered
+                g.infer("double", [inp], outputs=[out], client_timeout=30)
+            assert "log_verbose_level" in g.get_log_settings(headers={GRPC_ADMIN_HEADER: key}, as_json=True)["settings"]
+            assert g.get_model_config("double", headers={GRPC_ADMIN_HEADER: key}).config.name == "double"
+        for _ in range(2):                                              # still serving
+            assert infer_double(url, np.ones(3, np.float32)).tolist() == [2, 2, 2]
+        assert proc.poll() is None and alive(server_pid)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    stop_cli(proc, seen)
+    assert not key_file.exists()
 
 
 @pytest.mark.server
@@ -236,7 +382,8 @@ def test_server_dies_with_its_parent(tiny_repo, tmp_path):
               f"s = TritonServer({str(tiny_repo)!r}, log_path={str(tmp_path / 'triton.log')!r}).start()\n"
               f"print(s.wait_ready(180).pid, flush=True)\n"
               f"import time; time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))   # its key file stays there
     try:
         server_pid = int(parent.stdout.readline())
     finally:

@@ -9,7 +9,8 @@
 """
 from latentsync_contract import FPS, SAMPLE_RATE, StreamParams, num_frames_for_audio
 
-from .errors import ClientError, InputError, Interrupted, NoFaceError, ServerError, ServerUnreachable
+from .errors import (ClientError, InputError, Interrupted, NoFaceError, OutputError, ServerError, ServerUnreachable,
+                     StreamExpired)
 from .media import audio_chunks, frames_25fps, frames_for_audio, ping_pong_index
 from .stream import LipsyncClient, SyncedFrame
 from .sync import SyncResult, sync_file
@@ -18,4 +19,4 @@ from .writer import SyncedVideoWriter
 __all__ = ["LipsyncClient", "StreamParams", "SyncedFrame", "SyncResult", "SyncedVideoWriter", "sync_file",
            "audio_chunks", "frames_25fps", "frames_for_audio", "ping_pong_index", "num_frames_for_audio",
            "FPS", "SAMPLE_RATE", "ClientError", "InputError", "ServerUnreachable", "ServerError",
-           "NoFaceError", "Interrupted"]
+           "NoFaceError", "StreamExpired", "OutputError", "Interrupted"]

@@ -1,7 +1,9 @@
 """`latentsync-client VIDEO_OR_IMAGE AUDIO -o OUT.mp4`: lip-sync a file through a LatentSync Triton server.
 
-Exit codes: 0 done, 2 bad arguments or unsupported input, 3 server unreachable or connection lost,
-4 server error or no face found, 130 interrupted. Errors are one line on stderr.
+Exit codes: 0 done, 1 unexpected error (a bug), 2 bad arguments, unsupported input or an output that cannot be
+written there (all found before connecting), 3 server unreachable or connection lost, 4 server error, no face
+found or stream dropped as idle, 5 writing failed (disk full, quota, I/O error), 130 interrupted.
+Errors are one line on stderr.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as e:
         bar.close()
         return _fail(e)
-    except Exception as e:                                  # a bug or an OS failure (disk full...): still one line
+    except Exception as e:                                  # a bug: still one line
         bar.close()
         return _fail(ClientError(f"{type(e).__name__}: {e}"))
     bar.close()

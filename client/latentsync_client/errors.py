@@ -1,8 +1,12 @@
-"""What can go wrong for a client, each with the exit code the CLI reports it with."""
+"""What can go wrong for a client, each with the exit code the CLI reports it with (client/README.md)."""
+import errno
+
+# OS errors that mean "the disk cannot take the output", wherever they come from (encoder, spill file).
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
 class ClientError(Exception):
-    """Base class: a one-line message for the user and a process exit code."""
+    """Base class: a one-line message for the user and a process exit code (1: anything unforeseen, a bug)."""
 
     exit_code = 1
 
@@ -27,6 +31,16 @@ class ServerError(ClientError):
 
 class NoFaceError(ServerError):
     """No frame of the video had a face the server could sync."""
+
+
+class StreamExpired(ServerError):
+    """The server dropped the stream because no request reached it within its idle timeout."""
+
+
+class OutputError(ClientError):
+    """The output (or a temporary file) could not be written: disk full, quota, file too large, I/O error."""
+
+    exit_code = 5
 
 
 class Interrupted(ClientError):

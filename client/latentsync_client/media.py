@@ -25,6 +25,7 @@ from latentsync_contract import FPS, SAMPLE_RATE, ContractError, check_frame_siz
 
 from .errors import InputError
 
+
 # FFmpeg demuxers that render any text file as "video": never what a user meant.
 TEXT_ART_FORMATS = {"tty", "bin", "xbin", "adf", "idf"}
 
@@ -48,8 +49,8 @@ def _decode_error(path, e: Exception) -> InputError:
 
 
 def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
-    """Fail early (InputError) unless `video` has a video stream (of a frame size the server takes) and `audio`
-    an audio track."""
+    """Fail early (InputError) unless `video` has a video stream (of a frame size the server takes)
+    and `audio` an audio track."""
     for path, kind in ((video, "video"), (audio, "audio")):
         with open_media(path) as container:
             streams = getattr(container.streams, kind)
@@ -58,7 +59,7 @@ def check_inputs(video: str | os.PathLike, audio: str | os.PathLike) -> None:
             if streams[0].codec_context is None:  # FFmpeg has no decoder for this codec
                 raise InputError(f"{path}: unsupported {kind} codec (no decoder for it)")
             ctx = streams[0].codec_context
-            if kind == "video":
+            if kind == "video" and ctx.width and ctx.height:
                 try:
                     check_frame_size(ctx.height, ctx.width)
                 except ContractError as e:

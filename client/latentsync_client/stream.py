@@ -3,12 +3,17 @@
 The sender keeps at most `max_inflight_frames` frames between "sent" and "handed to the caller", so a fast
 decoder never queues the video in memory and a slow consumer (the encoder) slows the upload down. Audio
 requests are paced by their (empty) final responses, so a long track is never queued whole either.
+
+While it holds back (waiting for windows, or while the caller is busy with a frame), a keep-alive thread sends an
+empty request whenever nothing was sent for `keepalive_s`: Triton's sequence idle clock restarts only when a
+request arrives, and a stream idle for the server's timeout is dropped.
 """
 from __future__ import annotations
 
 import itertools
 import queue
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -17,22 +22,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from latentsync_contract import (
-    AUDIO,
-    FACE_FOUND,
-    FRAME_INDEX,
-    FRAMES,
-    MAX_FRAMES_PER_REQUEST,
-    MODEL_NAME,
-    SAMPLE_RATE,
-    WINDOW,
-    StreamParams,
-    is_no_face_error,
-    min_audio_samples,
-    num_frames_for_audio,
-)
-
-from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable
+from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable, StreamExpired
+from latentsync_contract import (AUDIO, FACE_FOUND, FRAME_INDEX, FRAMES, MAX_FRAMES_PER_REQUEST, MODEL_NAME,
+                                 SAMPLE_RATE, WINDOW, StreamParams, is_no_face_error, min_audio_samples,
+                                 num_frames_for_audio)
 
 # gRPC status codes that mean the connection, not the request, failed.
 _CONNECTION_CODES = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL")
@@ -55,7 +48,8 @@ class LipsyncClient:
 
     def __init__(self, url: str = "localhost:8001", model: str = MODEL_NAME, *, max_inflight_frames: int = 3 * WINDOW,
                  frames_per_request: int = 4, audio_chunk_samples: int = 10 * SAMPLE_RATE,
-                 response_timeout: float | None = 600.0, connect_timeout: float = 10.0):
+                 response_timeout: float | None = 600.0, connect_timeout: float = 10.0,
+                 keepalive_s: float | None = 1.0):
         if not 1 <= frames_per_request <= MAX_FRAMES_PER_REQUEST:
             raise InputError(f"frames_per_request must be 1..{MAX_FRAMES_PER_REQUEST}")
         if max_inflight_frames < WINDOW + frames_per_request:   # the server answers only whole windows
@@ -65,6 +59,7 @@ class LipsyncClient:
         self.response_timeout, self.connect_timeout = response_timeout, connect_timeout
         self.audio_chunk_samples = audio_chunk_samples
         self.max_inflight_audio_requests = 2          # audio is acknowledged by each request's final response
+        self.keepalive_s = keepalive_s                # None: never (the server's idle timeout then applies)
 
     def _connect(self) -> grpcclient.InferenceServerClient:
         """A gRPC client to a live server whose `lipsync` model is ready, or a ClientError saying why not."""
@@ -107,23 +102,46 @@ class LipsyncClient:
             raise ServerUnreachable(f"cannot open a stream to {self.url} ({_first_line(e.message())})") from None
         sequence_id = secrets.randbits(63) | 1
         request_count = itertools.count()
-        state = {"started": False, "ended": False, "completed": False}
+        state = {"started": False, "ended": False, "completed": False, "sent_at": 0.0}
+        lock = threading.Lock()                             # the keep-alive thread sends too
 
-        def send(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False) -> str:
+        def request(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False,
+                    keepalive=False) -> str | None:
+            """Send one request (InferenceServerException if the stream broke); a keep-alive only when due."""
             inputs = [grpcclient.InferInput(FRAMES, list(frames_batch.shape), "UINT8"),
                       grpcclient.InferInput(AUDIO, list(audio_chunk.shape), "FP32")]
             inputs[0].set_data_from_numpy(frames_batch)
             inputs[1].set_data_from_numpy(audio_chunk)
-            request_id = f"{sequence_id}-{next(request_count)}"
-            try:
+            with lock:
+                if keepalive and (not state["started"] or state["ended"]
+                                  or time.monotonic() - state["sent_at"] < self.keepalive_s):
+                    return None
+                request_id = f"{sequence_id}-{next(request_count)}"
                 client.async_stream_infer(self.model, inputs, request_id=request_id, sequence_id=sequence_id,
                                           sequence_start=start, sequence_end=end, enable_empty_final_response=True,
                                           parameters=params.as_parameters() if start else None)
+                state.update(started=True, ended=end, sent_at=time.monotonic())
+            return request_id
+
+        def send(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False) -> str:
+            try:
+                return request(frames_batch, audio_chunk, start=start, end=end)
             except InferenceServerException:                # the stream broke: its callback said why
                 state["ended"] = True
                 raise self._stream_error(responses) from None
-            state["started"], state["ended"] = True, end
-            return request_id
+
+        stop_keepalive = threading.Event()
+
+        def keep_alive() -> None:
+            while not stop_keepalive.wait(self.keepalive_s / 4):
+                try:
+                    request(_NO_SHAPE_FRAMES, _NO_AUDIO, keepalive=True)     # answered by an empty final response
+                except InferenceServerException:                             # broken: the stream itself reports it
+                    return
+
+        keeper = threading.Thread(target=keep_alive, name="lipsync-keepalive", daemon=True)
+        if self.keepalive_s:
+            keeper.start()
 
         try:
             n_samples, audio_requests = 0, set()
@@ -172,6 +190,9 @@ class LipsyncClient:
             state["ended"] = True                           # nobody left to tell
             raise
         finally:
+            stop_keepalive.set()
+            if keeper.is_alive():
+                keeper.join()
             try:
                 if state["started"] and not state["ended"]:
                     self._end_sequence(send, responses)
@@ -242,4 +263,8 @@ def _classify(error: InferenceServerException, url: str) -> Exception:
     if any(status.endswith(code) for code in _CONNECTION_CODES):
         return ServerUnreachable(f"lost the connection to the server at {url} ({_first_line(error.message())})")
     message = _first_line(error.message())
+    if "must specify the START flag" in message or "must set sequence_start" in message:
+        # Triton (or lipsync) no longer knows the sequence: it was dropped after the server's idle timeout
+        return StreamExpired(f"server error: the server dropped the stream as idle (no request reached it within "
+                             f"its idle timeout, latentsync-export --idle-timeout-s): {message}")
     return (NoFaceError if is_no_face_error(message) else ServerError)(f"server error: {message}")

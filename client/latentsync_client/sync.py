@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 
 from latentsync_contract import FPS, StreamParams
 
-from .errors import NoFaceError
+from .errors import DISK_ERRORS, InputError, NoFaceError, OutputError
 from .media import audio_chunks, check_inputs, frames_for_audio
 from .stream import LipsyncClient
 from .writer import SyncedVideoWriter
@@ -72,6 +73,22 @@ class SyncResult:
         return self.frames / FPS
 
 
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """InputError if writing `output` would overwrite one of the `inputs` (the same file, by any path)."""
+    for path in inputs:
+        if os.path.exists(output) and os.path.samefile(output, path):
+            raise InputError(f"{output}: is the input {path} itself; choose another output file")
+
+
+def check_spill_dir(spill_dir: str | os.PathLike | None) -> None:
+    if spill_dir is None:
+        return
+    try:
+        tempfile.TemporaryFile(dir=spill_dir).close()
+    except OSError as e:
+        raise InputError(f"{spill_dir}: cannot keep looped frames there ({e.strerror})") from None
+
+
 def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike, *,
               client: LipsyncClient | None = None, params: StreamParams | None = None,
               progress: Progress | None = None, require_face: bool = True, crf: int = 18,
@@ -79,28 +96,41 @@ def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | 
     """Lip-sync `video` (any video file, or a still image) to the audio track of `audio`; write `output`.
 
     Memory stays flat in the video's length: frames are decoded, sent, received and encoded as a stream.
-    `output` appears only on success (NoFaceError if no frame had a face and `require_face`).
+    `output` appears only on success (NoFaceError if no frame had a face and `require_face`; with
+    `require_face=False` the output is then the input frames, re-timed). Inputs, output and spill folder are
+    checked before connecting; a full disk raises OutputError.
     """
     client = client or LipsyncClient()
     params = params or StreamParams()
     started = time.monotonic()
     check_inputs(video, audio)              # fail fast, before any network or decoding work
-    client.check()
+    check_output(output, video, audio)
+    check_spill_dir(spill_dir)
     without_face = 0
-    with SyncedVideoWriter(output, audio, crf=crf, preset=preset) as writer:
+    try:
+        with SyncedVideoWriter(output, audio, crf=crf, preset=preset) as writer:   # creates its file now
+            client.check()
 
-        def source_frames(n_frames: int):   # called once the audio is sent and the frame count known
-            writer.n_frames = n_frames
-            if progress:
-                progress(0, n_frames)
-            return prefetch(frames_for_audio(video, n_frames, spill_dir))
-
-        with contextlib.closing(client.stream(audio_chunks(audio), source_frames, params)) as synced:
-            for out in synced:
-                writer.write(out.frame)
-                without_face += not out.face_found
+            def source_frames(n_frames: int):   # called once the audio is sent and the frame count known
+                writer.n_frames = n_frames
                 if progress:
-                    progress(writer.frames_written, writer.n_frames)
-        if require_face and without_face == writer.frames_written:
-            raise NoFaceError(f"no face found in any of the {without_face} frames of {video}")
+                    progress(0, n_frames)
+                return prefetch(frames_for_audio(video, n_frames, spill_dir))
+
+            try:
+                with contextlib.closing(client.stream(audio_chunks(audio), source_frames, params)) as synced:
+                    for out in synced:
+                        writer.write(out.frame)
+                        without_face += not out.face_found
+                        if progress:
+                            progress(writer.frames_written, writer.n_frames)
+            except NoFaceError:             # the server's end-of-stream verdict, after every frame came back
+                if require_face or not writer.frames_written or writer.frames_written != writer.n_frames:
+                    raise
+            if require_face and without_face == writer.frames_written:
+                raise NoFaceError(f"no face found in any of the {without_face} frames of {video}")
+    except OSError as e:
+        if e.errno in DISK_ERRORS:
+            raise OutputError(f"cannot write {e.filename or output}: {e.strerror}") from None
+        raise
     return SyncResult(str(output), writer.frames_written, without_face, time.monotonic() - started)

@@ -1,8 +1,19 @@
 """Encoding synced frames as they arrive: h264 video muxed with the original audio (AAC), written to a
-temporary file beside the output and renamed onto it only when everything succeeded."""
+temporary file beside the output and renamed onto it only when everything succeeded.
+
+The temporary file (`.NAME.partial-PID-XXXXXX.EXT`) is created, and locked with flock, when the writer opens,
+so an unwritable folder shows before any work is done. Its writer holds the lock until the file is renamed or
+deleted; a partial file nobody holds was left by a writer that was killed (SIGKILL, power loss), and the next
+writer in that folder deletes it (only its own user's files, only unlocked ones: a lock, unlike a pid, cannot
+belong to an unrelated process that reused the pid).
+"""
 from __future__ import annotations
 
+import errno
 import os
+import re
+import secrets
+import stat
 from pathlib import Path
 
 import av
@@ -10,8 +21,13 @@ import numpy as np
 
 from latentsync_contract import FPS
 
-from .errors import InputError
+from .errors import DISK_ERRORS, InputError, OutputError
 from .media import open_media
+
+try:
+    import fcntl
+except ImportError:                 # Windows: no locks, so no clean-up of stale partial files either
+    fcntl = None
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
@@ -58,6 +74,51 @@ class _AudioSource:
         self._container.close()
 
 
+PARTIAL_NAME = re.compile(r"^\..*\.partial-\d+-[0-9a-f]{6}(\.[^./]*)?$")
+
+
+def claim_partial(path: Path) -> tuple[Path, int | None]:
+    """A new temporary file beside `path` and a descriptor holding its lock (None without fcntl)."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{secrets.token_hex(3)}{path.suffix}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+        if fcntl is None:
+            return tmp, fd
+        fcntl.flock(fd, fcntl.LOCK_EX)          # waits only while a clean-up looks at the new file
+        try:
+            if os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:               # the clean-up took it for a stale one: try another name
+            pass
+        os.close(fd)
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete this user's partial files in `folder` that no writer holds (left by killed writers)."""
+    removed = []
+    if fcntl is None:
+        return removed
+    for path in folder.iterdir():
+        if not PARTIAL_NAME.match(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == os.getuid() and stat.S_ISREG(st.st_mode):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)          # fails while its writer lives
+                if os.stat(path, follow_symlinks=False).st_ino == st.st_ino:
+                    path.unlink()
+                    removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 class SyncedVideoWriter:
     """Writes `n_frames` RGB frames at 25 fps plus the audio of `audio_path` trimmed to n_frames / 25 s.
 
@@ -71,7 +132,10 @@ class SyncedVideoWriter:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise InputError(f"{self.path.parent}: output folder does not exist")
-        self.tmp_path = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.path.suffix}")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a folder, not an output file name")
+        self.tmp_path: Path | None = None       # created on entering
+        self._lock: int | None = None
         self.audio_path, self.n_frames = audio_path, n_frames
         self.crf, self.preset = crf, preset
         self.frames_written = 0
@@ -79,10 +143,18 @@ class SyncedVideoWriter:
         self._audio_written = 0
         self._audio_ended = False
 
-    def __enter__(self) -> SyncedVideoWriter:
+    def __enter__(self) -> "SyncedVideoWriter":
+        folder = self.path.parent
+        try:
+            remove_stale_partials(folder)
+            self.tmp_path, self._lock = claim_partial(self.path)
+        except OSError as e:
+            error = OutputError if e.errno in DISK_ERRORS and e.errno != errno.EROFS else InputError
+            raise error(f"{folder}: cannot write the output there ({e.strerror})") from None
         try:
             self._container = av.open(str(self.tmp_path), "w", options=self._muxer_options())
         except (av.FFmpegError, ValueError) as e:
+            self._abort()
             raise InputError(f"{self.path}: cannot write this output ({e})") from None
         try:
             self._audio = _AudioSource(self.audio_path)
@@ -143,6 +215,7 @@ class SyncedVideoWriter:
             self._container.close()
             self._audio.close()
             os.replace(self.tmp_path, self.path)
+            self._unlock()
         except BaseException:
             self._abort()
             raise
@@ -155,4 +228,11 @@ class SyncedVideoWriter:
                     closable.close()
             except Exception:
                 pass
-        self.tmp_path.unlink(missing_ok=True)
+        if self.tmp_path is not None:
+            self.tmp_path.unlink(missing_ok=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

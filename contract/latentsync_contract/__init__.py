@@ -21,6 +21,7 @@ HOP_LENGTH = 160              # audio samples per log-mel frame (whisper)
 WINDOW = 16                   # frames per window: the server answers window by window
 MAX_FRAMES_PER_REQUEST = WINDOW
 MAX_FRAME_SIDE = 4096         # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
+MIN_FRAME_SIDE = 2            # pixels per side: an h264 (yuv420p) video needs even sizes >= 2
 VARIANTS = ("1.5", "1.6")     # LatentSync releases: 256 px and 512 px faces
 
 DEFAULT_STEPS, MAX_STEPS = 20, 100
@@ -64,18 +65,22 @@ def is_no_face_error(message: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- tensors
 def check_frames_shape(shape: Sequence[int]) -> None:
-    """A FRAMES request tensor: [n, H, W, 3] with n <= 16 and H, W <= MAX_FRAME_SIDE."""
+    """A FRAMES request tensor: [n, H, W, 3] with n <= 16 and MIN_FRAME_SIDE <= H, W <= MAX_FRAME_SIDE; a request
+    without frames (n = 0, as audio requests send them) may have any H, W."""
     if len(shape) != 4 or shape[-1] != 3:
         raise ContractError(f"FRAMES must be [n, H, W, 3] RGB uint8, got shape {list(shape)}")
     if shape[0] > MAX_FRAMES_PER_REQUEST:
         raise ContractError(f"FRAMES holds {shape[0]} frames; at most {MAX_FRAMES_PER_REQUEST} per request")
-    check_frame_size(shape[1], shape[2])
+    if shape[0]:
+        check_frame_size(shape[1], shape[2])
 
 
 def check_frame_size(height: int, width: int) -> None:
     if max(height, width) > MAX_FRAME_SIDE:
         raise ContractError(f"FRAMES are {width}x{height} pixels; at most {MAX_FRAME_SIDE} per side "
                             "(scale the video down)")
+    if min(height, width) < MIN_FRAME_SIDE:
+        raise ContractError(f"FRAMES are {width}x{height} pixels; at least {MIN_FRAME_SIDE} per side")
 
 
 def check_audio_shape(shape: Sequence[int]) -> None:

@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .serve import GRPC_ADMIN_HEADER
+
 PER_FRAME_STAGES = ("decode", "detect", "align", "audio", "vae_encode", "unet", "vae_decode", "paste_back",
                     "other", "encode")
 
@@ -422,7 +424,7 @@ def _server(opts: BenchOptions, repo: Path):
     from latentsync_serving.serve import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="latentsync-bench-log-") as logs:
-        server = TritonServer(repo, log_path=Path(logs) / "tritonserver.log")
+        server = TritonServer(repo, log_path=Path(logs) / "tritonserver.log", open_apis=["statistics"])
         try:
             server.start().wait_ready(opts.timeout)
             yield server.grpc_url, server.pid
@@ -452,7 +454,8 @@ def run(opts: BenchOptions) -> dict:
                                                                seed=opts.seed)) if opts.reference else None
         if reference is not None:
             stack.callback(reference.kill)                     # after close(): nothing left to do
-        stats = ServerStats(url)
+        key = os.environ.get("LATENTSYNC_ADMIN_KEY")          # a --url server's statistics need its key
+        stats = ServerStats(url, {GRPC_ADMIN_HEADER: key} if key else None)
         stack.callback(stats.close)
         warm = run_stream(url, media, params, keep=True)        # loads lazily initialised state everywhere
         if warm.error:
@@ -588,7 +591,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, argpars
                    help="extra latentsync-export flag for --tiny (repeat; e.g. --export-arg=--unet-max-batch=8)")
     p.add_argument("--video", type=Path, required=True, help="a video with a face (real clip)")
     p.add_argument("--audio", type=Path, help="voice track (default: the video's audio)")
-    p.add_argument("--url", help="benchmark a running server (grpc host:port) instead of starting one")
+    p.add_argument("--url", help="benchmark a running server (grpc host:port) instead of starting one; its "
+                   "statistics need env LATENTSYNC_ADMIN_KEY or latentsync-serve --open-api statistics")
     p.add_argument("--server-pid", type=int, help="with --url: the server's process group, for its memory")
     p.add_argument("--size", type=int, default=256, help="resize frames to this longer side (0: keep)")
     p.add_argument("--seconds", type=float, default=2.5, help="audio seconds per stream")

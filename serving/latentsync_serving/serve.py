@@ -4,9 +4,16 @@ The server binary comes from an NGC container (/opt/tritonserver) or, on a machi
 `nvidia-pytriton` wheel (Triton 2.51, Python backend only). The Python backend stub runs under *this*
 interpreter's environment, so Python-backend models import whatever this venv has (torch, latentsync_core).
 
-Admin endpoints are locked with Triton's restricted-protocol options: with an admin key, the APIs in
-RESTRICTED_APIS answer only requests carrying the header `ADMIN_HEADER: <key>` (gRPC metadata or HTTP header);
-health, metadata and inference stay open (probes and clients need them).
+Admin endpoints are always locked with Triton's restricted-protocol options: the APIs in RESTRICTED_APIS answer
+only requests carrying the header `ADMIN_HEADER: <key>` (gRPC metadata or HTTP header); health, metadata and
+inference stay open (probes and clients need them). Without a key from the caller, each run generates one and
+writes it to a file only its owner can read (`admin_key_file`). Shared-memory registration is sealed by default
+(behind a key that is never stored anywhere): registering another process's /dev/shm region crashes Triton.
+
+The key never appears on a command line: tritonserver's argv carries a marker, and a tiny LD_PRELOAD library
+(ARGV_SHIM_SOURCE, compiled at start) swaps in the real value from the environment before Triton's main() runs,
+then wipes it from the environment. /proc/PID/cmdline, readable by every local user, shows only the marker; a
+server started without the library refuses the marker as a malformed option instead of running unlocked.
 """
 from __future__ import annotations
 
@@ -14,9 +21,11 @@ import argparse
 import ctypes
 import functools
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -30,7 +39,11 @@ from typing import Sequence
 
 # Everything that changes or reveals the server beyond "is it up" and "run this model".
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+# What a caller may open to everyone (load tools such as perf_analyzer read configs and statistics over gRPC,
+# where it cannot send headers); shared memory never.
+OPENABLE_APIS = ("model-config", "statistics")
 ADMIN_HEADER = "admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes restricted gRPC headers
 # Largest HTTP request body (Triton's own default is 64 MiB); a 16-frame 1080p window is ~100 MB.
 DEFAULT_MAX_INPUT_BYTES = 256 << 20
 # Python backend shared memory per model instance; grows in steps of the same size for video tensors.
@@ -107,14 +120,129 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+# ---------------------------------------------------------------------------------------------------- secrets
+SECRET_ENV_PREFIX = "LATENTSYNC_SECRET_"
+ARGV_SHIM_SOURCE = r"""
+/* LD_PRELOAD library for tritonserver: before main() runs, replace every "{LATENTSYNC_SECRET_<NAME>}" marker in
+   argv by the value of the environment variable LATENTSYNC_SECRET_<NAME>, then wipe and unset those variables.
+   main() parses the real option; /proc/PID/cmdline (the original argv memory) still shows the marker. glibc
+   passes (argc, argv, envp) to constructors, and main() gets the same argv array. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PREFIX "LATENTSYNC_SECRET_"
+
+static const char *lookup(char **envp, const char *name, size_t len) {
+  for (; *envp; envp++)
+    if (strncmp(*envp, name, len) == 0 && (*envp)[len] == '=') return *envp + len + 1;
+  return NULL;
+}
+
+/* A copy of arg with its markers filled, or NULL if it has none or one has no variable (left as it is). */
+static char *fill(const char *arg, char **envp) {
+  const char *at = strstr(arg, "{" PREFIX), *end = at ? strchr(at, '}') : NULL;
+  const char *value = end ? lookup(envp, at + 1, (size_t)(end - at - 1)) : NULL;
+  if (!value) return NULL;
+  char *rest = fill(end + 1, envp);
+  const char *tail = rest ? rest : end + 1;
+  size_t size = (size_t)(at - arg) + strlen(value) + strlen(tail) + 1;
+  char *out = malloc(size);
+  if (out) snprintf(out, size, "%.*s%s%s", (int)(at - arg), arg, value, tail);
+  free(rest);
+  return out;
+}
+
+__attribute__((constructor)) static void fill_argv(int argc, char **argv, char **envp) {
+  char names[16][64];
+  int n = 0;
+  if (!envp) return;
+  for (int i = 1; i < argc; i++) {
+    char *filled = fill(argv[i], envp);
+    if (filled) argv[i] = filled;
+  }
+  for (char **e = envp; *e; e++) {
+    char *eq = strchr(*e, '=');
+    if (strncmp(*e, PREFIX, strlen(PREFIX)) != 0 || !eq) continue;
+    memset(eq + 1, 0, strlen(eq + 1));          /* also gone from /proc/PID/environ */
+    if (n < 16 && eq - *e < 64) {
+      memcpy(names[n], *e, (size_t)(eq - *e));
+      names[n++][eq - *e] = 0;
+    }
+  }
+  for (int i = 0; i < n; i++) unsetenv(names[i]);   /* backend stubs and their children never see them */
+}
+"""
+
+
+def build_argv_shim(out: str | os.PathLike) -> Path:
+    """Compile ARGV_SHIM_SOURCE into the shared library `out` with the C compiler ($CC, cc, gcc or clang)."""
+    out = Path(out)
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    if compiler is None:
+        raise RuntimeError("latentsync-serve needs a C compiler (cc, gcc or clang) to build the library that keeps "
+                           "the admin key off the process list, or env LATENTSYNC_ARGV_SHIM naming a prebuilt one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        source, built = Path(tmp) / "argv_secret.c", Path(tmp) / "argv_secret.so"
+        source.write_text(ARGV_SHIM_SOURCE)
+        r = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(built), str(source)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"building the argv library with {compiler} failed:\n{r.stderr}")
+        os.replace(built, out)
+    return out
+
+
+def secret_marker(name: str) -> str:
+    """What tritonserver's command line shows in place of the secret LATENTSYNC_SECRET_<name>."""
+    return "{" + SECRET_ENV_PREFIX + name + "}"
+
+
+def check_admin_key(key: str) -> str:
+    key = key.strip()
+    if not key or any(c.isspace() or not c.isprintable() for c in key):
+        raise ValueError("the admin key must be non-empty printable text without spaces (e.g. openssl rand -hex 32)")
+    return key
+
+
+def key_folder() -> Path:
+    """Where generated admin keys go: $XDG_RUNTIME_DIR/latentsync, else <tmp>/latentsync-<uid>; a folder only its
+    owner can enter (an existing one that is a link, someone else's or open to others is refused)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folder = (Path(runtime) / "latentsync" if runtime and Path(runtime).is_dir()
+              else Path(tempfile.gettempdir()) / f"latentsync-{os.getuid()}")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{folder}: not a private folder of this user (mode {st.st_mode & 0o777:o}); remove it")
+    return folder
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path` with mode 0600 (a new file renamed into place, never through a link)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)                 # left by a killed run with this pid
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- flags
 def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_port: int, metrics_port: int,
-                address: str = "127.0.0.1", admin_key: str | None = None, model_control_mode: str = "none",
+                address: str = "127.0.0.1", model_control_mode: str = "none",
                 load_models: Sequence[str] = (), max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
                 exit_timeout_s: int = 30, options: frozenset[str] = frozenset(),
-                shm_prefix: str | None = None) -> list[str]:
+                shm_prefix: str | None = None, open_apis: Sequence[str] = (),
+                allow_shared_memory: bool = False) -> list[str]:
     """tritonserver command-line flags (without the binary and backend directory).
 
+    The restrictions carry secret markers: the admin APIs (RESTRICTED_APIS less `open_apis`) take the key of
+    LATENTSYNC_SECRET_ADMIN, shared memory that one too with `allow_shared_memory`, else the never-stored
+    LATENTSYNC_SECRET_SEALED (see `secret_env`). Each secret starts with the ':' Triton's option format needs,
+    so an unfilled marker is a malformed option and tritonserver refuses to start.
     `shm_prefix` names the Python backend's /dev/shm regions, so the regions of one server can be found and
     removed after it was killed (a SIGKILLed server leaves them behind, 16+ MB per model instance)."""
     if model_control_mode not in ("none", "explicit"):
@@ -132,13 +260,24 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
         args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
     if model_control_mode == "explicit":
         args += [f"--load-model={m}" for m in (load_models or ["*"])]
-    if admin_key:
-        apis = ",".join(RESTRICTED_APIS)
-        args += [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}",
-                 f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}"]
+    if not set(open_apis) <= set(OPENABLE_APIS):
+        raise ValueError(f"only {', '.join(OPENABLE_APIS)} may be open to everyone, not {', '.join(open_apis)}")
+    groups = {"ADMIN": [a for a in RESTRICTED_APIS if a not in open_apis
+                        and (allow_shared_memory or a != "shared-memory")],
+              "SEALED": [] if allow_shared_memory else ["shared-memory"]}
+    for secret, apis in groups.items():
+        if apis:
+            args += [f"--grpc-restricted-protocol={','.join(apis)}{secret_marker(secret)}",
+                     f"--http-restricted-api={','.join(apis)}{secret_marker(secret)}"]
     if max_input_bytes and "--http-max-input-size" in options:
         args.append(f"--http-max-input-size={max_input_bytes}")
     return args
+
+
+def secret_env(admin_key: str) -> dict[str, str]:
+    """The values of the markers in `server_args`: the admin key, and a random one sealing shared memory."""
+    return {f"{SECRET_ENV_PREFIX}ADMIN": f":{ADMIN_HEADER}={admin_key}",
+            f"{SECRET_ENV_PREFIX}SEALED": f":{ADMIN_HEADER}={secrets.token_hex(32)}"}
 
 
 def allocator_env(env: dict[str, str]) -> dict[str, str]:
@@ -153,11 +292,15 @@ class TritonServer:
     """A tritonserver child process on loopback; a context manager that always stops it.
 
     `grpc_url` / `http_url` are `host:port` as tritonclient takes them; `metrics_url` is the full Prometheus URL.
+    Admin APIs need `admin_key` (`grpc_admin_headers` for tritonclient.grpc): the caller's, or one generated for
+    this run and written to `admin_key_file` (default <key_folder()>/admin-key.<grpc port>, removed by stop()).
     """
 
     def __init__(self, model_repository: str | os.PathLike, grpc_port: int | None = None,
                  http_port: int | None = None, metrics_port: int | None = None, extra_args: Sequence[str] = (),
                  log_path: str | os.PathLike | None = None, *, admin_key: str | None = None,
+                 admin_key_file: str | os.PathLike | None = None, open_apis: Sequence[str] = (),
+                 allow_shared_memory: bool = False,
                  model_control_mode: str = "none", load_models: Sequence[str] = (), address: str = "127.0.0.1",
                  max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES, exit_timeout_s: int = 30,
                  home: str | os.PathLike | None = None):
@@ -172,7 +315,10 @@ class TritonServer:
             if p not in ports:
                 ports[ports.index(0)] = p
         self.grpc_port, self.http_port, self.metrics_port = ports
-        self.address, self.admin_key = address, admin_key
+        self.address = address
+        self.admin_key = check_admin_key(admin_key) if admin_key else secrets.token_hex(32)
+        self.admin_key_file = None if admin_key else Path(admin_key_file or key_folder() / f"admin-key.{ports[0]}")
+        self.open_apis, self.allow_shared_memory = tuple(open_apis), allow_shared_memory
         self.model_control_mode, self.load_models = model_control_mode, tuple(load_models)
         self.max_input_bytes, self.exit_timeout_s = max_input_bytes, exit_timeout_s
         self.extra_args = tuple(extra_args)
@@ -185,9 +331,11 @@ class TritonServer:
     http_url = property(lambda self: f"{self.host}:{self.http_port}")
     metrics_url = property(lambda self: f"http://{self.host}:{self.metrics_port}/metrics")
     pid = property(lambda self: self._proc.pid if self._proc else None)
+    grpc_admin_headers = property(lambda self: {GRPC_ADMIN_HEADER: self.admin_key})
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items()      # keys reach the server only through secret_env()
+               if not k.startswith(("LATENTSYNC_ADMIN_KEY", SECRET_ENV_PREFIX))}
         libs = [str(p) for p in _pytriton_libs(self.home)] + [sysconfig.get_config_var("LIBDIR") or ""]
         env["LD_LIBRARY_PATH"] = ":".join(filter(None, libs + [env.get("LD_LIBRARY_PATH", "")]))
         # The stub's embedded interpreter finds its prefix through `python3` on PATH: put this venv's bin/
@@ -204,33 +352,46 @@ class TritonServer:
         options = supported_options(binary, env["LD_LIBRARY_PATH"])
         return [binary, f"--backend-directory={prepare_backends(self.home, self._work_dir)}",
                 *server_args(self.model_repository, grpc_port=self.grpc_port, http_port=self.http_port,
-                             metrics_port=self.metrics_port, address=self.address, admin_key=self.admin_key,
+                             metrics_port=self.metrics_port, address=self.address,
                              model_control_mode=self.model_control_mode, load_models=self.load_models,
                              max_input_bytes=self.max_input_bytes, exit_timeout_s=self.exit_timeout_s,
-                             options=options, shm_prefix=self.shm_prefix),
+                             options=options, shm_prefix=self.shm_prefix, open_apis=self.open_apis,
+                             allow_shared_memory=self.allow_shared_memory),
                 *self.extra_args]
+
+    def _launch_env(self) -> dict[str, str]:
+        """The server's environment: the secrets for the argv markers, and the library that fills them."""
+        env = self._env()
+        shim = os.environ.get("LATENTSYNC_ARGV_SHIM") or build_argv_shim(self._work_dir / "argv_secret.so")
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+        return env | secret_env(self.admin_key)
+
+    def _prepare(self) -> list[str]:
+        self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-triton-"))
+        if self.admin_key_file is not None:
+            write_private(self.admin_key_file, self.admin_key)
+        return self.command()
 
     def exec(self) -> None:
         """Replace this process by tritonserver (stdout logging): signals and exit code are the server's own."""
-        self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-triton-"))
-        cmd = self.command()
+        cmd = self._prepare()
         sys.stdout.flush()
-        os.execve(cmd[0], cmd, self._env())
+        os.execve(cmd[0], cmd, self._launch_env())
 
     def start(self) -> TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
-        self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-triton-"))
         if self.log_path is None:               # kept after stop() for post-mortems
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
+        cmd = self._prepare()
         with open(self.log_path, "ab") as log:
             # Own process group: stop() can signal the server and its backend stubs, nothing else.
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=self._env(), start_new_session=True, preexec_fn=_die_with_parent)
+                                          env=self._launch_env(), start_new_session=True,
+                                          preexec_fn=_die_with_parent)
         return self
 
     def poll(self) -> int | None:
@@ -281,6 +442,8 @@ class TritonServer:
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
+        if self.admin_key_file is not None:     # this run's key dies with it
+            self.admin_key_file.unlink(missing_ok=True)
         return code
 
     def shm_regions(self) -> list[Path]:
@@ -331,9 +494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
-    p.add_argument("--admin-key", default=os.environ.get("LATENTSYNC_ADMIN_KEY"),
-                   help=f"require header '{ADMIN_HEADER}: KEY' for {', '.join(RESTRICTED_APIS)} "
-                        "(default: env LATENTSYNC_ADMIN_KEY, which keeps it out of this command line)")
+    p.add_argument("--admin-key-file", default=os.environ.get("LATENTSYNC_ADMIN_KEY_FILE"),
+                   help=f"file holding the key that header '{ADMIN_HEADER}: KEY' must carry for "
+                        f"{', '.join(RESTRICTED_APIS)} (default: env LATENTSYNC_ADMIN_KEY_FILE, env "
+                        "LATENTSYNC_ADMIN_KEY, else a key generated for this run, written to a file only you can "
+                        "read: its path is printed)")
+    p.add_argument("--admin-key", help=argparse.SUPPRESS)     # refused: other users would see it in `ps`
+    p.add_argument("--open-api", action="append", choices=OPENABLE_APIS, default=[],
+                   help="open this admin API to everyone (perf_analyzer reads configs and statistics over gRPC, "
+                        "where it sends no headers)")
+    p.add_argument("--allow-shared-memory", action="store_true",
+                   help="allow shared-memory registration with the admin key (default: refused even with it; "
+                        "a key holder could crash the server through another process's /dev/shm region)")
     p.add_argument("--model-control-mode", choices=("none", "explicit"), default="none",
                    help="none: load all models at start, repository fixed (production); "
                         "explicit: load/unload through the (restricted) repository API")
@@ -352,13 +524,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     a, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
+    if a.admin_key is not None:
+        p.error("--admin-key puts the key on the command line, where every local user sees it (ps): "
+                "use --admin-key-file FILE or env LATENTSYNC_ADMIN_KEY")
+    try:
+        key = Path(a.admin_key_file).read_text() if a.admin_key_file else os.environ.get("LATENTSYNC_ADMIN_KEY")
+        key = check_admin_key(key) if key is not None else None
+    except (OSError, ValueError) as e:
+        p.error(f"admin key ({a.admin_key_file or 'LATENTSYNC_ADMIN_KEY'}): {e}")
 
     ports = [port or None for port in (a.grpc_port, a.http_port, a.metrics_port)]   # 0 -> automatic
-    server = TritonServer(a.repository, *ports, extra, a.log,
-                          admin_key=a.admin_key, model_control_mode=a.model_control_mode,
+    server = TritonServer(a.repository, *ports, extra, a.log, admin_key=key, open_apis=a.open_api,
+                          allow_shared_memory=a.allow_shared_memory, model_control_mode=a.model_control_mode,
                           load_models=a.load_model, address=a.address, max_input_bytes=a.max_input_bytes,
                           exit_timeout_s=a.exit_timeout_secs, home=a.triton_home)
     if a.exec:
+        if server.admin_key_file is not None:
+            print(f"admin key (generated for this run): {server.admin_key_file}", flush=True)
         server.exec()
     if a.exit_when_ready:
         with server.start():
@@ -369,22 +551,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         print(f"ready, stopped: {server.model_repository}", flush=True)
         return 0
-    return serve_foreground(server, announce_key=bool(a.admin_key))
+    return serve_foreground(server)
 
 
-def serve_foreground(server: TritonServer, announce_key: bool = False) -> int:
+def serve_foreground(server: TritonServer) -> int:
     """Run until SIGINT/SIGTERM or until the server dies; always stop it."""
     stop = {"sig": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _frame: stop.update(sig=s))
     server.start()
     print(f"tritonserver pid {server.pid}, log {server.log_path}", flush=True)
+    key = f"in {server.admin_key_file} (generated for this run)" if server.admin_key_file else "you gave"
+    print(f"admin APIs need header '{ADMIN_HEADER}' (gRPC: '{GRPC_ADMIN_HEADER}') with the key {key}", flush=True)
     try:
         while stop["sig"] is None and not server.is_ready() and server.poll() is None:
             time.sleep(0.2)
         if stop["sig"] is None and server.poll() is None:
-            print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics {server.metrics_url}"
-                  + ("  (admin APIs need the key)" if announce_key else ""), flush=True)
+            print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics {server.metrics_url}", flush=True)
         while stop["sig"] is None and server.poll() is None:
             time.sleep(0.5)
         died = server.poll()

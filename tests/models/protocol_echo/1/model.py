@@ -2,7 +2,8 @@
 (docs/PROTOCOL.md, latentsync_contract) without any model. It checks what a client sends (audio first, frame
 count from the audio length, one frame size, parameters, sequence flags) and echoes every frame back
 unchanged, one response per 16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is
-reported as FACE_FOUND=false.
+reported as FACE_FOUND=false, and a stream in which no frame had a "face" ends with the `no face found` error
+after its frames came back.
 """
 import json
 import time
@@ -19,6 +20,7 @@ from latentsync_contract import (
     ContractError,
     StreamParams,
     check_frames_shape,
+    no_face_message,
     num_frames_for_audio,
 )
 
@@ -37,6 +39,7 @@ class Stream:
         except ContractError as e:
             raise ProtocolViolation(str(e)) from None
         self.n_samples, self.frames, self.next_index, self.size = 0, [], 0, None
+        self.with_face = 0
 
     def add(self, frames, audio):
         if len(audio) and (self.next_index or self.frames):
@@ -64,10 +67,13 @@ class Stream:
             index = np.arange(self.next_index, self.next_index + len(window), dtype=np.int64)
             self.next_index += len(window)
             face = np.ptp(window.reshape(len(window), -1), axis=1) > 0
+            self.with_face += int(face.sum())
             yield window, index, face
         if end and self.next_index != num_frames_for_audio(self.n_samples):
             raise ProtocolViolation(f"FRAMES: the audio calls for {num_frames_for_audio(self.n_samples)} "
                                     f"frames, the stream ended after {self.next_index}")
+        if end and self.next_index and not self.with_face:
+            raise ProtocolViolation(no_face_message(self.next_index))
 
 
 class TritonPythonModel:
