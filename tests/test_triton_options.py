@@ -109,3 +109,40 @@ def test_cli_carries_every_option(server, shared_dir, tmp_path, clip):
                 timeout=900)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ turned faces
+@pytest.fixture(scope="module")
+def turned_photo():
+    """insightface's t1.jpg: its largest face (the one upstream syncs) is turned about 30 degrees away."""
+    import cv2
+    from latentsync_load.demo import sample_portrait
+
+    return cv2.cvtColor(cv2.imread(str(sample_portrait())), cv2.COLOR_BGR2RGB)
+
+
+def test_turned_face_passes_through_with_max_yaw_and_is_synced_without(server, clip, turned_photo):
+    frames = np.stack([turned_photo] * 2)
+    audio = audio_for(clip[1], len(frames))
+    synced = run_stream(server.grpc_url, frames, audio, BASE)
+    assert not synced.errors and np.concatenate(synced.found).all()
+    assert not np.array_equal(synced.video, frames)
+    passed = run_stream(server.grpc_url, frames, audio, {**BASE, "max_yaw": 20.0})
+    np.testing.assert_array_equal(passed.video, frames)                 # unchanged, FACE_FOUND false
+    assert not np.concatenate(passed.found).any()
+    assert passed.errors and "turned further than max_yaw" in passed.errors[-1], passed.errors
+
+
+def test_cli_max_yaw_passes_the_turned_face_through(server, shared_dir, tmp_path, turned_photo):
+    import cv2
+
+    photo = tmp_path / "t1.png"
+    cv2.imwrite(str(photo), turned_photo[..., ::-1])
+    audio = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "voice.wav", 0.1)
+    out = tmp_path / "out.mp4"
+    r = run_cli(photo, audio, "-o", out, "--url", server.grpc_url, "--steps", "1", "--max-yaw", "20", *FAST,
+                timeout=900)
+    assert r.returncode == 4 and "turned further than max_yaw" in r.stderr, r.stderr
+    r = run_cli(photo, audio, "-o", out, "--url", server.grpc_url, "--steps", "1", "--max-yaw", "20",
+                "--allow-no-face", *FAST, timeout=900)
+    assert r.returncode == 0, r.stderr

@@ -47,6 +47,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="0..1: how much of the restored mouth region replaces the generated one (default %(default)s)")
     p.add_argument("--enhance-min-sharpness", type=float, default=0.0, metavar="S",
                    help="enhance only faces whose mouth is blurrier than S (Laplacian variance; 0 = every face)")
+    p.add_argument("--max-yaw", type=float, default=0.0, metavar="DEG",
+                   help="pass frames whose face is turned further than DEG degrees through unchanged (a frontal "
+                        "template does not fit them), 0..90; 0 = off, sync every face (default)")
     p.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (default %(default)s)")
     p.add_argument("--preset", default="medium", help="x264 speed preset (default %(default)s)")
     p.add_argument("--allow-no-face", action="store_true",
@@ -89,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             params = StreamParams(steps=a.steps, guidance=a.guidance, seed=a.seed, variant=a.variant,
                                   sampler=a.sampler, deepcache=a.deepcache, enhance=a.enhance,
-                                  enhance_blend=a.enhance_blend, enhance_min_sharpness=a.enhance_min_sharpness)
+                                  enhance_blend=a.enhance_blend, enhance_min_sharpness=a.enhance_min_sharpness,
+                                  max_yaw=a.max_yaw)
         except ContractError as e:
             raise InputError(str(e)) from None
         client = LipsyncClient(a.url, a.model, response_timeout=a.timeout or None)

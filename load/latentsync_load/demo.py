@@ -3,10 +3,12 @@
     latentsync-demo                       # tiny RANDOM weights (the lips do not follow speech)
     latentsync-demo --weights DIR         # official LatentSync weights folder (or WEIGHTS=DIR)
 
-The portrait is a sample photo shipped in the `insightface` wheel (t1.jpg, a group photo: the largest face is
-synced, upstream's rule; `pip install --no-deps insightface` is enough, only the image is used) unless --image
-is given; the speech is synthesized with espeak-ng. The result goes through the same path as a user's:
-latentsync-export -> latentsync-serve -> latentsync-client.
+The portrait is a sample photo shipped in the `insightface` wheel (t1.jpg, a group photo; `pip install --no-deps
+insightface` is enough, only the image is used), cut around its largest clearly frontal face (a frontal template
+does not fit a turned head; upstream would sync the largest face, which there is turned away), unless --image is
+given; the speech is synthesized with espeak-ng. The result goes through the same path as a user's:
+latentsync-export -> latentsync-serve -> latentsync-client. Beside the video, a picture of what each stage did
+to one frame (latentsync-inspect) shows where the mouth patch went and why: OUT with the extension .png.
 """
 from __future__ import annotations
 
@@ -20,9 +22,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import cv2
+import numpy as np
+
 from latentsync_client.cli import main as client_main
+from latentsync_core.face.detect import create_detector
+from latentsync_core.face.pose import frontal_crop
+from latentsync_core.face.stages import save_picture
 from latentsync_export.export import ExportOptions, build_repository
 from latentsync_serving.serve import TritonServer
+
+from .inspect_stages import main as inspect_main
 
 DEFAULT_TEXT = "Hello from LatentSync on Triton."
 SAMPLE_IMAGE = ("data", "images", "t1.jpg")
@@ -73,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         banner(["RANDOM WEIGHTS: tiny seeded test weights (latentsync-export --tiny).",
                 "The pipeline runs for real, but the lips will NOT follow the speech.",
                 "Run `make demo WEIGHTS=DIR` with the official checkpoints for a real result."])
-    image = a.image or sample_portrait()
     a.work.mkdir(parents=True, exist_ok=True)
+    image = a.image or frontal_portrait(sample_portrait(), a.work / "portrait.png")
     audio = a.audio or synthesize_speech(a.text, a.work / "speech.wav")
 
     repo = a.work / "repository"
@@ -92,10 +102,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.monotonic()
         code = client_main([str(image), str(audio), "-o", str(a.out), "--url", server.grpc_url,
                             "--steps", str(steps), "--variant", a.variant])
-    if code == 0:
-        print(f"wrote {a.out} in {time.monotonic() - started:.0f} s"
-              + ("  (RANDOM weights: not lip-synced)" if manifest["random_weights"] else ""))
-    return code
+    if code != 0:
+        return code
+    print(f"wrote {a.out} in {time.monotonic() - started:.0f} s"
+          + ("  (RANDOM weights: not lip-synced)" if manifest["random_weights"] else ""))
+    picture = a.out.with_suffix(".png")
+    inspect_main([str(repo), str(image), str(audio), "-o", str(picture), "--frame", "0", "--steps", str(steps),
+                  "--variant", a.variant])
+    return 0
+
+
+def frontal_portrait(photo: Path, out: Path) -> Path:
+    """The photo cut around its largest frontal face (PNG, lossless), so the server's largest-face rule picks it."""
+    image = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+    cut = frontal_crop(image, create_detector("mediapipe"))
+    print(f"      portrait: {photo.name}, face {cut.chosen} of {len(cut.yaw)} (yaw {cut.yaw[cut.chosen]:+.0f} deg; "
+          f"the largest face's is {cut.yaw[np.argmax(np.prod(cut.boxes[:, 2:] - cut.boxes[:, :2], 1))]:+.0f})",
+          flush=True)
+    return save_picture(out, cut.image)
 
 
 if __name__ == "__main__":
