@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .serve import GRPC_ADMIN_HEADER
+from latentsync_serving.serve import GRPC_ADMIN_HEADER
 
 PER_FRAME_STAGES = ("decode", "detect", "align", "audio", "vae_encode", "unet", "vae_decode", "paste_back",
                     "other", "encode")
