@@ -377,5 +377,9 @@ class LipSyncPipeline:
             windows.push(frame[None])
             yield from results
             results.clear()
-        windows.end()
+        try:
+            windows.end()
+        except NoFaceInStream:
+            yield from results          # the frames first, then the stream's error, as the server sends them
+            raise
         yield from results

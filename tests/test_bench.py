@@ -65,6 +65,7 @@ def test_report_covers_stages_and_memory(report):
     json.dumps(report)  # the --json output
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path):
     cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--variants", "1.5", "--streams", "1",
            "--out", str(tmp_path), "--iters", "1"]

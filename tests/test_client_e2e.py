@@ -276,7 +276,7 @@ def write_image(path: Path, pixels: np.ndarray) -> Path:
 
 
 def closed_url() -> str:
-    from latentsync_export.serve import free_port
+    from latentsync_serving.serve import free_port
     return f"127.0.0.1:{free_port()}"
 
 

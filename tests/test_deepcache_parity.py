@@ -21,6 +21,8 @@ from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.samplers import make_sampler
 from latentsync_core.tiny import TINY_UNET, redraw_
 
+pytestmark = pytest.mark.slow   # a few minutes on 2 cores
+
 DEEPCACHE = "DeepCache==0.1.1"
 # Upstream runs 20 steps; 8 keep the test short and, like 20, are not a multiple of the interval, so a step count
 # that ran on across windows instead of restarting would make the second window's first step a cached one.

@@ -141,6 +141,7 @@ def test_gpu_repository_configs(gpu_repo):
     assert read_manifest(gpu_repo)["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_tensorrt_repository_configs(tensorrt_repo):
     cfg = configs(tensorrt_repo)
     for name in ONNX_MODELS:
@@ -161,6 +162,7 @@ def test_tensorrt_repository_configs(tensorrt_repo):
     assert cfg["denoiser_1.5"].backend == "python"
 
 
+@pytest.mark.slow
 def test_tensorrt_repository_onnx_graphs(tensorrt_repo):
     """Graph I/O matches the Triton config; the float32 export matched torch; the shipped float16 graph loads."""
     import onnx

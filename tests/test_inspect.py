@@ -7,6 +7,8 @@ from latentsync_core.face.stages import LABEL_H
 from latentsync_export.export import ExportOptions, build_repository
 from latentsync_load.inspect_stages import main
 
+pytestmark = pytest.mark.slow   # a few minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):

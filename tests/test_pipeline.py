@@ -117,6 +117,7 @@ def test_taesd_roundtrip_on_a_real_face(clip):
     assert psnr > 20, psnr
 
 
+@pytest.mark.slow
 def test_overlapped_windows_give_the_same_frames(pipeline, clip):
     """A server prepares a stream's next window while the current one denoises (WindowedStream overlap): the
     frames are exactly those of the one-window-at-a-time path."""
@@ -153,18 +154,19 @@ def test_no_face_in_the_whole_stream_is_an_error_at_its_end(pipeline, clip):
     np.testing.assert_array_equal(np.concatenate(got), np.stack(blank))
 
 
-BF16_MAX_PIXEL_ERROR = 24   # uint8 levels; measured 0 .. 8 on this clip with the tiny weights (docs/PERFORMANCE.md)
+BF16_MAX_PIXEL_ERROR = 24   # uint8 levels; measured: 9 (this clip, tiny random weights, CPU; docs/PERFORMANCE.md)
 
 
+@pytest.mark.slow
 def test_bfloat16_costs_at_most_a_few_levels_per_pixel(tiny_weights, clip):
     """What half precision costs: the same window in float32 and in bfloat16 (UNet and VAE), on the CPU."""
     frames, audio = clip
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
         pipe = load_pipeline(tiny_weights, "1.5", dtype=dtype)
-        outputs[dtype] = np.concatenate([w.frames for w in pipe(frames[:16], audio, steps=2, seed=3)])
+        outputs[dtype] = np.concatenate([w.frames for w in pipe(frames[:4], audio, steps=2, seed=3)])
     err = np.abs(outputs[torch.float32].astype(int) - outputs[torch.bfloat16].astype(int))
-    edited = (outputs[torch.float32] != np.stack(frames[:16])).mean()
+    edited = (outputs[torch.float32] != np.stack(frames[:4])).mean()
     print(f"bfloat16 vs float32, one window: max {err.max()} levels, {(err > 0).mean():.2e} of values differ "
           f"({edited:.3f} of values edited)")
     assert edited > 0.005
