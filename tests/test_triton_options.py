@@ -101,7 +101,7 @@ def test_bad_option_values_are_refused_by_name(server, window, params, name):
 
 
 def test_cli_carries_every_option(server, shared_dir, tmp_path, clip):
-    video = write_clip(tmp_path / "face.mp4", N_FRAMES + 2, frames=clip[0][:N_FRAMES + 2])
+    video = write_clip(tmp_path / "face.mp4", N_FRAMES + 2, size=clip[0].shape[1:3], frames=clip[0][:N_FRAMES + 2])
     audio = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "voice.wav", 0.1)
     out = tmp_path / "out.mp4"
     r = run_cli(video, audio, "-o", out, "--url", server.grpc_url, "--steps", "2", "--sampler", "dpmsolver++",
