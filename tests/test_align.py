@@ -248,7 +248,8 @@ def reference_grid(affine, src_hw, dst_hw):
 
 
 def reference_warp(src, grid, fill=127.0):
-    sample = lambda x: F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # noqa
+    def sample(x):
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     coverage = sample(torch.ones_like(src[:, :1]))
     return sample(src) + (1 - coverage) * fill, coverage
 

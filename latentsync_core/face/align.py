@@ -101,12 +101,12 @@ def sampling_grid(affine: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[i
     y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
     ys = (torch.linspace(-1.0, 1.0, dst_hw[0], device=dev) if dst_hw[0] > 1 else torch.zeros(1, device=dev))[y0:y1]
     xs = (torch.linspace(-1.0, 1.0, dst_hw[1], device=dev) if dst_hw[1] > 1 else torch.zeros(1, device=dev))[x0:x1]
-    grid = torch.empty(len(theta), len(ys), len(xs), 2, device=dev)
+    planes = torch.empty(len(theta), 2, len(ys), len(xs), device=dev)
     for i, t in enumerate(theta[:, :2, :, None].unbind(1)):  # t: (B, 3, 1)
         # (t0 * x + t1 * y) + t2 as kornia sums it; the products depend on one axis only, so they are taken per
         # column and per row and only the two sums run over the whole grid
-        torch.add((t[:, 0] * xs)[:, None], (t[:, 1] * ys)[:, :, None], out=grid[..., i]).add_(t[:, 2, :, None])
-    return grid
+        torch.add((t[:, 0] * xs)[:, None], (t[:, 1] * ys)[:, :, None], out=planes[:, i]).add_(t[:, 2, :, None])
+    return planes.permute(0, 2, 3, 1)  # x and y planes seen as (B, h, w, 2): grid_sample reads them as they are
 
 
 def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -140,11 +140,17 @@ def region_as_source(region: torch.Tensor, window: tuple[int, int, int, int], sr
     return buffer.as_strided((1, C, H, W), (0, 1, C * w, C))
 
 
-def grid_warp(src: torch.Tensor, grid: torch.Tensor, fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear sample (B, C, H, W) float at `grid`; returns (warped, coverage) where coverage (B, 1, h, w) is the
-    warp of an all-ones image (zeros outside). With `fill`, uncovered weight is filled with that value (kornia)."""
-    ones = src.new_ones(1, 1, 1, 1).expand(src.shape[0], 1, *src.shape[2:])  # no full-size ones: stride 0
-    coverage = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+def grid_coverage(src_hw: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) bilinear warp at `grid` of an all-ones (H, W) image, zero outside it (a stride-0 view of one 1)."""
+    ones = grid.new_ones(1, 1, 1, 1).expand(grid.shape[0], 1, *src_hw)
+    return F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def grid_warp(src: torch.Tensor, grid: torch.Tensor, fill: float | None = None,
+              coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear sample (B, C, H, W) float at `grid`; returns (warped, coverage) where coverage is grid_coverage (pass
+    it when it is at hand). With `fill`, uncovered weight is filled with that value (kornia)."""
+    coverage = grid_coverage(tuple(src.shape[2:]), grid) if coverage is None else coverage
     warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if fill is not None:
         warped = warped.add_((1 - coverage).mul_(fill))

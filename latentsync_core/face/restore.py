@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .align import FILL_VALUE, box_hw, grid_warp, invert_affine, planes_to_hwc, sampling_grid
+from .align import FILL_VALUE, box_hw, grid_coverage, grid_warp, invert_affine, planes_to_hwc, sampling_grid
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1) of the frame
 
@@ -37,7 +37,6 @@ def erode(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
     after a step of `span` every element holds the min of the `span` elements from it on."""
     size = before + after + 1
     for axis in (-1, -2):  # a square window = a row min then a column min
-        n = mask.shape[axis]
         x = F.pad(mask, [before, after, 0, 0] if axis == -1 else [0, 0, before, after], value=math.inf)
         span = 1
         while span < size:
@@ -49,7 +48,7 @@ def erode(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_taps(size: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     """The `size` taps of kornia's normalised Gaussian, sigma = 0.3*((size-1)*0.5-1)+0.8, as 0-dim float32 tensors."""
     sigma = torch.tensor(0.3 * ((size - 1) * 0.5 - 1) + 0.8, device=device)
@@ -97,14 +96,23 @@ def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[in
     return y0, max(min(y1 + margin, H), y0), x0, max(min(x1 + margin, W), x0)
 
 
-def _warp_back(face: torch.Tensor, affine: np.ndarray, window: Window, frame_hw: tuple[int, int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, h_box, w_box) face -> (warped (1, 3, h, w), coverage (1, 1, h, w)) inside `window` of the frame."""
-    inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32, device=face.device).reshape(1, 2, 3))
-    return grid_warp(face.float()[None], sampling_grid(inv, tuple(face.shape[-2:]), frame_hw, window), fill=FILL_VALUE)
+def _grid_back(affine: np.ndarray, box_hw: tuple[int, int], window: Window, frame_hw: tuple[int, int],
+               device: torch.device) -> torch.Tensor:
+    """The sampling grid that warps a crop-box image back into `window` of the frame."""
+    inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32, device=device).reshape(1, 2, 3))
+    return sampling_grid(inv, tuple(box_hw), frame_hw, window)
 
 
-def paste_region(region: np.ndarray | torch.Tensor, face: torch.Tensor, affine: np.ndarray, window: Window,
+def _support(soft: torch.Tensor) -> tuple[slice, slice]:
+    """Rows and columns of the bounding box of soft > 0 (empty slices if none): outside it the blend is a no-op."""
+    nonzero = (soft[0, 0] > 0).cpu().numpy()
+    rows, cols = np.flatnonzero(nonzero.any(1)), np.flatnonzero(nonzero.any(0))
+    if not len(rows):
+        return slice(0, 0), slice(0, 0)
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def paste_region(region: np.ndarray, face: torch.Tensor, affine: np.ndarray, window: Window,
                  frame_hw: tuple[int, int]) -> np.ndarray:
     """Blend one generated face into `region` = frame[y0:y1, x0:x1] for `window` = (y0, y1, x0, x1), any window
     that contains paste_window(affine, box, frame_hw) (the result there equals the whole-frame paste).
@@ -115,14 +123,22 @@ def paste_region(region: np.ndarray | torch.Tensor, face: torch.Tensor, affine: 
     y0, y1, x0, x1 = window
     if tuple(region.shape) != (y1 - y0, x1 - x0, 3):
         raise ValueError(f"region of shape {tuple(region.shape)} does not fit window {window}")
+    out = np.array(region, np.uint8)
     if y1 <= y0 or x1 <= x0:  # crop entirely off-frame
-        return np.array(region, np.uint8)
-    warped, coverage = _warp_back(face, affine, window, frame_hw)
+        return out
+    grid = _grid_back(affine, face.shape[-2:], window, frame_hw, face.device)
+    coverage = grid_coverage(tuple(face.shape[-2:]), grid)
     mask, soft = feather(coverage)
-    pasted = warped.div_(2).add_(0.5).clamp_(0, 1).mul_(255).mul_(mask)
-    src = torch.as_tensor(region).to(face.device).permute(2, 0, 1)[None].float()
+    rows, cols = _support(soft)  # where soft is 0 the blend gives the region itself: sample and blend only inside
+    if rows.start == rows.stop:
+        return out
+    warped, _ = grid_warp(face.float()[None], grid[:, rows, cols], FILL_VALUE, coverage[..., rows, cols])
+    pasted = warped.div_(2).add_(0.5).clamp_(0, 1).mul_(255).mul_(mask[..., rows, cols])
+    soft = soft[..., rows, cols]
+    src = torch.as_tensor(out[rows, cols]).to(face.device).permute(2, 0, 1)[None].float()
     blended = pasted.mul_(soft).add_((1 - soft) * src)
-    return planes_to_hwc(blended[0].to(torch.uint8))  # truncation, as upstream
+    out[rows, cols] = planes_to_hwc(blended[0].to(torch.uint8))  # truncation, as upstream
+    return out
 
 
 def paste_faces(regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray, windows: list[Window],
@@ -157,5 +173,5 @@ def paste_mask(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[int,
     y0, y1, x0, x1 = window
     if y1 <= y0 or x1 <= x0:
         return torch.zeros(0, 0, device=device), window
-    _, coverage = _warp_back(torch.zeros(1, *box_hw, device=device), affine, window, frame_hw)
-    return feather(coverage)[1][0, 0], window
+    grid = _grid_back(affine, box_hw, window, frame_hw, torch.device(device))
+    return feather(grid_coverage(tuple(box_hw), grid))[1][0, 0], window

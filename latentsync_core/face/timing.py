@@ -35,33 +35,39 @@ def time_ms(fn, runs: int, warmup: int = 3) -> tuple[float, float]:
     return float(np.median(times)) * 1e3, float(np.min(times)) * 1e3
 
 
+def stages(frame: np.ndarray, points: np.ndarray, face_box: torch.Tensor, affine: np.ndarray, res: int) -> dict:
+    """The timed calls at resolution `res`: align the frame's face, paste `face_box` through the golden `affine`."""
+    aligner = FaceAligner(res)
+    frame_hw = frame.shape[:2]
+    face_r = torch.from_numpy(aligner.align(frame, points, smooth=False).face).permute(2, 0, 1)[None] / 127.5 - 1
+    y0, y1, x0, x1 = paste_window(affine, box_hw(res), frame_hw)
+
+    def align():
+        return aligner.align(frame, points, smooth=False)
+
+    def paste():
+        window = paste_window(affine, box_hw(res), frame_hw)
+        return paste_region(frame[y0:y1, x0:x1], face_box, affine, window, frame_hw)
+
+    def paste_from_r():
+        window = paste_window(affine, box_hw(res), frame_hw)
+        return paste_faces([frame[y0:y1, x0:x1]], face_r, affine[None], [window], frame_hw)
+
+    return {"align": align, "paste_region": paste, "align+paste": lambda: (align(), paste()),
+            "paste_faces": paste_from_r, "paste_back": lambda: paste_back(frame, face_box, affine)}
+
+
 def measure(case_dir: Path, runs: int) -> dict[int, dict[str, tuple[float, float]]]:
+    """{resolution: {stage: (median ms, min ms)}} on the case's frame, landmarks, restore faces and affines."""
     case = json.loads((case_dir / "case.json").read_text())
     frame = cv2.cvtColor(cv2.imread(str(case_dir / "frame.png")), cv2.COLOR_BGR2RGB)
     inputs, outputs = np.load(case_dir / "inputs.npz"), np.load(case_dir / "outputs.npz")
     points = landmarks_to_points(inputs["landmark_2d_106"])
-    frame_hw = frame.shape[:2]
     results = {}
     for res in case["config"]["resolutions"]:
-        aligner = FaceAligner(res)
-        affine = outputs[f"r{res}_affine_matrix"][0]
         face_box = torch.from_numpy(inputs[f"r{res}_restore_face"])
-        face_r = torch.from_numpy(aligner.align(frame, points, smooth=False).face).permute(2, 0, 1) / 127.5 - 1
-
-        def align():
-            return aligner.align(frame, points, smooth=False)
-
-        def paste():
-            y0, y1, x0, x1 = window = paste_window(affine, box_hw(res), frame_hw)
-            return paste_region(frame[y0:y1, x0:x1], face_box, affine, window, frame_hw)
-
-        def paste_from_r():
-            y0, y1, x0, x1 = window = paste_window(affine, box_hw(res), frame_hw)
-            return paste_faces([frame[y0:y1, x0:x1]], face_r[None], affine[None], [window], frame_hw)
-
-        stages = {"align": align, "paste_region": paste, "align+paste": lambda: (align(), paste()),
-                  "paste_faces": paste_from_r, "paste_back": lambda: paste_back(frame, face_box, affine)}
-        results[res] = {name: time_ms(fn, runs) for name, fn in stages.items()}
+        calls = stages(frame, points, face_box, outputs[f"r{res}_affine_matrix"][0], res)
+        results[res] = {name: time_ms(fn, runs) for name, fn in calls.items()}
     return results
 
 
