@@ -3,7 +3,8 @@
 The crop is a (h_box, w_box) = (100, 75) * ratio window of the frame, ratio = 2.8 * resolution / 256, that puts
 the eyebrow centres and the nose on a fixed template; it is then squashed to resolution x resolution.
 Warps follow kornia.geometry.transform.warp_affine (bilinear, align_corners=True, pixel-centre normalisation,
-optional constant fill) so crops and paste-backs match upstream to the uint8 truncation step.
+optional constant fill) so crops and paste-backs match upstream to the uint8 truncation step. A crop reads and
+converts to float only the frame pixels it samples (source_window), at exactly the whole-frame sample positions.
 """
 from __future__ import annotations
 
