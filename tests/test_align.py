@@ -9,19 +9,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from latentsync_core.face.align import FaceAligner, box_hw, landmarks_to_points
+from latentsync_core.face.align import (FaceAligner, _homogeneous, _inverse_3x3, _normaliser, box_hw,
+                                        landmarks_to_points, sampling_grid, source_window)
 from latentsync_core.face.mask import masked_face_inputs, mouth_mask
-from latentsync_core.face.restore import (
-    erode,
-    gaussian_blur,
-    paste_back,
-    paste_in_window,
-    paste_mask,
-    paste_window,
-    resize_face_to_box,
-)
+from latentsync_core.face.restore import (erode, gaussian_blur, paste_back, paste_faces, paste_mask, paste_region,
+                                          paste_window, resize_face_to_box)
+from latentsync_core.face.timing import measure
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +161,15 @@ def test_paste_window_is_exact(golden, target):
     affine = affine.astype(np.float32)
 
     window = paste_window(affine, box_hw(res), (h, w))
-    windowed, soft = paste_in_window(frame, face, affine, window)
-    full, full_soft = paste_in_window(frame, face, affine, (0, h, 0, w))
+    wy0, wy1, wx0, wx1 = window
+    full = paste_region(frame, face, affine, (0, h, 0, w), (h, w))
+    windowed = frame.copy()
+    windowed[wy0:wy1, wx0:wx1] = paste_region(frame[wy0:wy1, wx0:wx1], face, affine, window, (h, w))
     np.testing.assert_array_equal(windowed, full)
     np.testing.assert_array_equal(paste_back(frame, face, affine), full)
+    soft, _ = paste_mask(affine, box_hw(res), (h, w))
+    full_soft, _ = paste_mask(affine, box_hw(res), (h, w), window=(0, h, 0, w))
     if soft.numel():
-        wy0, wy1, wx0, wx1 = window
         outside = full_soft.clone()
         outside[wy0:wy1, wx0:wx1] = 0
         assert torch.equal(full_soft[wy0:wy1, wx0:wx1], soft) and not outside.any()
@@ -237,3 +236,147 @@ def test_feather_ops_match_opencv_at_borders():
                                    rtol=0, atol=1e-6)
     np.testing.assert_array_equal(erode(t, 1, 1)[0, 0].numpy(), cv2.erode(mask, np.ones((0, 0), np.uint8)))
     np.testing.assert_array_equal(erode(t, 1, 0)[0, 0].numpy(), cv2.erode(mask, np.ones((2, 2), np.uint8)))
+
+
+# Today's whole-frame arithmetic, kept here as the reference the window-local code must reproduce bit for bit:
+# a kornia sampling grid over the full destination, the full frame in float, coverage from a full ones image.
+def reference_grid(affine, src_hw, dst_hw):
+    theta = _inverse_3x3(_normaliser(*dst_hw) @ (_homogeneous(affine.float()) @ _inverse_3x3(_normaliser(*src_hw))))
+    by, bx = torch.meshgrid(torch.linspace(-1, 1, dst_hw[0]), torch.linspace(-1, 1, dst_hw[1]), indexing="ij")
+    t = theta[:, :2, :, None, None]
+    return torch.stack([t[:, i, 0] * bx + t[:, i, 1] * by + t[:, i, 2] for i in range(2)], dim=-1)
+
+
+def reference_warp(src, grid, fill=127.0):
+    def sample(x):
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    coverage = sample(torch.ones_like(src[:, :1]))
+    return sample(src) + (1 - coverage) * fill, coverage
+
+
+def reference_erode(mask, before, after):
+    padded = F.pad(mask, [before, after, before, after], value=float("inf"))
+    h, w = mask.shape[-2:]
+    taps = [padded[..., i:i + h, j:j + w] for i in range(before + after + 1) for j in range(before + after + 1)]
+    return torch.stack(taps).amin(0)
+
+
+def reference_paste(frame, face, affine):
+    h, w = frame.shape[:2]
+    inv = torch.linalg.inv(_homogeneous(torch.as_tensor(affine).reshape(1, 2, 3)))[:, :2]
+    warped, coverage = reference_warp(face[None], reference_grid(inv, tuple(face.shape[-2:]), (h, w)))
+    warped = (warped / 2 + 0.5).clamp(0, 1) * 255
+    mask = reference_erode(coverage, 1, 0)
+    w_edge = int(mask.sum() ** 0.5) // 20
+    soft = gaussian_blur(reference_erode(mask, w_edge, w_edge - 1) if w_edge else reference_erode(mask, 1, 1),
+                         2 * w_edge + 1)
+    blended = soft * (mask * warped) + (1 - soft) * torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    return blended[0].permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def random_affine(rng, frame_hw, box, spread, zoom=(0.3, 4)):
+    """Frame -> crop similarity (`zoom` crop pixels per frame pixel) that puts the crop centre at a random point,
+    `spread` frame sizes around the frame (so some crops lie partly or wholly outside it)."""
+    angle, scale = rng.uniform(-np.pi, np.pi), rng.uniform(*zoom)
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    centre = rng.uniform(-spread, 1 + spread, 2) * frame_hw[::-1]
+    shift = np.array(box[::-1]) / 2 - rot @ centre + rng.uniform(-1, 1, 2) * (rng.uniform() < 0.3)
+    return np.hstack([rot, shift[:, None]]).astype(np.float32)
+
+
+def test_align_and_paste_are_bit_exact_on_golden(golden):
+    """The window-local warp and paste give exactly upstream's outputs (no truncation flips at all) and exactly the
+    whole-frame reference arithmetic."""
+    _, inputs, outputs, frame = golden
+    src = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    for res in resolutions(golden):
+        p = f"r{res}_"
+        aligned = FaceAligner(res).align(frame, landmarks_to_points(inputs["landmark_2d_106"]))
+        affine = torch.from_numpy(aligned.affine)[None]
+        grid = sampling_grid(affine, frame.shape[:2], box_hw(res))
+        assert torch.equal(grid, reference_grid(affine, frame.shape[:2], box_hw(res)))
+        reference = reference_warp(src, grid)[0][0].permute(1, 2, 0).to(torch.uint8).numpy()
+        np.testing.assert_array_equal(aligned.crop, reference)
+        np.testing.assert_array_equal(aligned.crop, outputs[p + "face_crop"])
+        np.testing.assert_array_equal(aligned.face.transpose(2, 0, 1), outputs[p + "face_resized"])
+
+        face, affine = torch.from_numpy(inputs[p + "restore_face"]), outputs[p + "affine_matrix"][0]
+        y0, y1, x0, x1 = window = paste_window(affine, box_hw(res), frame.shape[:2])
+        region = paste_region(frame[y0:y1, x0:x1], face, affine, window, frame.shape[:2])
+        restored = frame.copy()
+        restored[y0:y1, x0:x1] = region
+        expected, _ = expected_restore(outputs, frame, p)
+        np.testing.assert_array_equal(restored, expected)
+        np.testing.assert_array_equal(paste_back(frame, face, affine), expected)
+
+
+def test_warp_reads_only_its_window(golden):
+    """Random crops, also partly or wholly outside the frame (fill 127): the crop equals the whole-frame warp, and
+    pixels outside source_window do not matter (they are replaced by noise)."""
+    frame = golden[3][::4, ::4].copy()  # a smaller frame keeps the whole-frame reference quick
+    frame_hw = frame.shape[:2]
+    rng = np.random.default_rng(0)
+    src = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    kinds = {"inside": 0, "partly outside": 0, "outside": 0}
+    for k in range(60):
+        res = (64, 128, 256)[k % 3]
+        aligner = FaceAligner(res)
+        affine = random_affine(rng, frame_hw, aligner.box_hw, spread=0.15, zoom=(2, 8))
+        grid = reference_grid(torch.from_numpy(affine)[None], frame_hw, aligner.box_hw)
+        warped, coverage = reference_warp(src, grid)
+        np.testing.assert_array_equal(aligner.warp(frame, affine), warped[0].permute(1, 2, 0).to(torch.uint8).numpy())
+
+        y0, y1, x0, x1 = source_window(grid, frame_hw)
+        noisy = rng.integers(0, 256, frame.shape, dtype=np.uint8)
+        noisy[y0:y1, x0:x1] = frame[y0:y1, x0:x1]
+        np.testing.assert_array_equal(aligner.warp(noisy, affine), aligner.warp(frame, affine))
+        kinds["outside" if not coverage.any() else "inside" if coverage.min() > 0.999 else "partly outside"] += 1
+    assert min(kinds.values()) >= 5, kinds  # every case is exercised
+
+
+def test_paste_matches_whole_frame_reference(golden):
+    """Random affines (face partly off the frame too): paste_back equals the whole-frame reference arithmetic."""
+    frame = golden[3][::6, ::6].copy()
+    rng = np.random.default_rng(1)
+    for k in range(12):
+        res = (64, 128)[k % 2]
+        box = box_hw(res)
+        face = torch.from_numpy(rng.uniform(-1, 1, (3, *box)).astype(np.float32))
+        affine = random_affine(rng, frame.shape[:2], box, spread=0.2)
+        np.testing.assert_array_equal(paste_back(frame, face, affine), reference_paste(frame, face, affine))
+
+
+def test_paste_faces_resizes_and_pastes_each_window(golden):
+    """paste_faces = resize_face_to_box + paste_back, for faces with different windows, from the regions alone."""
+    _, _, outputs, frame = golden
+    res = resolutions(golden)[0]
+    affine = outputs[f"r{res}_affine_matrix"][0]
+    affines = np.stack([affine, affine, affine])
+    affines[1, :, 2] += (30.0, -20.0)
+    affines[2, :, :2] *= 1.3
+    faces = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, (3, 3, res, res)).astype(np.float32))
+    windows = [paste_window(a, box_hw(res), frame.shape[:2]) for a in affines]
+    assert len(set(windows)) == 3
+    regions = paste_faces([frame[y0:y1, x0:x1] for y0, y1, x0, x1 in windows], faces, affines, windows,
+                          frame.shape[:2])
+    for region, (y0, y1, x0, x1), face, a in zip(regions, windows, faces, affines):
+        restored = frame.copy()
+        restored[y0:y1, x0:x1] = region
+        np.testing.assert_array_equal(restored, paste_back(frame, resize_face_to_box(face, box_hw(res)), a))
+        assert not np.array_equal(region, frame[y0:y1, x0:x1])
+
+
+def test_erode_matches_window_min():
+    rng = np.random.default_rng(3)
+    mask = torch.from_numpy(rng.uniform(size=(1, 1, 37, 53)).astype(np.float32))
+    for before, after in ((1, 0), (1, 1), (2, 1), (5, 4), (9, 8), (13, 12)):
+        assert torch.equal(erode(mask, before, after), reference_erode(mask, before, after)), (before, after)
+
+
+def test_timing_runs(golden, shared_dir):
+    """The benchmark (python -m latentsync_core.face.timing) times every stage at every resolution."""
+    results = measure(shared_dir / "golden" / "align_restore", runs=1)
+    assert sorted(results) == sorted(resolutions(golden))
+    for stages in results.values():
+        assert set(stages) == {"align", "paste_region", "align+paste", "paste_faces", "paste_back"}
+        assert all(median > 0 for median, _ in stages.values())

@@ -2,18 +2,23 @@
 
 The face is warped back with the inverse of the alignment affine and alpha-blended through a feathered mask: the
 warped all-ones crop mask, eroded 2x2, eroded again by (2*w_edge)^2 (w_edge = sqrt(area)//20), then Gaussian
-blurred. Everything is computed only inside a window around the warped crop, sized so that the result is
-identical to computing on the whole frame; pixels outside the window are the input frame, untouched.
+blurred. Everything is computed only inside a window around the warped crop (paste_window), sized so that the
+result is identical to computing on the whole frame; pixels outside the window are the input frame, untouched.
+So the paste needs only that region of the frame: paste_region / paste_faces take and return regions, and a
+caller that holds the frame writes them back (paste_back does so for whole frames).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .align import FILL_VALUE, grid_warp, invert_affine, sampling_grid
+from .align import FILL_VALUE, box_hw, grid_coverage, grid_warp, invert_affine, planes_to_hwc, sampling_grid
+
+Window = tuple[int, int, int, int]  # (y0, y1, x0, x1) of the frame
 
 
 def resize_face_to_box(face: torch.Tensor, box_hw: tuple[int, int]) -> torch.Tensor:
@@ -28,25 +33,34 @@ def resize_face_to_box(face: torch.Tensor, box_hw: tuple[int, int]) -> torch.Ten
 
 def erode(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """Min over the window [-before, +after] in both axes; outside the image is ignored (kornia geodesic border,
-    cv2 default border). (1, 1, H, W) float."""
+    cv2 default border). (1, 1, H, W) float. A min is exact in any order, so each axis takes log2(size) steps:
+    after a step of `span` every element holds the min of the `span` elements from it on."""
     size = before + after + 1
     for axis in (-1, -2):  # a square window = a row min then a column min
-        n = mask.shape[axis]
-        padded = F.pad(mask, [before, after, 0, 0] if axis == -1 else [0, 0, before, after], value=math.inf)
-        out = padded.narrow(axis, 0, n).clone()
-        for tap in range(1, size):
-            torch.minimum(out, padded.narrow(axis, tap, n), out=out)
-        mask = out
+        x = F.pad(mask, [before, after, 0, 0] if axis == -1 else [0, 0, before, after], value=math.inf)
+        span = 1
+        while span < size:
+            step = min(span, size - span)
+            m = x.shape[axis] - step
+            x = torch.minimum(x.narrow(axis, 0, m), x.narrow(axis, step, m))
+            span += step
+        mask = x
     return mask
+
+
+@functools.cache
+def gaussian_taps(size: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The `size` taps of kornia's normalised Gaussian, sigma = 0.3*((size-1)*0.5-1)+0.8, as 0-dim float32 tensors."""
+    sigma = torch.tensor(0.3 * ((size - 1) * 0.5 - 1) + 0.8, device=device)
+    x = torch.arange(size, dtype=torch.float32, device=device) - size // 2
+    gauss = torch.exp(-x.pow(2) / (2 * sigma.pow(2)))
+    return (gauss / gauss.sum()).unbind()
 
 
 def gaussian_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
     """kornia.filters.gaussian_blur2d(mask, (size, size), (s, s)), s = 0.3*((size-1)*0.5-1)+0.8, reflect border;
-    taps accumulated one by one along x then y, as kornia's CPU path does."""
-    sigma = torch.tensor(0.3 * ((size - 1) * 0.5 - 1) + 0.8, device=mask.device)
-    x = torch.arange(size, dtype=torch.float32, device=mask.device) - size // 2
-    gauss = torch.exp(-x.pow(2) / (2 * sigma.pow(2)))
-    kernel = gauss / gauss.sum()
+    taps accumulated one by one along x then y (fused multiply-adds), as kornia's CPU path does."""
+    kernel = gaussian_taps(size, str(mask.device))
     radius = size // 2
     for axis in (-1, -2):
         n = mask.shape[axis]
@@ -58,9 +72,19 @@ def gaussian_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
     return mask
 
 
-def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+def feather(coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warped all-ones crop (1, 1, h, w) -> (mask, soft): the 2x2-eroded paste mask and its feathered blend weight."""
+    mask = erode(coverage, 1, 0)  # kornia erosion, 2x2 kernel, origin (1, 1)
+    w_edge = int(mask.sum() ** 0.5) // 20
+    # cv2.erode: an even 2w kernel spans [-w, w-1]; an empty kernel (w_edge 0) means 3x3
+    core = erode(mask, w_edge, w_edge - 1) if w_edge > 0 else erode(mask, 1, 1)
+    return mask, gaussian_blur(core, 2 * w_edge + 1)
+
+
+def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[int, int]) -> Window:
     """(y0, y1, x0, x1) of the frame that holds every pixel the paste can change, plus the zero margin the erosion
-    and blur need to see to give full-frame results (the blur reaches w_edge <= sqrt(area)//20 pixels)."""
+    and blur need to see to give full-frame results (the blur reaches w_edge <= sqrt(area)//20 pixels). Always a
+    valid slice of the frame; empty when the crop lies off the frame."""
     h, w = box_hw
     corners = np.array([[-1, -1, 1], [w, -1, 1], [-1, h, 1], [w, h, 1]], dtype=np.float64).T
     inv = np.linalg.inv(np.vstack([np.asarray(affine, np.float64).reshape(2, 3), [0, 0, 1]]))
@@ -68,55 +92,86 @@ def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[in
     y0, y1, x0, x1 = math.floor(ys.min()), math.ceil(ys.max()) + 1, math.floor(xs.min()), math.ceil(xs.max()) + 1
     margin = int(math.sqrt(max(y1 - y0, 0) * max(x1 - x0, 0))) // 20 + 2
     H, W = frame_hw
-    return max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W)
+    y0, x0 = min(max(y0 - margin, 0), H), min(max(x0 - margin, 0), W)
+    return y0, max(min(y1 + margin, H), y0), x0, max(min(x1 + margin, W), x0)
 
 
-def paste_in_window(frame: np.ndarray, face: torch.Tensor, affine: np.ndarray, window: tuple[int, int, int, int]
-                    ) -> tuple[np.ndarray, torch.Tensor]:
-    """paste_back of one (3, h_box, w_box) face, computed inside `window` (y0, y1, x0, x1) of the frame only.
-    Returns the new frame and the blend weight inside the window."""
-    dev = face.device
-    box = tuple(face.shape[-2:])
-    frame_hw = tuple(frame.shape[:2])
+def _grid_back(affine: np.ndarray, box_hw: tuple[int, int], window: Window, frame_hw: tuple[int, int],
+               device: torch.device) -> torch.Tensor:
+    """The sampling grid that warps a crop-box image back into `window` of the frame."""
+    inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32, device=device).reshape(1, 2, 3))
+    return sampling_grid(inv, tuple(box_hw), frame_hw, window)
+
+
+def _support(soft: torch.Tensor) -> tuple[slice, slice]:
+    """Rows and columns of the bounding box of soft > 0 (empty slices if none): outside it the blend is a no-op."""
+    nonzero = (soft[0, 0] > 0).cpu().numpy()
+    rows, cols = np.flatnonzero(nonzero.any(1)), np.flatnonzero(nonzero.any(0))
+    if not len(rows):
+        return slice(0, 0), slice(0, 0)
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def paste_region(region: np.ndarray, face: torch.Tensor, affine: np.ndarray, window: Window,
+                 frame_hw: tuple[int, int]) -> np.ndarray:
+    """Blend one generated face into `region` = frame[y0:y1, x0:x1] for `window` = (y0, y1, x0, x1), any window
+    that contains paste_window(affine, box, frame_hw) (the result there equals the whole-frame paste).
+
+    region (h, w, 3) uint8 RGB, face (3, h_box, w_box) float in [-1, 1], affine (2, 3) frame -> crop, frame_hw the
+    frame's (H, W). Returns the new (h, w, 3) uint8 region (a new array). Computes on the face's device.
+    """
     y0, y1, x0, x1 = window
+    if tuple(region.shape) != (y1 - y0, x1 - x0, 3):
+        raise ValueError(f"region of shape {tuple(region.shape)} does not fit window {window}")
+    out = np.array(region, np.uint8)
     if y1 <= y0 or x1 <= x0:  # crop entirely off-frame
-        return frame.copy(), torch.zeros(0, 0, device=dev)
-    inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32, device=dev).reshape(1, 2, 3))
-    grid = sampling_grid(inv, box, frame_hw, window)
+        return out
+    grid = _grid_back(affine, face.shape[-2:], window, frame_hw, face.device)
+    coverage = grid_coverage(tuple(face.shape[-2:]), grid)
+    mask, soft = feather(coverage)
+    rows, cols = _support(soft)  # where soft is 0 the blend gives the region itself: sample and blend only inside
+    if rows.start == rows.stop:
+        return out
+    warped, _ = grid_warp(face.float()[None], grid[:, rows, cols], FILL_VALUE, coverage[..., rows, cols])
+    pasted = warped.div_(2).add_(0.5).clamp_(0, 1).mul_(255).mul_(mask[..., rows, cols])
+    soft = soft[..., rows, cols]
+    src = torch.as_tensor(out[rows, cols]).to(face.device).permute(2, 0, 1)[None].float()
+    blended = pasted.mul_(soft).add_((1 - soft) * src)
+    out[rows, cols] = planes_to_hwc(blended[0].to(torch.uint8))  # truncation, as upstream
+    return out
 
-    warped, coverage = grid_warp(face.float()[None], grid, fill=FILL_VALUE)
-    warped = (warped / 2 + 0.5).clamp(0, 1) * 255
-    mask = erode(coverage, 1, 0)  # kornia erosion, 2x2 kernel, origin (1, 1)
-    pasted = mask * warped
 
-    w_edge = int(mask.sum() ** 0.5) // 20
-    # cv2.erode: an even 2w kernel spans [-w, w-1]; an empty kernel (w_edge 0) means 3x3
-    core = erode(mask, w_edge, w_edge - 1) if w_edge > 0 else erode(mask, 1, 1)
-    soft = gaussian_blur(core, 2 * w_edge + 1)
-
-    region = torch.from_numpy(np.ascontiguousarray(frame[y0:y1, x0:x1])).to(dev).permute(2, 0, 1)[None].float()
-    blended = soft * pasted + (1 - soft) * region
-    out = frame.copy()
-    out[y0:y1, x0:x1] = blended[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()  # truncation, as upstream
-    return out, soft[0, 0]
+def paste_faces(regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray, windows: list[Window],
+                frame_hw: tuple[int, int]) -> list[np.ndarray]:
+    """paste_region for n faces at the model resolution R, each into its own region: faces (n, 3, R, R) float in
+    [-1, 1] are first resized to the crop box (resize_face_to_box), as the pipeline does before pasting."""
+    faces = torch.as_tensor(faces)
+    boxed = resize_face_to_box(faces.float(), box_hw(faces.shape[-1]))
+    return [paste_region(r, f, a, w, frame_hw) for r, f, a, w in zip(regions, boxed, np.asarray(affines), windows)]
 
 
 def paste_back(frame: np.ndarray, face: torch.Tensor | np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Blend generated face(s) into frame(s).
+    """Blend generated face(s) into whole frame(s): paste_region on paste_window, written into a copy.
 
     frame (H, W, 3) uint8 RGB, face (3, h_box, w_box) float in [-1, 1], affine (2, 3) frame -> crop;
     or batches (n, H, W, 3), (n, 3, h_box, w_box), (n, 2, 3). Returns uint8 frame(s) of the input shape.
-    Computes on the face's device.
     """
     face = torch.as_tensor(face)
     if face.dim() == 4:
         return np.stack([paste_back(f, x, a) for f, x, a in zip(frame, face, np.asarray(affine))])
-    return paste_in_window(frame, face, affine, paste_window(affine, face.shape[-2:], frame.shape[:2]))[0]
+    frame_hw = tuple(frame.shape[:2])
+    y0, y1, x0, x1 = window = paste_window(affine, face.shape[-2:], frame_hw)
+    out = frame.copy()
+    out[y0:y1, x0:x1] = paste_region(frame[y0:y1, x0:x1], face, affine, window, frame_hw)
+    return out
 
 
 def paste_mask(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[int, int],
-               device: str | torch.device = "cpu") -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """The feathered blend weight (upstream inv_soft_mask) inside paste_window; zero everywhere outside it."""
-    window = paste_window(affine, box_hw, frame_hw)
-    frame = np.zeros((*frame_hw, 3), np.uint8)
-    return paste_in_window(frame, torch.zeros(3, *box_hw, device=device), affine, window)[1], window
+               device: str | torch.device = "cpu", window: Window | None = None) -> tuple[torch.Tensor, Window]:
+    """The feathered blend weight (upstream inv_soft_mask) inside `window` (default paste_window), zero outside it."""
+    window = window or paste_window(affine, box_hw, frame_hw)
+    y0, y1, x0, x1 = window
+    if y1 <= y0 or x1 <= x0:
+        return torch.zeros(0, 0, device=device), window
+    grid = _grid_back(affine, box_hw, window, frame_hw, torch.device(device))
+    return feather(grid_coverage(tuple(box_hw), grid))[1][0, 0], window
