@@ -21,11 +21,11 @@ from latentsync_contract import ContractError, no_face_message
 from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
 from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
-from .face.align import FaceAligner, box_hw
+from .face.align import FaceAligner
 from .face.enhance import EnhanceSpec, enhance_mouths
 from .face.mask import masked_face_inputs, mouth_mask
 from .face.pose import too_turned
-from .face.restore import paste_back, resize_face_to_box
+from .face.restore import Window, paste_faces, paste_into
 from .vae import Posterior, sample_latents
 
 
@@ -45,7 +45,8 @@ class ModelBackend(Protocol):
     def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor: ...
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
     def enhance(self, faces: torch.Tensor) -> torch.Tensor: ...  # the face restorer at its native size and back
-    def paste_back(self, frames: np.ndarray, faces: torch.Tensor, affines: np.ndarray) -> np.ndarray: ...
+    def paste_regions(self, regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray,
+                      windows: list[Window], frame_hw: tuple[int, int]) -> list[np.ndarray]: ...  # paste_faces
 
 
 @dataclass
@@ -171,8 +172,7 @@ class LipSyncStream:
             if self.enhance is not None:
                 e = self.enhance
                 synced = enhance_mouths(self.backend.enhance, synced, self.mask, e.blend, e.feather, e.min_sharpness)
-            rows = np.flatnonzero(window.found)
-            out[rows] = self.backend.paste_back(window.frames[rows], synced, window.affines)
+            paste_into(out, np.flatnonzero(window.found), synced, window.affines, self.backend.paste_regions)
             window.synced = synced
         return WindowResult(out, window.indices, window.found, window.turned)
 
@@ -219,9 +219,8 @@ class LocalModels:
             raise RuntimeError("no face enhancer configured")
         return self.enhancer(faces.to(self.device))
 
-    def paste_back(self, frames, faces, affines):
-        resized = resize_face_to_box(faces.float(), box_hw(faces.shape[-1]))
-        return paste_back(frames, resized, affines)
+    def paste_regions(self, regions, faces, affines, windows, frame_hw):
+        return paste_faces(regions, faces, affines, windows, frame_hw)
 
     @staticmethod
     def _dtype(module) -> torch.dtype:

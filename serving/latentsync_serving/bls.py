@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from latentsync_core.denoise import DenoiseSpec, WindowConditioning
+from latentsync_core.face.restore import Window
 from latentsync_core.pipeline import Detections
 from latentsync_core.vae import Posterior
 
@@ -123,9 +124,17 @@ class TritonModels:
     def enhance(self, faces: torch.Tensor) -> torch.Tensor:
         return self.call(self.names.enhancer, {"FACES": faces}, ["RESTORED"])[0].to(self.device)
 
-    def paste_back(self, frames: np.ndarray, faces: torch.Tensor, affines: np.ndarray) -> np.ndarray:
-        inputs = {"FRAMES": frames, "FACES": faces, "AFFINES": np.asarray(affines, np.float32)}
-        return self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
+    def paste_regions(self, regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray,
+                      windows: list[Window], frame_hw: tuple[int, int]) -> list[np.ndarray]:
+        """Only each face's paste window of its frame travels (padded to the largest), never whole frames."""
+        sizes = [r.shape[:2] for r in regions]
+        padded = np.zeros((len(regions), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
+        for i, (region, (h, w)) in enumerate(zip(regions, sizes)):
+            padded[i, :h, :w] = region
+        inputs = {"REGIONS": padded, "FACES": faces, "AFFINES": np.asarray(affines, np.float32),
+                  "WINDOWS": np.asarray(windows, np.int32), "FRAME_HW": np.tile(np.int32(frame_hw), (len(regions), 1))}
+        restored = self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
+        return [restored[i, :h, :w] for i, (h, w) in enumerate(sizes)]
 
 
 def _nbytes(x: torch.Tensor | np.ndarray) -> int:

@@ -1,9 +1,8 @@
-"""restorer: paste generated FACES back into FRAMES through their AFFINES -> RESTORED frames."""
+"""restorer: paste generated FACES back into the paste windows (REGIONS) of their frames -> RESTORED regions."""
 import torch
 import triton_python_backend_utils as pb_utils
 
-from latentsync_core.face.align import box_hw
-from latentsync_core.face.restore import paste_back, resize_face_to_box
+from latentsync_core.face.restore import paste_faces
 from latentsync_serving.backend import ModelContext, serve_batch
 
 
@@ -11,10 +10,16 @@ class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext.from_args(args)
 
-    def run(self, frames, faces, affines):
-        # The crop box follows from the model resolution R, as in the aligner that produced the affines.
-        resized = resize_face_to_box(faces, box_hw(faces.shape[-1]))
-        return [torch.from_numpy(paste_back(frames.cpu().numpy(), resized, affines.cpu().numpy()))]
+    def run(self, regions, faces, affines, windows, frame_hw):
+        regions, windows, frame_hw = regions.cpu().numpy(), windows.cpu().numpy(), frame_hw.cpu().numpy()
+        out = regions.copy()
+        for i, (y0, y1, x0, x1) in enumerate(windows):  # a region fills the top left of its padded slot
+            window = (int(y0), int(y1), int(x0), int(x1))
+            h, w = y1 - y0, x1 - x0
+            out[i, :h, :w] = paste_faces([regions[i, :h, :w]], faces[i:i + 1], affines[i:i + 1].cpu().numpy(),
+                                         [window], tuple(int(v) for v in frame_hw[i]))[0]
+        return [torch.from_numpy(out)]
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["FRAMES", "FACES", "AFFINES"], ["RESTORED"], self.run, self.ctx.device)
+        return serve_batch(pb_utils, requests, ["REGIONS", "FACES", "AFFINES", "WINDOWS", "FRAME_HW"], ["RESTORED"],
+                           self.run, self.ctx.device)
