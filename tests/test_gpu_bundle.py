@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from latentsync_load.gpu_bundle import (LITERT_FILES, find_libpython, make_env, pth_lines, triton_files,
-                                        wheel_members, write_face_frames)
+from latentsync_contract import num_frames_for_audio
+from latentsync_load.gpu_bundle import (
+    LITERT_FILES,
+    PACKAGE_DIRS,
+    find_libpython,
+    make_env,
+    pth_lines,
+    triton_files,
+    wheel_members,
+    write_face_frames,
+)
 from latentsync_load.gpu_serving import load_frames, parse_counters, synthetic_audio
 from latentsync_load.gpu_unet import compiled_time
-from latentsync_contract import num_frames_for_audio
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -53,24 +61,26 @@ def test_bundle_environment_sees_bundle_first_then_machine_and_project_without_p
     dest = tmp_path / "dest"
     (dest / "site" / "numpy").mkdir(parents=True)
     (dest / "site" / "numpy" / "__init__.py").write_text("__version__ = 'bundled'\n")
-    code = ("import numpy, tritonclient, latentsync_contract, latentsync_serving.serve; "
-            "print(numpy.__version__); print(latentsync_contract.__file__)")
+    code = ("import numpy, tritonclient, latentsync_contract, latentsync_serving.serve as s; "
+            "print(numpy.__version__); print(latentsync_contract.__file__); print(s.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     python = make_env(dest, REPO, numpy1=True)
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    version, contract = out.split()
+    version, contract, serve = out.split()
     assert version == "bundled" and Path(contract).is_relative_to(REPO / "contract")
+    assert Path(serve).is_relative_to(REPO / "serving")   # not an installed copy of the project
     python = make_env(dest, REPO, numpy1=False)   # the machine's numpy wins
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split()[0] == np.__version__
 
 
 def test_pth_lines_order():
+    project = [str((REPO / d).resolve()) for d in PACKAGE_DIRS]
+    host = "import site; site.addsitedir('/host/site-packages')"
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=True).splitlines()
-    assert lines[0] == "import site; site.addsitedir('/host/site-packages')"
-    assert lines[1] == "import sys; sys.path.insert(0, '/b/site')"
-    assert lines[2:] == [str(REPO / d) if d != "." else str(REPO) for d in
-                         ("contract", ".", "serving", "export", "client", "load")]
+    assert lines == ["import sys; sys.path.insert(0, '/b/site')", *project, host]
+    lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=False).splitlines()
+    assert lines == [*project, host, "/b/site"]
 
 
 def test_find_libpython_finds_this_interpreters_library_or_says_none():

@@ -116,7 +116,8 @@ def _f(x, digits=1) -> str:
 
 
 UNET_COLUMNS = ("variant", "UNet batch", "windows", "TFLOP/step", "eager ms", "CUDA graph ms", "compiled ms",
-                "compile s", "TFLOP/s", "% of peak", "fps UNet", "fps UNet+VAE", "goal fps", "max GiB", "note")
+                "compile s", "TFLOP/s", "% of peak", "fps UNet", "fps UNet+VAE", "goal fps", "VAE ms/window",
+                "reused step ms", "fps DPM++ 10", "fps DeepCache 3", "max GiB", "note")
 SERVED_COLUMNS = ("variant", "streams", "frames", "wall s", "aggregate fps", "fps per stream", "first frame s",
                   "windows per denoiser step", "GPU busy %", "errors")
 PRECISION_COLUMNS = ("variant", "frames (faces)", "max latent diff", "mean latent diff", "latent scale",
@@ -134,7 +135,8 @@ def unet_cells(r: dict) -> list[str]:
     return [r["variant"], str(r["batch"]), str(r["batch"] // 2), _f(r["tflop_per_step"], 2), _f(r["eager_ms"]),
             _f(r["graph_ms"]), _f(r["compiled_ms"]), _f(r["compile_s"], 0), _f(r["tflops"]),
             _f(r["peak_fraction"] and 100 * r["peak_fraction"]), _f(r["unet_fps"]), _f(r["fps"]),
-            _f(GOAL_FPS.get(r["variant"]), 0), _f(r["max_memory_gib"]), r["note"]]
+            _f(GOAL_FPS.get(r["variant"]), 0), _f(r["vae_window_ms"]), _f(r["reused_ms"]), _f(r["fps_dpm10"]),
+            _f(r["fps_deepcache"]), _f(r["max_memory_gib"]), r["note"]]
 
 
 def served_cells(r: dict) -> list[str]:
@@ -346,8 +348,11 @@ def served(run: Run) -> None:
         run.report.note(f"(b) Triton ready in {time.perf_counter() - started:.0f} s")
         next_id = 1
         for variant in s.served_variants:    # warm-up: one window, first CUDA kernels and allocations
-            g.run_streams(server.grpc_url, 1, frames[:16], g.synthetic_audio(16), g.StreamParams(
-                steps=s.run_steps, seed=s.seed, variant=variant), next_id)
+            params = g.StreamParams(steps=s.run_steps, seed=s.seed, variant=variant)
+            (warm,), _ = g.run_streams(server.grpc_url, 1, frames[:16], g.synthetic_audio(16), params, next_id,
+                                       timeout=max(30.0, run.deadline.left()))
+            if warm.error:
+                raise RuntimeError(f"the warm-up stream of {variant} failed: {warm.error}")
             next_id += 1
         run.report.gpu_source = g.GpuSampler().source
         for variant in s.served_variants:
@@ -357,7 +362,8 @@ def served(run: Run) -> None:
                 if run.deadline.left() < 20:
                     row.note = "skipped: time budget"
                     continue
-                g.measure_level(server, row, frames, audio, s.run_steps, s.seed, next_id)
+                g.measure_level(server, row, frames, audio, s.run_steps, s.seed, next_id,
+                                timeout=max(20.0, run.deadline.left()))
                 next_id += n
                 print(" | ".join(served_cells(asdict(row))), flush=True)
                 run.report.save()
@@ -447,7 +453,8 @@ def enter_bundle(bundle: Path, argv: list[str]) -> BundleEnv:
     env.save(dest / "env.json")
     print(f"bundle ready in {time.perf_counter() - started:.0f} s: {'; '.join(env.notes)}", flush=True)
     python = str(env.python)
-    os.execve(python, [python, "-m", "latentsync_load.gpu_bench", *argv], {**os.environ, ENV_VAR: str(dest / "env.json")})
+    env_vars = {**os.environ, ENV_VAR: str(dest / "env.json")}
+    os.execve(python, [python, "-m", "latentsync_load.gpu_bench", *argv], env_vars)
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ and up to 8 carried paths travel, 64 MiB in all. The bundle (at most LIMIT_BYTES
   bundle.json    every file with its size, and the total
 
 On the GPU machine `prepare(bundle, dest)` unpacks it and makes a virtual environment whose one .pth file adds
-the bundle's packages first, then the machine's own site-packages and the project's folders: the Python
+the bundle's packages first, then the project's folders and the machine's own site-packages: the Python
 backend stub ignores PYTHONPATH and reads only the site-packages of the `python3` first on PATH, so the
 benchmark runs under that environment's python (and TritonServer puts its bin/ first on PATH).
 """
@@ -248,14 +248,14 @@ def unpack(bundle: Path, dest: Path) -> None:
 
 
 def pth_lines(site: Path, host_sites: list[str], repo: Path, numpy1: bool) -> str:
-    """The environment's .pth: import lines run at start-up, other lines are appended to sys.path."""
-    lines = ["import site; " + "; ".join(f"site.addsitedir({p!r})" for p in host_sites)]   # one line: exec()'d
+    """The environment's .pth: import lines run at start-up, other lines are appended to sys.path. The project's
+    folders come before the machine's site-packages, so an installed copy of the project (an editable install's
+    path hooks, say) never shadows the checkout."""
+    project = [str((repo / d).resolve()) for d in PACKAGE_DIRS]
+    host = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in host_sites)   # one line: exec()'d
     if numpy1:  # ahead of the machine's numpy 2 (stub and benchmark alike: one environment, one numpy)
-        lines.append(f"import sys; sys.path.insert(0, {str(site)!r})")
-    else:
-        lines.append(str(site))
-    lines += [str((repo / d).resolve()) for d in PACKAGE_DIRS]
-    return "\n".join(lines) + "\n"
+        return "\n".join([f"import sys; sys.path.insert(0, {str(site)!r})", *project, host]) + "\n"
+    return "\n".join([*project, host, str(site)]) + "\n"
 
 
 def make_env(dest: Path, repo: Path, numpy1: bool) -> Path:
@@ -308,7 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / ".gpu-bundle")
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     p.add_argument("--face-video", type=Path, help="a video of a real face (default: ../shared/media/demo1)")
-    p.add_argument("--cache", type=Path, help="wheels and archives kept between builds (default: build/gpu-bundle-cache)")
+    p.add_argument("--cache", type=Path, help="wheels and archives kept between builds "
+                   "(default: build/gpu-bundle-cache)")
     a = p.parse_args(argv)
     try:
         manifest = build(a.out, a.python, a.face_video, a.cache)

@@ -26,8 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from latentsync_contract import (AUDIO, FRAME_INDEX, FRAMES, MODEL_NAME, SAMPLE_RATE, WINDOW, StreamParams,
-                                 min_audio_samples, num_frames_for_audio)
+from latentsync_contract import (
+    AUDIO,
+    FRAME_INDEX,
+    FRAMES,
+    MODEL_NAME,
+    SAMPLE_RATE,
+    WINDOW,
+    StreamParams,
+    min_audio_samples,
+    num_frames_for_audio,
+)
 
 # The Python backend's GPU tensors cross processes through Triton's CUDA memory pool (default 64 MB per GPU);
 # a window's faces at 512 px are 100 MB as float32.
@@ -93,7 +102,7 @@ def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: StreamPa
 
     result, replies = StreamResult(), queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda r, e: replies.put((r, e)))
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
     requests = [(np.zeros((0, *frames.shape[1:]), np.uint8), audio)]
     requests += [(frames[i:i + WINDOW], np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)]
     if start is not None:
@@ -131,13 +140,13 @@ def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: StreamPa
 
 
 def run_streams(url: str, n: int, frames: np.ndarray, audio: np.ndarray, params: StreamParams,
-                first_id: int) -> tuple[list[StreamResult], float]:
+                first_id: int, timeout: float = 300.0) -> tuple[list[StreamResult], float]:
     """n streams started together (a barrier); their results and the wall time from the common start."""
     barrier = threading.Barrier(n + 1)
     results: list[StreamResult | None] = [None] * n
 
     def one(i: int) -> None:
-        results[i] = run_stream(url, frames, audio, params, first_id + i, barrier)
+        results[i] = run_stream(url, frames, audio, params, first_id + i, barrier, timeout)
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -226,13 +235,14 @@ class GpuSampler:
 
 # ---------------------------------------------------------------------------------------------------- a level
 def measure_level(server, row: ServedRow, frames: np.ndarray, audio: np.ndarray, steps: int, seed: int,
-                  first_id: int) -> None:
-    """Run row.streams streams of row.variant together and fill in the row."""
+                  first_id: int, timeout: float = 300.0) -> None:
+    """Run row.streams streams of row.variant together and fill in the row (`timeout`: a stream's longest wait
+    for a response)."""
     params = StreamParams(steps=steps, seed=seed, variant=row.variant)
     model, names = f"denoiser_{row.variant}", ("denoiser_window_steps", "denoiser_steps")
     before = read_counters(server.metrics_url, names, model)
     with GpuSampler() as gpu:
-        results, wall = run_streams(server.grpc_url, row.streams, frames, audio, params, first_id)
+        results, wall = run_streams(server.grpc_url, row.streams, frames, audio, params, first_id, timeout)
     after = read_counters(server.metrics_url, names, model)
     ok = [r for r in results if r.error is None]
     row.errors = [r.error for r in results if r.error is not None]

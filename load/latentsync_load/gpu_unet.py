@@ -5,20 +5,24 @@ time eager, replayed as a CUDA graph, and (at the batches given) under torch.com
 per variant on the meta device with the math attention kernel, so attention counts; a step's FLOPs are linear
 in the batch), the achieved TFLOP/s against the card's measured matmul peak, and the frames per second that
 step time allows at 20 steps: windows x 16 frames / (20 x step), UNet alone and with the VAE's time per window
-(encode masked + reference faces, decode).
+(encode masked + reference faces, decode); derived from the same times, the opt-in trade-offs: DPM-Solver++ at
+10 steps, and DeepCache at interval 3 (a measured reused step: 7 full + 13 reused steps per 20).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from latentsync_core.configs import NUM_FRAMES, UNET_STAGE2, get_variant
+from latentsync_core.deepcache import cached_step, full_step
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.tiny import SD_VAE, TINY_UNET, TINY_VAE
 
 GOAL_FPS = {"1.5": 40.0, "1.6": 9.0}   # per GPU, at 20 steps
+DEEPCACHE_INTERVAL = 3
 
 
 @dataclass
@@ -32,11 +36,14 @@ class UNetRow:
     compiled_ms: float | None = None
     compile_s: float | None = None
     best_ms: float | None = None
+    reused_ms: float | None = None   # DeepCache's reused step (eager)
     tflops: float | None = None      # at the best time
     peak_fraction: float | None = None
     vae_window_ms: float | None = None
     unet_fps: float | None = None    # at 20 steps (Settings.steps)
     fps: float | None = None         # UNet + VAE
+    fps_dpm10: float | None = None   # UNet + VAE, DPM-Solver++ at 10 steps
+    fps_deepcache: float | None = None   # UNet + VAE, DeepCache interval 3
     max_memory_gib: float | None = None
     note: str = ""
 
@@ -169,6 +176,8 @@ def measure_step(unet, row: UNetRow, frames: int, device, dtype, graphs_below_ms
     with torch.no_grad():
         step = lambda: unet(*inputs)  # noqa: E731
         row.eager_ms = time_call(step, device, warmup, iters, max_s) * 1e3
+        _, feature = full_step(unet, *inputs)
+        row.reused_ms = time_call(lambda: cached_step(unet, *inputs, feature), device, warmup, iters, max_s) * 1e3
         if device.type == "cuda" and row.eager_ms < graphs_below_ms:
             try:
                 replay = cuda_graph(step, device)
@@ -192,8 +201,15 @@ def finish_row(row: UNetRow, peak: float, steps: int, frames: int) -> None:
         row.peak_fraction = row.tflops / peak if peak else None
     seconds = steps * row.best_ms / 1e3
     row.unet_fps = row.windows * frames / seconds
-    if row.vae_window_ms is not None:
-        row.fps = row.windows * frames / (seconds + row.windows * row.vae_window_ms / 1e3)
+    if row.vae_window_ms is None:
+        return
+    vae_s = row.windows * row.vae_window_ms / 1e3
+    row.fps = row.windows * frames / (seconds + vae_s)
+    row.fps_dpm10 = row.windows * frames / (10 * row.best_ms / 1e3 + vae_s)
+    if row.reused_ms is not None:
+        full = math.ceil(steps / DEEPCACHE_INTERVAL)
+        unet_s = (full * row.best_ms + (steps - full) * row.reused_ms) / 1e3
+        row.fps_deepcache = row.windows * frames / (unet_s + vae_s)
 
 
 def out_of_memory(row: UNetRow, e: Exception) -> None:
