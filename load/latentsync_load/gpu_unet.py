@@ -218,4 +218,4 @@ def out_of_memory(row: UNetRow, e: Exception) -> None:
 
 
 def frames_per_window(tiny: bool) -> int:
-    return 4 if tiny else NUM_FRAMES   # a CPU dry run proves the code path with less work
+    return 2 if tiny else NUM_FRAMES   # a CPU dry run proves the code path with less work
