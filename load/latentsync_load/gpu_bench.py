@@ -223,7 +223,7 @@ def machine_info(run: Run) -> None:
     else:
         info["device"] = f"CPU ({torch.get_num_threads()} threads)"
     if run.env is not None:
-        info.update(bundle_numpy1=run.env.numpy1, libpython=run.env.libpython)
+        info.update(bundle_venv=run.env.venv, bundle_numpy1=run.env.numpy1, libpython=run.env.libpython)
         for note in run.env.notes:
             run.report.note(f"bundle: {note}")
     run.report.machine = info
@@ -335,7 +335,7 @@ def served(run: Run) -> None:
     if not s.serve:
         run.report.note("(b) served path: repository built, no server started (a CPU dry run; --serve starts one)")
         return
-    if run.env is not None and not (run.env.numpy1 and run.env.libpython):
+    if run.env is not None and not (run.env.venv and run.env.numpy1 and run.env.libpython):
         run.report.note("(b) served path: skipped, the bundle's Triton stub cannot run here (see the bundle notes)")
         return
     frames = face_frames(run, s.served_frames)
@@ -454,6 +454,8 @@ def enter_bundle(bundle: Path, argv: list[str]) -> BundleEnv:
     print(f"bundle ready in {time.perf_counter() - started:.0f} s: {'; '.join(env.notes)}", flush=True)
     python = str(env.python)
     env_vars = {**os.environ, ENV_VAR: str(dest / "env.json")}
+    if not env.venv:
+        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest / "site"), os.environ.get("PYTHONPATH")]))
     os.execve(python, [python, "-m", "latentsync_load.gpu_bench", *argv], env_vars)
 
 

@@ -7,8 +7,8 @@ and up to 8 carried paths travel, 64 MiB in all. The bundle (at most LIMIT_BYTES
                  of the machine's Python and every shared library they load (ldd), less other Pythons' libpython;
                  the stub itself needs the machine's libpython3.12.so.1.0 (prepare() checks for it)
   site.tar.xz    packages for that Python, unpacked from their wheels: numpy 1.26 (the 2.51 stub was built with
-                 pybind11 2.11, which reads numpy 2 arrays wrongly: inputs arrive as zeros), diffusers,
-                 tritonclient (+ python-rapidjson), LiteRT's interpreter alone (the face detector)
+                 pybind11 2.11, which reads numpy 2 arrays wrongly: inputs arrive as zeros) and ml-dtypes 0.5.4,
+                 diffusers, tritonclient (+ python-rapidjson), LiteRT's interpreter alone (the face detector)
   detector/      MediaPipe's face detector and face mesh .tflite files, from the installed mediapipe wheel
   frames/        JPEG frames of a real face, the served path's input (../shared does not travel)
   bundle.json    every file with its size, and the total
@@ -39,8 +39,9 @@ from pathlib import Path
 LIMIT_BYTES = 60 << 20
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("contract", ".", "serving", "export", "client", "load")   # the project, without pip install
-WHEELS = {"numpy": "1.26.4", "diffusers": "0.42.1", "tritonclient": "2.73.0", "python-rapidjson": "1.25",
-          "ai-edge-litert": "2.3.0"}
+# numpy 1.x shadows the machine's numpy 2, and with it what tritonclient needs from numpy's ABI (ml-dtypes, its pin)
+WHEELS = {"numpy": "1.26.4", "ml-dtypes": "0.5.4", "diffusers": "0.42.1", "tritonclient": "2.73.0",
+          "python-rapidjson": "1.25", "ai-edge-litert": "2.3.0"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 LITERT_FILES = ("__init__.py", "interpreter.py", "metrics_portable.py", "metrics_interface.py",
                 "_pywrap_litert_interpreter_wrapper.so", "libpywrap_litert_common.so")
@@ -207,6 +208,7 @@ class BundleEnv:
     bundle: Path                # the bundle folder itself (detector/, frames/)
     python: Path                # the environment's interpreter
     numpy1: bool = True         # numpy 1.26 first on the path (False: the machine's numpy 2; no served path)
+    venv: bool = True           # False: no virtual environment could be made; packages through PYTHONPATH
     libpython: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -272,7 +274,8 @@ def make_env(dest: Path, repo: Path, numpy1: bool) -> Path:
 
 def check_imports(python: Path) -> tuple[bool, str]:
     """Whether the environment imports what the benchmark and the served models need; its numpy or the error."""
-    code = ("import numpy, torch, cv2, diffusers, tritonclient.grpc, ai_edge_litert.interpreter; "
+    code = ("import numpy, torch, cv2, diffusers, tritonclient.grpc, ai_edge_litert.interpreter, "
+            "latentsync_core.loaders, latentsync_serving.lipsync_service, latentsync_export.export; "
             "print(f'numpy {numpy.__version__}, torch {torch.__version__}, opencv {cv2.__version__}')")
     r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
     return r.returncode == 0, (r.stdout.strip() if r.returncode == 0 else r.stderr.strip()[-1500:])
@@ -287,7 +290,13 @@ def prepare(bundle: Path, dest: Path, repo: Path = REPO) -> BundleEnv:
         raise RuntimeError(f"the bundle was built for Python {manifest['python']}, this is Python {here} "
                            f"(make gpu-bundle GPU_PYTHON={here})")
     unpack(bundle, dest)
-    env = BundleEnv(dest, bundle, make_env(dest, repo, numpy1=True), libpython=find_libpython(here))
+    env = BundleEnv(dest, bundle, Path(sys.executable), libpython=find_libpython(here))
+    try:
+        env.python = make_env(dest, repo, numpy1=True)
+    except (OSError, subprocess.CalledProcessError) as e:  # (a) and (c) still run, with PYTHONPATH
+        env.venv = False
+        env.notes.append(f"no virtual environment ({e}): packages through PYTHONPATH, no served path")
+        return env
     ok, detail = check_imports(env.python)
     if not ok:  # numpy 1.26 does not suit this machine's packages: measure what runs without the served path
         env.notes.append(f"imports fail with the bundle's numpy 1.26 ({detail.splitlines()[-1]}); using the "
