@@ -6,7 +6,7 @@ GOLDEN  ?= ../shared/golden
 
 WEIGHTS ?=
 
-.PHONY: setup test test-fast lint format parity demo demo-deps clean
+.PHONY: setup test test-fast lint format parity demo demo-deps gpu-bundle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,5 +56,12 @@ demo: demo-deps
 parity:
 	$(BIN)/latentsync-parity $(GOLDEN)
 
+# What a lent GPU machine lacks for latentsync-gpu-bench (Triton server, packages, detector weights, face frames),
+# in the ignored folder .gpu-bundle/ (<= 60 MiB; it travels as a carried path). docs/PERFORMANCE.md, "The prepared
+# GPU run", has the command that runs it there.
+GPU_PYTHON ?= 3.12
+gpu-bundle:
+	$(BIN)/python -m latentsync_load.gpu_bundle --python $(GPU_PYTHON) --out .gpu-bundle
+
 clean:
-	rm -rf $(VENV) build *.egg-info */*.egg-info
+	rm -rf $(VENV) build .gpu-bundle *.egg-info */*.egg-info

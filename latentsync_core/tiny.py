@@ -3,18 +3,22 @@
 They load through exactly the same code as the official checkpoints (same file formats, same keys), so tests,
 CI and the demo exercise the real loading and serving paths without any download. The output is random:
 lips will not follow speech. A marker file says so, and everything that uses the folder reports it.
+
+`--full` makes random weights of the official sizes instead (UNet stage2, whisper tiny, sd-vae-ft-mse): the
+same FLOPs and memory as the real models, for benchmarks on a GPU (`--device cuda` draws them there).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-from .configs import unet_config
+from .configs import UNET_STAGE2, WHISPER_TINY_DIMS, unet_config
 from .models.unet3d import UNet3DConditionModel
 from .models.whisper import whisper_state_dict_shapes
 
@@ -28,11 +32,27 @@ TINY_WHISPER_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n
                      "n_text_head": 2, "n_text_layer": 1}
 TINY_VAE = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+# stabilityai/sd-vae-ft-mse's architecture (its config.json), for full-size random weights.
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+@dataclass(frozen=True)
+class WeightSize:
+    unet: dict
+    whisper: dict
+    vae: dict
+    unet_dtype: torch.dtype   # as stored; the loaders convert (float16 halves a full UNet's 5 GB)
+
+
+SIZES = {"tiny": WeightSize(TINY_UNET, TINY_WHISPER_DIMS, TINY_VAE, torch.float32),
+         "full": WeightSize(UNET_STAGE2, WHISPER_TINY_DIMS, SD_VAE, torch.float16)}
 
 
 def redraw_(tensors: dict[str, torch.Tensor], generator: torch.Generator, skip=()) -> dict[str, torch.Tensor]:
     """Re-draw every tensor so outputs are O(1) (default inits zero some layers, which hides bugs):
-    ndim >= 2 ~ N(0, 1/fan_in); norm weights ~ N(1, 0.1^2); norm biases ~ N(0, 0.1^2); other 1-D ~ N(0, 0.05^2)."""
+    ndim >= 2 ~ N(0, 1/fan_in); norm weights ~ N(1, 0.1^2); norm biases ~ N(0, 0.1^2); other 1-D ~ N(0, 0.05^2).
+    Drawn on the generator's device."""
     out = {}
     for name, t in tensors.items():
         if any(s in name for s in skip):
@@ -44,25 +64,26 @@ def redraw_(tensors: dict[str, torch.Tensor], generator: torch.Generator, skip=(
             std, mean = 0.1, (1.0 if name.endswith("weight") else 0.0)
         else:
             std, mean = 0.05, 0.0
-        out[name] = torch.randn(t.shape, generator=generator, dtype=torch.float64).mul(std).add(mean).float()
+        out[name] = torch.randn(t.shape, generator=generator, dtype=torch.float64, device=generator.device
+                                ).mul(std).add(mean).float()
     return out
 
 
-def make_unet(out: Path, generator: torch.Generator, config: dict = TINY_UNET) -> None:
-    model = UNet3DConditionModel.from_config(config)
+def make_unet(out: Path, generator: torch.Generator, config: dict = TINY_UNET, dtype=torch.float32) -> None:
+    with torch.device(generator.device):  # built where drawn: a full UNet's default init is slow on a CPU
+        model = UNet3DConditionModel.from_config(config)
     sd = redraw_(model.state_dict(), generator, skip=("pos_encoder.pe",))
-    torch.save({"state_dict": sd}, out / "latentsync_unet.pt")
+    torch.save({"state_dict": {k: v.to("cpu", dtype) for k, v in sd.items()}}, out / "latentsync_unet.pt")
     (out / "unet_config.json").write_text(json.dumps(config, indent=1))
 
 
 def make_whisper(out: Path, generator: torch.Generator, dims: dict = TINY_WHISPER_DIMS) -> None:
     shapes = whisper_state_dict_shapes(dims)
-    sd = redraw_({k: torch.empty(s) for k, s in shapes.items()}, generator, skip=("positional_embedding",))
+    # zeros, not empty: the (never run) decoder's positional embedding is skipped and must be deterministic
+    sd = redraw_({k: torch.zeros(s) for k, s in shapes.items()}, generator, skip=("positional_embedding",))
     sd["encoder.positional_embedding"] = sinusoids(dims["n_audio_ctx"], dims["n_audio_state"])
-    if "decoder.positional_embedding" in sd:
-        sd["decoder.positional_embedding"] = sd["decoder.positional_embedding"] * 0.02
     # OpenAI checkpoints store every tensor in float16.
-    sd = {k: v.half() for k, v in sd.items()}
+    sd = {k: v.to("cpu", torch.float16) for k, v in sd.items()}
     (out / "whisper").mkdir(exist_ok=True)
     torch.save({"dims": dict(dims), "model_state_dict": sd}, out / "whisper" / "tiny.pt")
 
@@ -75,10 +96,27 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 
-def make_vae(out: Path, generator: torch.Generator) -> None:
-    vae = AutoencoderKL(**TINY_VAE)
+def make_vae(out: Path, generator: torch.Generator, config: dict = TINY_VAE) -> None:
+    with torch.device(generator.device):
+        vae = AutoencoderKL(**config)
     vae.load_state_dict(redraw_(vae.state_dict(), generator))
-    vae.save_pretrained(str(out / "vae"))
+    vae.to("cpu").save_pretrained(str(out / "vae"))
+
+
+def make_random_weights(out: str | Path, seed: int = 0, size: str = "tiny", device: str | torch.device = "cpu") -> Path:
+    """A weights folder (loaders.py layout) of seeded random weights; size "tiny" or "full" (official sizes)."""
+    spec = SIZES[size]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device).manual_seed(seed)
+    make_unet(out, g, spec.unet, spec.unet_dtype)
+    make_whisper(out, g, spec.whisper)
+    make_vae(out, g, spec.vae)
+    configs = "scaled-down configs" if size == "tiny" else "the official model sizes"
+    (out / TINY_MARKER).write_text(
+        f"Random weights (seed {seed}) made by latentsync-tiny-weights: real file formats and key names, "
+        f"{configs}. Output video is NOT lip-synced.\n")
+    return out
 
 
 # Official release file names of the face restorers (optional face enhancer); each holds {'params_ema': state_dict}.
@@ -114,25 +152,19 @@ def make_face_restorer(path: str | Path, arch: str, seed: int = 0, **hyper) -> P
 
 
 def make_tiny_weights(out: str | Path, seed: int = 0) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    make_unet(out, g)
-    make_whisper(out, g)
-    make_vae(out, g)
-    (out / TINY_MARKER).write_text(
-        f"Random weights (seed {seed}) made by latentsync-tiny-weights: real file formats and key names, "
-        "scaled-down configs. Output video is NOT lip-synced.\n")
-    return out
+    return make_random_weights(out, seed)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="latentsync-tiny-weights", description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="the official model sizes (UNet ~1.3 B parameters)")
+    ap.add_argument("--device", default="cpu", help="where to draw them (cuda: seconds for --full)")
     args = ap.parse_args(argv)
-    path = make_tiny_weights(args.out, args.seed)
-    print(f"wrote random tiny weights to {path}")
+    size = "full" if args.full else "tiny"
+    path = make_random_weights(args.out, args.seed, size, args.device)
+    print(f"wrote random {size} weights to {path}")
     return 0
 
 

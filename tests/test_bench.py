@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from latentsync_load.bench import BenchOptions, markdown, run
+from latentsync_load.gpu_bundle import write_face_frames
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_WINDOWS_AT_4 = 3.0     # mean 16-frame windows per UNet execution at 4 concurrent streams
@@ -65,14 +66,37 @@ def test_report_covers_stages_and_memory(report):
     json.dumps(report)  # the --json output
 
 
+def run_gpu_script(tmp_path, shared_dir, *args) -> dict:
+    """latentsync-gpu-bench --tiny (the CPU dry run) on 2 real face frames; its JSON report."""
+    frames = tmp_path / "frames"
+    write_face_frames(shared_dir / "media" / "demo1_video.mp4", frames, count=2)
+    cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--frames", str(frames),
+           "--out", str(tmp_path / "out"), *args]
+    subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+    result = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    assert not [n for n in result["notes"] if "failed" in n], result["notes"]
+    return result
+
+
 @pytest.mark.slow
-def test_gpu_script_dry_run(tmp_path):
-    cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--variants", "1.5", "--streams", "1",
-           "--out", str(tmp_path), "--iters", "1"]
-    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
-    result = json.loads((tmp_path / "gpu_bench.json").read_text())
-    (row,) = result["rows"]
-    assert row["batch"] == 2 and row["step_ms"] > 0 and row["cached_step_ms"] > 0
-    assert row["tflop_per_step"] > 0 and 0 < row["peak_fraction"]
-    assert row["fps"] > 0 and row["unet_fps"] > 0 and row["fps_dpm10"] > 0 and row["fps_deepcache"] > 0
-    assert "| 1.5 | 1 | 2 |" in (tmp_path / "gpu_bench.md").read_text()
+def test_gpu_script_dry_run(tmp_path, shared_dir):
+    """The GPU script's (a) (one scaled-down UNet step and what follows from it) and (b) up to its repository
+    ((b)'s server part: test_gpu_bundle.py::test_gpu_script_served_path; (c): the slow test below)."""
+    result = run_gpu_script(tmp_path, shared_dir, "--parts", "unet,served", "--variants", "1.5", "--batches", "2")
+    (row,) = result["unet"]
+    assert row["batch"] == 2 and row["eager_ms"] > 0 and row["tflop_per_step"] > 0 and row["peak_fraction"] > 0
+    assert row["unet_fps"] > row["fps"] > 0                      # the VAE's time per window counts in fps
+    assert row["reused_ms"] > 0 and row["fps_deepcache"] > 0 and row["fps_dpm10"] > row["fps"]
+    assert any("repository built" in n for n in result["notes"])
+    assert "| 1.5 | 2 | 1 |" in (tmp_path / "out" / "gpu_bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_script_precision_dry_run(tmp_path, shared_dir):
+    """(c) on the CPU: bfloat16 against float32 on a window of 2 real face frames, one step (slow here: a bfloat16
+    convolution runs ~50x slower than float32 on a CPU without AVX512-BF16)."""
+    result = run_gpu_script(tmp_path, shared_dir, "--parts", "precision", "--precision-variants", "1.5")
+    (precision,) = result["precision"]
+    assert precision["frames"] == precision["faces"] == 2      # MediaPipe found the real face
+    assert 0 < precision["max_latent_diff"] < precision["latent_scale"]  # bfloat16 differs, within the scale
+    assert precision["max_pixel_diff"] > 0

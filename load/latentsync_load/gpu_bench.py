@@ -1,347 +1,478 @@
-"""GPU benchmark of full-size LatentSync 1.5 / 1.6 models with random weights (same FLOPs as the real ones).
+"""`latentsync-gpu-bench`: the prepared GPU run: full-size LatentSync 1.5 / 1.6 models with random weights.
 
-    latentsync-gpu-bench                  # on a GPU: 1.5 and 1.6 at 1 and 8 streams, well under 8 minutes
-    latentsync-gpu-bench --tiny           # dry run on the CPU with scaled-down models (seconds)
-    latentsync-gpu-bench --out DIR        # table as DIR/gpu_bench.md and DIR/gpu_bench.json ($OUT by default)
+    latentsync-gpu-bench --bundle .gpu-bundle --out $OUT   # on the lent GPU machine (docs/PERFORMANCE.md)
+    latentsync-gpu-bench --tiny --frames DIR --out DIR      # CPU dry run with scaled-down models
+    latentsync-gpu-bench --tiny --serve ...                 # ... and a real (CPU) Triton server for (b)
 
-What it measures, per variant and stream count (the recipe: 20 DDIM steps, guidance 1.5):
-  * one UNet step at batch 2 x streams (classifier-free guidance doubles every window) of 16-frame windows,
-    fp16, SDPA attention, channels_last, cudnn autotuning; CUDA graphs on top where capture works;
-  * the UNet's FLOPs per step (torch.utils.flop_counter on one forward, counted on the meta device with the
-    math attention kernel so attention is included) -> achieved TFLOP/s, against the card's measured peak
-    (a large fp16 matmul);
-  * the VAE per window (encode masked + reference faces: 32 images; decode 16) at full size;
-  * frames per second per GPU = streams x 16 / (steps x step time [+ VAE time]); derived rows for the opt-in
-    trade-offs: DPM-Solver++ at 10 steps (same step cost, half the steps) and DeepCache interval 3 (a measured
-    reused step, 7 full + 13 reused steps per window of 20).
-Face detection, alignment and paste-back are not included (they run beside the UNet on a server).
+Within --budget-s (7 minutes by default; the rest of 8 minutes is start-up), each part in turn, each skipped
+with its reason when it cannot run or the time is spent, the report rewritten to OUT/gpu_bench.md and
+OUT/gpu_bench.json after every measurement (a killed run leaves what it had):
+  (a) gpu_unet: the UNet step at each --batches (2 items per window under guidance), bfloat16, eager and as a
+      CUDA graph; TFLOP per step, TFLOP/s, share of the measured matmul peak, frames/s at 20 steps;
+  (c) gpu_precision: bfloat16 against float32 on one window of the in-process pipeline, same random weights;
+  (b) gpu_serving: a Triton server (the bundle's) on a --target gpu repository of the same weights: aggregate
+      fps at --served-streams concurrent streams, mean windows per denoiser step, GPU busy share;
+  (a) again: torch.compile (--compile-mode) at --compile-batches, with whatever time is left (slowest to set up).
+With --bundle the script first unpacks the bundle (latentsync_load.gpu_bundle) and re-executes itself in the
+bundle's environment, where the Triton stub finds the same packages.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import sys
+import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+from latentsync_load.gpu_bundle import BundleEnv, prepare
 
-from latentsync_core.configs import NUM_FRAMES, UNET_STAGE2, get_variant
-from latentsync_core.deepcache import cached_step, full_step
-from latentsync_core.models.unet3d import UNet3DConditionModel
-
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+# The measuring modules import torch and latentsync_core (diffusers): only after --bundle made them importable.
+ENV_VAR = "LATENTSYNC_GPU_BUNDLE_ENV"
+PARTS = ("unet", "precision", "served", "compile")   # (a) eager, (c), (b), (a) compiled
 
 
 @dataclass
 class Settings:
     variants: list[str] = field(default_factory=lambda: ["1.5", "1.6"])
-    streams: list[int] = field(default_factory=lambda: [1, 8])
-    steps: int = 20
-    frames: int = NUM_FRAMES
-    warmup: int = 3
-    iters: int = 10
-    max_iter_s: float = 20.0        # stop timing a config after this many seconds (fewer iterations)
-    budget_s: float = 420.0         # skip what is left after this (the whole run stays under 8 minutes)
-    cuda_graphs: bool = True
-    vae: bool = True
-    deepcache_interval: int = 3
+    batches: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    steps: int = 20                    # the recipe: the fps arithmetic of (a)
+    run_steps: int = 20                # steps the pipeline and the served streams run
+    window_frames: int = 16            # (c)'s window
+    warmup: int = 2
+    iters: int = 5
+    max_iter_s: float = 10.0           # stop timing a config after this many seconds (fewer iterations)
+    graphs_below_ms: float = 100.0     # CUDA graphs only where launch overhead can matter
+    channels_last: bool = True
+    compile_batches: list[int] = field(default_factory=lambda: [16])
+    compile_mode: str = "reduce-overhead"
+    precision_variants: list[str] = field(default_factory=lambda: ["1.5", "1.6"])
+    served_variants: list[str] = field(default_factory=lambda: ["1.5"])
+    served_streams: list[int] = field(default_factory=lambda: [1, 8, 16])
+    served_frames: int = 48            # per stream: 3 windows
+    frame_side: int = 0                # resize face frames to this longer side (0: as bundled, 1080x1920)
+    serve: bool = True                 # start a server for (b); else only build its repository
+    budget_s: float = 420.0
+    unet_budget_s: float = 120.0       # (a) eager stops here, leaving time for (c) and (b)
+    served_min_s: float = 150.0        # (b) needs this much left to start a server
+    compile_min_s: float = 90.0
     matmul_n: int = 8192
+    seed: int = 1247
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
     tiny: bool = False
     device: str = "cuda"
-    dtype: str = "float16"
+    dtype: str = "bfloat16"
 
 
-# ---------------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Deadline:
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
 
 
-def time_call(fn, device: torch.device, warmup: int, iters: int, max_s: float) -> float:
-    """Median seconds per call after warm-up (cudnn autotuning, allocator growth)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < iters and (not times or time.perf_counter() - start < max_s):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+# ---------------------------------------------------------------------------------------------------- report
+class Report:
+    """Everything measured so far; save() rewrites gpu_bench.json and gpu_bench.md."""
 
+    def __init__(self, out: Path, settings: Settings):
+        self.out, self.settings = out, settings
+        self.machine: dict = {}
+        self.peak_tflops: float | None = None
+        self.unet: list = []
+        self.precision: list = []
+        self.served: list = []
+        self.gpu_source: str | None = None
+        self.notes: list[str] = []
+        self.elapsed_s = 0.0
+        out.mkdir(parents=True, exist_ok=True)
 
-def peak_tflops(device: torch.device, dtype: torch.dtype, n: int, s: Settings) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_call(lambda: a @ b, device, s.warmup, s.iters, s.max_iter_s)
-    return 2 * n**3 / t / 1e12
+    def note(self, text: str) -> None:
+        print(f"NOTE: {text}", flush=True)
+        self.notes.append(text)
+        self.save()
 
+    def as_dict(self) -> dict:
+        return {"settings": asdict(self.settings), "machine": self.machine, "peak_tflops": self.peak_tflops,
+                "unet": [asdict(r) for r in self.unet], "precision": [asdict(r) for r in self.precision],
+                "served": [asdict(r) for r in self.served], "gpu_busy_source": self.gpu_source,
+                "notes": self.notes, "elapsed_s": self.elapsed_s}
 
-def cuda_graph(fn, device: torch.device):
-    """Capture fn() (static inputs) into a CUDA graph; returns replay(), or raises if capture fails."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-# ---------------------------------------------------------------------------------------------------- models
-def unet_config(s: Settings) -> dict:
-    if s.tiny:
-        from latentsync_core.tiny import TINY_UNET
-        return TINY_UNET
-    return UNET_STAGE2
-
-
-def build_unet(s: Settings, device: torch.device, dtype: torch.dtype) -> UNet3DConditionModel:
-    with torch.device(device):  # built in place: default inits, buffers (position tables) computed there
-        unet = UNet3DConditionModel.from_config(unet_config(s))
-    return unet.to(dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
-
-
-def build_vae(s: Settings, device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKL
-
-    if s.tiny:
-        from latentsync_core.tiny import TINY_VAE
-        cfg = TINY_VAE
-    else:
-        cfg = SD_VAE
-    with torch.device(device):
-        vae = AutoencoderKL(**cfg)
-    return vae.to(dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
-
-
-def unet_flops(s: Settings, batch: int, latent: int) -> int:
-    """FLOPs of one UNet forward, counted on the meta device (no memory, no compute)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        unet = UNet3DConditionModel.from_config(unet_config(s)).half()
-        sample, audio, t = unet_inputs(batch, s.frames, latent, torch.device("meta"), torch.float16)
-        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            unet(sample, t, audio)
-    return counter.get_total_flops()
-
-
-def unet_inputs(batch: int, frames: int, latent: int, device, dtype):
-    sample = torch.randn(batch, 13, frames, latent, latent, device=device, dtype=dtype)
-    audio = torch.randn(batch, frames, 50, 384, device=device, dtype=dtype)
-    t = torch.full((batch,), 501, device=device, dtype=torch.int64)
-    return sample, audio, t
-
-
-# ---------------------------------------------------------------------------------------------------- run
-@dataclass
-class Row:
-    variant: str
-    streams: int
-    batch: int
-    latent: int
-    step_ms: float | None = None
-    graphs: bool = False
-    tflop_per_step: float | None = None
-    tflops: float | None = None
-    peak_fraction: float | None = None
-    vae_window_ms: float | None = None
-    cached_step_ms: float | None = None
-    unet_fps: float | None = None
-    fps: float | None = None
-    fps_dpm10: float | None = None
-    fps_deepcache: float | None = None
-    max_memory_gib: float | None = None
-    note: str = ""
-
-
-def run(s: Settings) -> dict:
-    device = torch.device(s.device)
-    dtype = getattr(torch, s.dtype)
-    started = time.perf_counter()
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    report = {"settings": asdict(s), "machine": machine(device), "rows": []}
-    print(f"device {report['machine']['device']}", flush=True)
-
-    peak = peak_tflops(device, dtype, s.matmul_n, s)
-    report["peak_tflops"] = peak
-    print(f"measured peak: {peak:.1f} TFLOP/s ({s.dtype} matmul {s.matmul_n}^3)", flush=True)
-
-    unet = build_unet(s, device, dtype)
-    report["unet_parameters"] = sum(p.numel() for p in unet.parameters())
-    vae = build_vae(s, device, dtype) if s.vae else None
-    use_graphs = s.cuda_graphs and device.type == "cuda"
-    for variant in s.variants:
-        resolution = get_variant(variant).resolution // (4 if s.tiny else 1)
-        latent = resolution // 8
-        vae_ms = measure_vae(vae, resolution, s, device, dtype) if vae is not None else None
-        for streams in s.streams:
-            row = Row(variant, streams, 2 * streams, latent, vae_window_ms=vae_ms)
-            report["rows"].append(row)
-            if time.perf_counter() - started > s.budget_s:
-                row.note = "skipped: time budget"
-                continue
-            try:
-                use_graphs = measure_unet(unet, row, s, device, dtype, use_graphs)
-            except torch.cuda.OutOfMemoryError as e:
-                row.note = f"out of memory: {str(e).splitlines()[0][:120]}"
-                torch.cuda.empty_cache()
-                continue
-            row.tflop_per_step = unet_flops(s, row.batch, latent) / 1e12
-            row.tflops = row.tflop_per_step / (row.step_ms / 1e3)
-            row.peak_fraction = row.tflops / peak
-            frames = streams * s.frames
-            window_vae_s = streams * (vae_ms or 0.0) / 1e3
-            row.unet_fps = frames / (s.steps * row.step_ms / 1e3)
-            row.fps = frames / (s.steps * row.step_ms / 1e3 + window_vae_s)
-            row.fps_dpm10 = frames / (10 * row.step_ms / 1e3 + window_vae_s)
-            if row.cached_step_ms is not None:
-                full = math.ceil(s.steps / s.deepcache_interval)
-                unet_s = (full * row.step_ms + (s.steps - full) * row.cached_step_ms) / 1e3
-                row.fps_deepcache = frames / (unet_s + window_vae_s)
-            print(format_row(row), flush=True)
-    report["elapsed_s"] = time.perf_counter() - started
-    report["rows"] = [asdict(r) for r in report["rows"]]
-    return report
-
-
-def measure_unet(unet, row: Row, s: Settings, device, dtype, use_graphs: bool) -> bool:
-    """Fills step_ms (graphs where possible), cached_step_ms and memory; returns whether graphs still work."""
-    sample, audio, t = unet_inputs(row.batch, s.frames, row.latent, device, dtype)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():
-        step = lambda: unet(sample, t, audio)  # noqa: E731
-        eager_ms = time_call(step, device, s.warmup, s.iters, s.max_iter_s) * 1e3
-        row.step_ms = eager_ms
-        if use_graphs:
-            try:
-                replay = cuda_graph(step, device)
-                graph_ms = time_call(replay, device, s.warmup, s.iters, s.max_iter_s) * 1e3
-                row.graphs, row.step_ms = graph_ms < eager_ms, min(graph_ms, eager_ms)
-                row.note = f"eager {eager_ms:.1f} ms, CUDA graph {graph_ms:.1f} ms"
-                del replay
-            except Exception as e:  # noqa: BLE001 - capture is an optimisation; report and go on eagerly
-                row.note = f"CUDA graph capture failed ({type(e).__name__}); eager"
-                use_graphs = False
-            torch.cuda.empty_cache()
-        if s.deepcache_interval > 1:
-            _, cache = full_step(unet, sample, t, audio)
-            row.cached_step_ms = time_call(lambda: cached_step(unet, sample, t, audio, cache), device,
-                                           s.warmup, s.iters, s.max_iter_s) * 1e3
-            del cache
-    if device.type == "cuda":
-        row.max_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    return use_graphs
-
-
-def measure_vae(vae, resolution: int, s: Settings, device, dtype) -> float:
-    """Milliseconds of the VAE for one window: encode masked + reference faces (2 x frames), decode frames."""
-    pixels = torch.randn(2 * s.frames, 3, resolution, resolution, device=device, dtype=dtype)
-    latents = torch.randn(s.frames, 4, resolution // 8, resolution // 8, device=device, dtype=dtype)
-    pixels = pixels.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        enc = time_call(lambda: vae.encode(pixels).latent_dist.mean, device, s.warmup, s.iters, s.max_iter_s)
-        dec = time_call(lambda: vae.decode(latents).sample, device, s.warmup, s.iters, s.max_iter_s)
-    return (enc + dec) * 1e3
-
-
-def machine(device: torch.device) -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(device=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    else:
-        info["device"] = f"CPU ({torch.get_num_threads()} threads)"
-    return info
-
-
-# ---------------------------------------------------------------------------------------------------- output
-COLUMNS = ("variant", "streams", "UNet batch", "step ms", "CUDA graph", "TFLOP/step", "TFLOP/s", "% of peak",
-           "VAE ms/window", "reused step ms", "UNet-only fps", "fps (UNet+VAE)", "fps DPM++ 10", "fps DeepCache 3",
-           "max GiB", "note")
+    def save(self) -> None:
+        (self.out / "gpu_bench.json").write_text(json.dumps(self.as_dict(), indent=1) + "\n")
+        (self.out / "gpu_bench.md").write_text(markdown(self.as_dict()))
 
 
 def _f(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def format_row(r: Row | dict) -> str:
-    r = r if isinstance(r, dict) else asdict(r)
-    cells = [r["variant"], str(r["streams"]), str(r["batch"]), _f(r["step_ms"]), "yes" if r["graphs"] else "no",
-             _f(r["tflop_per_step"], 2), _f(r["tflops"]), _f(r["peak_fraction"] and 100 * r["peak_fraction"]),
-             _f(r["vae_window_ms"]), _f(r["cached_step_ms"]), _f(r["unet_fps"], 2), _f(r["fps"], 2),
-             _f(r["fps_dpm10"], 2), _f(r["fps_deepcache"], 2), _f(r["max_memory_gib"]), r["note"]]
-    return "| " + " | ".join(cells) + " |"
+UNET_COLUMNS = ("variant", "UNet batch", "windows", "TFLOP/step", "eager ms", "CUDA graph ms", "compiled ms",
+                "compile s", "TFLOP/s", "% of peak", "fps UNet", "fps UNet+VAE", "goal fps", "VAE ms/window",
+                "reused step ms", "fps DPM++ 10", "fps DeepCache 3", "max GiB", "note")
+SERVED_COLUMNS = ("variant", "streams", "frames", "wall s", "aggregate fps", "fps per stream", "first frame s",
+                  "windows per denoiser step", "GPU busy %", "errors")
+PRECISION_COLUMNS = ("variant", "frames (faces)", "max latent diff", "mean latent diff", "latent scale",
+                     "max pixel diff", "mean pixel diff", "float32 s", "bfloat16 s")
 
 
-def markdown(report: dict) -> str:
-    m, s = report["machine"], report["settings"]
-    lines = [f"### GPU benchmark: {m['device']} (torch {m['torch']}, CUDA {m.get('cuda', '-')})", "",
-             f"Random full-size weights{' (TINY dry run: scaled-down models)' if s['tiny'] else ''}; "
-             f"{s['steps']} steps, guidance on (2 UNet items per window), {s['frames']}-frame windows, "
-             f"{s['dtype']}. Measured peak: {report['peak_tflops']:.1f} TFLOP/s ({s['dtype']} matmul "
-             f"{s['matmul_n']}^3). UNet parameters: {report['unet_parameters'] / 1e6:.0f} M. "
-             f"Run took {report['elapsed_s']:.0f} s.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += [format_row(r) for r in report["rows"]]
+def _table(columns, rows) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + \
+           ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def unet_cells(r: dict) -> list[str]:
+    from latentsync_load.gpu_unet import GOAL_FPS
+
+    return [r["variant"], str(r["batch"]), str(r["batch"] // 2), _f(r["tflop_per_step"], 2), _f(r["eager_ms"]),
+            _f(r["graph_ms"]), _f(r["compiled_ms"]), _f(r["compile_s"], 0), _f(r["tflops"]),
+            _f(r["peak_fraction"] and 100 * r["peak_fraction"]), _f(r["unet_fps"]), _f(r["fps"]),
+            _f(GOAL_FPS.get(r["variant"]), 0), _f(r["vae_window_ms"]), _f(r["reused_ms"]), _f(r["fps_dpm10"]),
+            _f(r["fps_deepcache"]), _f(r["max_memory_gib"]), r["note"]]
+
+
+def served_cells(r: dict) -> list[str]:
+    return [r["variant"], str(r["streams"]), str(r["frames"]), _f(r["wall_s"]), _f(r["fps"]), _f(r["stream_fps"]),
+            _f(r["first_frame_s"], 2), _f(r["windows_per_step"], 2), _f(r["gpu_busy"] and 100 * r["gpu_busy"], 0),
+            f"{len(r['errors'])}{': ' + r['errors'][0] if r['errors'] else ''}{' ' + r['note'] if r['note'] else ''}"]
+
+
+def precision_cells(r: dict) -> list[str]:
+    return [r["variant"], f"{r['frames']} ({r['faces']})", f"{r['max_latent_diff']:.3g}",
+            f"{r['mean_latent_diff']:.3g}", f"{r['latent_scale']:.3g}", str(r["max_pixel_diff"]),
+            f"{r['mean_pixel_diff']:.3f}", _f(r["float32_s"], 2), _f(r["bfloat16_s"], 2)]
+
+
+def markdown(d: dict) -> str:
+    m, s = d["machine"], d["settings"]
+    lines = [f"### GPU benchmark: {m.get('device', '?')} (torch {m.get('torch', '?')}, CUDA {m.get('cuda', '-')}, "
+             f"Python {m.get('python', '?')})", "",
+             f"Random {'TINY (dry run, scaled-down)' if s['tiny'] else 'full-size'} weights, {s['dtype']}, "
+             f"{s['steps']} steps, guidance 1.5 (2 UNet items per window), 16-frame windows. Measured "
+             f"{s['dtype']} matmul peak: {_f(d['peak_tflops'])} TFLOP/s ({s['matmul_n']}^3). Run took "
+             f"{d['elapsed_s']:.0f} s.", "",
+             "#### (a) UNet step", "", *_table(UNET_COLUMNS, [unet_cells(r) for r in d["unet"]]), "",
+             "#### (b) Served path (Triton, latentsync-export --target gpu)", "",
+             *_table(SERVED_COLUMNS, [served_cells(r) for r in d["served"]]), "",
+             f"GPU busy share from: {d['gpu_busy_source'] or '-'}.", "",
+             "#### (c) bfloat16 against float32 (one window, in-process pipeline)", "",
+             *_table(PRECISION_COLUMNS, [precision_cells(r) for r in d["precision"]]), "",
+             "#### Notes", "", *[f"- {n}" for n in d["notes"]]]
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv=None) -> tuple[Settings, Path]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+# ---------------------------------------------------------------------------------------------------- context
+@dataclass
+class Run:
+    settings: Settings
+    report: Report
+    deadline: Deadline
+    env: BundleEnv | None
+    frames_dir: Path | None
+    work: Path                          # weights and repository (local disk)
+    weights: Path | None = None
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device(self.settings.device)
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.settings.dtype)
+
+
+def section(run: Run, name: str, fn, min_left_s: float = 0.0) -> None:
+    """Run one part; a failure or a spent budget is a note, never the end of the run."""
+    left = run.deadline.left()
+    if left < min_left_s:
+        run.report.note(f"{name}: skipped, {left:.0f} s of the time budget left (needs {min_left_s:.0f} s)")
+        return
+    print(f"=== {name} ({run.deadline.elapsed():.0f} s into the run)", flush=True)
+    try:
+        fn(run)
+    except Exception as e:  # noqa: BLE001 - report it and go on with the next part
+        traceback.print_exc()
+        run.report.note(f"{name}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    finally:
+        run.report.elapsed_s = run.deadline.elapsed()
+        run.report.save()
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+def machine_info(run: Run) -> None:
+    import torch
+
+    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count()}
+    if run.device.type == "cuda":
+        props = torch.cuda.get_device_properties(run.device)
+        info.update(device=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        info["device"] = f"CPU ({torch.get_num_threads()} threads)"
+    if run.env is not None:
+        info.update(bundle_venv=run.env.venv, bundle_numpy1=run.env.numpy1, libpython=run.env.libpython)
+        for note in run.env.notes:
+            run.report.note(f"bundle: {note}")
+    run.report.machine = info
+
+
+def unet_eager(run: Run) -> None:
+    import torch
+
+    from latentsync_load import gpu_unet as g
+
+    s, device, dtype = run.settings, run.device, run.dtype
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    run.report.peak_tflops = g.peak_tflops(device, dtype, s.matmul_n, s.warmup, s.iters)
+    print(f"measured peak: {run.report.peak_tflops:.1f} TFLOP/s ({s.dtype} matmul {s.matmul_n}^3)", flush=True)
+    frames = g.frames_per_window(s.tiny)
+    unet, vae = g.build_unet(s.tiny, device, dtype, s.channels_last), g.build_vae(s.tiny, device, dtype)
+    stop_at = min(s.unet_budget_s, s.budget_s)
+    for variant in s.variants:
+        latent = g.variant_latent(variant, s.tiny)
+        tflop_per_item = g.unet_flops(s.tiny, 2, frames, latent) / 2 / 1e12
+        vae_ms = g.measure_vae(vae, latent, frames, device, dtype, s.warmup, s.iters, s.max_iter_s)
+        for batch in s.batches:
+            row = g.UNetRow(variant, batch, latent, tflop_per_item * batch, vae_window_ms=vae_ms)
+            run.report.unet.append(row)
+            if run.deadline.elapsed() > stop_at:
+                row.note = "skipped: time budget of (a)"
+                continue
+            try:
+                g.measure_step(unet, row, frames, device, dtype, s.graphs_below_ms, s.warmup, s.iters, s.max_iter_s)
+            except torch.cuda.OutOfMemoryError as e:
+                g.out_of_memory(row, e)
+            g.finish_row(row, run.report.peak_tflops, s.steps, frames)
+            print(" | ".join(unet_cells(asdict(row))), flush=True)
+            run.report.save()
+    del unet, vae
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def unet_compiled(run: Run) -> None:
+    import torch
+
+    from latentsync_load import gpu_unet as g
+
+    s, device, dtype = run.settings, run.device, run.dtype
+    if device.type != "cuda":
+        run.report.note("(a) torch.compile: skipped on the CPU (a dry run; inductor takes minutes here)")
+        return
+    frames = g.frames_per_window(s.tiny)
+    unet = g.build_unet(s.tiny, device, dtype, s.channels_last)
+    for row in [r for r in run.report.unet if r.batch in s.compile_batches]:
+        if run.deadline.left() < s.compile_min_s:
+            run.report.note(f"(a) torch.compile {row.variant} batch {row.batch}: skipped, time budget")
+            continue
+        inputs = g.unet_inputs(row.batch, frames, row.latent, device, dtype)
+        try:
+            row.compile_s, seconds = g.compiled_time(unet, inputs, device, s.compile_mode, "inductor", s.warmup,
+                                                     s.iters, s.max_iter_s)
+            row.compiled_ms = seconds * 1e3
+            row.note = f"{row.note}; compiled: mode {s.compile_mode}".lstrip("; ")
+        except Exception as e:  # noqa: BLE001 - the eager and CUDA graph numbers stand
+            row.note = f"{row.note}; torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            torch.cuda.empty_cache()
+        g.finish_row(row, run.report.peak_tflops, s.steps, frames)
+        print(" | ".join(unet_cells(asdict(row))), flush=True)
+        run.report.save()
+
+
+def make_weights(run: Run) -> None:
+    from latentsync_core.tiny import make_random_weights
+
+    started = time.perf_counter()
+    size = "tiny" if run.settings.tiny else "full"
+    run.weights = make_random_weights(run.work / "weights", 0, size, run.settings.device)
+    print(f"random {size} weights in {run.weights} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def face_frames(run: Run, count: int):
+    from latentsync_load.gpu_serving import load_frames
+
+    side = run.settings.frame_side or (960 if run.settings.tiny else 0)   # smaller: MediaPipe misses the face
+    return load_frames(run.frames_dir, count, side)
+
+
+def precision(run: Run) -> None:
+    from latentsync_load.gpu_precision import compare
+    from latentsync_load.gpu_serving import synthetic_audio
+
+    s = run.settings
+    frames = face_frames(run, s.window_frames)
+    rows = compare(run.weights, s.precision_variants, frames, synthetic_audio(len(frames) + 4), s.run_steps, s.seed,
+                   run.device, run.env.detector_dir if run.env else None)
+    for row in rows:
+        run.report.precision.append(row)
+        print(" | ".join(precision_cells(asdict(row))), flush=True)
+
+
+def served(run: Run) -> None:
+    from latentsync_load import gpu_serving as g
+    from latentsync_serving.serve import TritonServer
+
+    s = run.settings
+    target = "gpu" if run.device.type == "cuda" else "cpu"
+    repo = run.work / "repository"
+    g.export_repository(run.weights, repo, s.served_variants, target, run.env.detector_dir if run.env else None,
+                        max(24, max(s.served_streams)))
+    print(f"built {repo} (target {target})", flush=True)
+    if not s.serve:
+        run.report.note("(b) served path: repository built, no server started (a CPU dry run; --serve starts one)")
+        return
+    if run.env is not None and not (run.env.venv and run.env.numpy1 and run.env.libpython):
+        run.report.note("(b) served path: skipped, the bundle's Triton stub cannot run here (see the bundle notes)")
+        return
+    frames = face_frames(run, s.served_frames)
+    audio = g.synthetic_audio(len(frames))
+    server = TritonServer(repo, log_path=run.report.out / "tritonserver.log", extra_args=g.server_args(target),
+                          home=run.env.triton_home if run.env else None)
+    started = time.perf_counter()
+    with server.start():
+        server.wait_ready(timeout=max(60.0, run.deadline.left() - 60))
+        run.report.note(f"(b) Triton ready in {time.perf_counter() - started:.0f} s")
+        next_id = 1
+        for variant in s.served_variants:    # warm-up: one window, first CUDA kernels and allocations
+            params = g.StreamParams(steps=s.run_steps, seed=s.seed, variant=variant)
+            (warm,), _ = g.run_streams(server.grpc_url, 1, frames[:16], g.synthetic_audio(16), params, next_id,
+                                       timeout=max(30.0, run.deadline.left()))
+            if warm.error:
+                raise RuntimeError(f"the warm-up stream of {variant} failed: {warm.error}")
+            next_id += 1
+        run.report.gpu_source = g.GpuSampler().source
+        for variant in s.served_variants:
+            for n in s.served_streams:
+                row = g.ServedRow(variant, n)
+                run.report.served.append(row)
+                if run.deadline.left() < 20:
+                    row.note = "skipped: time budget"
+                    continue
+                g.measure_level(server, row, frames, audio, s.run_steps, s.seed, next_id,
+                                timeout=max(20.0, run.deadline.left()))
+                next_id += n
+                print(" | ".join(served_cells(asdict(row))), flush=True)
+                run.report.save()
+
+
+def run_all(s: Settings, out: Path, env: BundleEnv | None, frames_dir: Path | None) -> Report:
+    report = Report(out, s)
+    with tempfile.TemporaryDirectory(prefix="latentsync-gpu-bench-") as work:
+        run = Run(s, report, Deadline(s.budget_s), env, frames_dir, Path(work))
+        section(run, "machine", machine_info)
+        if "unet" in s.parts:
+            section(run, "(a) UNet step, eager and CUDA graphs", unet_eager)
+        if {"precision", "served"} & set(s.parts):
+            if frames_dir is None:
+                report.note("(b), (c): skipped, no face frames (--frames DIR or --bundle)")
+            else:
+                section(run, "random weights for (b) and (c)", make_weights)
+        if run.weights is not None and "precision" in s.parts:
+            section(run, "(c) bfloat16 vs float32", precision, min_left_s=30)
+        if run.weights is not None and "served" in s.parts:
+            section(run, "(b) served path", served, min_left_s=s.served_min_s if s.serve else 0)
+        if "compile" in s.parts and run.report.unet:
+            section(run, "(a) torch.compile", unet_compiled, min_left_s=s.compile_min_s)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+def _list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="latentsync-gpu-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--tiny", action="store_true", help="CPU dry run: scaled-down UNet and VAE, few iterations")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="output folder ($OUT or .)")
-    p.add_argument("--variants", default="1.5,1.6")
-    p.add_argument("--streams", default="1,8", help="concurrent streams (UNet batch = 2 x streams)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--budget-s", type=float, default=420.0, help="skip remaining configs after this many seconds")
+    p.add_argument("--bundle", type=Path, help="the folder `make gpu-bundle` wrote (Triton, packages, face frames)")
+    p.add_argument("--frames", type=Path, help="a folder of face JPEGs (default: the bundle's)")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: scaled-down models, few iterations")
+    p.add_argument("--device", help="default: cuda (a --tiny run: cpu)")
+    p.add_argument("--parts", default=",".join(PARTS), help="what to run, in this order: unet = (a) eager and "
+                   "CUDA graphs, precision = (c), served = (b), compile = (a) under torch.compile")
+    p.add_argument("--variants", default="1.5,1.6", help="(a)")
+    p.add_argument("--batches", default="2,4,8,16,32", help="(a): UNet batches (2 items per window)")
+    p.add_argument("--compile-batches", default="16", help="(a): batches also run under torch.compile")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode")
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--no-vae", action="store_true")
-    p.add_argument("--deepcache-interval", type=int, default=3, help="1 = do not measure reused steps")
-    p.add_argument("--device", default=None, help="default: cuda when available (a --tiny run: cpu)")
+    p.add_argument("--precision-variants", default="1.5,1.6", help="(c)")
+    p.add_argument("--served-variants", default="1.5", help="(b)")
+    p.add_argument("--served-streams", default="1,8,16", help="(b): concurrent streams")
+    p.add_argument("--served-frames", type=int, default=48, help="(b): frames per stream")
+    p.add_argument("--frame-side", type=int, default=0, help="resize face frames to this longer side (0: keep)")
+    serve = p.add_mutually_exclusive_group()
+    serve.add_argument("--serve", action="store_true", help="start a server for (b) also on the CPU")
+    serve.add_argument("--no-serve", action="store_true", help="build (b)'s repository, start no server")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--iters", type=int)
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
     a = p.parse_args(argv)
-    device = a.device or ("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("no CUDA device; use --tiny for a CPU dry run")
-    on_cpu = device == "cpu"
-    s = Settings(variants=a.variants.split(","), streams=[int(x) for x in a.streams.split(",")], steps=a.steps,
-                 budget_s=a.budget_s, cuda_graphs=not a.no_cuda_graphs, vae=not a.no_vae,
-                 deepcache_interval=a.deepcache_interval, tiny=a.tiny, device=device,
-                 dtype="float32" if on_cpu else "float16")
-    if on_cpu:  # a dry run proves the code path, it does not measure anything worth keeping
-        s.warmup, s.iters, s.matmul_n, s.max_iter_s = 1, 2, 512, 5.0
-    if a.iters:
-        s.iters = a.iters
-    return s, a.out
+    unknown = set(_list(a.parts)) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    s = Settings(parts=_list(a.parts), variants=_list(a.variants), batches=_list(a.batches, int),
+                 compile_batches=_list(a.compile_batches, int), compile_mode=a.compile_mode,
+                 precision_variants=_list(a.precision_variants), served_variants=_list(a.served_variants),
+                 served_streams=_list(a.served_streams, int), served_frames=a.served_frames,
+                 frame_side=a.frame_side, steps=a.steps, run_steps=a.steps, budget_s=a.budget_s, tiny=a.tiny,
+                 device=a.device or ("cpu" if a.tiny else "cuda"))
+    s.graphs_below_ms = 0.0 if a.no_cuda_graphs else s.graphs_below_ms
+    if s.device == "cpu":  # a dry run proves the code path; it does not measure anything worth keeping
+        s.dtype, s.warmup, s.iters, s.matmul_n, s.max_iter_s = "float32", 0, 1, 256, 5.0
+        s.run_steps, s.window_frames = 1, 2
+        s.serve = a.serve
+    else:
+        s.serve = not a.no_serve
+    s.iters = a.iters or s.iters
+    return s, a
+
+
+def enter_bundle(bundle: Path, argv: list[str]) -> BundleEnv:
+    """The bundle's environment: prepared, then this script re-executed in it (returns only in there)."""
+    if os.environ.get(ENV_VAR):
+        return BundleEnv.load(Path(os.environ[ENV_VAR]))
+    dest = Path(tempfile.gettempdir()) / "latentsync-gpu-bundle"
+    started = time.perf_counter()
+    env = prepare(bundle, dest)
+    env.save(dest / "env.json")
+    print(f"bundle ready in {time.perf_counter() - started:.0f} s: {'; '.join(env.notes)}", flush=True)
+    python = str(env.python)
+    env_vars = {**os.environ, ENV_VAR: str(dest / "env.json")}
+    if not env.venv:
+        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest / "site"), os.environ.get("PYTHONPATH")]))
+    os.execve(python, [python, "-m", "latentsync_load.gpu_bench", *argv], env_vars)
 
 
 def main(argv=None) -> int:
-    settings, out = parse_args(argv)
-    report = run(settings)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "gpu_bench.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out / 'gpu_bench.md'} and {out / 'gpu_bench.json'}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings, a = parse_args(argv)
+    env = enter_bundle(a.bundle, argv) if a.bundle else None
+    frames_dir = a.frames or (env.frames_dir if env else None)
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("latentsync-gpu-bench: no CUDA device; --tiny is the CPU dry run", file=sys.stderr)
+            return 2
+    report = run_all(settings, a.out, env, frames_dir)
+    print(markdown(report.as_dict()))
+    print(f"wrote {a.out / 'gpu_bench.md'} and {a.out / 'gpu_bench.json'}")
     return 0
 
 

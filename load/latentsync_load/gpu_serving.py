@@ -1,0 +1,273 @@
+"""(b) of latentsync-gpu-bench: the served path, a real Triton server, full-size random-weight models.
+
+A repository is built with latentsync-export (`--target gpu` on a GPU: the Python models on KIND_GPU in
+bfloat16, the lipsync orchestrator on the GPU with DLPack between the models) from a weights folder, and served
+by latentsync_serving.serve.TritonServer (the bundle's tritonserver there). N streams then run together over
+raw gRPC (tritonclient, as docs/PROTOCOL.md: the whole audio, then frames 16 per request) with real face frames
+and synthetic audio, after one warm-up stream per variant. Per stream count:
+  * aggregate frames per second (all frames received / wall time from the common start), per-stream fps and
+    first-frame latency (streams without errors);
+  * mean windows per denoiser step: the deltas of the denoiser's Prometheus counters denoiser_window_steps /
+    denoiser_steps for that variant's model (label model="denoiser_<variant>");
+  * GPU busy share: NVML's utilisation (share of time a kernel ran) sampled every 0.1 s during the streams,
+    through torch.cuda.utilization, else nvidia-smi; the report names the source.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from latentsync_contract import (
+    AUDIO,
+    FRAME_INDEX,
+    FRAMES,
+    MODEL_NAME,
+    SAMPLE_RATE,
+    WINDOW,
+    StreamParams,
+    min_audio_samples,
+    num_frames_for_audio,
+)
+
+# The Python backend's GPU tensors cross processes through Triton's CUDA memory pool (default 64 MB per GPU);
+# a window's faces at 512 px are 100 MB as float32.
+CUDA_POOL_BYTES = 4 << 30
+PINNED_POOL_BYTES = 1 << 30
+
+
+@dataclass
+class ServedRow:
+    variant: str
+    streams: int
+    frames: int = 0                   # received, all streams
+    wall_s: float | None = None
+    fps: float | None = None          # aggregate
+    stream_fps: float | None = None   # mean per stream
+    first_frame_s: float | None = None
+    windows_per_step: float | None = None
+    denoiser_steps: int | None = None
+    gpu_busy: float | None = None     # mean share 0..1
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def load_frames(folder: Path, count: int, long_side: int = 0) -> np.ndarray:
+    """`count` RGB frames cycling through the JPEGs of `folder` (resized so the longer side is `long_side`)."""
+    import cv2
+
+    images = []
+    for path in sorted(Path(folder).glob("*.jpg")):
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        if long_side and max(image.shape[:2]) != long_side:
+            scale = long_side / max(image.shape[:2])
+            size = (round(image.shape[1] * scale) // 2 * 2, round(image.shape[0] * scale) // 2 * 2)
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        images.append(image)
+    if not images:
+        raise FileNotFoundError(f"no .jpg face frames in {folder}")
+    return np.stack([images[i % len(images)] for i in range(count)])
+
+
+def synthetic_audio(frames: int, seed: int = 0) -> np.ndarray:
+    """A 16 kHz track of quiet noise whose frame count (upstream's arithmetic, at least 2) is `frames`."""
+    if frames < num_frames_for_audio(0):
+        raise ValueError(f"a stream has at least {num_frames_for_audio(0)} frames, asked for {frames}")
+    n = (frames - num_frames_for_audio(0)) * SAMPLE_RATE // 25 + min_audio_samples()   # a frame per 640 samples
+    return (np.random.default_rng(seed).standard_normal(n) * 0.05).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- a stream
+@dataclass
+class StreamResult:
+    frames: int = 0
+    first_frame_s: float | None = None
+    wall_s: float = 0.0
+    error: str | None = None
+
+
+def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: StreamParams, sequence_id: int,
+               start: threading.Barrier | None = None, timeout: float = 300.0) -> StreamResult:
+    """One stream over raw gRPC: the audio request (sequence start, parameters), then 16 frames per request."""
+    import tritonclient.grpc as grpcclient
+
+    result, replies = StreamResult(), queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    requests = [(np.zeros((0, *frames.shape[1:]), np.uint8), audio)]
+    requests += [(frames[i:i + WINDOW], np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)]
+    if start is not None:
+        start.wait()
+    began = time.perf_counter()
+    try:
+        for i, (f, a) in enumerate(requests):
+            inputs = [grpcclient.InferInput(FRAMES, list(f.shape), "UINT8"),
+                      grpcclient.InferInput(AUDIO, list(a.shape), "FP32")]
+            inputs[0].set_data_from_numpy(np.ascontiguousarray(f))
+            inputs[1].set_data_from_numpy(a)
+            client.async_stream_infer(MODEL_NAME, inputs, request_id=str(i), sequence_id=sequence_id,
+                                      sequence_start=i == 0, sequence_end=i == len(requests) - 1,
+                                      enable_empty_final_response=True,
+                                      parameters=params.as_parameters() if i == 0 else None)
+        finals = 0
+        while finals < len(requests):
+            reply, error = replies.get(timeout=timeout)
+            if error is not None:
+                result.error = str(error).splitlines()[0][:200]
+                break
+            response = reply.get_response()
+            finals += response.parameters["triton_final_response"].bool_param
+            index = reply.as_numpy(FRAME_INDEX) if response.outputs else None
+            if index is not None and len(index):
+                result.first_frame_s = result.first_frame_s or time.perf_counter() - began
+                result.frames += len(index)
+    except queue.Empty:
+        result.error = f"no response for {timeout:.0f} s"
+    finally:
+        result.wall_s = time.perf_counter() - began
+        client.stop_stream(cancel_requests=result.error is not None)
+        client.close()
+    return result
+
+
+def run_streams(url: str, n: int, frames: np.ndarray, audio: np.ndarray, params: StreamParams,
+                first_id: int, timeout: float = 300.0) -> tuple[list[StreamResult], float]:
+    """n streams started together (a barrier); their results and the wall time from the common start."""
+    barrier = threading.Barrier(n + 1)
+    results: list[StreamResult | None] = [None] * n
+
+    def one(i: int) -> None:
+        results[i] = run_stream(url, frames, audio, params, first_id + i, barrier, timeout)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    return [r or StreamResult(error="stream thread died") for r in results], time.perf_counter() - began
+
+
+# ---------------------------------------------------------------------------------------------------- server side
+def read_counters(metrics_url: str, names: tuple[str, ...], model: str) -> dict[str, float]:
+    """Prometheus counters of one model (label model="..."), summed over their other labels."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return parse_counters(text, names, model)
+
+
+def parse_counters(text: str, names: tuple[str, ...], model: str) -> dict[str, float]:
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)\{([^}]*)\}\s+(\S+)$", line)
+        if m and m.group(1) in out and re.search(rf'(^|,)model="{re.escape(model)}"', m.group(2)):
+            out[m.group(1)] += float(m.group(3))
+    return out
+
+
+class GpuSampler:
+    """Mean GPU utilisation while running (NVML through torch, else nvidia-smi); `source` says which."""
+
+    def __init__(self, device_index: int = 0, period: float = 0.1):
+        self.index, self.period, self.samples = device_index, period, []
+        self.source = self._pick_source()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+
+    def _pick_source(self) -> str | None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.utilization(self.index)
+                return "NVML (torch.cuda.utilization)"
+        except Exception:  # noqa: BLE001 - no NVML binding: try the command line tool
+            pass
+        try:
+            self._smi()
+            return "nvidia-smi"
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    def _smi(self) -> float:
+        out = subprocess.run(["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+        return float(out.stdout.strip().splitlines()[0])
+
+    def _sample(self) -> float:
+        if self.source == "nvidia-smi":
+            return self._smi()
+        import torch
+
+        return float(torch.cuda.utilization(self.index))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self._sample() / 100.0)
+            except Exception:  # noqa: BLE001 - a missed sample is not worth failing the run
+                pass
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> GpuSampler:
+        if self.source is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+# ---------------------------------------------------------------------------------------------------- a level
+def measure_level(server, row: ServedRow, frames: np.ndarray, audio: np.ndarray, steps: int, seed: int,
+                  first_id: int, timeout: float = 300.0) -> None:
+    """Run row.streams streams of row.variant together and fill in the row (`timeout`: a stream's longest wait
+    for a response)."""
+    params = StreamParams(steps=steps, seed=seed, variant=row.variant)
+    model, names = f"denoiser_{row.variant}", ("denoiser_window_steps", "denoiser_steps")
+    before = read_counters(server.metrics_url, names, model)
+    with GpuSampler() as gpu:
+        results, wall = run_streams(server.grpc_url, row.streams, frames, audio, params, first_id, timeout)
+    after = read_counters(server.metrics_url, names, model)
+    ok = [r for r in results if r.error is None]
+    row.errors = [r.error for r in results if r.error is not None]
+    row.frames, row.wall_s = sum(r.frames for r in results), wall
+    row.fps = row.frames / wall     # streams cut off by a timeout count what they received
+    row.stream_fps = statistics.mean(r.frames / r.wall_s for r in ok) if ok else None
+    row.first_frame_s = statistics.mean(r.first_frame_s for r in ok if r.first_frame_s) if ok else None
+    steps_done = after["denoiser_steps"] - before["denoiser_steps"]
+    row.denoiser_steps = int(steps_done)
+    if steps_done:
+        row.windows_per_step = (after["denoiser_window_steps"] - before["denoiser_window_steps"]) / steps_done
+    row.gpu_busy = gpu.mean
+
+
+def export_repository(weights: Path, out: Path, variants: list[str], target: str, detector_dir: Path | None,
+                      max_streams: int) -> dict:
+    """latentsync-export of one weights folder for every variant (they share the architecture)."""
+    from latentsync_export.export import ExportOptions, build_repository
+
+    opts = ExportOptions(out=out, target=target, weights={v: weights for v in variants}, detector_dir=detector_dir,
+                         max_streams=max_streams, force=True)
+    return build_repository(opts)
+
+
+def server_args(device_type: str) -> list[str]:
+    if device_type != "cuda":
+        return []
+    return [f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}", f"--pinned-memory-pool-byte-size={PINNED_POOL_BYTES}"]
