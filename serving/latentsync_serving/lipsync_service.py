@@ -123,9 +123,13 @@ class Stream:
             finally:
                 self.busy, self.last_active = False, time.monotonic()
         if self.windows is not None:
+            done = threading.Event()
+            self.windows.after(done.set)          # the windows still in flight, then this stream is finished
             self.windows.close()
+            done.wait()
         self.windows, self.audio = None, []
         _return_free_memory()
+        self.service.finished(self)
 
     # ------------------------------------------------------------------------------------------ one request
     def _handle(self, req: _Request, request) -> None:
@@ -248,8 +252,10 @@ class LipSyncService:
         self.dropped: dict[Any, float] = {}          # stream id -> when it was dropped as idle (for the message)
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
         self.lock = threading.Lock()
+        self.running: set[Stream] = set()             # streams whose thread has not finished
         self.metrics = Metrics(pb_utils, model, counters=TRAFFIC, gauges={
-            "lipsync_open_streams": "Streams started and not yet ended, failed-and-ended or timed out"})
+            "lipsync_open_streams": "Streams started and not yet finished (last response sent), failed-and-ended "
+                                    "or dropped as idle"})
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_idle, name="lipsync-reaper", daemon=True)
         self._reaper.start()
@@ -282,6 +288,7 @@ class LipSyncService:
                     if stream is not None:
                         stream.close()
                     stream = self.streams[stream_id] = Stream(self, stream_id, token)
+                    self.running.add(stream)
                     self.dropped.pop(stream_id, None)
                 if flags & SEQUENCE_END:
                     del self.streams[stream_id]
@@ -327,8 +334,14 @@ class LipSyncService:
                     del self.dropped[k]
                 self._count()
 
+    def finished(self, stream: Stream) -> None:
+        """A stream's thread is done: it sent its last response and freed its state."""
+        with self.lock:
+            self.running.discard(stream)
+            self._count()
+
     def _count(self) -> None:
-        self.metrics.set("lipsync_open_streams", len(self.streams))
+        self.metrics.set("lipsync_open_streams", len(self.running))
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -438,12 +438,10 @@ class TritonServer:
     drain_file = property(lambda self: self._work_dir / "draining" if self._work_dir else None)
 
     def open_streams(self) -> float | None:
-        """The `lipsync_open_streams` gauge summed over instances; None if no model exports it or no answer."""
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
-                text = r.read().decode()
-        except (urllib.error.URLError, OSError):
-            return None
+        """The `lipsync_open_streams` gauge summed over instances, None if no model exports it (OSError if the
+        metrics endpoint does not answer)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            text = r.read().decode()
         values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                   if line.startswith("lipsync_open_streams{")]
         return sum(values) if values else None
@@ -454,8 +452,11 @@ class TritonServer:
         self.drain_file.touch()
         deadline = time.monotonic() + timeout
         while self.poll() is None and not stop_now():
-            if not self.open_streams():
-                return True
+            try:
+                if not self.open_streams():
+                    return True
+            except OSError:                     # a busy server may answer late: ask again
+                pass
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
@@ -615,11 +616,10 @@ def serve_foreground(server: TritonServer, drain_timeout_s: float = DEFAULT_DRAI
             print(f"tritonserver exited with {died}:\n{server.log_tail()}", file=sys.stderr)
             return died or 1
         if ready:
-            print(f"draining: new streams are refused; {server.open_streams() or 0:g} open streams get up to "
-                  f"{drain_timeout_s:g} s to finish (signal again to stop now)", flush=True)
+            print(f"draining: new streams are refused, open streams get up to {drain_timeout_s:g} s to finish "
+                  "(signal again to stop now)", flush=True)
             drained = server.drain(drain_timeout_s, stop_now=lambda: len(signals) > 1)
-            left = server.open_streams()
-            print("drained" if drained else f"stopping with {left or 0:g} streams still open", flush=True)
+            print("drained" if drained else "stopping with streams still open", flush=True)
         code = server.stop()
         return 0 if code == 0 else 1
     finally:
