@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 from google.protobuf import text_format
+from helpers import children_of
 from tritonclient.utils import InferenceServerException
 
 from latentsync_export.model_config import parse_model_config
@@ -379,17 +380,11 @@ def test_entrypoint_serve_restricts_model_control_and_keeps_inference(prepared_c
         assert wait_for_success_count(f"http://127.0.0.1:{metrics_port}/metrics", "double") == 1
         # `serve` execs latentsync-serve (PID 1 in a container), tritonserver its child logging to stdout:
         # SIGTERM drains (no lipsync here: at once) and stops the server, exit 0.
-        seen = [proc.stdout.readline()]
-        while "tritonserver pid" not in seen[-1]:              # Triton's own log may come first
-            seen.append(proc.stdout.readline())
-            assert seen[-1], "".join(seen)
-        server = int(re.search(r"tritonserver pid (\d+)", seen[-1]).group(1))
-        assert Path(f"/proc/{server}/comm").read_text().strip() == "tritonserver"
+        (server,) = [p for p in children_of(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
         for pid in (proc.pid, server):                                                        # not for `ps`
             assert b"entrypoint-test-key" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
-        out = "".join(seen) + out
         assert proc.returncode == 0 and "drained" in out, out[-4000:]
         assert "Started GRPCInferenceService" in out                 # Triton's log went to stdout
     finally:
