@@ -2,8 +2,9 @@
 # Container entry point.
 #   prepare  build the GPU model repository from /weights into the cache volume (once), then load every model
 #            once so TensorRT writes its engines into the cache; concurrent containers take turns on a lock
-#   serve    (default) prepare if needed, then exec tritonserver through latentsync-serve (it becomes PID 1's
-#            child-free replacement: signals and exit code are Triton's); extra args go to latentsync-serve
+#   serve    (default) prepare if needed, then run tritonserver under latentsync-serve (PID 1's process; the
+#            server logs to stdout): SIGTERM drains the open streams, then stops Triton; extra args go to
+#            latentsync-serve (e.g. --drain-timeout-s)
 #   anything else is run as a command
 set -euo pipefail
 
@@ -69,7 +70,7 @@ case "${1:-serve}" in
     fi
     [[ -f ${repo}/.complete ]] || prepare
     # shellcheck disable=SC2046 # one flag per line
-    exec latentsync-serve "$repo" --exec --address 0.0.0.0 "$@" -- $(triton_memory_flags)
+    exec latentsync-serve "$repo" --log - --address 0.0.0.0 "$@" -- $(triton_memory_flags)
     ;;
   *)
     exec "$@"

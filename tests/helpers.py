@@ -5,7 +5,9 @@ Fixtures live in conftest.py; this module holds plain functions the tests import
 from __future__ import annotations
 
 import itertools
+import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -163,43 +165,74 @@ class StreamResult:
         return np.concatenate(self.frames)
 
 
+DTYPES = {np.uint8: "UINT8", np.float32: "FP32", np.float64: "FP64", np.int32: "INT32"}
+
+
+class OpenStream:
+    """One gRPC stream to `lipsync`, open until closed: `send` puts any request on it (no client checks), `collect`
+    waits for final responses; the frames that came back gather in `result`."""
+
+    def __init__(self, url: str):
+        self.client, self.replies = grpcclient.InferenceServerClient(url), queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)))
+        self.result, self.sent = StreamResult(), 0
+
+    def send(self, tensors: dict[str, np.ndarray], sequence_id: int, start: bool = False, end: bool = False,
+             parameters: dict | None = None) -> None:
+        inputs = []
+        for name, array in tensors.items():
+            inputs.append(grpcclient.InferInput(name, list(array.shape), DTYPES[array.dtype.type]))
+            inputs[-1].set_data_from_numpy(array)
+        self.client.async_stream_infer(MODEL_NAME, inputs, request_id=str(self.sent), sequence_id=sequence_id,
+                                       sequence_start=start, sequence_end=end, enable_empty_final_response=True,
+                                       parameters=parameters)
+        self.sent += 1
+
+    def collect(self, n_finals: int, timeout: float = 600.0) -> list[str]:
+        """Replies until `n_finals` requests completed, in arrival order: 'data', 'final' or the error text."""
+        got, finals = [], 0
+        while finals < n_finals:
+            reply, error = self.replies.get(timeout=timeout)
+            if error is not None:
+                got.append(str(error))
+                self.result.errors.append(str(error))
+                finals += 1
+                continue
+            response = reply.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            if response.outputs:
+                self.result.frames.append(reply.as_numpy(FRAMES))
+                self.result.indices.append(reply.as_numpy(FRAME_INDEX))
+                self.result.found.append(reply.as_numpy(FACE_FOUND))
+            got.append("final" if final else "data")
+            finals += final
+        return got
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+    def __enter__(self) -> OpenStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: dict | None, sequence_id: int | None = None,
                timeout: float = 600.0, start: bool = True, end: bool = True) -> StreamResult:
     """One stream per docs/PROTOCOL.md: whole audio first (sequence_start), then frames in windows of 16."""
-    client = grpcclient.InferenceServerClient(url)
-    replies: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: replies.put((result, error)))
     sequence_id = sequence_id or next(_ids)
     h, w = (frames.shape[1:3] if len(frames) else (8, 8))
     requests = [(np.zeros((0, h, w, 3), np.uint8), audio)] if audio is not None else []
     requests += [(np.ascontiguousarray(frames[i:i + WINDOW]), np.zeros(0, np.float32))
                  for i in range(0, len(frames), WINDOW)]
-    for i, (f, a) in enumerate(requests):
-        inputs = [grpcclient.InferInput(FRAMES, list(f.shape), "UINT8"), grpcclient.InferInput(AUDIO, list(a.shape), "FP32")]
-        inputs[0].set_data_from_numpy(f)
-        inputs[1].set_data_from_numpy(a)
-        first, last = i == 0 and start, i == len(requests) - 1 and end
-        client.async_stream_infer(MODEL_NAME, inputs, request_id=str(i), sequence_id=sequence_id,
-                                  sequence_start=first, sequence_end=last, enable_empty_final_response=True,
-                                  parameters=params if first and params else None)
-    result, finals = StreamResult(), 0
-    try:
-        while finals < len(requests):
-            reply, error = replies.get(timeout=timeout)
-            if error is not None:
-                result.errors.append(str(error))
-                finals += 1
-                continue
-            response = reply.get_response()
-            finals += response.parameters["triton_final_response"].bool_param
-            if response.outputs:
-                result.frames.append(reply.as_numpy(FRAMES))
-                result.indices.append(reply.as_numpy(FRAME_INDEX))
-                result.found.append(reply.as_numpy(FACE_FOUND))
-    finally:
-        client.stop_stream()
-        client.close()
-    return result
+    with OpenStream(url) as stream:
+        for i, (f, a) in enumerate(requests):
+            first, last = i == 0 and start, i == len(requests) - 1 and end
+            stream.send({FRAMES: f, AUDIO: a}, sequence_id, first, last, params if first and params else None)
+        stream.collect(len(requests), timeout)
+    return stream.result
 
 
 def reference_video(repo, variant, frames, audio, **params) -> np.ndarray:
@@ -208,12 +241,42 @@ def reference_video(repo, variant, frames, audio, **params) -> np.ndarray:
 
 
 def metric(server, name: str, default: float | None = None, **labels: str) -> float:
-    """The sum of a Prometheus metric over the series whose labels include `labels` (`default` if none)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    """The sum of a Prometheus metric over the series whose labels include `labels` (`default` if none);
+    `server`: a TritonServer or its metrics URL."""
+    text = urllib.request.urlopen(getattr(server, "metrics_url", server), timeout=10).read().decode()
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
               and all(f'{k}="{v}"' in line for k, v in labels.items())]
     assert values or default is not None, f"metric {name} {labels or ''} not exported"
     return sum(values) if values else default
+
+
+def children_of(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def server_memory_mb(server) -> dict[str, float]:
+    """Anonymous resident memory (RssAnon: shared memory not counted) of tritonserver and of each Python backend
+    stub by model name, and each stub's shared-memory pool as 'shm:<model>' (pages allocated in /dev/shm), in MB."""
+    memory = {}
+    for pid in [server.pid, *children_of(server.pid)]:
+        try:
+            anon = re.search(r"RssAnon:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        name = "tritonserver" if pid == server.pid else Path(argv[1]).parts[-3]   # REPO/<model>/1/model.py
+        memory[name] = int(anon) / 1024
+        if pid != server.pid:                                               # argv[2]: the stub's shm region
+            memory[f"shm:{name}"] = os.stat(f"/dev/shm/{argv[2]}").st_blocks * 512 / 2**20
+    return memory
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -136,6 +136,17 @@ def test_library_stream_backpressure_and_order(server):
     assert most_in_flight <= 24 + 4
 
 
+def test_audio_over_the_servers_limit_is_refused_before_any_frame(server):
+    """More than 300 s of audio (the server's limit per stream): InputError while the audio is sent, before the
+    first frame is asked for."""
+    asked = []
+    chunks = (np.zeros(10 * 16000, np.float32) for _ in range(31))       # 310 s, sent as decoded
+    with pytest.raises(InputError, match="the audio is longer than the server's limit of 300 s"):
+        for _ in LipsyncClient(server.grpc_url).stream(chunks, lambda n: asked.append(n) or []):
+            pass
+    assert asked == []
+
+
 # ------------------------------------------------------------------------------------------------ memory
 # Runs the CLI in a fresh interpreter and reports its own high-water mark: VmHWM belongs to the process image
 # after exec (a child's ru_maxrss would include the fork of this big pytest process).

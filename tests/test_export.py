@@ -72,7 +72,7 @@ def test_cpu_repository(cpu_repo):
     # the orchestrator: decoupled, one sequence per stream, idle timeout and slots as asked
     ls = cfg["lipsync"]
     assert ls.model_transaction_policy.decoupled and ls.max_batch_size == 0
-    assert ls.sequence_batching.max_sequence_idle_microseconds == 30_000_000
+    assert ls.sequence_batching.max_sequence_idle_microseconds == 60_000_000   # twice stream_idle_timeout_s
     assert ls.sequence_batching.oldest.max_candidate_sequences == 5
     p = {k: v.string_value for k, v in ls.parameters.items()}
     assert p["denoiser_models"] == "1.5=denoiser_1.5,1.6=denoiser_1.6" and p["random_weights"] == "true"

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import CLI, FAST, audio_for, metric, run_cli, run_stream, wait_for
+from helpers import CLI, FAST, OpenStream, audio_for, metric, run_cli, run_stream, server_memory_mb, wait_for
 
 from latentsync_client.errors import InputError, ServerUnreachable
-from latentsync_contract import MAX_FRAME_SIDE
+from latentsync_contract import (
+    MAX_AUDIO_AMPLITUDE,
+    MAX_AUDIO_SAMPLES,
+    MAX_AUDIO_SECONDS,
+    MAX_FRAME_SIDE,
+    STREAM_TOKEN,
+    is_stream_dropped_error,
+)
 from latentsync_contract import WINDOW as NUM_FRAMES
 from latentsync_export.export import ExportOptions, build_repository
 from latentsync_serving.serve import free_port
@@ -121,32 +128,10 @@ def test_audio_in_an_unknown_codec_fails_cleanly(server, media, tmp_path):
 def raw_stream(url: str, requests: list[tuple[dict, bool, bool]], sequence_id: int) -> list[str]:
     """Send (tensors {name: array}, sequence_start, sequence_end) requests on one gRPC stream, without any of
     the client's checks; return each reply as 'data', 'final' or the error text, in arrival order."""
-    dtypes = {np.uint8: "UINT8", np.float32: "FP32", np.float64: "FP64", np.int32: "INT32"}
-    client, replies = grpcclient.InferenceServerClient(url), queue.Queue()
-    client.start_stream(callback=lambda result, error: replies.put((result, error)))
-    try:
-        for i, (tensors, start, end) in enumerate(requests):
-            inputs = []
-            for name, array in tensors.items():
-                inputs.append(grpcclient.InferInput(name, list(array.shape), dtypes[array.dtype.type]))
-                inputs[-1].set_data_from_numpy(array)
-            client.async_stream_infer("lipsync", inputs, request_id=str(i), sequence_id=sequence_id,
-                                      sequence_start=start, sequence_end=end, enable_empty_final_response=True,
-                                      parameters={"steps": 1} if start else None)
-        got, finals = [], 0
-        while finals < len(requests):
-            result, error = replies.get(timeout=120)
-            if error is not None:
-                got.append(str(error))
-                finals += 1
-            else:
-                final = result.get_response().parameters["triton_final_response"].bool_param
-                got.append("final" if final else "data")
-                finals += final
-        return got
-    finally:
-        client.stop_stream()
-        client.close()
+    with OpenStream(url) as stream:
+        for tensors, start, end in requests:
+            stream.send(tensors, sequence_id, start, end, {"steps": 1} if start else None)
+        return stream.collect(len(requests), timeout=120)
 
 
 AUDIO = np.zeros(16000, np.float32)
@@ -155,6 +140,13 @@ NO_AUDIO = np.zeros(0, np.float32)
 
 def frames(n: int, h: int = 48, w: int = 64) -> np.ndarray:
     return np.zeros((n, h, w, 3), np.uint8)
+
+
+def spiked(value: float) -> np.ndarray:
+    """A second of quiet noise with three bad samples: each would rescale the whole track's log-mel."""
+    audio = np.random.default_rng(0).normal(0, 0.05, 16000).astype(np.float32)
+    audio[[100, 8000, 15000]] = value
+    return audio
 
 
 def audio_then(*frame_requests: dict) -> list[tuple[dict, bool, bool]]:
@@ -174,6 +166,15 @@ CONTRACT_VIOLATIONS = {
     "frame-over-4096-px": (audio_then({"FRAMES": frames(1, MAX_FRAME_SIDE + 1, 8)}),
                            f"FRAMES are 8x{MAX_FRAME_SIDE + 1} pixels; at most {MAX_FRAME_SIDE} per side"),
     "size-changes": (audio_then({"FRAMES": frames(2)}, {"FRAMES": frames(2, 32, 32)}), "FRAMES size changed"),
+    "frame-0-high": (audio_then({"FRAMES": frames(1, 0, 8)}), "FRAMES are 8x0 pixels; at least 2 per side"),
+    "frame-0-wide": (audio_then({"FRAMES": frames(1, 8, 0)}), "FRAMES are 0x8 pixels; at least 2 per side"),
+    **{f"audio-{name}": ([({"AUDIO": spiked(value)}, True, True)], "AUDIO samples must be finite and within")
+       for name, value in (("nan", np.nan), ("inf", -np.inf), ("1e30", 1e30), ("over-2", MAX_AUDIO_AMPLITUDE + 0.1))},
+    "audio-over-300-s": ([({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES + 1, np.float32)}, True, True)],
+                         f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s"),
+    "audio-over-300-s-in-parts": ([({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES - 16000, np.float32)}, True, False),
+                                   ({"AUDIO": AUDIO}, False, False), ({"AUDIO": AUDIO}, False, True)],
+                                  f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s"),
     "frames-before-audio": ([({"FRAMES": frames(2), "AUDIO": NO_AUDIO}, True, True)], "FRAMES before AUDIO"),
     "no-sequence-start": ([({"AUDIO": AUDIO}, False, True)], "START flag"),
 }
@@ -192,6 +193,54 @@ def test_contract_violation_is_refused_by_name_and_server_stays_ready(server, ca
 def test_a_failed_stream_refuses_its_later_requests(server):
     got = raw_stream(server.grpc_url, audio_then({"FRAMES": frames(NUM_FRAMES + 1)}, {"FRAMES": frames(1)}), 7100)
     assert "at most" in got[-2] and "already failed" in got[-1] and "at most" in got[-1], got
+    assert_ready_and_drained(server)
+
+
+@pytest.mark.parametrize("token", ["owner-secret", None], ids=["with-token", "old-client"])
+def test_a_live_sequence_id_belongs_to_the_client_that_started_it(server, clip, token):
+    """Another connection's START on a live sequence id (without the owner's stream_token, or with a guessed one)
+    is refused by name, and so are its requests without the token; the owner's stream goes on untouched: its
+    frames equal those of an undisturbed stream. A stream started without a token (an old client) is guarded
+    against STARTs only: its later requests carry nothing to tell them apart."""
+    video, samples = clip
+    audio, sequence_id = audio_for(samples, 2), 7200 + (token is None)
+    reference = run_stream(server.grpc_url, video[:2], audio, {"steps": 1, "seed": 3})
+    owner_token = {STREAM_TOKEN: token} if token else {}
+    foreign = [({"AUDIO": audio[::-1].copy()}, True, {"steps": 1}),
+               ({"AUDIO": audio[::-1].copy()}, True, {"steps": 1, STREAM_TOKEN: "guess"})]
+    if token:
+        foreign.append(({"FRAMES": video[:1], "AUDIO": NO_AUDIO}, False, None))
+    with OpenStream(server.grpc_url) as owner, OpenStream(server.grpc_url) as other:
+        owner.send({"AUDIO": audio}, sequence_id, start=True, parameters={"steps": 1, "seed": 3, **owner_token})
+        assert owner.collect(1) == ["final"]
+        for tensors, start, parameters in foreign:
+            other.send(tensors, sequence_id, start=start, parameters=parameters)
+        refused = other.collect(len(foreign))
+        owner.send({"FRAMES": video[:2], "AUDIO": NO_AUDIO}, sequence_id, end=True, parameters=owner_token or None)
+        owner.collect(1)
+    assert all(f"sequence_id {sequence_id} is in use by another" in r for r in refused), refused
+    assert not owner.result.errors and np.array_equal(owner.result.video, reference.video)
+    assert_ready_and_drained(server)
+
+
+def test_a_stream_dropped_as_idle_is_told_so(server, clip):
+    """The next request of a stream lipsync dropped as idle is told so, with the timeout; once Triton released the
+    sequence too (twice the timeout after the last request) Triton answers itself. The client library reports
+    both as StreamExpired (is_stream_dropped_error)."""
+    video, samples = clip
+    assert_ready_and_drained(server)
+    with OpenStream(server.grpc_url) as stream:
+        stream.send({"AUDIO": audio_for(samples, 2)}, 7300, start=True, parameters={"steps": 1})
+        assert stream.collect(1) == ["final"]
+        wait_for(lambda: open_streams(server) == 0, IDLE_TIMEOUT_S * 2, "lipsync to drop the idle stream")
+        stream.send({"FRAMES": video[:2], "AUDIO": NO_AUDIO}, 7300)
+        (lipsync_says,) = stream.collect(1)
+        time.sleep(2 * IDLE_TIMEOUT_S + 2)
+        stream.send({"FRAMES": video[:2], "AUDIO": NO_AUDIO}, 7300, end=True)
+        (triton_says,) = stream.collect(1)
+    assert f"stream 7300 was dropped after {IDLE_TIMEOUT_S:g} s without requests" in lipsync_says, lipsync_says
+    assert "must specify the START flag" in triton_says, triton_says
+    assert is_stream_dropped_error(lipsync_says) and is_stream_dropped_error(triton_says)
     assert_ready_and_drained(server)
 
 
@@ -240,6 +289,35 @@ def test_server_killed_mid_stream_restarts_and_serves_again(triton_server, serve
     assert not after.errors and np.array_equal(after.video, before.video)
     assert_ready_and_drained(again)
     again.stop()
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def test_memory_after_the_longest_stream_and_refused_huge_requests(server, clip):
+    """Streams of the longest audio the contract takes (300 s): the lipsync stub returns to its memory after each
+    (~0.7 GB of features at its peak; glibc kept ~90 MB of it before malloc_trim). AUDIO messages far over the
+    limit, refused by name: a message is copied once into the lipsync stub's shared-memory pool, which keeps that
+    size (Triton copies inputs in before the model can refuse them; a gateway limit bounds it), and the next such
+    message grows nothing (tritonserver's pooled request objects kept each one's buffers before).
+    RssAnon per process (shared memory counted as the /dev/shm pools), MB."""
+    video, samples = clip
+    longest = np.resize(samples, MAX_AUDIO_SAMPLES).astype(np.float32)
+    assert not run_stream(server.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1}).errors   # warm-up
+    for _ in range(2):
+        before = server_memory_mb(server)["lipsync"]
+        result = run_stream(server.grpc_url, video[:2], longest, {"steps": 1})
+        assert not result.errors and len(result.video) == 2, result.errors
+        wait_for(lambda limit=before + 32: server_memory_mb(server)["lipsync"] < limit, 30,   # its thread ended
+                 "the lipsync stub to return to its memory")
+    huge, levels = np.zeros(16 << 20, np.float32), [server_memory_mb(server)]      # 64 MiB: 1,048 s of audio
+    for _ in range(2):
+        refused = raw_stream(server.grpc_url, [({"AUDIO": huge}, True, True)], 7400)
+        assert "the stream's audio is longer than 300 s" in refused[0], refused
+        levels.append(server_memory_mb(server))
+    first, second = ({k: after[k] - ahead[k] for k in ahead} for ahead, after in zip(levels, levels[1:]))
+    print("growth after a refused 64 MiB message, the first and the second:", first, second)
+    assert first["shm:lipsync"] < 64 + 48 and first["lipsync"] < 16 and first["tritonserver"] < 64, first
+    assert second["shm:lipsync"] == 0 and second["lipsync"] < 16 and second["tritonserver"] < 16, second
+    assert_ready_and_drained(server)
 
 
 # ------------------------------------------------------------------------------------------------ soak

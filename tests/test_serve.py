@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from helpers import CLI, FAST, assert_synced_output, audio_for, children_of, cut_audio, metric, run_stream, wait_for
 from tritonclient.utils import InferenceServerException
 
+from latentsync_export.export import ExportOptions, build_repository
 from latentsync_serving.serve import (ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED_APIS, TritonServer, free_port,
                                      port_is_free, secret_env, secret_marker, server_args)
 
@@ -197,18 +199,6 @@ def test_unfilled_key_marker_is_refused_by_tritonserver(tiny_repo, tmp_path):
     assert "option format is '<config name>:<setting>=<value>'" in r.stdout + r.stderr
 
 
-def children_of(pid: int) -> set[int]:
-    kids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.add(int(stat.parent.name))
-    return kids
-
-
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -238,13 +228,14 @@ def three_free_ports() -> list[int]:
     return ports
 
 
-def start_cli(repo: Path, log: Path, *args, env=None) -> tuple[subprocess.Popen, list[str], list[int]]:
+def start_cli(repo: Path, log: Path, *args, env=None,
+              timeout: float = 180) -> tuple[subprocess.Popen, list[str], list[int]]:
     """`latentsync-serve REPO` on free ports; returns once it announced readiness (its output lines so far)."""
     ports = three_free_ports()
     cmd = [sys.executable, "-m", "latentsync_serving.serve", str(repo), "--grpc-port", str(ports[0]),
            "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log", str(log), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watchdog = threading.Timer(180, proc.kill)               # a hung start fails the test instead of blocking
+    watchdog = threading.Timer(timeout, proc.kill)           # a hung start fails the test instead of blocking
     watchdog.start()
     seen = []
     try:
@@ -318,6 +309,46 @@ def test_cli_serves_until_sigint_and_keeps_the_key_off_every_command_line(tiny_r
     assert all(port_is_free(p) for p in ports)
     text = log.read_text()
     assert "Started GRPCInferenceService" in text and key not in text
+
+
+@pytest.fixture(scope="module")
+def lipsync_repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("lipsync") / "repo"
+    build_repository(ExportOptions(out=repo, tiny=True))
+    return repo
+
+
+@pytest.mark.server
+def test_cli_drains_open_streams_on_sigterm(lipsync_repo, shared_dir, clip, tmp_path):
+    """SIGTERM while a CLI sync is mid-stream: latentsync-serve refuses new streams by name and lets the open one
+    finish (the CLI exits 0 with its whole output; Triton alone refuses the stream's model calls with 'Server not
+    ready'), then stops tritonserver and exits 0."""
+    proc, seen, ports = start_cli(lipsync_repo, tmp_path / "triton.log", "--drain-timeout-s", "900", timeout=900)
+    url, metrics = f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}/metrics"
+    audio, out = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "speech.wav", 1), tmp_path / "out.mp4"
+    sync = None
+    try:
+        sync = subprocess.Popen(CLI + [shared_dir / "media" / "demo1_video.mp4", audio, "-o", out, "--url", url,
+                                       "--steps", "1", *FAST], stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: metric(metrics, "lipsync_open_streams") == 1 or sync.poll() is not None, 300,
+                 "the CLI's stream to open")
+        assert sync.poll() is None, sync.communicate()
+        proc.send_signal(signal.SIGTERM)
+        seen.append(proc.stdout.readline())
+        assert seen[-1].startswith("draining: new streams are refused"), "".join(seen)
+        video, samples = clip
+        late = run_stream(url, video[:2], audio_for(samples, 2), {"steps": 1})
+        assert late.errors and "the server is shutting down and takes no new streams" in late.errors[0], late.errors
+        _, stderr = sync.communicate(timeout=900)
+        seen.append(proc.communicate(timeout=120)[0])          # the drain ends with the stream, then the server
+        assert sync.returncode == 0, stderr + "".join(seen)
+        assert_synced_output(out, audio, tmp_path)
+    finally:
+        for p in (proc, sync):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc.returncode == 0 and "drained" in seen[-1], "".join(seen)
 
 
 def test_cli_refuses_a_key_on_its_own_command_line(tiny_repo):

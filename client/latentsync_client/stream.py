@@ -22,10 +22,26 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from latentsync_contract import (
+    AUDIO,
+    FACE_FOUND,
+    FRAME_INDEX,
+    FRAMES,
+    MAX_AUDIO_SAMPLES,
+    MAX_AUDIO_SECONDS,
+    MAX_FRAMES_PER_REQUEST,
+    MODEL_NAME,
+    SAMPLE_RATE,
+    STREAM_TOKEN,
+    WINDOW,
+    StreamParams,
+    is_no_face_error,
+    is_stream_dropped_error,
+    min_audio_samples,
+    num_frames_for_audio,
+)
+
 from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable, StreamExpired
-from latentsync_contract import (AUDIO, FACE_FOUND, FRAME_INDEX, FRAMES, MAX_FRAMES_PER_REQUEST, MODEL_NAME,
-                                 SAMPLE_RATE, WINDOW, StreamParams, is_no_face_error, min_audio_samples,
-                                 num_frames_for_audio)
 
 # gRPC status codes that mean the connection, not the request, failed.
 _CONNECTION_CODES = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL")
@@ -101,6 +117,7 @@ class LipsyncClient:
             client.close()
             raise ServerUnreachable(f"cannot open a stream to {self.url} ({_first_line(e.message())})") from None
         sequence_id = secrets.randbits(63) | 1
+        owner = {STREAM_TOKEN: secrets.token_hex(16)}       # on every request: the id is this stream's alone
         request_count = itertools.count()
         state = {"started": False, "ended": False, "completed": False, "sent_at": 0.0}
         lock = threading.Lock()                             # the keep-alive thread sends too
@@ -119,7 +136,7 @@ class LipsyncClient:
                 request_id = f"{sequence_id}-{next(request_count)}"
                 client.async_stream_infer(self.model, inputs, request_id=request_id, sequence_id=sequence_id,
                                           sequence_start=start, sequence_end=end, enable_empty_final_response=True,
-                                          parameters=params.as_parameters() if start else None)
+                                          parameters={**params.as_parameters(), **owner} if start else owner)
                 state.update(started=True, ended=end, sent_at=time.monotonic())
             return request_id
 
@@ -146,6 +163,9 @@ class LipsyncClient:
         try:
             n_samples, audio_requests = 0, set()
             for chunk in self._audio_pieces(audio):
+                if n_samples + chunk.size > MAX_AUDIO_SAMPLES:
+                    raise InputError(f"the audio is longer than the server's limit of {MAX_AUDIO_SECONDS} s: "
+                                     "sync it in parts")
                 if chunk.size:
                     while len(audio_requests) >= self.max_inflight_audio_requests:   # wait for acks
                         audio_requests.discard(self._next_response(responses, 0)[1])
@@ -263,8 +283,8 @@ def _classify(error: InferenceServerException, url: str) -> Exception:
     if any(status.endswith(code) for code in _CONNECTION_CODES):
         return ServerUnreachable(f"lost the connection to the server at {url} ({_first_line(error.message())})")
     message = _first_line(error.message())
-    if "must specify the START flag" in message or "must set sequence_start" in message:
-        # Triton (or lipsync) no longer knows the sequence: it was dropped after the server's idle timeout
+    if is_stream_dropped_error(message):
+        # lipsync (or Triton) no longer knows the sequence: it was dropped after the server's idle timeout
         return StreamExpired(f"server error: the server dropped the stream as idle (no request reached it within "
                              f"its idle timeout, latentsync-export --idle-timeout-s): {message}")
     return (NoFaceError if is_no_face_error(message) else ServerError)(f"server error: {message}")

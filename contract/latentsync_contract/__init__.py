@@ -22,6 +22,11 @@ WINDOW = 16                   # frames per window: the server answers window by 
 MAX_FRAMES_PER_REQUEST = WINDOW
 MAX_FRAME_SIDE = 4096         # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
 MIN_FRAME_SIDE = 2            # pixels per side: an h264 (yuv420p) video needs even sizes >= 2
+MAX_AUDIO_SECONDS = 300       # per stream: the server keeps ~1.9 MB of whisper features per second (PROTOCOL.md)
+MAX_AUDIO_SAMPLES = MAX_AUDIO_SECONDS * SAMPLE_RATE
+MAX_AUDIO_AMPLITUDE = 2.0     # |sample| bound: full scale is 1; room for a float decoder's overshoot, no more
+STREAM_TOKEN = "stream_token"  # request parameter: the secret tying a sequence id to the client that started it
+MAX_TOKEN_LENGTH = 128
 VARIANTS = ("1.5", "1.6")     # LatentSync releases: 256 px and 512 px faces
 
 DEFAULT_STEPS, MAX_STEPS = 20, 100
@@ -63,6 +68,21 @@ def is_no_face_error(message: str) -> bool:
     return "no face found in any of the" in message
 
 
+def idle_drop_message(stream_id, idle_s: float) -> str:
+    """The error for a request of a stream the server dropped as idle (it must start a new sequence)."""
+    return (f"stream {stream_id} was dropped after {idle_s:g} s without requests (the server's idle timeout); "
+            "start a new stream (its first request must set sequence_start)")
+
+
+def is_stream_dropped_error(message: str) -> bool:
+    """The server (lipsync, or Triton itself for a sequence it released) no longer knows the stream."""
+    return any(phrase in message for phrase in ("must specify the START flag", "must set sequence_start"))
+
+
+def draining_message(stream_id) -> str:
+    return f"stream {stream_id} refused: the server is shutting down and takes no new streams (use another server)"
+
+
 # ---------------------------------------------------------------------------------------------------- tensors
 def check_frames_shape(shape: Sequence[int]) -> None:
     """A FRAMES request tensor: [n, H, W, 3] with n <= 16 and MIN_FRAME_SIDE <= H, W <= MAX_FRAME_SIDE; a request
@@ -83,9 +103,32 @@ def check_frame_size(height: int, width: int) -> None:
         raise ContractError(f"FRAMES are {width}x{height} pixels; at least {MIN_FRAME_SIDE} per side")
 
 
-def check_audio_shape(shape: Sequence[int]) -> None:
+def check_audio_shape(shape: Sequence[int], received: int = 0) -> None:
+    """An AUDIO request tensor [m], after `received` samples of the stream: at most MAX_AUDIO_SAMPLES in all."""
     if len(shape) != 1:
         raise ContractError(f"AUDIO must be 1-D 16 kHz samples, got shape {list(shape)}")
+    if received + shape[0] > MAX_AUDIO_SAMPLES:
+        raise ContractError(f"AUDIO: the stream's audio is longer than {MAX_AUDIO_SECONDS} s "
+                            f"({received + shape[0]} samples, at most {MAX_AUDIO_SAMPLES} at 16 kHz); "
+                            "sync longer audio in parts")
+
+
+def check_audio_range(low: float, high: float) -> None:
+    """The smallest and largest sample of an AUDIO tensor (NaN if any is NaN): finite, within MAX_AUDIO_AMPLITUDE.
+    One NaN, inf or huge sample would rescale the whole track's log-mel (normalised by its maximum)."""
+    if not -MAX_AUDIO_AMPLITUDE <= low <= high <= MAX_AUDIO_AMPLITUDE:
+        raise ContractError(f"AUDIO samples must be finite and within [-{MAX_AUDIO_AMPLITUDE:g}, "
+                            f"{MAX_AUDIO_AMPLITUDE:g}] (float audio is [-1, 1]), got values from {low} to {high}")
+
+
+def check_stream_token(token) -> str | None:
+    """The `stream_token` request parameter: None (an old client) or 1..MAX_TOKEN_LENGTH printable characters."""
+    if token is None:
+        return None
+    if not (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_LENGTH and token.isprintable()):
+        raise ContractError(f"parameter '{STREAM_TOKEN}' must be a string of 1..{MAX_TOKEN_LENGTH} printable "
+                            "characters")
+    return token
 
 
 # ---------------------------------------------------------------------------------------------------- parameters
@@ -142,7 +185,9 @@ class StreamParams:
     def parse(cls, raw: Mapping[str, Any], variants: Sequence[str], enhancer: bool = False) -> StreamParams:
         """Request parameters (JSON values) -> parameters; absent ones take their defaults, `variant` the first
         of the `variants` this server was built with. Unknown names are refused: a typo must not silently
-        fall back to a default. `enhancer`: whether this server has a face enhancer."""
+        fall back to a default. `enhancer`: whether this server has a face enhancer. The request parameter
+        STREAM_TOKEN is not a stream parameter and is left out."""
+        raw = {k: v for k, v in raw.items() if k != STREAM_TOKEN}
         unknown = sorted(k for k in raw if k not in cls.names())
         if unknown:
             raise ContractError(f"unknown parameter '{unknown[0]}'; expected some of {', '.join(cls.names())}")

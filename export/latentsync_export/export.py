@@ -346,7 +346,9 @@ class _Builder:
     def lipsync(self) -> None:
         config = self.start("lipsync")
         seq = config.sequence_batching
-        seq.max_sequence_idle_microseconds = int(self.opts.idle_timeout_s * 1e6)
+        # lipsync drops an idle stream itself and tells its next request so; Triton keeps the sequence's slot
+        # for as long again (its clock counts only requests), then refuses the id with its own START-flag message.
+        seq.max_sequence_idle_microseconds = int(2 * self.opts.idle_timeout_s * 1e6)
         seq.oldest.max_candidate_sequences = self.opts.max_streams
         set_parameters(config, {
             "denoiser_models": ",".join(f"{v}=denoiser_{v}" for v in self.variants),

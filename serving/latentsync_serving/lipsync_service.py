@@ -8,7 +8,10 @@ sequence end, on the first error, on cancellation and after an idle timeout.
 """
 from __future__ import annotations
 
+import ctypes
+import hmac
 import json
+import os
 import queue
 import threading
 import time
@@ -23,10 +26,15 @@ from latentsync_contract import (
     FACE_FOUND,
     FRAME_INDEX,
     FRAMES,
+    STREAM_TOKEN,
     ContractError,
     StreamParams,
+    check_audio_range,
     check_audio_shape,
     check_frames_shape,
+    check_stream_token,
+    draining_message,
+    idle_drop_message,
 )
 from latentsync_core.configs import VAE_SCALING_FACTOR
 from latentsync_core.face.enhance import EnhanceSpec
@@ -35,6 +43,7 @@ from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 from .backend import ModelContext
 from .bls import TRAFFIC, ModelNames, TritonModels
 from .metrics import Metrics, log
+from .serve import DRAIN_FILE_ENV
 
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
 
@@ -80,11 +89,13 @@ class Stream:
     """One client stream: the requests of one sequence, handled in order on this stream's thread; with overlap,
     each window's denoising and paste-back finish on a second thread while the next window is prepared."""
 
-    def __init__(self, service: LipSyncService, stream_id):
+    def __init__(self, service: LipSyncService, stream_id, token: str | None = None):
         self.service, self.pb, self.id = service, service.pb, stream_id
+        self.token = token                           # its owner's STREAM_TOKEN (None: an old client sent none)
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.params: StreamParams | None = None
         self.audio: list[np.ndarray] = []
+        self.samples = 0                             # audio samples received
         self.windows: WindowedStream | None = None   # once the first frames arrived
         self.error: str | None = None
         self.busy = False
@@ -112,8 +123,13 @@ class Stream:
             finally:
                 self.busy, self.last_active = False, time.monotonic()
         if self.windows is not None:
+            done = threading.Event()
+            self.windows.after(done.set)          # the windows still in flight, then this stream is finished
             self.windows.close()
+            done.wait()
         self.windows, self.audio = None, []
+        _return_free_memory()
+        self.service.finished(self)
 
     # ------------------------------------------------------------------------------------------ one request
     def _handle(self, req: _Request, request) -> None:
@@ -140,8 +156,10 @@ class Stream:
             if self.windows is not None:
                 raise ContractError("AUDIO arrived after FRAMES: send the whole audio track first "
                                     "(upstream normalises the log-mel over the whole track)")
-            check_audio_shape(audio.shape)
+            check_audio_shape(audio.shape, self.samples)            # by shape: nothing copied yet
+            check_audio_range(float(audio.min()), float(audio.max()))
             self.audio.append(np.array(audio, np.float32, copy=True))
+            self.samples += audio.size
         if frames is not None and len(frames):
             check_frames_shape(frames.shape)
             if self.windows is None:
@@ -188,6 +206,7 @@ class Stream:
         """The first error ends the stream: it answers the request it happened in; later ones get 'already failed'."""
         if self.error is None:
             self.error = str(e) if isinstance(e, ContractError) else f"{type(e).__name__}: {e}"
+            self.audio = []
             if self.windows is not None:
                 self.windows.failed = self.windows.failed or e
         self._send(req, self._error(self.error), final=True)
@@ -220,15 +239,23 @@ class Stream:
 
 # ---------------------------------------------------------------------------------------------------- service
 class LipSyncService:
-    """Routes requests to their streams; frees streams at end, on error (at the end) and when idle."""
+    """Routes requests to their streams; frees streams at end, on error (at the end) and when idle.
+
+    A sequence id belongs to the client that started it: requests of a live stream must carry its STREAM_TOKEN
+    (or none, if its START had none), and a START on a live id is refused unless it carries that token. While
+    latentsync-serve drains (its flag file exists) new streams are refused and open ones finish."""
 
     def __init__(self, pb_utils, settings: ServiceSettings, model: str = "lipsync",
                  device: torch.device = torch.device("cpu")):
         self.pb, self.settings, self.device = pb_utils, settings, device
         self.streams: dict[Any, Stream] = {}
+        self.dropped: dict[Any, float] = {}          # stream id -> when it was dropped as idle (for the message)
+        self.drain_file = os.environ.get(DRAIN_FILE_ENV)
         self.lock = threading.Lock()
+        self.running: set[Stream] = set()             # streams whose thread has not finished
         self.metrics = Metrics(pb_utils, model, counters=TRAFFIC, gauges={
-            "lipsync_open_streams": "Streams started and not yet ended, failed-and-ended or timed out"})
+            "lipsync_open_streams": "Streams started and not yet finished (last response sent), failed-and-ended "
+                                    "or dropped as idle"})
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_idle, name="lipsync-reaper", daemon=True)
         self._reaper.start()
@@ -249,37 +276,72 @@ class LipSyncService:
 
     def submit(self, request) -> None:
         stream_id, flags = request.correlation_id(), request.flags()
+        try:
+            token, refusal = check_stream_token(json.loads(request.parameters() or "{}").get(STREAM_TOKEN)), None
+        except ContractError as e:
+            token, refusal = None, str(e)
         with self.lock:
             stream = self.streams.get(stream_id)
-            if flags & SEQUENCE_START:
-                if stream is not None:
-                    stream.close()
-                stream = self.streams[stream_id] = Stream(self, stream_id)
-            if stream is not None and flags & SEQUENCE_END:
-                del self.streams[stream_id]
-            self._count()
-        if stream is None:
-            request.get_response_sender().send(
-                self.pb.InferenceResponse(error=self.pb.TritonError(
-                    f"unknown stream {stream_id}: its first request must set sequence_start "
-                    f"(or it was dropped after {self.settings.idle_timeout_s:g} s idle)")),
-                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            refusal = refusal or self._refusal(stream_id, flags, stream, token)
+            if refusal is None:
+                if flags & SEQUENCE_START:
+                    if stream is not None:
+                        stream.close()
+                    stream = self.streams[stream_id] = Stream(self, stream_id, token)
+                    self.running.add(stream)
+                    self.dropped.pop(stream_id, None)
+                if flags & SEQUENCE_END:
+                    del self.streams[stream_id]
+                self._count()
+        if refusal is not None:             # the stream of this id, if any, is left as it was
+            request.get_response_sender().send(self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
+                                               flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         stream.put(request)
         if flags & SEQUENCE_END:
             stream.close()
 
+    def _refusal(self, stream_id, flags: int, stream: Stream | None, token: str | None) -> str | None:
+        """Why a request may not touch the stream of its id (None: it may)."""
+        if flags & SEQUENCE_START:
+            if self.drain_file and os.path.exists(self.drain_file):
+                return draining_message(stream_id)
+            if stream is not None and not (stream.token is not None and _same_token(stream.token, token)):
+                return (f"sequence_id {stream_id} is in use by another stream: a new stream needs an id of its own "
+                        "(or end the open one first)")
+            return None
+        if stream is None:
+            if stream_id in self.dropped:
+                return idle_drop_message(stream_id, self.settings.idle_timeout_s)
+            return f"unknown stream {stream_id}: its first request must set sequence_start"
+        if not _same_token(stream.token, token):
+            return (f"sequence_id {stream_id} is in use by another client: this request's '{STREAM_TOKEN}' is not the "
+                    "one its stream was started with")
+        return None
+
     def _reap_idle(self) -> None:
         period = max(0.2, min(5.0, self.settings.idle_timeout_s / 4))
         while not self._stop.wait(period):
             with self.lock:
+                now = time.monotonic()
                 idle = [k for k, s in self.streams.items() if s.idle_for() > self.settings.idle_timeout_s]
                 for k in idle:
                     self.streams.pop(k).close()
+                    self.dropped[k] = now
+                # Triton keeps a dropped sequence's slot for up to another idle timeout (latentsync-export sets
+                # its own timeout to twice ours); after that Triton itself refuses the id's requests.
+                for k in [k for k, t in self.dropped.items() if now - t > self.settings.idle_timeout_s]:
+                    del self.dropped[k]
                 self._count()
 
+    def finished(self, stream: Stream) -> None:
+        """A stream's thread is done: it sent its last response and freed its state."""
+        with self.lock:
+            self.running.discard(stream)
+            self._count()
+
     def _count(self) -> None:
-        self.metrics.set("lipsync_open_streams", len(self.streams))
+        self.metrics.set("lipsync_open_streams", len(self.running))
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -289,3 +351,17 @@ class LipSyncService:
             s.close()
         for s in streams:
             s.thread.join(timeout)
+
+
+def _same_token(a: str | None, b: str | None) -> bool:
+    """Both absent, or both present and equal (compared in constant time)."""
+    return a is None and b is None or a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+def _return_free_memory() -> None:
+    """Hand the heap an ended stream freed back to the OS: glibc keeps freed blocks in its arenas otherwise (a
+    300 s stream left ~90 MB resident in this process for good)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc
+        pass

@@ -14,6 +14,11 @@ The key never appears on a command line: tritonserver's argv carries a marker, a
 (ARGV_SHIM_SOURCE, compiled at start) swaps in the real value from the environment before Triton's main() runs,
 then wipes it from the environment. /proc/PID/cmdline, readable by every local user, shows only the marker; a
 server started without the library refuses the marker as a malformed option instead of running unlocked.
+
+Stopping drains: on SIGINT/SIGTERM `latentsync-serve` first makes `lipsync` refuse new streams (a flag file
+whose path the model gets in DRAIN_FILE_ENV) and waits until its open streams ended (the `lipsync_open_streams`
+gauge is 0) or the drain timeout passed, then stops tritonserver. Triton itself marks the server not ready
+at once on a signal, and then refuses every new request, the BLS calls of open streams included.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +55,11 @@ DEFAULT_MAX_INPUT_BYTES = 256 << 20
 # Python backend shared memory per model instance; grows in steps of the same size for video tensors.
 PYTHON_SHM_BYTES = 16 << 20
 NGC_HOME = Path("/opt/tritonserver")
+# While the file this variable names exists, the lipsync model refuses new streams (open ones go on).
+DRAIN_FILE_ENV = "LATENTSYNC_DRAIN_FILE"
+# How long a stop waits for open streams (a stream of the longest audio, 300 s, at real-time speed).
+DEFAULT_DRAIN_TIMEOUT_S = 300
+LOG_TO_STDOUT = "-"
 
 
 # ---------------------------------------------------------------------------------------------------- install
@@ -254,6 +265,9 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
             f"--model-control-mode={model_control_mode}",
             "--strict-readiness=true",          # /v2/health/ready only once every model loaded
             f"--exit-timeout-secs={exit_timeout_s}",  # drain in-flight windows (and idle HTTP keep-alives)
+            # gRPC request objects are not pooled for reuse: a pooled one keeps the buffers of the largest message
+            # it ever held (a 256 MiB request left 256 MiB in tritonserver for good, measured on 2.51)
+            "--grpc-infer-allocation-pool-size=0",
             f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}"]
     if shm_prefix:
@@ -364,6 +378,7 @@ class TritonServer:
         env = self._env()
         shim = os.environ.get("LATENTSYNC_ARGV_SHIM") or build_argv_shim(self._work_dir / "argv_secret.so")
         env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+        env[DRAIN_FILE_ENV] = str(self.drain_file)
         return env | secret_env(self.admin_key)
 
     def _prepare(self) -> list[str]:
@@ -372,12 +387,6 @@ class TritonServer:
             write_private(self.admin_key_file, self.admin_key)
         return self.command()
 
-    def exec(self) -> None:
-        """Replace this process by tritonserver (stdout logging): signals and exit code are the server's own."""
-        cmd = self._prepare()
-        sys.stdout.flush()
-        os.execve(cmd[0], cmd, self._launch_env())
-
     def start(self) -> TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
@@ -385,9 +394,12 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        to_stdout = str(self.log_path) == LOG_TO_STDOUT
+        if not to_stdout:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self._prepare()
-        with open(self.log_path, "ab") as log:
+        sys.stdout.flush()
+        with nullcontext() if to_stdout else open(self.log_path, "ab") as log:
             # Own process group: stop() can signal the server and its backend stubs, nothing else.
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           env=self._launch_env(), start_new_session=True,
@@ -419,8 +431,36 @@ class TritonServer:
     def log_tail(self, n_chars: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n_chars:]
-        except (OSError, AttributeError):
+        except (OSError, AttributeError):       # no file (or the log went to stdout)
             return ""
+
+    # ------------------------------------------------------------------------------------------ drain
+    drain_file = property(lambda self: self._work_dir / "draining" if self._work_dir else None)
+
+    def open_streams(self) -> float | None:
+        """The `lipsync_open_streams` gauge summed over instances, None if no model exports it (OSError if the
+        metrics endpoint does not answer)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("lipsync_open_streams{")]
+        return sum(values) if values else None
+
+    def drain(self, timeout: float, stop_now=lambda: False) -> bool:
+        """Make `lipsync` refuse new streams, then wait until its open streams ended, `timeout` seconds passed,
+        `stop_now()` or the server died. True if no stream was left open."""
+        self.drain_file.touch()
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and not stop_now():
+            try:
+                if not self.open_streams():
+                    return True
+            except OSError:                     # a busy server may answer late: ask again
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return False
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGINT (Triton drains and unloads), then SIGKILL to the whole process group after `timeout`
@@ -512,14 +552,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--load-model", action="append", default=[], help="with explicit mode (default: all)")
     p.add_argument("--max-input-bytes", type=int, default=DEFAULT_MAX_INPUT_BYTES,
                    help="largest HTTP request body, where this Triton build supports it")
-    p.add_argument("--exit-timeout-secs", type=int, default=30, help="drain time for in-flight requests")
-    p.add_argument("--log", help="server log file (default: a temporary file, printed at start)")
+    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                   help="on SIGINT/SIGTERM, new streams are refused and open ones get this long to finish before "
+                        "tritonserver is stopped (a second signal stops at once)")
+    p.add_argument("--exit-timeout-secs", type=int, default=30,
+                   help="tritonserver's own wait for in-flight requests once it is stopped")
+    p.add_argument("--log", help="server log file, '-' for this process's stdout (default: a temporary file, "
+                                 "printed at start)")
     p.add_argument("--triton-home", help="folder with bin/tritonserver (default: /opt/tritonserver or pytriton)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--exec", action="store_true",
-                      help="replace this process by tritonserver, logging to stdout (container PID 1)")
-    mode.add_argument("--exit-when-ready", action="store_true",
-                      help="start, wait until every model loaded (builds engine caches), stop; exit 0 if it was ready")
+    p.add_argument("--exit-when-ready", action="store_true",
+                   help="start, wait until every model loaded (builds engine caches), stop; exit 0 if it was ready")
     p.add_argument("--ready-timeout", type=float, default=3600.0, help="seconds, with --exit-when-ready")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -538,10 +580,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           allow_shared_memory=a.allow_shared_memory, model_control_mode=a.model_control_mode,
                           load_models=a.load_model, address=a.address, max_input_bytes=a.max_input_bytes,
                           exit_timeout_s=a.exit_timeout_secs, home=a.triton_home)
-    if a.exec:
-        if server.admin_key_file is not None:
-            print(f"admin key (generated for this run): {server.admin_key_file}", flush=True)
-        server.exec()
     if a.exit_when_ready:
         with server.start():
             try:
@@ -551,30 +589,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         print(f"ready, stopped: {server.model_repository}", flush=True)
         return 0
-    return serve_foreground(server)
+    return serve_foreground(server, a.drain_timeout_s)
 
 
-def serve_foreground(server: TritonServer) -> int:
-    """Run until SIGINT/SIGTERM or until the server dies; always stop it."""
-    stop = {"sig": None}
+def serve_foreground(server: TritonServer, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> int:
+    """Run until SIGINT/SIGTERM or until the server dies; on a signal drain the open streams (a second signal
+    cuts the drain short), then stop the server. Exit code: the server's (0 after a clean stop)."""
+    signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _frame: stop.update(sig=s))
+        signal.signal(sig, lambda s, _frame: signals.append(s))
     server.start()
-    print(f"tritonserver pid {server.pid}, log {server.log_path}", flush=True)
+    log = "stdout" if str(server.log_path) == LOG_TO_STDOUT else server.log_path
+    print(f"tritonserver pid {server.pid}, log {log}", flush=True)
     key = f"in {server.admin_key_file} (generated for this run)" if server.admin_key_file else "you gave"
     print(f"admin APIs need header '{ADMIN_HEADER}' (gRPC: '{GRPC_ADMIN_HEADER}') with the key {key}", flush=True)
     try:
-        while stop["sig"] is None and not server.is_ready() and server.poll() is None:
+        while not signals and not server.is_ready() and server.poll() is None:
             time.sleep(0.2)
-        if stop["sig"] is None and server.poll() is None:
+        ready = not signals and server.poll() is None
+        if ready:
             print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics {server.metrics_url}", flush=True)
-        while stop["sig"] is None and server.poll() is None:
+        while not signals and server.poll() is None:
             time.sleep(0.5)
         died = server.poll()
         if died is not None:
             print(f"tritonserver exited with {died}:\n{server.log_tail()}", file=sys.stderr)
             return died or 1
-        return 0
+        if ready:
+            print(f"draining: new streams are refused, open streams get up to {drain_timeout_s:g} s to finish "
+                  "(signal again to stop now)", flush=True)
+            drained = server.drain(drain_timeout_s, stop_now=lambda: len(signals) > 1)
+            print("drained" if drained else "stopping with streams still open", flush=True)
+        code = server.stop()
+        return 0 if code == 0 else 1
     finally:
         server.stop()
 
