@@ -76,6 +76,28 @@ class _Request:
     closed: bool = False
 
 
+@dataclass(eq=False)
+class _Incoming:
+    """What a stream needs of one request, copied out of it in `execute`: a request's input tensors stay in the
+    Python backend's shared-memory pool for as long as the request object lives, and that pool never shrinks, so
+    requests queued behind a stream's windows would grow it by their frames (docs/OPERATIONS.md "Memory")."""
+
+    sender: Any
+    flags: int
+    parameters: str
+    frames: np.ndarray | None
+    audio: np.ndarray | None
+
+    @classmethod
+    def take(cls, pb, request) -> _Incoming:
+        def owned(name: str) -> np.ndarray | None:
+            tensor = pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else np.array(tensor.as_numpy(), copy=True)
+
+        return cls(request.get_response_sender(), request.flags(), request.parameters() or "", owned(FRAMES),
+                   owned(AUDIO))
+
+
 class Stream:
     """One client stream: the requests of one sequence, handled in order on this stream's thread; with overlap,
     each window's denoising and paste-back finish on a second thread while the next window is prepared."""
@@ -93,9 +115,9 @@ class Stream:
         self.thread = threading.Thread(target=self._run, name=f"lipsync-stream-{stream_id}", daemon=True)
         self.thread.start()
 
-    def put(self, request) -> None:
+    def put(self, incoming: _Incoming) -> None:
         self.last_active = time.monotonic()
-        self.requests.put(request)
+        self.requests.put(incoming)
 
     def close(self) -> None:
         self.requests.put(None)  # after the requests already queued
@@ -105,10 +127,10 @@ class Stream:
         return 0.0 if working else time.monotonic() - self.last_active
 
     def _run(self) -> None:
-        while (request := self.requests.get()) is not None:
+        while (incoming := self.requests.get()) is not None:
             self.busy = True
             try:
-                self._handle(_Request(request.get_response_sender()), request)
+                self._handle(_Request(incoming.sender), incoming)
             finally:
                 self.busy, self.last_active = False, time.monotonic()
         if self.windows is not None:
@@ -116,16 +138,16 @@ class Stream:
         self.windows, self.audio = None, []
 
     # ------------------------------------------------------------------------------------------ one request
-    def _handle(self, req: _Request, request) -> None:
+    def _handle(self, req: _Request, incoming: _Incoming) -> None:
         if self.error is not None:
             self._send(req, self._error(f"stream {self.id} already failed: {self.error}"), final=True)
             return
         try:
             if self.params is None:
                 settings = self.service.settings
-                self.params = StreamParams.parse(json.loads(request.parameters() or "{}"), list(settings.denoisers),
+                self.params = StreamParams.parse(json.loads(incoming.parameters or "{}"), list(settings.denoisers),
                                                  enhancer=bool(settings.names.enhancer))
-            self._consume(request, req)
+            self._consume(incoming, req)
         except Exception as e:  # noqa: BLE001 - every failure ends the stream with a message to the client
             self._fail(e, req)
             return
@@ -134,22 +156,23 @@ class Stream:
         else:
             self.windows.after(lambda: self._close(req))
 
-    def _consume(self, request, req: _Request) -> None:
-        audio, frames = self._input(request, AUDIO), self._input(request, FRAMES)
+    def _consume(self, incoming: _Incoming, req: _Request) -> None:
+        audio, frames = incoming.audio, incoming.frames
         if audio is not None and audio.size:
             if self.windows is not None:
                 raise ContractError("AUDIO arrived after FRAMES: send the whole audio track first "
                                     "(upstream normalises the log-mel over the whole track)")
             check_audio_shape(audio.shape)
-            self.audio.append(np.array(audio, np.float32, copy=True))
+            self.audio.append(audio)
         if frames is not None and len(frames):
             check_frames_shape(frames.shape)
             if self.windows is None:
                 self.windows = WindowedStream(self._start(), self._deliver, self._fail,
                                               overlap=self.service.settings.overlap)
             self._check_cancelled(req)
-            self.windows.push(frames, req)
-        if request.flags() & SEQUENCE_END and self.windows is not None:
+            incoming.frames = None          # the windows hold what they need of them
+            self.windows.push(frames, req, owned=True)
+        if incoming.flags & SEQUENCE_END and self.windows is not None:
             self._check_cancelled(req)
             self.windows.end(req)
 
@@ -202,10 +225,6 @@ class Stream:
                 req.sender.send(flags=flags)
             else:
                 req.sender.send(response, flags=flags)
-
-    def _input(self, request, name: str) -> np.ndarray | None:
-        tensor = self.pb.get_input_tensor_by_name(request, name)
-        return None if tensor is None else tensor.as_numpy()
 
     def _response(self, r: WindowResult):
         pb = self.pb
@@ -265,7 +284,7 @@ class LipSyncService:
                     f"(or it was dropped after {self.settings.idle_timeout_s:g} s idle)")),
                 flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        stream.put(request)
+        stream.put(_Incoming.take(self.pb, request))
         if flags & SEQUENCE_END:
             stream.close()
 
