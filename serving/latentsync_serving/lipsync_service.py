@@ -33,10 +33,11 @@ from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
 from .backend import ModelContext
-from .bls import TRAFFIC, ModelNames, TritonModels
+from .bls import TRAFFIC, CallSlots, ModelNames, TritonModels
 from .metrics import Metrics, log
 
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+RESPONSES = "<responses>"            # the CallSlots key of the window responses sent to clients
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -52,6 +53,7 @@ class ServiceSettings:
     random_weights: bool = False
     track_faces: bool = False          # face_detector policy "track": send each stream's previous box
     overlap: bool = True               # prepare a stream's next window while the current one denoises
+    calls_per_model: int = 2           # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
@@ -64,7 +66,8 @@ class ServiceSettings:
                    audio_max_batch=int(p.get("audio_encoder_max_batch", 8)),
                    idle_timeout_s=float(p.get("stream_idle_timeout_s", 300)),
                    random_weights=flag("random_weights", "false"),
-                   track_faces=p.get("face_policy", "largest") == "track", overlap=flag("overlap_windows", "true"))
+                   track_faces=p.get("face_policy", "largest") == "track", overlap=flag("overlap_windows", "true"),
+                   calls_per_model=int(p.get("calls_per_model", 2)))
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -198,7 +201,8 @@ class Stream:
 
     # ------------------------------------------------------------------------------------------ responses
     def _deliver(self, result: WindowResult, req: _Request) -> None:
-        self._send(req, self._response(result))
+        with self.service.slots(RESPONSES):   # the frames are copied into the pool until the response is sent
+            self._send(req, self._response(result))
 
     def _close(self, req: _Request) -> None:
         """A request's final response, after its windows (an error if the stream failed meanwhile)."""
@@ -246,6 +250,7 @@ class LipSyncService:
         self.pb, self.settings, self.device = pb_utils, settings, device
         self.streams: dict[Any, Stream] = {}
         self.lock = threading.Lock()
+        self.slots = CallSlots(settings.calls_per_model)     # shared by the streams: bounds the pools' growth
         self.metrics = Metrics(pb_utils, model, counters=TRAFFIC, gauges={
             "lipsync_open_streams": "Streams started and not yet ended, failed-and-ended or timed out"})
         self._stop = threading.Event()
@@ -264,7 +269,7 @@ class LipSyncService:
         """A stream's model calls: its variant's denoiser, on this instance's device."""
         names = ModelNames(**{**self.settings.names.__dict__, "denoiser": self.settings.denoisers[variant]})
         return TritonModels(self.pb, names, self.settings.vae_scale, self.metrics, self.device,
-                            self.settings.audio_max_batch, self.settings.track_faces)
+                            self.settings.audio_max_batch, self.settings.track_faces, self.slots)
 
     def submit(self, request) -> None:
         stream_id, flags = request.correlation_id(), request.flags()
