@@ -262,8 +262,9 @@ class WindowedStream:
         if self._worker is not None:
             self._worker.start()
 
-    def push(self, frames: np.ndarray, tag: Any = None) -> None:
-        """Add (n, H, W, 3) RGB frames; every window they complete is prepared and scheduled."""
+    def push(self, frames: np.ndarray, tag: Any = None, owned: bool = False) -> None:
+        """Add (n, H, W, 3) RGB frames; every window they complete is prepared and scheduled. `owned`: the caller
+        gives `frames` away (a copy of its own), so a whole window of them becomes that window's buffer as it is."""
         if self.frame_shape is None:
             self.frame_shape = frames.shape[1:]
         elif frames.shape[1:] != self.frame_shape:
@@ -278,6 +279,10 @@ class WindowedStream:
             if self.buffer is None:
                 if self._slots is not None:
                     self._slots.acquire()   # released when a window in flight is delivered
+                if owned and len(frames) >= NUM_FRAMES:
+                    self.buffer, self.filled, frames = frames[:NUM_FRAMES], NUM_FRAMES, frames[NUM_FRAMES:]
+                    self._schedule_window(tag)
+                    continue
                 self.buffer = np.empty((NUM_FRAMES, *self.frame_shape), np.uint8)   # pages touched as filled
             take = min(len(frames), NUM_FRAMES - self.filled)
             self.buffer[self.filled:self.filled + take] = frames[:take]

@@ -117,30 +117,45 @@ def test_taesd_roundtrip_on_a_real_face(clip):
     assert psnr > 20, psnr
 
 
+def run_windows(pipeline, audio, pushes, overlap: bool, owned: bool = False) -> list:
+    """The results of a WindowedStream fed `pushes` (arrays of frames) in order."""
+    stream = pipeline.stream(steps=1, seed=11)
+    stream.set_audio(audio)
+    results, errors = [], []
+    windows = WindowedStream(stream, lambda r, _: results.append(r), lambda e, _: errors.append(e), overlap=overlap)
+    for frames in pushes:
+        windows.push(frames, owned=owned)
+    windows.end()
+    done = threading.Event()
+    windows.after(done.set)
+    assert done.wait(300)
+    windows.close()
+    assert not errors, errors
+    return results
+
+
 @pytest.mark.slow
 def test_overlapped_windows_give_the_same_frames(pipeline, clip):
     """A server prepares a stream's next window while the current one denoises (WindowedStream overlap): the
     frames are exactly those of the one-window-at-a-time path."""
     frames, audio = clip
     video = np.stack(frames[:18])
+    pushes = [video[i:i + 4] for i in range(0, len(video), 4)]
+    np.testing.assert_array_equal(np.concatenate([r.frames for r in run_windows(pipeline, audio, pushes, True)]),
+                                  np.concatenate([r.frames for r in run_windows(pipeline, audio, pushes, False)]))
 
-    def run_windows(overlap: bool) -> np.ndarray:
-        stream = pipeline.stream(steps=1, seed=11)
-        stream.set_audio(audio)
-        results, errors = [], []
-        windows = WindowedStream(stream, lambda r, _: results.append(r), lambda e, _: errors.append(e),
-                                 overlap=overlap)
-        for i in range(0, len(video), 4):
-            windows.push(video[i:i + 4])
-        windows.end()
-        done = threading.Event()
-        windows.after(done.set)
-        assert done.wait(300)
-        windows.close()
-        assert not errors, errors
-        return np.concatenate([r.frames for r in results])
 
-    np.testing.assert_array_equal(run_windows(True), run_windows(False))
+def test_an_owned_whole_window_becomes_the_window_without_a_copy(pipeline, clip):
+    """The server copies a request's frames out of Triton's shared memory once: a whole window of such an owned
+    copy is that window's buffer (synced in place), the rest is copied as usual; the frames are the same."""
+    frames, audio = clip
+    video = np.stack(frames[:18])
+    given = video.copy()
+    owned = run_windows(pipeline, audio, [given], overlap=True, owned=True)
+    assert np.shares_memory(owned[0].frames, given) and not np.shares_memory(owned[1].frames, given)
+    copied = run_windows(pipeline, audio, [video[:10], video[10:]], overlap=True)
+    np.testing.assert_array_equal(np.concatenate([r.frames for r in owned]),
+                                  np.concatenate([r.frames for r in copied]))
 
 
 def test_no_face_in_the_whole_stream_is_an_error_at_its_end(pipeline, clip):

@@ -358,6 +358,7 @@ class _Builder:
             "random_weights": str(self.manifest["random_weights"]).lower(),
             "face_policy": self.opts.face_policy,
             "overlap_windows": str(self.opts.overlap_windows).lower(),
+            "calls_per_model": self.opts.frame_max_batch // MIN_FRAME_BATCH,
             "enhancer_model": "enhancer" if self.opts.enhancer_weights is not None else "",
         })
         self.finish("lipsync", "lipsync", config, python=True)

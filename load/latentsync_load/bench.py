@@ -2,20 +2,25 @@
 
     latentsync-bench --tiny --video FACE.mp4                    # random tiny weights, a server started here
     latentsync-bench --repo REPO --video FACE.mp4 --audio VOICE.wav --streams 1,2,4,8 --json
+    latentsync-bench --stand-ins --video CLIP.mp4 --streams 1,8,16 --steps 20,1   # the serving path's ceiling
 
 In one run, on the same weights and the same decoded frames:
   (a) serving overhead: wall time of one stream through Triton (gRPC client -> lipsync -> BLS models) against
       LatentSync's in-process pipeline (latentsync_core, same repository weights), as a ratio; the best of
       --repeats runs of each, after a warm-up run, so other load on the machine does not count as overhead;
   (b) aggregate and per-stream fps and first-frame latency at each --streams level (streams start together),
-      with the mean UNet batch (items per execution, and windows: items / 2 under guidance) from Triton's
-      statistics of the variant's UNet model;
-  (c) cost per frame of every stage: decode and encode (PyAV, client side), detect, align, audio, UNet (per
-      step and per window), VAE, paste-back (in-process, timed around each model call), plus each Triton
-      model's server-side compute per frame from the server statistics;
-  (d) peak memory: the server's process group (tritonserver + Python backend stubs, summed RSS sampled every
-      0.2 s), the client process (peak RSS) and the in-process pipeline (peak RSS of its process).
+      with the UNet windows per denoising step (the denoiser's metrics: denoiser_window_steps / denoiser_steps,
+      the windows of all streams that each UNet forward advances);
+  (c) cost per frame of every stage: decode and encode (PyAV, client side), detect, align, audio, UNet (the
+      denoising loop of a window, `denoise`, and per step), VAE, paste-back (in-process, timed around each model
+      call), plus each Triton model's server-side compute per frame from the server statistics (the denoiser
+      is decoupled: its execute only queues a window, its loop's time is not in these statistics);
+  (d) peak memory: the server (tritonserver + stubs: anonymous memory + /dev/shm pools, every 0.5 s), the client
+      process (peak RSS) and the in-process pipeline (peak RSS of its process).
 Timings are wall clock; on a shared machine run it when it is quiet (results: RESULTS.md).
+
+With --stand-ins the run is the serving path's own ceiling instead (ceiling.py): the networks replaced by
+near-zero-cost stand-ins, real frames at their size, raw gRPC streams, and the server's CPU and memory per stream.
 """
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ import numpy as np
 
 from latentsync_serving.serve import GRPC_ADMIN_HEADER
 
+from . import ceiling
+from .ceiling import CeilingOptions
+from .server_probe import MemoryWatch, ServerProbe, metric_delta, read_metrics
+
 PER_FRAME_STAGES = ("decode", "detect", "align", "audio", "vae_encode", "unet", "vae_decode", "paste_back",
                     "other", "encode")
 
@@ -51,6 +60,7 @@ class BenchOptions:
     export_args: Sequence[str] = ()      # extra latentsync-export flags for --tiny
     url: str | None = None               # an already running server (no server memory then, unless server_pid)
     server_pid: int | None = None
+    metrics_url: str | None = None       # with url: its Prometheus endpoint (the denoiser's batching)
     size: int = 256                      # frames are resized so that their longer side is this (0: as decoded)
     seconds: float = 2.5                 # audio length used (sets the frame count)
     steps: int = 20
@@ -119,47 +129,6 @@ def _rss_bytes(pid: int, field_name: str = "VmRSS") -> int:
     except OSError:
         pass
     return 0
-
-
-def _process_group(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid:          # fields after the command: state, ppid, pgrp, ...
-                    pids.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return pids
-
-
-class MemorySampler:
-    """Peak of the summed RSS of a process group (the server and its backend stubs), sampled in a thread."""
-
-    def __init__(self, pgid: int | None, period: float = 0.2):
-        self.pgid, self.period, self.peak = pgid, period, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
-
-    def _run(self) -> None:
-        pids, refreshed = [], 0.0
-        while not self._stop.is_set():
-            if time.monotonic() - refreshed > 2.0:      # stubs come and go only at load time
-                pids, refreshed = _process_group(self.pgid), time.monotonic()
-            self.peak = max(self.peak, sum(_rss_bytes(p) for p in pids))
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> MemorySampler:
-        if self.pgid:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------- triton
@@ -238,19 +207,23 @@ class ServerStats:
         self.client.close()
 
 
-def run_concurrent(url: str, media: Media, params, n: int, stats: ServerStats, unet_model: str) -> dict:
-    """n streams started together; fps, first-frame latency, errors and the UNet's batching meanwhile."""
+def run_concurrent(url: str, media: Media, params, n: int, metrics_url: str | None) -> dict:
+    """n streams started together; fps, first-frame latency, errors and the UNet's batching meanwhile: windows
+    per denoising step, from the denoiser's counters (None without the server's metrics endpoint)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    stats.snapshot()
+    before = read_metrics(metrics_url) if metrics_url else None
     barrier = threading.Barrier(n)
     start = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
         runs = list(pool.map(lambda _: run_stream(url, media, params, start_at=barrier), range(n)))
     wall = time.perf_counter() - start
-    unet = stats.snapshot().get(unet_model, {})
+    steps = window_steps = forwards = 0.0
+    if before is not None:
+        after = read_metrics(metrics_url)
+        steps, window_steps, forwards = (metric_delta(before, after, f"denoiser_{k}")
+                                         for k in ("steps", "window_steps", "unet_forwards"))
     ok = [r for r in runs if r.error is None]
-    items_per_exec = unet.get("inferences", 0) / max(unet.get("executions", 0), 1)
     return {
         "streams": n,
         "errors": [r.error for r in runs if r.error is not None],
@@ -261,10 +234,9 @@ def run_concurrent(url: str, media: Media, params, n: int, stats: ServerStats, u
         "min_stream_fps": min((r.frames / r.wall_s for r in ok), default=0.0),
         "first_frame_s": statistics.mean(r.first_frame_s for r in ok if r.first_frame_s) if ok else None,
         "max_first_frame_s": max((r.first_frame_s or 0.0 for r in ok), default=None),
-        "unet_executions": unet.get("executions", 0),
-        "unet_items_per_execution": items_per_exec,
-        "unet_windows_per_execution": items_per_exec / (2 if params.guidance > 1 else 1),
-        "unet_batch_histogram": unet.get("batches", {}),
+        "denoiser_steps": steps,
+        "unet_forwards": forwards,
+        "windows_per_unet_step": window_steps / steps if steps else None,
     }
 
 
@@ -287,7 +259,7 @@ class TimedBackend:
     """A ModelBackend that times every model call of the wrapped one (seconds per stage)."""
 
     # the audio encoder is timed with the rest of LipSyncStream.set_audio (log-mel, encoder, chunks)
-    STAGES = {"detect": "detect", "vae_posterior": "vae_encode", "unet": "unet", "vae_decode": "vae_decode",
+    STAGES = {"detect": "detect", "vae_posterior": "vae_encode", "denoise": "unet", "vae_decode": "vae_decode",
               "paste_back": "paste_back"}
 
     def __init__(self, backend):
@@ -405,12 +377,12 @@ def _repository(opts: BenchOptions):
         return
     with tempfile.TemporaryDirectory(prefix="latentsync-bench-") as tmp:
         repo = Path(tmp) / "repo"
-        # The serving setup the numbers are for: cross-stream UNet step batching; every stream's guided window
-        # fits one UNet request and every stream's 16 frames one per-frame model request (a smaller frame batch
-        # splits the streams into groups that then reach the UNet apart). --export-arg flags override.
+        # The serving setup the numbers are for: every stream admitted at once, every window in flight (two per
+        # stream with overlap) advanced by each denoising step, every stream's 16 frames in one per-frame model
+        # request (a smaller frame batch splits the streams into groups). --export-arg flags override.
         streams = max(opts.streams, default=1)
         cmd = [sys.executable, "-m", "latentsync_export.export", "--tiny", "--target", "cpu", "--out", str(repo),
-               "--unet-step-batching", f"--unet-max-batch={max(8, 2 * streams)}",
+               f"--max-streams={max(8, streams)}", f"--max-windows={max(8, 2 * streams)}",
                f"--frame-max-batch={max(32, 16 * streams)}", *opts.export_args]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         yield repo
@@ -419,7 +391,7 @@ def _repository(opts: BenchOptions):
 @contextlib.contextmanager
 def _server(opts: BenchOptions, repo: Path):
     if opts.url:
-        yield opts.url, opts.server_pid
+        yield opts.url, opts.server_pid, opts.metrics_url
         return
     from latentsync_serving.serve import TritonServer
 
@@ -427,7 +399,7 @@ def _server(opts: BenchOptions, repo: Path):
         server = TritonServer(repo, log_path=Path(logs) / "tritonserver.log", open_apis=["statistics"])
         try:
             server.start().wait_ready(opts.timeout)
-            yield server.grpc_url, server.pid
+            yield server.grpc_url, server.pid, server.metrics_url
         finally:
             server.stop()
 
@@ -448,8 +420,8 @@ def run(opts: BenchOptions) -> dict:
         params = StreamParams(steps=opts.steps, guidance=opts.guidance, seed=opts.seed, variant=variant)
         report.update(variant=variant, random_weights=manifest.get("random_weights"),
                       repository=str(repo) if opts.repo else "(temporary --tiny)")
-        url, server_pid = stack.enter_context(_server(opts, repo))
-        server_memory = stack.enter_context(MemorySampler(server_pid))
+        url, server_pid, metrics_url = stack.enter_context(_server(opts, repo))
+        server_memory = stack.enter_context(MemoryWatch(ServerProbe(server_pid))) if server_pid else None
         reference = ReferenceWorker(repo, variant, media, dict(steps=opts.steps, guidance=opts.guidance,
                                                                seed=opts.seed)) if opts.reference else None
         if reference is not None:
@@ -486,9 +458,8 @@ def run(opts: BenchOptions) -> dict:
             stages = ref["stage_seconds"]
 
         # (b) concurrent streams
-        report["concurrency"] = [run_concurrent(url, media, params, n, stats, f"unet_{variant}")
-                                 for n in opts.streams]
-        report["memory"] = {"server_peak_bytes": server_memory.peak or None,
+        report["concurrency"] = [run_concurrent(url, media, params, n, metrics_url) for n in opts.streams]
+        report["memory"] = {"server_peak_bytes": server_memory.peak.total if server_memory else None,
                             "client_peak_bytes": _rss_bytes(os.getpid(), "VmHWM"),
                             "reference_peak_bytes": reference.close() if reference is not None else None}
 
@@ -556,13 +527,13 @@ def markdown(r: dict) -> str:
                   f"| Triton, 1 stream | {t['wall_s']:.2f} | {t['fps']:.2f} | {t['first_frame_s']:.2f} |", "",
                   f"**Serving overhead: {100 * r['overhead']:+.1f}%** (Triton / in-process - 1).", ""]
     lines += ["| streams | aggregate fps | per-stream fps (mean / min) | first frame s (mean / max) | "
-              "UNet items per execution | UNet windows per execution | errors |",
-              "|---|---|---|---|---|---|---|"]
+              "UNet windows per denoising step | errors |",
+              "|---|---|---|---|---|---|"]
     for c in r["concurrency"]:
         ff = "-" if c["first_frame_s"] is None else f"{c['first_frame_s']:.2f} / {c['max_first_frame_s']:.2f}"
+        per_step = "-" if c["windows_per_unet_step"] is None else f"{c['windows_per_unet_step']:.2f}"
         lines.append(f"| {c['streams']} | {c['aggregate_fps']:.2f} | {c['per_stream_fps']:.2f} / "
-                     f"{c['min_stream_fps']:.2f} | {ff} | {c['unet_items_per_execution']:.2f} | "
-                     f"{c['unet_windows_per_execution']:.2f} | {len(c['errors'])} |")
+                     f"{c['min_stream_fps']:.2f} | {ff} | {per_step} | {len(c['errors'])} |")
     st = r["stage_ms_per_frame"]
     lines += ["", "| stage | ms per frame |", "|---|---|"]
     for k in (*PER_FRAME_STAGES[:5], "unet", "unet_step", *PER_FRAME_STAGES[6:]):
@@ -574,18 +545,19 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {s['executions']} | {s['mean_batch']:.2f} | {s['queue_ms_per_frame']:.2f} | "
                      f"{s['compute_ms_per_frame']:.2f} |")
     mem = r["memory"]
-    lines += ["", f"Peak memory: server {_mib(mem.get('server_peak_bytes'))} (tritonserver + stubs, summed RSS), "
+    lines += ["", f"Peak memory: server {_mib(mem.get('server_peak_bytes'))} (tritonserver + stubs: anonymous + /dev/shm), "
                   f"client {_mib(mem.get('client_peak_bytes'))}, in-process pipeline "
                   f"{_mib(mem.get('reference_peak_bytes'))}."]
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, argparse.Namespace]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | CeilingOptions, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="latentsync-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--repo", type=Path, help="repository built by latentsync-export --target cpu")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--repo", type=Path, help="repository built by latentsync-export --target cpu (with "
+                     "--stand-ins: one built with --stand-ins; default: built for the run)")
     src.add_argument("--tiny", action="store_true", help="build a random tiny repository for the run")
     p.add_argument("--export-arg", action="append", default=[], metavar="FLAG",
                    help="extra latentsync-export flag for --tiny (repeat; e.g. --export-arg=--unet-max-batch=8)")
@@ -594,33 +566,53 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, argpars
     p.add_argument("--url", help="benchmark a running server (grpc host:port) instead of starting one; its "
                    "statistics need env LATENTSYNC_ADMIN_KEY or latentsync-serve --open-api statistics")
     p.add_argument("--server-pid", type=int, help="with --url: the server's process group, for its memory")
+    p.add_argument("--metrics-url", help="with --url: its Prometheus endpoint, e.g. http://HOST:8002/metrics")
     p.add_argument("--size", type=int, default=256, help="resize frames to this longer side (0: keep)")
     p.add_argument("--seconds", type=float, default=2.5, help="audio seconds per stream")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", default=None, help="DDIM steps (default 20); with --stand-ins a list (default 20,1)")
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=1247)
     p.add_argument("--variant")
-    p.add_argument("--streams", default="1,2,4,8", help="concurrency levels")
+    p.add_argument("--streams", default=None, help="concurrency levels (default 1,2,4,8; --stand-ins 1,8,16)")
     p.add_argument("--repeats", type=int, default=2, help="single-stream runs of each path (best counts)")
     p.add_argument("--no-reference", action="store_true", help="skip the in-process pipeline")
     p.add_argument("--json", action="store_true", help="print the report as JSON (machines)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
+    stand = p.add_argument_group("the serving path's ceiling (--stand-ins; frames at the clip's size)")
+    stand.add_argument("--stand-ins", action="store_true", help="the networks replaced by near-zero-cost "
+                       "stand-ins: the serving path's own throughput, CPU and memory per stream (ceiling.py)")
+    stand.add_argument("--frames", type=int, default=64, help="frames per stream")
+    stand.add_argument("--per-request", type=int, default=16, help="frames per request")
+    stand.add_argument("--ahead", type=int, default=32, help="frames a stream keeps unanswered (0: all at once)")
     a = p.parse_args(argv)
+    ints = lambda text, default: [int(x) for x in (text or default).split(",") if x]  # noqa: E731
+    if a.stand_ins:
+        if a.tiny or a.url:
+            p.error("--stand-ins starts its own server on a --stand-ins repository (--repo, or built for the run)")
+        return CeilingOptions(video=a.video, audio=a.audio, repo=a.repo, streams=ints(a.streams, "1,8,16"),
+                              steps=ints(a.steps, "20,1"), frames=a.frames, per_request=a.per_request,
+                              ahead=a.ahead, guidance=a.guidance, seed=a.seed), a
+    if not (a.repo or a.tiny):
+        p.error("one of --repo, --tiny or --stand-ins is required")
+    steps = ints(a.steps, "20")
+    if len(steps) != 1:
+        p.error("--steps takes one value without --stand-ins")
     opts = BenchOptions(video=a.video, audio=a.audio, repo=a.repo, tiny=a.tiny, export_args=a.export_arg,
-                        url=a.url, server_pid=a.server_pid, size=a.size, seconds=a.seconds, steps=a.steps,
-                        guidance=a.guidance, seed=a.seed, variant=a.variant,
-                        streams=[int(s) for s in a.streams.split(",") if s], repeats=a.repeats,
-                        reference=not a.no_reference)
+                        url=a.url, server_pid=a.server_pid, metrics_url=a.metrics_url, size=a.size,
+                        seconds=a.seconds, steps=steps[0], guidance=a.guidance, seed=a.seed, variant=a.variant,
+                        streams=ints(a.streams, "1,2,4,8"), repeats=a.repeats, reference=not a.no_reference)
     return opts, a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts, a = parse_args(argv)
-    report = run(opts)
+    report = ceiling.run(opts) if isinstance(opts, CeilingOptions) else run(opts)
     text = json.dumps(report, indent=1, default=str)
     if a.out:
         a.out.write_text(text + "\n")
-    print(text if a.json else markdown(report))
+    if not a.json:
+        text = ceiling.markdown(report) if isinstance(opts, CeilingOptions) else markdown(report)
+    print(text)
     return 0
 
 

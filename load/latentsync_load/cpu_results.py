@@ -57,10 +57,10 @@ def main(argv=None) -> int:
     (a.out / "machine.json").write_text(json.dumps(machine(), indent=1) + "\n")
     with tempfile.TemporaryDirectory(prefix="latentsync-results-") as tmp:
         repo = Path(tmp) / "repo"
-        # The serving setup of the figures: cross-stream UNet step batching, 8 streams' windows per UNet call
-        # (x2 for guidance), 8 streams' frames per per-frame model call.
-        run([BIN / "latentsync-export", "--tiny", "--target", "cpu", "--out", repo, "--unet-step-batching",
-             "--unet-max-batch=16", "--frame-max-batch=128"], a.out / "export.log")
+        # The serving setup of the figures: every window of 8 streams (two each with overlap) advanced by each
+        # denoising step, 8 streams' frames per per-frame model call.
+        run([BIN / "latentsync-export", "--tiny", "--target", "cpu", "--out", repo, "--max-windows=16",
+             "--frame-max-batch=128"], a.out / "export.log")
         if "bench" not in skip:
             run([BIN / "latentsync-bench", "--repo", repo, "--video", clip, "--size", "256", "--seconds", "0.64",
                  "--steps", "20", "--guidance", "1.5", "--streams", "1,2,4,8", "--repeats", "3",

@@ -5,13 +5,16 @@ latentsync_core.pipeline.LipSyncStream; only the model calls cross the process b
 computes exactly what LocalModels computes in-process. Tensors cross as torch tensors of the stream's device:
 on a GPU through DLPack in device memory (the callee answers in device memory too), on the CPU through numpy.
 Per window a stream makes one call to each model; the denoising loop's steps all run inside the denoiser.
-Every call blocks its stream's thread only; the calls of concurrent streams meet in the callees' batchers.
-Each call's count and bytes are counted per callee (`lipsync_bls_*` metrics).
+Every call blocks its stream's thread only; the calls of concurrent streams meet in the callees' batchers, at
+most `CallSlots.per_model` at a time per callee. Each call's count and bytes are counted per callee
+(`lipsync_bls_*` metrics).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +50,32 @@ class ModelNames:
     enhancer: str = ""            # empty: the repository has no face enhancer
 
 
+class CallSlots:
+    """At most `per_model` calls in flight to each model, shared by every stream of a lipsync instance (0: no
+    limit). A call's tensors are copied into the caller's and then the callee's Python-backend shared-memory pool
+    and stay there until it returns, queueing included, and those pools never shrink: with one window per stream
+    in every queue they would keep the frames of every stream at once (~100 MB per window at 1080p). A callee
+    batches at most `per_model` windows (its max batch / 16 frames); calls beyond wait here, in no pool."""
+
+    def __init__(self, per_model: int):
+        self.per_model = per_model
+        self._slots: dict[str, threading.Semaphore] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, model: str):
+        if self.per_model <= 0:
+            return contextlib.nullcontext()
+        with self._lock:
+            return self._slots.setdefault(model, threading.Semaphore(self.per_model))
+
+
 class TritonModels:
     """ModelBackend over BLS; one per stream (it names that stream's denoiser variant)."""
 
     def __init__(self, pb_utils, names: ModelNames, vae_scale: float, traffic: Metrics, device: torch.device,
-                 audio_max_batch: int = 8, track_faces: bool = False):
+                 audio_max_batch: int = 8, track_faces: bool = False, slots: CallSlots | None = None):
         self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
+        self.slots = slots or CallSlots(0)
         self.device, self.audio_max_batch = device, audio_max_batch
         # With the detector's "track" policy the stream's last face box is its reference for the next window.
         self.last_box = np.full(4, np.nan, np.float32) if track_faces else None
@@ -63,6 +86,16 @@ class TritonModels:
     # ------------------------------------------------------------------------------------------ transport
     def call(self, model: str, inputs: dict[str, torch.Tensor | np.ndarray], outputs: list[str],
              parameters: dict | None = None, decoupled: bool = False) -> list[torch.Tensor]:
+        # The denoiser holds a window for all its steps and batches up to its max_windows: not limited here.
+        with contextlib.nullcontext() if decoupled else self.slots(model):
+            found = self._call(model, inputs, outputs, parameters, decoupled)
+        self.traffic.add("lipsync_bls_requests", callee=model)
+        self.traffic.add("lipsync_bls_input_bytes", sum(_nbytes(v) for v in inputs.values()), callee=model)
+        self.traffic.add("lipsync_bls_output_bytes", sum(_nbytes(v) for v in found.values()), callee=model)
+        return [found[name] for name in outputs]
+
+    def _call(self, model: str, inputs: dict[str, torch.Tensor | np.ndarray], outputs: list[str],
+              parameters: dict | None, decoupled: bool) -> dict[str, torch.Tensor]:
         pb = self.pb
         tensors = [pb.Tensor(k, np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else from_torch(pb, k, v)
                    for k, v in inputs.items()]
@@ -80,10 +113,7 @@ class TritonModels:
         missing = [name for name in outputs if name not in found]
         if missing:
             raise ModelCallError(f"model '{model}' answered without {', '.join(missing)}")
-        self.traffic.add("lipsync_bls_requests", callee=model)
-        self.traffic.add("lipsync_bls_input_bytes", sum(_nbytes(v) for v in inputs.values()), callee=model)
-        self.traffic.add("lipsync_bls_output_bytes", sum(_nbytes(v) for v in found.values()), callee=model)
-        return [found[name] for name in outputs]
+        return found
 
     def _own(self, tensor) -> torch.Tensor:
         """An output as a tensor this stream owns (the response's buffer is released with the response)."""

@@ -41,11 +41,12 @@ from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
 from .backend import ModelContext
-from .bls import TRAFFIC, ModelNames, TritonModels
+from .bls import TRAFFIC, CallSlots, ModelNames, TritonModels
 from .metrics import Metrics, log
 from .serve import DRAIN_FILE_ENV
 
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+RESPONSES = "<responses>"            # the CallSlots key of the window responses sent to clients
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -61,6 +62,7 @@ class ServiceSettings:
     random_weights: bool = False
     track_faces: bool = False          # face_detector policy "track": send each stream's previous box
     overlap: bool = True               # prepare a stream's next window while the current one denoises
+    calls_per_model: int = 2           # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
@@ -73,7 +75,8 @@ class ServiceSettings:
                    audio_max_batch=int(p.get("audio_encoder_max_batch", 8)),
                    idle_timeout_s=float(p.get("stream_idle_timeout_s", 300)),
                    random_weights=flag("random_weights", "false"),
-                   track_faces=p.get("face_policy", "largest") == "track", overlap=flag("overlap_windows", "true"))
+                   track_faces=p.get("face_policy", "largest") == "track", overlap=flag("overlap_windows", "true"),
+                   calls_per_model=int(p.get("calls_per_model", 2)))
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -83,6 +86,28 @@ class _Request:
 
     sender: Any
     closed: bool = False
+
+
+@dataclass(eq=False)
+class _Incoming:
+    """What a stream needs of one request, copied out of it in `execute`: a request's input tensors stay in the
+    Python backend's shared-memory pool for as long as the request object lives, and that pool never shrinks, so
+    requests queued behind a stream's windows would grow it by their frames (docs/OPERATIONS.md "Memory")."""
+
+    sender: Any
+    flags: int
+    parameters: str
+    frames: np.ndarray | None
+    audio: np.ndarray | None
+
+    @classmethod
+    def take(cls, pb, request) -> _Incoming:
+        def owned(name: str) -> np.ndarray | None:
+            tensor = pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else np.array(tensor.as_numpy(), copy=True)
+
+        return cls(request.get_response_sender(), request.flags(), request.parameters() or "", owned(FRAMES),
+                   owned(AUDIO))
 
 
 class Stream:
@@ -104,9 +129,9 @@ class Stream:
         self.thread = threading.Thread(target=self._run, name=f"lipsync-stream-{stream_id}", daemon=True)
         self.thread.start()
 
-    def put(self, request) -> None:
+    def put(self, incoming: _Incoming) -> None:
         self.last_active = time.monotonic()
-        self.requests.put(request)
+        self.requests.put(incoming)
 
     def close(self) -> None:
         self.requests.put(None)  # after the requests already queued
@@ -116,10 +141,10 @@ class Stream:
         return 0.0 if working else time.monotonic() - self.last_active
 
     def _run(self) -> None:
-        while (request := self.requests.get()) is not None:
+        while (incoming := self.requests.get()) is not None:
             self.busy = True
             try:
-                self._handle(_Request(request.get_response_sender()), request)
+                self._handle(_Request(incoming.sender), incoming)
             finally:
                 self.busy, self.last_active = False, time.monotonic()
         if self.windows is not None:
@@ -132,16 +157,16 @@ class Stream:
         self.service.finished(self)
 
     # ------------------------------------------------------------------------------------------ one request
-    def _handle(self, req: _Request, request) -> None:
+    def _handle(self, req: _Request, incoming: _Incoming) -> None:
         if self.error is not None:
             self._send(req, self._error(f"stream {self.id} already failed: {self.error}"), final=True)
             return
         try:
             if self.params is None:
                 settings = self.service.settings
-                self.params = StreamParams.parse(json.loads(request.parameters() or "{}"), list(settings.denoisers),
+                self.params = StreamParams.parse(json.loads(incoming.parameters or "{}"), list(settings.denoisers),
                                                  enhancer=bool(settings.names.enhancer))
-            self._consume(request, req)
+            self._consume(incoming, req)
         except Exception as e:  # noqa: BLE001 - every failure ends the stream with a message to the client
             self._fail(e, req)
             return
@@ -150,15 +175,15 @@ class Stream:
         else:
             self.windows.after(lambda: self._close(req))
 
-    def _consume(self, request, req: _Request) -> None:
-        audio, frames = self._input(request, AUDIO), self._input(request, FRAMES)
+    def _consume(self, incoming: _Incoming, req: _Request) -> None:
+        audio, frames = incoming.audio, incoming.frames
         if audio is not None and audio.size:
             if self.windows is not None:
                 raise ContractError("AUDIO arrived after FRAMES: send the whole audio track first "
                                     "(upstream normalises the log-mel over the whole track)")
-            check_audio_shape(audio.shape, self.samples)            # by shape: nothing copied yet
+            check_audio_shape(audio.shape, self.samples)            # the 300 s limit over the whole stream
             check_audio_range(float(audio.min()), float(audio.max()))
-            self.audio.append(np.array(audio, np.float32, copy=True))
+            self.audio.append(audio)                                 # owned: copied out in execute
             self.samples += audio.size
         if frames is not None and len(frames):
             check_frames_shape(frames.shape)
@@ -166,8 +191,9 @@ class Stream:
                 self.windows = WindowedStream(self._start(), self._deliver, self._fail,
                                               overlap=self.service.settings.overlap)
             self._check_cancelled(req)
-            self.windows.push(frames, req)
-        if request.flags() & SEQUENCE_END and self.windows is not None:
+            incoming.frames = None          # the windows hold what they need of them
+            self.windows.push(frames, req, owned=True)
+        if incoming.flags & SEQUENCE_END and self.windows is not None:
             self._check_cancelled(req)
             self.windows.end(req)
 
@@ -193,7 +219,8 @@ class Stream:
 
     # ------------------------------------------------------------------------------------------ responses
     def _deliver(self, result: WindowResult, req: _Request) -> None:
-        self._send(req, self._response(result))
+        with self.service.slots(RESPONSES):   # the frames are copied into the pool until the response is sent
+            self._send(req, self._response(result))
 
     def _close(self, req: _Request) -> None:
         """A request's final response, after its windows (an error if the stream failed meanwhile)."""
@@ -222,10 +249,6 @@ class Stream:
             else:
                 req.sender.send(response, flags=flags)
 
-    def _input(self, request, name: str) -> np.ndarray | None:
-        tensor = self.pb.get_input_tensor_by_name(request, name)
-        return None if tensor is None else tensor.as_numpy()
-
     def _response(self, r: WindowResult):
         pb = self.pb
         return pb.InferenceResponse(output_tensors=[
@@ -253,6 +276,7 @@ class LipSyncService:
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
         self.lock = threading.Lock()
         self.running: set[Stream] = set()             # streams whose thread has not finished
+        self.slots = CallSlots(settings.calls_per_model)     # shared by the streams: bounds the pools' growth
         self.metrics = Metrics(pb_utils, model, counters=TRAFFIC, gauges={
             "lipsync_open_streams": "Streams started and not yet finished (last response sent), failed-and-ended "
                                     "or dropped as idle"})
@@ -272,7 +296,7 @@ class LipSyncService:
         """A stream's model calls: its variant's denoiser, on this instance's device."""
         names = ModelNames(**{**self.settings.names.__dict__, "denoiser": self.settings.denoisers[variant]})
         return TritonModels(self.pb, names, self.settings.vae_scale, self.metrics, self.device,
-                            self.settings.audio_max_batch, self.settings.track_faces)
+                            self.settings.audio_max_batch, self.settings.track_faces, self.slots)
 
     def submit(self, request) -> None:
         stream_id, flags = request.correlation_id(), request.flags()
@@ -297,7 +321,7 @@ class LipSyncService:
             request.get_response_sender().send(self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
                                                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        stream.put(request)
+        stream.put(_Incoming.take(self.pb, request))
         if flags & SEQUENCE_END:
             stream.close()
 

@@ -185,9 +185,45 @@ __attribute__((constructor)) static void fill_argv(int argc, char **argv, char *
 }
 """
 
+HEAP_TRIM_SOURCE = r"""
+/* Built into the same LD_PRELOAD library, so it runs in tritonserver and in every backend stub (they inherit
+   LD_PRELOAD): a thread that gives the free pages inside glibc's malloc arenas back to the system every
+   LATENTSYNC_HEAP_TRIM_MS milliseconds (default 2000, 0 = never) with malloc_trim(0). Freed gRPC message slices
+   and frame buffers otherwise stay in the arenas, fragmented: ~250 MB in tritonserver and ~100 MB per stub after
+   a few 1080p streams (docs/OPERATIONS.md "Memory"). A trim walks the free chunks: well under 1 ms when idle. */
+#include <malloc.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static unsigned trim_ms = 2000;
+
+static void *trim_heap(void *unused) {
+  (void)unused;
+  for (;;) {
+    usleep(trim_ms * 1000);
+    malloc_trim(0);
+  }
+  return NULL;
+}
+
+__attribute__((constructor)) static void start_heap_trim(void) {
+  const char *ms = getenv("LATENTSYNC_HEAP_TRIM_MS");
+  pthread_t thread;
+  pthread_attr_t attr;
+  if (ms) trim_ms = (unsigned)strtoul(ms, NULL, 10);
+  if (!trim_ms) return;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&attr, 64 << 10);
+  pthread_create(&thread, &attr, trim_heap, NULL);
+  pthread_attr_destroy(&attr);
+}
+"""
 
 def build_argv_shim(out: str | os.PathLike) -> Path:
-    """Compile ARGV_SHIM_SOURCE into the shared library `out` with the C compiler ($CC, cc, gcc or clang)."""
+    """Compile ARGV_SHIM_SOURCE and HEAP_TRIM_SOURCE into the shared library `out` with the C compiler ($CC, cc,
+    gcc or clang)."""
     out = Path(out)
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if compiler is None:
@@ -196,8 +232,8 @@ def build_argv_shim(out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         source, built = Path(tmp) / "argv_secret.c", Path(tmp) / "argv_secret.so"
-        source.write_text(ARGV_SHIM_SOURCE)
-        r = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(built), str(source)],
+        source.write_text(ARGV_SHIM_SOURCE + HEAP_TRIM_SOURCE)
+        r = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-Wall", "-pthread", "-o", str(built), str(source)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"building the argv library with {compiler} failed:\n{r.stderr}")
@@ -269,7 +305,10 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
             # it ever held (a 256 MiB request left 256 MiB in tritonserver for good, measured on 2.51)
             "--grpc-infer-allocation-pool-size=0",
             f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}"]
+            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
+            # gRPC request/response objects are not kept for reuse: a kept one holds its largest message (a whole
+            # window of frames, ~100 MB at 1080p) for good; freeing them costs page faults, not copies
+            "--grpc-infer-allocation-pool-size=0"]
     if shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
     if model_control_mode == "explicit":
