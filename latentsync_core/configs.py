@@ -10,8 +10,7 @@ import copy
 from dataclasses import dataclass, field
 
 # The stream's recipe defaults, rates and window size are part of the client contract.
-from latentsync_contract import (  # noqa: F401
-    DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, FPS, SAMPLE_RATE, SAMPLERS, WINDOW)
+from latentsync_contract import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, FPS, SAMPLE_RATE, SAMPLERS, WINDOW  # noqa: F401
 
 UNET_STAGE2: dict = {
     "act_fn": "silu",

@@ -12,11 +12,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from latentsync_core.face.align import (FaceAligner, _homogeneous, _inverse_3x3, _normaliser, box_hw,
-                                        landmarks_to_points, sampling_grid, source_window)
+from latentsync_core.face.align import (
+    FaceAligner,
+    _homogeneous,
+    _inverse_3x3,
+    _normaliser,
+    box_hw,
+    landmarks_to_points,
+    sampling_grid,
+    source_window,
+)
 from latentsync_core.face.mask import masked_face_inputs, mouth_mask
-from latentsync_core.face.restore import (erode, gaussian_blur, paste_back, paste_faces, paste_mask, paste_region,
-                                          paste_window, resize_face_to_box)
+from latentsync_core.face.restore import (
+    erode,
+    gaussian_blur,
+    paste_back,
+    paste_faces,
+    paste_mask,
+    paste_region,
+    paste_window,
+    resize_face_to_box,
+)
 from latentsync_core.face.timing import measure
 
 

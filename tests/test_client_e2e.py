@@ -36,9 +36,8 @@ from latentsync_client import (
     frames_25fps,
     num_frames_for_audio,
 )
-from latentsync_client.errors import Interrupted, NoFaceError, ServerUnreachable
+from latentsync_client.errors import Interrupted, NoFaceError, OutputError, ServerUnreachable, StreamExpired
 from latentsync_serving.serve import free_port
-from latentsync_client.errors import OutputError, StreamExpired
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 from helpers import FAST, assert_synced_output, cut_audio, run_cli, write_clip
+
 from latentsync_client import NoFaceError
 
 

@@ -9,8 +9,15 @@ import torch
 
 from latentsync_core.checkpoints import CheckpointError
 from latentsync_core.face.enhance import (
-    FaceEnhancer, FaceEnhancerError, enhance_faces, enhance_mouths, face_enhancer_from_state_dict,
-    import_spandrel, load_face_enhancer, mouth_blend_weight, mouth_sharpness,
+    FaceEnhancer,
+    FaceEnhancerError,
+    enhance_faces,
+    enhance_mouths,
+    face_enhancer_from_state_dict,
+    import_spandrel,
+    load_face_enhancer,
+    mouth_blend_weight,
+    mouth_sharpness,
 )
 from latentsync_core.face.mask import mouth_mask
 from latentsync_core.tiny import FACE_RESTORER_FILES, face_restorer_network, make_face_restorer, make_unet

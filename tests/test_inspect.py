@@ -3,6 +3,7 @@ import cv2
 import numpy as np
 import pytest
 from helpers import cut_audio
+
 from latentsync_core.face.stages import LABEL_H
 from latentsync_export.export import ExportOptions, build_repository
 from latentsync_load.inspect_stages import main

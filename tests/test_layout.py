@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import latentsync_core
 import pytest
+
+import latentsync_core
 from latentsync_export.model_config import templates_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,17 @@ from helpers import CLI, FAST, assert_synced_output, audio_for, children_of, cut
 from tritonclient.utils import InferenceServerException
 
 from latentsync_export.export import ExportOptions, build_repository
-from latentsync_serving.serve import (ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED_APIS, TritonServer, free_port,
-                                     port_is_free, secret_env, secret_marker, server_args)
+from latentsync_serving.serve import (
+    ADMIN_HEADER,
+    GRPC_ADMIN_HEADER,
+    RESTRICTED_APIS,
+    TritonServer,
+    free_port,
+    port_is_free,
+    secret_env,
+    secret_marker,
+    server_args,
+)
 
 ADMIN_KEY = "test-admin-key"
 GRPC_ADMIN = {GRPC_ADMIN_HEADER: ADMIN_KEY}   # Triton prefixes gRPC restriction headers

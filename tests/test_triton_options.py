@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import FAST, audio_for, cut_audio, reference_video, run_cli, run_stream, write_clip
-from latentsync_core.face.enhance import EnhanceSpec, mouth_blend_weight
+
 from latentsync_core.face.align import box_hw
+from latentsync_core.face.enhance import EnhanceSpec, mouth_blend_weight
 from latentsync_core.face.restore import paste_back, resize_face_to_box
 from latentsync_core.tiny import make_face_restorer
 from latentsync_export.export import ExportOptions, build_repository
@@ -116,6 +117,7 @@ def test_cli_carries_every_option(server, shared_dir, tmp_path, clip):
 def turned_photo():
     """insightface's t1.jpg: its largest face (the one upstream syncs) is turned about 30 degrees away."""
     import cv2
+
     from latentsync_load.demo import sample_portrait
 
     return cv2.cvtColor(cv2.imread(str(sample_portrait())), cv2.COLOR_BGR2RGB)

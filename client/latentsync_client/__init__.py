@@ -9,8 +9,16 @@
 """
 from latentsync_contract import FPS, SAMPLE_RATE, StreamParams, num_frames_for_audio
 
-from .errors import (ClientError, InputError, Interrupted, NoFaceError, OutputError, ServerError, ServerUnreachable,
-                     StreamExpired)
+from .errors import (
+                     ClientError,
+                     InputError,
+                     Interrupted,
+                     NoFaceError,
+                     OutputError,
+                     ServerError,
+                     ServerUnreachable,
+                     StreamExpired,
+)
 from .media import audio_chunks, frames_25fps, frames_for_audio, ping_pong_index
 from .stream import LipsyncClient, SyncedFrame
 from .sync import SyncResult, sync_file

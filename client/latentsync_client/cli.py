@@ -12,8 +12,19 @@ import signal
 import sys
 from typing import Sequence
 
-from latentsync_contract import (DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MAX_DEEPCACHE, MAX_GUIDANCE, MAX_STEPS,
-                                 MODEL_NAME, SAMPLERS, VARIANTS, ContractError, StreamParams)
+from latentsync_contract import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    MAX_DEEPCACHE,
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    MODEL_NAME,
+    SAMPLERS,
+    VARIANTS,
+    ContractError,
+    StreamParams,
+)
 
 from .errors import ClientError, InputError, Interrupted
 from .stream import LipsyncClient

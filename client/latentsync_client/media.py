@@ -25,7 +25,6 @@ from latentsync_contract import FPS, SAMPLE_RATE, ContractError, check_frame_siz
 
 from .errors import InputError
 
-
 # FFmpeg demuxers that render any text file as "video": never what a user meant.
 TEXT_ART_FORMATS = {"tty", "bin", "xbin", "adf", "idf"}
 

@@ -143,7 +143,7 @@ class SyncedVideoWriter:
         self._audio_written = 0
         self._audio_ended = False
 
-    def __enter__(self) -> "SyncedVideoWriter":
+    def __enter__(self) -> SyncedVideoWriter:
         folder = self.path.parent
         try:
             remove_stale_partials(folder)

@@ -40,8 +40,8 @@ from typing import Sequence
 from latentsync_core.configs import get_variant
 from latentsync_core.face.enhance import FACE_ARCHS, load_face_enhancer
 from latentsync_core.loaders import load_vae, load_whisper_encoder, locate
-from latentsync_serving.backend import DTYPES
 from latentsync_core.tiny import make_tiny_weights
+from latentsync_serving.backend import DTYPES
 
 from .manifest import MANIFEST
 from .model_config import (
