@@ -7,6 +7,7 @@ Upstream quirks kept on purpose (they change the numbers or the frame count):
 * the mel is cut into 3000-frame (30 s) segments, each zero-padded in log-mel space (not with silent audio);
 * frame i sees feature steps 2i-4 .. 2i+5 (at 25 fps), clamped to the track, and the chunk count is T//2 + 2.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from .configs import FPS, SAMPLE_RATE
 N_FFT = 400
 HOP_LENGTH = 160
 N_MELS = 80
-SEGMENT_FRAMES = 3000            # mel frames per encoder call (30 s); the encoder halves them to 1500 steps
-FEATURES_PER_SECOND = 50         # upstream's get_sliced_feature hard-codes this rate
-AUDIO_FEAT_LENGTH = (2, 2)       # video frames of context before / after (config audio_feat_length)
+SEGMENT_FRAMES = 3000  # mel frames per encoder call (30 s); the encoder halves them to 1500 steps
+FEATURES_PER_SECOND = 50  # upstream's get_sliced_feature hard-codes this rate
+AUDIO_FEAT_LENGTH = (2, 2)  # video frames of context before / after (config audio_feat_length)
 
 # Feature steps around a frame's centre: -2*2 .. (2+1)*2 - 1, i.e. 10 steps, 80 ms back to 120 ms ahead.
 _OFFSETS = np.arange(-2 * AUDIO_FEAT_LENGTH[0], 2 * (AUDIO_FEAT_LENGTH[1] + 1), dtype=np.int64)
@@ -56,9 +57,15 @@ def mel_filters(device: str = "cpu") -> torch.Tensor:
     """(80, 201) slaney mel filter bank = librosa.filters.mel(sr=16000, n_fft=400, n_mels=80), whisper's filters."""
     from transformers.audio_utils import mel_filter_bank
 
-    bank = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0,
-                           max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
-                           mel_scale="slaney")
+    bank = mel_filter_bank(
+        num_frequency_bins=N_FFT // 2 + 1,
+        num_mel_filters=N_MELS,
+        min_frequency=0.0,
+        max_frequency=SAMPLE_RATE / 2,
+        sampling_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
     return torch.from_numpy(bank.T.astype(np.float32)).to(device)
 
 

@@ -4,6 +4,7 @@ Every loader (latentsync_core.loaders) checks the full key set and every shape a
 its config with `check_state_dict`; a mismatch is one `CheckpointError` naming the first offending key and a
 likely cause.
 """
+
 from __future__ import annotations
 
 import pickle

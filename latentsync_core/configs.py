@@ -4,6 +4,7 @@ The UNet dicts use the field names of upstream's configs/unet/stage2.yaml `model
 file of the official release can be passed as-is. 1.5 (stage2.yaml) and 1.6 (stage2_512.yaml) share the
 UNet architecture; they differ only in the data resolution (latent 32x32 vs 64x64) and trained weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,12 +65,20 @@ SCHEDULER_CONFIG: dict = {
 
 # OpenAI whisper "tiny" (multilingual) dims; all shipped LatentSync configs use cross_attention_dim 384 = tiny.
 WHISPER_TINY_DIMS: dict = {
-    "n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
-    "n_vocab": 51865, "n_text_ctx": 448, "n_text_state": 384, "n_text_head": 6, "n_text_layer": 4,
+    "n_mels": 80,
+    "n_audio_ctx": 1500,
+    "n_audio_state": 384,
+    "n_audio_head": 6,
+    "n_audio_layer": 4,
+    "n_vocab": 51865,
+    "n_text_ctx": 448,
+    "n_text_state": 384,
+    "n_text_head": 6,
+    "n_text_layer": 4,
 }
 
 VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, shift 0
-NUM_FRAMES = WINDOW           # frames per window (non-overlapping)
+NUM_FRAMES = WINDOW  # frames per window (non-overlapping)
 
 
 @dataclass(frozen=True)

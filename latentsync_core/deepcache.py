@@ -24,6 +24,7 @@ Every function here takes a batch of several windows (b items of f frames; with 
 concatenate them per item along dim 0. `deepcache_step` serves a batch whose items are at different steps
 (windows of different streams); denoise.WindowJob keeps each window's features between its steps.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -41,8 +42,12 @@ def deepcache_plan(step_index: int, interval: int) -> bool:
     return step_index % interval == 0
 
 
-def full_step(unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio: torch.Tensor,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def full_step(
+    unet: UNet3DConditionModel,
+    sample: torch.Tensor,
+    timestep,
+    audio: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`unet(sample, timestep, audio)` (the same result, bit for bit) and the feature: the hidden state entering
     the final up block's last layer, (b*f, C0, h, w)."""
     x, temb, audio, shape = unet.embed(sample, timestep, audio)
@@ -52,16 +57,22 @@ def full_step(unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio:
     return unet.head(unet.last_layer(feature, x, temb, audio, f), shape), feature
 
 
-def cached_step(unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio: torch.Tensor,
-                feature: torch.Tensor) -> torch.Tensor:
+def cached_step(
+    unet: UNet3DConditionModel, sample: torch.Tensor, timestep, audio: torch.Tensor, feature: torch.Tensor
+) -> torch.Tensor:
     """A reused step: time embedding, conv_in, the final up block's last layer on [feature | conv_in output],
     head. `feature` (b*f, C0, h, w) comes from full_step on the same items."""
     x, temb, audio, shape = unet.embed(sample, timestep, audio)
     return unet.head(unet.last_layer(feature, x, temb, audio, shape[1]), shape)
 
 
-def deepcache_step(unet: UNet3DConditionModel, sample: torch.Tensor, timesteps, audio: torch.Tensor,
-                   features: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def deepcache_step(
+    unet: UNet3DConditionModel,
+    sample: torch.Tensor,
+    timesteps,
+    audio: torch.Tensor,
+    features: Sequence[torch.Tensor | None],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One step for b items that may be at different steps of their windows: item j runs the full UNet where
     features[j] is None (the caller decides with deepcache_plan), else a cached step on features[j] (f, C0, h, w).
 
@@ -83,8 +94,9 @@ def deepcache_step(unet: UNet3DConditionModel, sample: torch.Tensor, timesteps, 
         for j, feature in zip(full, new.split(f)):
             features[j] = feature
     if reuse:
-        preds.append(cached_step(unet, *_items((sample, timesteps, audio), reuse, b),
-                                 torch.cat([features[j] for j in reuse])))
+        preds.append(
+            cached_step(unet, *_items((sample, timesteps, audio), reuse, b), torch.cat([features[j] for j in reuse]))
+        )
     if not (full and reuse):
         return preds[0], features
     order = torch.tensor(full + reuse, device=sample.device).argsort()

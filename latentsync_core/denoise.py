@@ -8,6 +8,7 @@ The UNet is a callable `unet(sample, timesteps, audio) -> noise_pred`. A window'
   timesteps (b,) int64        one per batch item (different streams may be at different steps on a server)
   audio     (b, f, 50, 384)   whisper chunks; with guidance the unconditional item is all-zero audio, FIRST
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,7 +23,7 @@ from .deepcache import deepcache_plan, deepcache_step
 from .samplers import SAMPLERS, make_sampler
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Sampler = Any   # DDIMScheduler or samplers.MultistepSampler: timesteps, scale_model_input, step
+Sampler = Any  # DDIMScheduler or samplers.MultistepSampler: timesteps, scale_model_input, step
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class DenoiseSpec:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     sampler: str = "ddim"
-    deepcache: int = 0        # DeepCache interval: the full UNet every k-th step of a window (0 = off)
+    deepcache: int = 0  # DeepCache interval: the full UNet every k-th step of a window (0 = off)
 
     def __post_init__(self):
         if not 1 <= int(self.steps) <= 1000:
@@ -79,8 +80,7 @@ class WindowConditioning:
     audio: torch.Tensor  # (f, 50, 384)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> WindowConditioning:
-        return WindowConditioning(*(t.to(device, dtype) for t in (self.mask, self.masked, self.reference,
-                                                                   self.audio)))
+        return WindowConditioning(*(t.to(device, dtype) for t in (self.mask, self.masked, self.reference, self.audio)))
 
     def unet_input(self, latents: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sample (b,13,f,h,w), audio (b,f,50,384)) with b = 2 under guidance [uncond, cond]."""
@@ -100,14 +100,14 @@ class WindowJob:
     conditioning's dtype. The sampler is this window's own: DPM-Solver++ keeps a history per window.
     """
 
-    latents: torch.Tensor                    # (1, 4, f, h, w)
+    latents: torch.Tensor  # (1, 4, f, h, w)
     cond: WindowConditioning
     sampler: Sampler
     guidance: float
-    deepcache: int = 0                       # DeepCache interval (0 = every step runs the full UNet)
+    deepcache: int = 0  # DeepCache interval (0 = every step runs the full UNet)
     trace: Callable[[int, dict], None] | None = None
-    index: int = 0                           # steps done
-    features: list[torch.Tensor] | None = None   # DeepCache: the items' features of the last full step
+    index: int = 0  # steps done
+    features: list[torch.Tensor] | None = None  # DeepCache: the items' features of the last full step
 
     @property
     def guided(self) -> bool:
@@ -142,8 +142,9 @@ class WindowJob:
             eps = uncond + self.guidance * (audio_pred - uncond)
         self.latents = self.sampler.step(eps, t, self.latents, eta=0.0).prev_sample
         if self.trace is not None:
-            self.trace(self.index, {"t": int(t), "unet_input": unet_input, "noise_pred": noise_pred,
-                                    "latents": self.latents})
+            self.trace(
+                self.index, {"t": int(t), "unet_input": unet_input, "noise_pred": noise_pred, "latents": self.latents}
+            )
         self.index += 1
 
 
@@ -165,7 +166,7 @@ def step(unet: UNetFn, jobs: Sequence[WindowJob]) -> int:
             noise_pred, features = deepcache_step(unet, sample, timesteps, audio, cached)
             calls += any(f is None for f in cached) + any(f is not None for f in cached)
             for job, start, n in zip(group, itertools.accumulate([0, *sizes]), sizes):
-                job.features = features[start:start + n] if job.deepcache else None
+                job.features = features[start : start + n] if job.deepcache else None
         else:
             noise_pred = unet(sample, timesteps, audio)
             calls += 1
@@ -174,9 +175,15 @@ def step(unet: UNetFn, jobs: Sequence[WindowJob]) -> int:
     return calls
 
 
-def denoise_window(unet: UNetFn, latents: torch.Tensor, cond: WindowConditioning, sampler: Sampler,
-                   guidance: float, callback: Callable[[int, dict], None] | None = None,
-                   deepcache: int = 0) -> torch.Tensor:
+def denoise_window(
+    unet: UNetFn,
+    latents: torch.Tensor,
+    cond: WindowConditioning,
+    sampler: Sampler,
+    guidance: float,
+    callback: Callable[[int, dict], None] | None = None,
+    deepcache: int = 0,
+) -> torch.Tensor:
     """Run every timestep of `sampler` on one window; returns the final (1, 4, f, h, w) latents."""
     job = WindowJob(latents, cond, sampler, guidance, deepcache, trace=callback)
     while not job.done:

@@ -11,6 +11,7 @@
 Upstream loads the UNet with strict=False (a wrong checkpoint silently keeps random weights); here a missing,
 unexpected or wrongly shaped key is one CheckpointError naming it.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ from .vae import LatentCodec
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def load_unet(path: str | Path, config: Mapping | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> UNet3DConditionModel:
+def load_unet(
+    path: str | Path,
+    config: Mapping | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> UNet3DConditionModel:
     """An official `latentsync_unet.pt` ({"state_dict": ...}) or a .safetensors state dict, strictly."""
     config = dict(config or UNET_STAGE2)
     obj = read_checkpoint(path)
@@ -41,9 +46,11 @@ def load_unet(path: str | Path, config: Mapping | None = None, device: str | tor
     with torch.device("meta"):
         model = UNet3DConditionModel.from_config(config)
     check_state_dict(
-        module_shapes(model), state_dict, f"UNet checkpoint {path}",
+        module_shapes(model),
+        state_dict,
+        f"UNet checkpoint {path}",
         hint="Is this checkpoint for another UNet config? LatentSync 1.5 and 1.6 (stage2.yaml / stage2_512.yaml) "
-             "share one architecture; stage1 and stage2_efficient checkpoints differ.",
+        "share one architecture; stage1 and stage2_efficient checkpoints differ.",
     )
     model = model.to_empty(device=device)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
@@ -62,14 +69,19 @@ def load_whisper_encoder(path_or_dict: str | Path | Mapping, device: str | torch
         raise CheckpointError(f"{name}: no 'dims' entry; expected OpenAI's {{'dims', 'model_state_dict'}} format")
     dims = WhisperDims.from_dict(obj["dims"])
     state_dict = unwrap(obj, "model_state_dict", name)
-    check_state_dict(whisper_state_dict_shapes(dims), state_dict, name,
-                     hint="Is this an OpenAI whisper checkpoint (tiny.pt / small.pt) with matching dims?")
+    check_state_dict(
+        whisper_state_dict_shapes(dims),
+        state_dict,
+        name,
+        hint="Is this an OpenAI whisper checkpoint (tiny.pt / small.pt) with matching dims?",
+    )
     with torch.device("meta"):
         encoder = make_encoder(dims)
     encoder = encoder.to_empty(device=device)
     prefix = "encoder."
-    encoder.load_state_dict({k[len(prefix):]: v.float() for k, v in state_dict.items() if k.startswith(prefix)},
-                            strict=True)
+    encoder.load_state_dict(
+        {k[len(prefix) :]: v.float() for k, v in state_dict.items() if k.startswith(prefix)}, strict=True
+    )
     return encoder.eval().requires_grad_(False)
 
 
@@ -139,8 +151,13 @@ def locate(weights: str | Path) -> WeightPaths:
     return paths
 
 
-def load_models(weights: str | Path | WeightPaths, detector: str | None = "mediapipe", device: str = "cpu",
-                dtype: torch.dtype = torch.float32, detector_options: Mapping | None = None) -> LocalModels:
+def load_models(
+    weights: str | Path | WeightPaths,
+    detector: str | None = "mediapipe",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    detector_options: Mapping | None = None,
+) -> LocalModels:
     """Every model of the in-process pipeline, loaded strictly from a weights folder."""
     paths = weights if isinstance(weights, WeightPaths) else locate(weights)
     unet = load_unet(paths.unet, paths.unet_config, device=device, dtype=dtype)
@@ -150,7 +167,12 @@ def load_models(weights: str | Path | WeightPaths, detector: str | None = "media
     return LocalModels(unet, whisper, codec, face_detector, device=device)
 
 
-def load_pipeline(weights: str | Path | WeightPaths, variant: str = "1.5", detector: str | None = "mediapipe",
-                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> LipSyncPipeline:
+def load_pipeline(
+    weights: str | Path | WeightPaths,
+    variant: str = "1.5",
+    detector: str | None = "mediapipe",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LipSyncPipeline:
     """The in-process reference pipeline (the oracle the Triton deployment must equal) on a weights folder."""
     return LipSyncPipeline(load_models(weights, detector, device, dtype), variant)

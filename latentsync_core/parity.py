@@ -5,6 +5,7 @@ from the case's own case.json (nothing here is specific to one golden set). Prin
 max abs error of each output against its tolerance, then `N passed, M failed`; exits 1 if any case fails or
 cannot be run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ from .samplers import make_sampler
 @dataclass
 class Check:
     name: str
-    error: float   # max abs error (or mismatch count for exact checks)
+    error: float  # max abs error (or mismatch count for exact checks)
     tol: float
     note: str = ""
 
@@ -67,6 +68,7 @@ class CaseResult:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def max_abs(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
@@ -123,6 +125,7 @@ def unet_config_of(case_dir: Path, case: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- runners
+
 
 def run_unet(case_dir: Path, case: dict) -> list[Check]:
     config = unet_config_of(case_dir, case)
@@ -197,8 +200,9 @@ def run_audio_features(case_dir: Path, case: dict) -> list[Check]:
     ]
     n_ref = case["outputs"].get("n_chunks", len(out["chunk_feature_indices"]))
     checks.append(exact_check("n_chunks", len(chunks), n_ref))
-    checks.append(exact_check("chunk_feature_indices", audio.feature_chunk_indices(len(feats)),
-                              out["chunk_feature_indices"]))
+    checks.append(
+        exact_check("chunk_feature_indices", audio.feature_chunk_indices(len(feats)), out["chunk_feature_indices"])
+    )
     for key in out.files:  # chunks_firstK / chunks_lastK
         if key.startswith("chunks_first"):
             k = len(out[key])
@@ -237,7 +241,9 @@ def run_align_restore(case_dir: Path, case: dict) -> list[Check]:
             checks.append(Check(p + "p_bias", max_abs(aligner.p_bias, out[p + "p_bias"]), t_bias))
         if p + "affine_matrix_nosmooth" in out.files:
             plain = FaceAligner(res).align(frame, pts, smooth=False)
-            checks.append(Check(p + "affine_nosmooth", max_abs(plain.affine, out[p + "affine_matrix_nosmooth"][0]), t_mat))
+            checks.append(
+                Check(p + "affine_nosmooth", max_abs(plain.affine, out[p + "affine_matrix_nosmooth"][0]), t_mat)
+            )
         if p + "restore_face" in inp.files:
             face = torch.from_numpy(inp[p + "restore_face"])
             restored = paste_back(frame, face, out[p + "affine_matrix"][0])
@@ -252,8 +258,11 @@ def run_align_restore(case_dir: Path, case: dict) -> list[Check]:
             for lmk in inp["seq_landmark_2d_106"]:
                 q = landmarks_to_points(lmk)
                 a = aligner.align(frame, q, smooth=True)
-                lm3.append(q); mats.append(a.affine); biases.append(np.array(aligner.p_bias))
-                crops.append(a.crop); faces.append(_chw(a.face))
+                lm3.append(q)
+                mats.append(a.affine)
+                biases.append(np.array(aligner.p_bias))
+                crops.append(a.crop)
+                faces.append(_chw(a.face))
             checks.append(Check(p + "seq_landmarks3", max_abs(np.stack(lm3), out[p + "seq_landmarks3"]), 0))
             checks.append(Check(p + "seq_affine", max_abs(np.stack(mats), out[p + "seq_affine_matrix"]), t_mat))
             checks.append(Check(p + "seq_p_bias", max_abs(np.stack(biases), out[p + "seq_p_bias"]), t_bias))
@@ -309,19 +318,32 @@ def run_denoise_loop(case_dir: Path, case: dict) -> list[Check]:
     t_lat = float(tol["latents_per_step_max_abs"])
     checks = [
         exact_check("timesteps", scheduler.timesteps.numpy(), out["timesteps"]),
-        Check("mask_latent", max_abs(cond.mask[0, 0, 0].numpy(),
-                                     out[next(k for k in out.files if k.startswith("mask_latent"))]), 0),
+        Check(
+            "mask_latent",
+            max_abs(cond.mask[0, 0, 0].numpy(), out[next(k for k in out.files if k.startswith("mask_latent"))]),
+            0,
+        ),
         Check("unet_input_step0", max_abs(rec["unet_input"][0], out["unet_input_per_step"][0]), 1e-6),
-        Check("noise_pred_free_running", max_abs(np.stack(rec["noise_pred"]), out["noise_pred_per_step"]),
-              float(tol["noise_pred_per_step_max_abs_free_running"])),
+        Check(
+            "noise_pred_free_running",
+            max_abs(np.stack(rec["noise_pred"]), out["noise_pred_per_step"]),
+            float(tol["noise_pred_per_step_max_abs_free_running"]),
+        ),
         Check("latents_per_step", max_abs(np.stack(rec["latents"]), out["latents_per_step"]), t_lat),
         Check("final_latents", max_abs(final.numpy(), out["final_latents"]), float(tol["final_latents_max_abs"])),
     ]
     # Teacher forcing: our UNet on upstream's recorded inputs isolates the UNet from accumulated loop error.
-    forced = [unet_fn(torch.from_numpy(x), torch.tensor([int(t)]), _cfg_audio(audio[:f], len(x))).numpy()
-              for x, t in zip(out["unet_input_per_step"], out["timesteps"])]
-    checks.append(Check("noise_pred_teacher_forced", max_abs(np.stack(forced), out["noise_pred_per_step"]),
-                        float(tol["noise_pred_per_step_max_abs_teacher_forced"])))
+    forced = [
+        unet_fn(torch.from_numpy(x), torch.tensor([int(t)]), _cfg_audio(audio[:f], len(x))).numpy()
+        for x, t in zip(out["unet_input_per_step"], out["timesteps"])
+    ]
+    checks.append(
+        Check(
+            "noise_pred_teacher_forced",
+            max_abs(np.stack(forced), out["noise_pred_per_step"]),
+            float(tol["noise_pred_per_step_max_abs_teacher_forced"]),
+        )
+    )
     return checks
 
 
@@ -383,8 +405,21 @@ def main(argv: list[str] | None = None) -> int:
     n_pass = sum(r.ok for r in results)
     print(f"{n_pass} passed, {len(results) - n_pass} failed")
     if args.json:
-        args.json.write_text(json.dumps([{"case": r.name, "kind": r.kind, "ok": r.ok, "error": r.error,
-                                          "checks": [c.__dict__ for c in r.checks]} for r in results], indent=1))
+        args.json.write_text(
+            json.dumps(
+                [
+                    {
+                        "case": r.name,
+                        "kind": r.kind,
+                        "ok": r.ok,
+                        "error": r.error,
+                        "checks": [c.__dict__ for c in r.checks],
+                    }
+                    for r in results
+                ],
+                indent=1,
+            )
+        )
     return 0 if n_pass == len(results) else 1
 
 

@@ -6,6 +6,7 @@ frames, however they arrive, into those windows and applies the stream-level rul
 through a `ModelBackend`; `LocalModels` implements it with torch modules in this process (the oracle), and the
 `lipsync` Triton model implements it with BLS calls to the other Triton models. The numerics are shared.
 """
+
 from __future__ import annotations
 
 import queue
@@ -32,8 +33,8 @@ from .vae import Posterior, sample_latents
 @dataclass
 class Detections:
     points: np.ndarray  # (n, 3, 2) float32: left eyebrow, right eyebrow, nose centre (upstream's 3 points)
-    found: np.ndarray   # (n,) bool
-    boxes: np.ndarray | None = None   # (n, 4) float32 x0, y0, x1, y1
+    found: np.ndarray  # (n,) bool
+    boxes: np.ndarray | None = None  # (n, 4) float32 x0, y0, x1, y1
 
 
 class ModelBackend(Protocol):
@@ -45,32 +46,38 @@ class ModelBackend(Protocol):
     def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor: ...
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
     def enhance(self, faces: torch.Tensor) -> torch.Tensor: ...  # the face restorer at its native size and back
-    def paste_regions(self, regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray,
-                      windows: list[Window], frame_hw: tuple[int, int]) -> list[np.ndarray]: ...  # paste_faces
+    def paste_regions(
+        self,
+        regions: list[np.ndarray],
+        faces: torch.Tensor,
+        affines: np.ndarray,
+        windows: list[Window],
+        frame_hw: tuple[int, int],
+    ) -> list[np.ndarray]: ...  # paste_faces
 
 
 @dataclass
 class WindowResult:
-    frames: np.ndarray      # (n, H, W, 3) uint8
-    indices: np.ndarray     # (n,) int64 frame index in the stream
+    frames: np.ndarray  # (n, H, W, 3) uint8
+    indices: np.ndarray  # (n,) int64 frame index in the stream
     face_found: np.ndarray  # (n,) bool: synced; False = passed through (no face, or one turned past max_yaw)
-    turned: int = 0         # frames passed through because their face was turned past max_yaw
+    turned: int = 0  # frames passed through because their face was turned past max_yaw
 
 
 @dataclass
 class PreparedWindow:
     """A window after the stream-ordered phase (detection, alignment, VAE encoding, the stream's RNG draws)."""
 
-    frames: np.ndarray                  # (n, H, W, 3) uint8, owned
-    indices: np.ndarray                 # (n,) int64
+    frames: np.ndarray  # (n, H, W, 3) uint8, owned
+    indices: np.ndarray  # (n,) int64
     detections: Detections
-    found: np.ndarray                   # (n,) bool: the frames that are synced
-    affines: np.ndarray                 # (k, 2, 3) of the k frames with a face
-    reference: torch.Tensor | None      # (k, 3, R, R) aligned faces in [-1, 1] (compositing)
-    masks: torch.Tensor | None          # (k, 1, R, R) mouth masks, 1 = keep the reference pixel
-    latents: torch.Tensor | None        # (1, 4, k, h, w) initial noisy latents
+    found: np.ndarray  # (n,) bool: the frames that are synced
+    affines: np.ndarray  # (k, 2, 3) of the k frames with a face
+    reference: torch.Tensor | None  # (k, 3, R, R) aligned faces in [-1, 1] (compositing)
+    masks: torch.Tensor | None  # (k, 1, R, R) mouth masks, 1 = keep the reference pixel
+    latents: torch.Tensor | None  # (1, 4, k, h, w) initial noisy latents
     cond: WindowConditioning | None
-    turned: int = 0                     # faces found but turned past max_yaw (passed through)
+    turned: int = 0  # faces found but turned past max_yaw (passed through)
     synced: torch.Tensor | None = None  # (k, 3, R, R) the generated faces that were pasted back (after finish)
 
 
@@ -82,10 +89,21 @@ class LipSyncStream:
     as long as `prepare` runs in window order the results are the same.
     """
 
-    def __init__(self, backend: ModelBackend, variant: str | Variant = "1.5", steps: int = DEFAULT_STEPS,
-                 guidance: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED, mask: np.ndarray | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", sampler: str = "ddim",
-                 deepcache: int = 0, enhance: EnhanceSpec | None = None, max_yaw: float = 0.0):
+    def __init__(
+        self,
+        backend: ModelBackend,
+        variant: str | Variant = "1.5",
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = DEFAULT_SEED,
+        mask: np.ndarray | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        sampler: str = "ddim",
+        deepcache: int = 0,
+        enhance: EnhanceSpec | None = None,
+        max_yaw: float = 0.0,
+    ):
         self.backend = backend
         self.variant = variant if isinstance(variant, Variant) else get_variant(variant)
         self.spec = DenoiseSpec(int(steps), float(guidance), sampler, int(deepcache))
@@ -113,7 +131,7 @@ class LipSyncStream:
 
     def process(self, frames: np.ndarray) -> WindowResult:
         """Synced frames for the next window (n <= 16 frames, RGB uint8). Frames without a face pass through."""
-        window = self.prepare(np.array(frames, copy=True))   # finish pastes into the window's own frames
+        window = self.prepare(np.array(frames, copy=True))  # finish pastes into the window's own frames
         return self.finish(window, self.denoise(window))
 
     def prepare(self, frames: np.ndarray) -> PreparedWindow:
@@ -131,10 +149,20 @@ class LipSyncStream:
         det = self.backend.detect(frames)
         found = det.found.astype(bool)
         turned = too_turned(det.points, self.max_yaw) & found if self.max_yaw else np.zeros_like(found)
-        found &= ~turned   # a frontal template does not fit a face turned that far: pass it through, counted
+        found &= ~turned  # a frontal template does not fit a face turned that far: pass it through, counted
         rows = np.flatnonzero(found)
-        window = PreparedWindow(frames, indices, det, found, np.zeros((0, 2, 3), np.float32), None, None, None, None,
-                                turned=int(turned.sum()))
+        window = PreparedWindow(
+            frames,
+            indices,
+            det,
+            found,
+            np.zeros((0, 2, 3), np.float32),
+            None,
+            None,
+            None,
+            None,
+            turned=int(turned.sum()),
+        )
         if not len(rows):
             return window
         aligned = [self.aligner.align(frames[i], det.points[i]) for i in rows]
@@ -153,7 +181,7 @@ class LipSyncStream:
             reference=frames_to_batch(sample_latents(post_ref, self.generator)),
             audio=self.chunks[indices[rows]].to(self.device, dt),
         )
-        window.latents = self.noise.repeat(1, 1, k, 1, 1)   # float32: the sampler's precision
+        window.latents = self.noise.repeat(1, 1, k, 1, 1)  # float32: the sampler's precision
         window.reference, window.masks = ref, masks
         return window
 
@@ -247,15 +275,20 @@ class WindowedStream:
 
     DEPTH = 2
 
-    def __init__(self, stream: LipSyncStream, deliver: Callable[[WindowResult, Any], None],
-                 fail: Callable[[BaseException, Any], None] | None = None, overlap: bool = False):
+    def __init__(
+        self,
+        stream: LipSyncStream,
+        deliver: Callable[[WindowResult, Any], None],
+        fail: Callable[[BaseException, Any], None] | None = None,
+        overlap: bool = False,
+    ):
         self.stream, self.deliver, self.fail = stream, deliver, fail
-        self.buffer: np.ndarray | None = None   # the window being filled: (16, H, W, 3)
+        self.buffer: np.ndarray | None = None  # the window being filled: (16, H, W, 3)
         self.frame_shape: tuple | None = None
         self.filled = 0
         self.received = self.done = self.with_face = self.turned = 0
-        self.failed: BaseException | None = None   # set on the first error: later windows are skipped
-        self.in_flight = 0                           # windows scheduled and not yet delivered
+        self.failed: BaseException | None = None  # set on the first error: later windows are skipped
+        self.in_flight = 0  # windows scheduled and not yet delivered
         self._slots = threading.Semaphore(self.DEPTH) if overlap else None
         self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if overlap else None
         self._worker = threading.Thread(target=self._work, name="lipsync-window", daemon=True) if overlap else None
@@ -268,24 +301,27 @@ class WindowedStream:
         if self.frame_shape is None:
             self.frame_shape = frames.shape[1:]
         elif frames.shape[1:] != self.frame_shape:
-            raise ContractError(f"FRAMES size changed from {list(self.frame_shape[:2])} to "
-                                f"{list(frames.shape[1:3])} within the stream")
+            raise ContractError(
+                f"FRAMES size changed from {list(self.frame_shape[:2])} to {list(frames.shape[1:3])} within the stream"
+            )
         total = self.stream.num_frames
         if self.received + len(frames) > total:
-            raise ContractError(f"FRAMES: frame {total} and later are past the end of the audio, which covers "
-                                f"{total} frames (send num_frames_for_audio(len(audio)) frames)")
+            raise ContractError(
+                f"FRAMES: frame {total} and later are past the end of the audio, which covers "
+                f"{total} frames (send num_frames_for_audio(len(audio)) frames)"
+            )
         self.received += len(frames)
         while len(frames):
             if self.buffer is None:
                 if self._slots is not None:
-                    self._slots.acquire()   # released when a window in flight is delivered
+                    self._slots.acquire()  # released when a window in flight is delivered
                 if owned and len(frames) >= NUM_FRAMES:
                     self.buffer, self.filled, frames = frames[:NUM_FRAMES], NUM_FRAMES, frames[NUM_FRAMES:]
                     self._schedule_window(tag)
                     continue
-                self.buffer = np.empty((NUM_FRAMES, *self.frame_shape), np.uint8)   # pages touched as filled
+                self.buffer = np.empty((NUM_FRAMES, *self.frame_shape), np.uint8)  # pages touched as filled
             take = min(len(frames), NUM_FRAMES - self.filled)
-            self.buffer[self.filled:self.filled + take] = frames[:take]
+            self.buffer[self.filled : self.filled + take] = frames[:take]
             self.filled, frames = self.filled + take, frames[take:]
             if self.filled == NUM_FRAMES:
                 self._schedule_window(tag)
@@ -307,10 +343,10 @@ class WindowedStream:
 
     # ------------------------------------------------------------------------------------------ internals
     def _schedule_window(self, tag: Any) -> None:
-        frames, self.buffer, self.filled = self.buffer[:self.filled], None, 0
+        frames, self.buffer, self.filled = self.buffer[: self.filled], None, 0
         self.in_flight += 1
         try:
-            prepared = self.stream.prepare(frames)       # the caller's thread: stream order
+            prepared = self.stream.prepare(frames)  # the caller's thread: stream order
         except BaseException:
             self._window_done()
             raise
@@ -384,6 +420,6 @@ class LipSyncPipeline:
         try:
             windows.end()
         except NoFaceInStream:
-            yield from results          # the frames first, then the stream's error, as the server sends them
+            yield from results  # the frames first, then the stream's error, as the server sends them
             raise
         yield from results

@@ -10,6 +10,7 @@ whenever a window starts again at the first timestep.
 Trade-off (documented in docs/PERFORMANCE.md): DPM-Solver++ at 10 steps costs half the UNet time of DDIM at
 20 steps; its output differs from upstream's DDIM output (it is a different sampler, not a faster DDIM).
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,9 @@ def make_sampler(name: str = "ddim", steps: int = 20):
         scheduler.set_timesteps(int(steps))
         return scheduler
     if name == "dpmsolver++":
-        config = {k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one",
-                                                                        "skip_prk_steps")}
+        config = {
+            k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one", "skip_prk_steps")
+        }
         scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
         return MultistepSampler(scheduler, int(steps))
     raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")

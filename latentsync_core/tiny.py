@@ -7,6 +7,7 @@ lips will not follow speech. A marker file says so, and everything that uses the
 `--full` makes random weights of the official sizes instead (UNet stage2, whisper tiny, sd-vae-ft-mse): the
 same FLOPs and memory as the real models, for benchmarks on a GPU (`--device cuda` draws them there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,40 @@ from .configs import UNET_STAGE2, WHISPER_TINY_DIMS, unet_config
 from .models.unet3d import UNet3DConditionModel
 from .models.whisper import whisper_state_dict_shapes
 
-TINY_MARKER = "TINY_RANDOM_WEIGHTS"   # a weights folder holding this file has random weights
+TINY_MARKER = "TINY_RANDOM_WEIGHTS"  # a weights folder holding this file has random weights
 
 # Full architecture (block types, motion modules, 13 input channels, 384-d audio) with narrow channels.
 TINY_UNET = unet_config(block_out_channels=[32, 64, 64, 64], sample_size=8)
 # Real whisper-tiny encoder dims (the audio arithmetic depends on them); the never-run decoder is shrunk.
-TINY_WHISPER_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6,
-                     "n_audio_layer": 4, "n_vocab": 64, "n_text_ctx": 8, "n_text_state": 32,
-                     "n_text_head": 2, "n_text_layer": 1}
-TINY_VAE = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_WHISPER_DIMS = {
+    "n_mels": 80,
+    "n_audio_ctx": 1500,
+    "n_audio_state": 384,
+    "n_audio_head": 6,
+    "n_audio_layer": 4,
+    "n_vocab": 64,
+    "n_text_ctx": 8,
+    "n_text_state": 32,
+    "n_text_head": 2,
+    "n_text_layer": 1,
+}
+TINY_VAE = dict(
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
 # stabilityai/sd-vae-ft-mse's architecture (its config.json), for full-size random weights.
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
 
 
 @dataclass(frozen=True)
@@ -42,11 +64,13 @@ class WeightSize:
     unet: dict
     whisper: dict
     vae: dict
-    unet_dtype: torch.dtype   # as stored; the loaders convert (float16 halves a full UNet's 5 GB)
+    unet_dtype: torch.dtype  # as stored; the loaders convert (float16 halves a full UNet's 5 GB)
 
 
-SIZES = {"tiny": WeightSize(TINY_UNET, TINY_WHISPER_DIMS, TINY_VAE, torch.float32),
-         "full": WeightSize(UNET_STAGE2, WHISPER_TINY_DIMS, SD_VAE, torch.float16)}
+SIZES = {
+    "tiny": WeightSize(TINY_UNET, TINY_WHISPER_DIMS, TINY_VAE, torch.float32),
+    "full": WeightSize(UNET_STAGE2, WHISPER_TINY_DIMS, SD_VAE, torch.float16),
+}
 
 
 def redraw_(tensors: dict[str, torch.Tensor], generator: torch.Generator, skip=()) -> dict[str, torch.Tensor]:
@@ -64,8 +88,12 @@ def redraw_(tensors: dict[str, torch.Tensor], generator: torch.Generator, skip=(
             std, mean = 0.1, (1.0 if name.endswith("weight") else 0.0)
         else:
             std, mean = 0.05, 0.0
-        out[name] = torch.randn(t.shape, generator=generator, dtype=torch.float64, device=generator.device
-                                ).mul(std).add(mean).float()
+        out[name] = (
+            torch.randn(t.shape, generator=generator, dtype=torch.float64, device=generator.device)
+            .mul(std)
+            .add(mean)
+            .float()
+        )
     return out
 
 
@@ -115,7 +143,8 @@ def make_random_weights(out: str | Path, seed: int = 0, size: str = "tiny", devi
     configs = "scaled-down configs" if size == "tiny" else "the official model sizes"
     (out / TINY_MARKER).write_text(
         f"Random weights (seed {seed}) made by latentsync-tiny-weights: real file formats and key names, "
-        f"{configs}. Output video is NOT lip-synced.\n")
+        f"{configs}. Output video is NOT lip-synced.\n"
+    )
     return out
 
 

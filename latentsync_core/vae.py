@@ -5,6 +5,7 @@ trained on. The KL VAE is stochastic: upstream draws `latent_dist.sample()` for 
 faces (not the mode), so encoding is split into `posterior` (deterministic, batchable on a server) and
 `sample_latents` (the per-stream random draw, done by whoever owns the stream's generator).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

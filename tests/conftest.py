@@ -3,6 +3,7 @@
 Tests that start a Triton server carry the `server` marker (set here from the fixtures they use), so
 `make test-fast` (-m "not server and not slow") skips them; `make test` runs everything.
 """
+
 import os
 from pathlib import Path
 

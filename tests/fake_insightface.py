@@ -9,6 +9,7 @@ The fakes are deterministic so tests know the right answer without real weights:
   * 2d106det (input "data" [N, 3, 192, 192] -> "fc1" [N, 212]): always returns LANDMARKS_CROP, the
     106 (x, y) values in [-1, 1] crop units that the real model would regress.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,14 @@ def _const(name: str, value) -> onnx.NodeProto:
 
 
 def scrfd_model() -> onnx.ModelProto:
-    nodes = [_const("zero", np.float32(0)), _const("rows1", np.array([-1, 1], np.int64)),
-             _const("rows4", np.array([-1, 4], np.int64)), _const("rows10", np.array([-1, 10], np.int64)),
-             _const("boxes_cell", np.tile(BOX_DISTANCES, 2)), _const("kps_cell", np.tile(KEYPOINT_OFFSETS.ravel(), 2))]
+    nodes = [
+        _const("zero", np.float32(0)),
+        _const("rows1", np.array([-1, 1], np.int64)),
+        _const("rows4", np.array([-1, 4], np.int64)),
+        _const("rows10", np.array([-1, 10], np.int64)),
+        _const("boxes_cell", np.tile(BOX_DISTANCES, 2)),
+        _const("kps_cell", np.tile(KEYPOINT_OFFSETS.ravel(), 2)),
+    ]
     scores, boxes, kps = [], [], []
     for level, stride in enumerate(STRIDES):
         channel = min(level, 1)
@@ -40,8 +46,9 @@ def scrfd_model() -> onnx.ModelProto:
             _const(f"end{level}", np.array([channel + 1], np.int64)),
             _const(f"axis{level}", np.array([1], np.int64)),
             helper.make_node("Slice", ["input.1", f"start{level}", f"end{level}", f"axis{level}"], [f"plane{level}"]),
-            helper.make_node("MaxPool", [f"plane{level}"], [f"pool{level}"], kernel_shape=[stride, stride],
-                             strides=[stride, stride]),
+            helper.make_node(
+                "MaxPool", [f"plane{level}"], [f"pool{level}"], kernel_shape=[stride, stride], strides=[stride, stride]
+            ),
             helper.make_node("Relu", [f"pool{level}"], [f"act{level}"]),
         ]
         if level == 2:  # the coarsest head never fires
@@ -61,9 +68,12 @@ def scrfd_model() -> onnx.ModelProto:
         scores.append(helper.make_tensor_value_info(f"scores_{stride}", TensorProto.FLOAT, [None, 1]))
         boxes.append(helper.make_tensor_value_info(f"bbox_{stride}", TensorProto.FLOAT, [None, 4]))
         kps.append(helper.make_tensor_value_info(f"kps_{stride}", TensorProto.FLOAT, [None, 10]))
-    graph = helper.make_graph(nodes, "fake_scrfd",
-                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "?", "?"])],
-                              scores + boxes + kps)
+    graph = helper.make_graph(
+        nodes,
+        "fake_scrfd",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "?", "?"])],
+        scores + boxes + kps,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -74,18 +84,23 @@ def landmark_model(bn_data: bool = True) -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["normalised"], ["mean"], axes=[1, 2, 3], keepdims=0),  # (N,)
         _const("unsqueeze_axes", np.array([1], np.int64)),
         helper.make_node("Unsqueeze", ["mean", "unsqueeze_axes"], ["mean_col"]),  # (N, 1)
-        _const("zero", np.float32(0)), _const("landmarks", LANDMARKS_CROP.ravel()),
+        _const("zero", np.float32(0)),
+        _const("landmarks", LANDMARKS_CROP.ravel()),
         helper.make_node("Mul", ["mean_col", "zero"], ["blank"]),
         helper.make_node("Add", ["blank", "landmarks"], ["fc1"]),  # (N, 212)
     ]
-    graph = helper.make_graph(nodes, "fake_2d106det",
-                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, [None, 3, 192, 192])],
-                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [None, 212])])
+    graph = helper.make_graph(
+        nodes,
+        "fake_2d106det",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [None, 3, 192, 192])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [None, 212])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-def write_buffalo(folder: Path, detector_name: str = "det_10g.onnx", landmark_name: str = "2d106det.onnx",
-                  bn_data: bool = True) -> Path:
+def write_buffalo(
+    folder: Path, detector_name: str = "det_10g.onnx", landmark_name: str = "2d106det.onnx", bn_data: bool = True
+) -> Path:
     """Write a fake model pack (detector + 2d106) into folder, under the given file names."""
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(scrfd_model(), str(folder / detector_name))

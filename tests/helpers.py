@@ -2,6 +2,7 @@
 
 Fixtures live in conftest.py; this module holds plain functions the tests import by name.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,9 +30,7 @@ _ids = itertools.count(1000)
 
 
 # ---------------------------------------------------------------------------------------------------- media
-CODE_STEP = 7               # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
-
-
+CODE_STEP = 7  # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
 
 
 def write_clip(path, n_frames, fps=25, size=(48, 64), rotation=0, frames=None):
@@ -55,7 +54,7 @@ def write_wav(path, samples, rate=16000):
     layout = "mono" if len(samples) == 1 else "stereo"
     with av.open(str(path), "w") as out:
         stream = out.add_stream("pcm_s16le", rate=rate, layout=layout)
-        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)     # packed s16
+        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)  # packed s16
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
         frame.rate = rate
         out.mux(stream.encode(frame))
@@ -90,16 +89,20 @@ CLI = [str(Path(sys.executable).with_name("latentsync-client"))]
 FAST = ["--preset", "ultrafast", "-q"]
 
 
-def echo_repository(root: Path, window_delay_s: float = 0.0, variants: str = "1.5,1.6",
-                    idle_timeout_s: float = 60.0) -> Path:
+def echo_repository(
+    root: Path, window_delay_s: float = 0.0, variants: str = "1.5,1.6", idle_timeout_s: float = 60.0
+) -> Path:
     """A model repository whose `lipsync` is the protocol echo double, with its test knobs set."""
     shutil.copytree(ECHO_MODEL, root / "lipsync")
     config = root / "lipsync" / "config.pbtxt"
     text = config.read_text()
-    text = text.replace("max_sequence_idle_microseconds: 60000000",
-                        f"max_sequence_idle_microseconds: {int(idle_timeout_s * 1e6)}")
-    text = text.replace('key: "window_delay_s" value { string_value: "0" }',
-                        f'key: "window_delay_s" value {{ string_value: "{window_delay_s}" }}')
+    text = text.replace(
+        "max_sequence_idle_microseconds: 60000000", f"max_sequence_idle_microseconds: {int(idle_timeout_s * 1e6)}"
+    )
+    text = text.replace(
+        'key: "window_delay_s" value { string_value: "0" }',
+        f'key: "window_delay_s" value {{ string_value: "{window_delay_s}" }}',
+    )
     text = text.replace('string_value: "1.5,1.6"', f'string_value: "{variants}"')
     config.write_text(text)
     return root
@@ -117,9 +120,14 @@ def probe(path: Path) -> dict:
     """What a player sees: video frames, rate, duration; audio codec and duration."""
     with av.open(str(path)) as c:
         video, audio = c.streams.video[0], c.streams.audio[0]
-        info = dict(fps=video.average_rate, size=(video.height, video.width), codec=video.codec_context.name,
-                    duration=float(video.duration * video.time_base), audio_codec=audio.codec_context.name,
-                    audio_duration=float(audio.duration * audio.time_base))
+        info = dict(
+            fps=video.average_rate,
+            size=(video.height, video.width),
+            codec=video.codec_context.name,
+            duration=float(video.duration * video.time_base),
+            audio_codec=audio.codec_context.name,
+            audio_duration=float(audio.duration * audio.time_base),
+        )
         info["frames"] = [f.to_ndarray(format="rgb24") for f in c.decode(video)]
     return info
 
@@ -177,15 +185,28 @@ class OpenStream:
         self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)))
         self.result, self.sent = StreamResult(), 0
 
-    def send(self, tensors: dict[str, np.ndarray], sequence_id: int, start: bool = False, end: bool = False,
-             parameters: dict | None = None) -> None:
+    def send(
+        self,
+        tensors: dict[str, np.ndarray],
+        sequence_id: int,
+        start: bool = False,
+        end: bool = False,
+        parameters: dict | None = None,
+    ) -> None:
         inputs = []
         for name, array in tensors.items():
             inputs.append(grpcclient.InferInput(name, list(array.shape), DTYPES[array.dtype.type]))
             inputs[-1].set_data_from_numpy(array)
-        self.client.async_stream_infer(MODEL_NAME, inputs, request_id=str(self.sent), sequence_id=sequence_id,
-                                       sequence_start=start, sequence_end=end, enable_empty_final_response=True,
-                                       parameters=parameters)
+        self.client.async_stream_infer(
+            MODEL_NAME,
+            inputs,
+            request_id=str(self.sent),
+            sequence_id=sequence_id,
+            sequence_start=start,
+            sequence_end=end,
+            enable_empty_final_response=True,
+            parameters=parameters,
+        )
         self.sent += 1
 
     def collect(self, n_finals: int, timeout: float = 600.0) -> list[str]:
@@ -219,14 +240,23 @@ class OpenStream:
         self.close()
 
 
-def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: dict | None, sequence_id: int | None = None,
-               timeout: float = 600.0, start: bool = True, end: bool = True) -> StreamResult:
+def run_stream(
+    url: str,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    params: dict | None,
+    sequence_id: int | None = None,
+    timeout: float = 600.0,
+    start: bool = True,
+    end: bool = True,
+) -> StreamResult:
     """One stream per docs/PROTOCOL.md: whole audio first (sequence_start), then frames in windows of 16."""
     sequence_id = sequence_id or next(_ids)
-    h, w = (frames.shape[1:3] if len(frames) else (8, 8))
+    h, w = frames.shape[1:3] if len(frames) else (8, 8)
     requests = [(np.zeros((0, h, w, 3), np.uint8), audio)] if audio is not None else []
-    requests += [(np.ascontiguousarray(frames[i:i + WINDOW]), np.zeros(0, np.float32))
-                 for i in range(0, len(frames), WINDOW)]
+    requests += [
+        (np.ascontiguousarray(frames[i : i + WINDOW]), np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)
+    ]
     with OpenStream(url) as stream:
         for i, (f, a) in enumerate(requests):
             first, last = i == 0 and start, i == len(requests) - 1 and end
@@ -244,8 +274,11 @@ def metric(server, name: str, default: float | None = None, **labels: str) -> fl
     """The sum of a Prometheus metric over the series whose labels include `labels` (`default` if none);
     `server`: a TritonServer or its metrics URL."""
     text = urllib.request.urlopen(getattr(server, "metrics_url", server), timeout=10).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
-              and all(f'{k}="{v}"' in line for k, v in labels.items())]
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    ]
     assert values or default is not None, f"metric {name} {labels or ''} not exported"
     return sum(values) if values else default
 
@@ -272,9 +305,9 @@ def server_memory_mb(server) -> dict[str, float]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        name = "tritonserver" if pid == server.pid else Path(argv[1]).parts[-3]   # REPO/<model>/1/model.py
+        name = "tritonserver" if pid == server.pid else Path(argv[1]).parts[-3]  # REPO/<model>/1/model.py
         memory[name] = int(anon) / 1024
-        if pid != server.pid:                                               # argv[2]: the stub's shm region
+        if pid != server.pid:  # argv[2]: the stub's shm region
             memory[f"shm:{name}"] = os.stat(f"/dev/shm/{argv[2]}").st_blocks * 512 / 2**20
     return memory
 
@@ -284,4 +317,3 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.25)
-

@@ -3,6 +3,7 @@
 Everything is driven by what case.json / outputs.npz list (resolutions, boxes, sequence length), so a hidden set
 with other frames, landmarks and resolutions is checked the same way.
 """
+
 import json
 
 import cv2
@@ -69,17 +70,20 @@ def test_affine_crop_and_face(golden):
         aligner = FaceAligner(res)
         aligned = aligner.align(frame, points)
         assert aligned.affine.dtype == np.float32
-        np.testing.assert_allclose(aligned.affine, outputs[p + "affine_matrix"][0], rtol=0,
-                                   atol=tol["affine_matrix_max_abs"])
+        np.testing.assert_allclose(
+            aligned.affine, outputs[p + "affine_matrix"][0], rtol=0, atol=tol["affine_matrix_max_abs"]
+        )
         np.testing.assert_allclose(aligner.p_bias.numpy(), outputs[p + "p_bias"], rtol=0, atol=tol["p_bias_max_abs"])
         assert_uint8_close(aligned.crop, outputs[p + "face_crop"], tol["face_crop_uint8_max_abs"], f"{p}crop")
         assert aligned.face.shape == (res, res, 3)
-        assert_uint8_close(aligned.face.transpose(2, 0, 1), outputs[p + "face_resized"],
-                           tol["face_resized_uint8_max_abs"], f"{p}face")
+        assert_uint8_close(
+            aligned.face.transpose(2, 0, 1), outputs[p + "face_resized"], tol["face_resized_uint8_max_abs"], f"{p}face"
+        )
 
         plain = FaceAligner(res).transform(points, smooth=False)
-        np.testing.assert_allclose(plain, outputs[p + "affine_matrix_nosmooth"][0], rtol=0,
-                                   atol=tol["affine_matrix_max_abs"])
+        np.testing.assert_allclose(
+            plain, outputs[p + "affine_matrix_nosmooth"][0], rtol=0, atol=tol["affine_matrix_max_abs"]
+        )
 
 
 def test_smoothing_sequence_and_reset(golden):
@@ -93,16 +97,26 @@ def test_smoothing_sequence_and_reset(golden):
             points = landmarks_to_points(lmk)
             np.testing.assert_array_equal(points, outputs[p + "seq_landmarks3"][step])
             aligned = aligner.align(frame, points)
-            np.testing.assert_allclose(aligned.affine, outputs[p + "seq_affine_matrix"][step], rtol=0,
-                                       atol=tol["affine_matrix_max_abs"])
-            np.testing.assert_allclose(aligner.p_bias.numpy(), outputs[p + "seq_p_bias"][step], rtol=0,
-                                       atol=tol["p_bias_max_abs"])
+            np.testing.assert_allclose(
+                aligned.affine, outputs[p + "seq_affine_matrix"][step], rtol=0, atol=tol["affine_matrix_max_abs"]
+            )
+            np.testing.assert_allclose(
+                aligner.p_bias.numpy(), outputs[p + "seq_p_bias"][step], rtol=0, atol=tol["p_bias_max_abs"]
+            )
             if p + "seq_face_crop" in outputs:
-                assert_uint8_close(aligned.crop, outputs[p + "seq_face_crop"][step], tol["face_crop_uint8_max_abs"],
-                                   f"{p}seq crop {step}")
+                assert_uint8_close(
+                    aligned.crop,
+                    outputs[p + "seq_face_crop"][step],
+                    tol["face_crop_uint8_max_abs"],
+                    f"{p}seq crop {step}",
+                )
             if p + "seq_face_resized" in outputs:
-                assert_uint8_close(aligned.face.transpose(2, 0, 1), outputs[p + "seq_face_resized"][step],
-                                   tol["face_resized_uint8_max_abs"], f"{p}seq face {step}")
+                assert_uint8_close(
+                    aligned.face.transpose(2, 0, 1),
+                    outputs[p + "seq_face_resized"][step],
+                    tol["face_resized_uint8_max_abs"],
+                    f"{p}seq face {step}",
+                )
 
         # smooth=False neither uses nor changes the state; reset() starts the stream over
         bias = aligner.p_bias.clone()
@@ -110,8 +124,9 @@ def test_smoothing_sequence_and_reset(golden):
         assert torch.equal(aligner.p_bias, bias)
         aligner.reset()
         first = aligner.transform(landmarks_to_points(seq[0]))
-        np.testing.assert_allclose(first, outputs[p + "seq_affine_matrix"][0], rtol=0,
-                                   atol=tol["affine_matrix_max_abs"])
+        np.testing.assert_allclose(
+            first, outputs[p + "seq_affine_matrix"][0], rtol=0, atol=tol["affine_matrix_max_abs"]
+        )
 
 
 def expected_restore(outputs, frame, p):
@@ -170,7 +185,7 @@ def test_paste_window_is_exact(golden, target):
     affine = outputs[p + "affine_matrix"][0].astype(np.float64)
     y0, y1, x0, x1 = paste_window(affine, box_hw(res), frame.shape[:2])
     offset = np.array([x0 // 2, y0 // 2])  # work on a smaller (faster) frame cut from (x0/2, y0/2)
-    frame = np.ascontiguousarray(frame[offset[1]:, offset[0]:][:(y1 - y0) * 2, :(x1 - x0) * 2])
+    frame = np.ascontiguousarray(frame[offset[1] :, offset[0] :][: (y1 - y0) * 2, : (x1 - x0) * 2])
     h, w = frame.shape[:2]
     move = np.array(target) * (w, h) - (np.array([x0 + x1, y0 + y1]) / 2 - offset)  # in the cut frame's pixels
     affine[:, 2] += affine[:, :2] @ (offset - move)
@@ -200,8 +215,9 @@ def test_resize_face_to_box_is_antialiased_bicubic():
     box = (70, 52)  # taller (upscale) and narrower (downscale) like the real boxes
     out = resize_face_to_box(torch.from_numpy(faces), box)
     assert out.shape == (2, 3, *box) and out.dtype == torch.float32
-    pil = np.stack([[np.asarray(Image.fromarray(c, mode="F").resize(box[::-1], Image.BICUBIC)) for c in f]
-                    for f in faces])
+    pil = np.stack(
+        [[np.asarray(Image.fromarray(c, mode="F").resize(box[::-1], Image.BICUBIC)) for c in f] for f in faces]
+    )
     np.testing.assert_allclose(out.numpy(), pil, rtol=0, atol=1e-4)
     single = resize_face_to_box(torch.from_numpy(faces[1]), box)
     assert torch.equal(single, out[1])
@@ -243,13 +259,17 @@ def test_feather_ops_match_opencv_at_borders():
     mask = (rng.uniform(size=(40, 50)) > 0.2).astype(np.float32) * rng.uniform(0.5, 1, (40, 50)).astype(np.float32)
     t = torch.from_numpy(mask)[None, None]
     for w_edge in (1, 2, 5):
-        np.testing.assert_array_equal(erode(t, w_edge, w_edge - 1)[0, 0].numpy(),
-                                      cv2.erode(mask, np.ones((2 * w_edge, 2 * w_edge), np.uint8)))
+        np.testing.assert_array_equal(
+            erode(t, w_edge, w_edge - 1)[0, 0].numpy(), cv2.erode(mask, np.ones((2 * w_edge, 2 * w_edge), np.uint8))
+        )
         size = 2 * w_edge + 1
         sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
-        np.testing.assert_allclose(gaussian_blur(t, size)[0, 0].numpy(),
-                                   cv2.GaussianBlur(mask, (size, size), sigma, borderType=cv2.BORDER_REFLECT_101),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            gaussian_blur(t, size)[0, 0].numpy(),
+            cv2.GaussianBlur(mask, (size, size), sigma, borderType=cv2.BORDER_REFLECT_101),
+            rtol=0,
+            atol=1e-6,
+        )
     np.testing.assert_array_equal(erode(t, 1, 1)[0, 0].numpy(), cv2.erode(mask, np.ones((0, 0), np.uint8)))
     np.testing.assert_array_equal(erode(t, 1, 0)[0, 0].numpy(), cv2.erode(mask, np.ones((2, 2), np.uint8)))
 
@@ -266,6 +286,7 @@ def reference_grid(affine, src_hw, dst_hw):
 def reference_warp(src, grid, fill=127.0):
     def sample(x):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
     coverage = sample(torch.ones_like(src[:, :1]))
     return sample(src) + (1 - coverage) * fill, coverage
 
@@ -273,7 +294,7 @@ def reference_warp(src, grid, fill=127.0):
 def reference_erode(mask, before, after):
     padded = F.pad(mask, [before, after, before, after], value=float("inf"))
     h, w = mask.shape[-2:]
-    taps = [padded[..., i:i + h, j:j + w] for i in range(before + after + 1) for j in range(before + after + 1)]
+    taps = [padded[..., i : i + h, j : j + w] for i in range(before + after + 1) for j in range(before + after + 1)]
     return torch.stack(taps).amin(0)
 
 
@@ -284,8 +305,9 @@ def reference_paste(frame, face, affine):
     warped = (warped / 2 + 0.5).clamp(0, 1) * 255
     mask = reference_erode(coverage, 1, 0)
     w_edge = int(mask.sum() ** 0.5) // 20
-    soft = gaussian_blur(reference_erode(mask, w_edge, w_edge - 1) if w_edge else reference_erode(mask, 1, 1),
-                         2 * w_edge + 1)
+    soft = gaussian_blur(
+        reference_erode(mask, w_edge, w_edge - 1) if w_edge else reference_erode(mask, 1, 1), 2 * w_edge + 1
+    )
     blended = soft * (mask * warped) + (1 - soft) * torch.from_numpy(frame).permute(2, 0, 1)[None].float()
     return blended[0].permute(1, 2, 0).to(torch.uint8).numpy()
 
@@ -373,8 +395,7 @@ def test_paste_faces_resizes_and_pastes_each_window(golden):
     faces = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, (3, 3, res, res)).astype(np.float32))
     windows = [paste_window(a, box_hw(res), frame.shape[:2]) for a in affines]
     assert len(set(windows)) == 3
-    regions = paste_faces([frame[y0:y1, x0:x1] for y0, y1, x0, x1 in windows], faces, affines, windows,
-                          frame.shape[:2])
+    regions = paste_faces([frame[y0:y1, x0:x1] for y0, y1, x0, x1 in windows], faces, affines, windows, frame.shape[:2])
     for region, (y0, y1, x0, x1), face, a in zip(regions, windows, faces, affines):
         restored = frame.copy()
         restored[y0:y1, x0:x1] = region

@@ -1,4 +1,5 @@
 """Whisper encoder loading and upstream's audio feature path (log-mel, segment encoding, per-frame chunks)."""
+
 import json
 import wave
 
@@ -14,8 +15,18 @@ from latentsync_core.loaders import load_whisper_encoder
 from latentsync_core.models.whisper import whisper_state_dict_shapes
 
 # Real encoder context (the encoder always sees 3000 mel frames), everything else tiny, for fast synthetic tests.
-SMALL_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 16, "n_audio_head": 2, "n_audio_layer": 2,
-              "n_vocab": 11, "n_text_ctx": 4, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1}
+SMALL_DIMS = {
+    "n_mels": 80,
+    "n_audio_ctx": 1500,
+    "n_audio_state": 16,
+    "n_audio_head": 2,
+    "n_audio_layer": 2,
+    "n_vocab": 11,
+    "n_text_ctx": 4,
+    "n_text_state": 8,
+    "n_text_head": 2,
+    "n_text_layer": 1,
+}
 
 
 def random_checkpoint(dims: dict, seed: int = 0) -> dict:
@@ -32,6 +43,7 @@ def small_encoder():
 
 # --- golden parity ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def golden(shared_dir, tmp_path_factory):
     case_dir = shared_dir / "golden" / "audio_features"
@@ -44,9 +56,17 @@ def golden(shared_dir, tmp_path_factory):
     samples = np.load(case_dir / case["inputs"]["file"])["audio_16k_f32"]
     mel = audio.log_mel_spectrogram(samples)
     features = audio.encode_features(encoder, mel)
-    return dict(case=case, dir=case_dir, weights=weights, encoder=encoder, samples=samples, mel=mel,
-                features=features, chunks=audio.feature_chunks(features),
-                out=np.load(case_dir / case["outputs"]["file"]))
+    return dict(
+        case=case,
+        dir=case_dir,
+        weights=weights,
+        encoder=encoder,
+        samples=samples,
+        mel=mel,
+        features=features,
+        chunks=audio.feature_chunks(features),
+        out=np.load(case_dir / case["outputs"]["file"]),
+    )
 
 
 def max_abs(a, b) -> float:
@@ -96,6 +116,7 @@ def test_load_audio_equals_golden_samples(golden):
 
 # --- checkpoint structure and strict loading ------------------------------------------------------------------------
 
+
 def test_state_dict_shapes_equal_real_whisper_manifests(shared_dir):
     case_dir = shared_dir / "golden" / "whisper_manifest"
     files = json.loads((case_dir / "case.json").read_text())["files"]
@@ -143,6 +164,7 @@ def test_checkpoint_for_other_dims_is_rejected():
 
 # --- segments, chunking and frame count on synthetic audio ----------------------------------------------------------
 
+
 def upstream_chunk_indices(n_features: int, fps: float) -> np.ndarray:
     """A literal transcription of upstream's feature2chunks / get_sliced_feature loop (test oracle)."""
     rows, i = [], 0
@@ -158,8 +180,9 @@ def upstream_chunk_indices(n_features: int, fps: float) -> np.ndarray:
 @pytest.mark.parametrize("fps", [25, 30, 24])
 def test_chunk_indices_follow_upstream_loop(fps):
     for n_features in [1, 2, 3, 7, 150, 151, 1499, 1500, 1501, 4000]:
-        np.testing.assert_array_equal(audio.feature_chunk_indices(n_features, fps),
-                                      upstream_chunk_indices(n_features, fps))
+        np.testing.assert_array_equal(
+            audio.feature_chunk_indices(n_features, fps), upstream_chunk_indices(n_features, fps)
+        )
 
 
 def test_feature_chunks_gather_steps_then_layers(small_encoder):
@@ -186,7 +209,7 @@ def test_long_audio_is_encoded_in_zero_padded_segments(small_encoder):
         first = small_encoder(mel[None, :, :seg])[0]
         second = small_encoder(torch.nn.functional.pad(rest, (0, seg - rest.shape[1]))[None])[0]
     torch.testing.assert_close(feats[: seg // 2], first[: seg // 2], rtol=0, atol=1e-5)
-    torch.testing.assert_close(feats[seg // 2:], second[: rest.shape[1] // 2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(feats[seg // 2 :], second[: rest.shape[1] // 2], rtol=0, atol=1e-5)
     # Frame count: the chunk list of the real features has the length num_frames_for_audio predicts.
     chunks = audio.feature_chunks(feats)
     assert len(chunks) == num_frames_for_audio(n_samples) == len(upstream_chunk_indices(len(feats), 25))

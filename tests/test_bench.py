@@ -1,5 +1,6 @@
 """`latentsync-bench` against a real tiny Triton server: the serving-overhead and cross-stream batching guards,
 and a CPU dry run of the GPU script (latentsync-gpu-bench) so it is known to work when a GPU is lent."""
+
 import json
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from latentsync_load.bench import BenchOptions, markdown, run
 from latentsync_load.gpu_bundle import write_face_frames
 
 REPO = Path(__file__).resolve().parents[1]
-MIN_WINDOWS_AT_4 = 3.0     # mean 16-frame windows per UNet execution at 4 concurrent streams
-MAX_OVERHEAD = 0.10        # Triton wall time / in-process wall time - 1
+MIN_WINDOWS_AT_4 = 3.0  # mean 16-frame windows per UNet execution at 4 concurrent streams
+MAX_OVERHEAD = 0.10  # Triton wall time / in-process wall time - 1
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,18 @@ def test_four_streams_share_unet_executions(report):
 @pytest.mark.slow
 def test_report_covers_stages_and_memory(report):
     stages = report["stage_ms_per_frame"]
-    for stage in ("decode", "detect", "align", "audio", "unet", "unet_step", "vae_encode", "vae_decode",
-                  "paste_back", "encode"):
+    for stage in (
+        "decode",
+        "detect",
+        "align",
+        "audio",
+        "unet",
+        "unet_step",
+        "vae_encode",
+        "vae_decode",
+        "paste_back",
+        "encode",
+    ):
         assert stages[stage] > 0, stage
     models = report["triton"]["server_per_model"]
     assert {"lipsync", "face_detector", "vae_encoder", f"unet_{report['variant']}", "restorer"} <= set(models)
@@ -70,8 +81,17 @@ def run_gpu_script(tmp_path, shared_dir, *args) -> dict:
     """latentsync-gpu-bench --tiny (the CPU dry run) on 2 real face frames; its JSON report."""
     frames = tmp_path / "frames"
     write_face_frames(shared_dir / "media" / "demo1_video.mp4", frames, count=2)
-    cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--frames", str(frames),
-           "--out", str(tmp_path / "out"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "latentsync_load.gpu_bench",
+        "--tiny",
+        "--frames",
+        str(frames),
+        "--out",
+        str(tmp_path / "out"),
+        *args,
+    ]
     subprocess.run(cmd, check=True, timeout=900, capture_output=True)
     result = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
     assert not [n for n in result["notes"] if "failed" in n], result["notes"]
@@ -85,7 +105,7 @@ def test_gpu_script_dry_run(tmp_path, shared_dir):
     result = run_gpu_script(tmp_path, shared_dir, "--parts", "unet,served", "--variants", "1.5", "--batches", "2")
     (row,) = result["unet"]
     assert row["batch"] == 2 and row["eager_ms"] > 0 and row["tflop_per_step"] > 0 and row["peak_fraction"] > 0
-    assert row["unet_fps"] > row["fps"] > 0                      # the VAE's time per window counts in fps
+    assert row["unet_fps"] > row["fps"] > 0  # the VAE's time per window counts in fps
     assert row["reused_ms"] > 0 and row["fps_deepcache"] > 0 and row["fps_dpm10"] > row["fps"]
     assert any("repository built" in n for n in result["notes"])
     assert "| 1.5 | 2 | 1 |" in (tmp_path / "out" / "gpu_bench.md").read_text()
@@ -97,6 +117,6 @@ def test_gpu_script_precision_dry_run(tmp_path, shared_dir):
     convolution runs ~50x slower than float32 on a CPU without AVX512-BF16)."""
     result = run_gpu_script(tmp_path, shared_dir, "--parts", "precision", "--precision-variants", "1.5")
     (precision,) = result["precision"]
-    assert precision["frames"] == precision["faces"] == 2      # MediaPipe found the real face
+    assert precision["frames"] == precision["faces"] == 2  # MediaPipe found the real face
     assert 0 < precision["max_latent_diff"] < precision["latent_scale"]  # bfloat16 differs, within the scale
     assert precision["max_pixel_diff"] > 0

@@ -1,4 +1,5 @@
 """Loading official-format checkpoints: strict key/shape checks and one clear error per failure mode."""
+
 import json
 
 import pytest

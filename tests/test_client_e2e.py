@@ -4,6 +4,7 @@ The server's `lipsync` model here is tests/models/protocol_echo: a PROTOCOL CONF
 product) that enforces docs/PROTOCOL.md and echoes frames back per 16-frame window, so the client's decode,
 streaming, backpressure, error handling and encode are tested with real gRPC streams.
 """
+
 import os
 import shutil
 import signal
@@ -64,14 +65,17 @@ def test_hevc_portrait_clip(server, media_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     info = assert_synced_output(out, audio, tmp_path)
     assert info["size"] == (1920, 1080)
-    source = next(frames_25fps(media_dir / "demo1_video.mp4"))          # the echo returns the input frames
+    source = next(frames_25fps(media_dir / "demo1_video.mp4"))  # the echo returns the input frames
     assert np.abs(info["frames"][0].astype(int) - source).mean() < 3
 
 
-@pytest.mark.parametrize("video, audio", [
-    ("retalking_face1.mp4", "retalking_face1.mp4"),     # 22 fps h264, its own audio track (AAC 44.1 kHz)
-    ("retalking_face2.mp4", "demo1_audio.wav"),         # audio longer than the video: ping-pong loop
-])
+@pytest.mark.parametrize(
+    "video, audio",
+    [
+        ("retalking_face1.mp4", "retalking_face1.mp4"),  # 22 fps h264, its own audio track (AAC 44.1 kHz)
+        ("retalking_face2.mp4", "demo1_audio.wav"),  # audio longer than the video: ping-pong loop
+    ],
+)
 def test_media_clips(server, media_dir, tmp_path, video, audio):
     out = tmp_path / "out.mp4"
     r = run_cli(media_dir / video, media_dir / audio, "-o", out, "--url", server.grpc_url, *FAST)
@@ -98,7 +102,7 @@ def test_rotated_clip_and_still_photo(server, media_dir, tmp_path):
     r = run_cli(rotated, audio, "-o", out, "--url", server.grpc_url, *FAST)
     assert r.returncode == 0, r.stderr
     info = assert_synced_output(out, audio, tmp_path)
-    assert info["size"] == (96, 48)                            # shown upright: turned a quarter
+    assert info["size"] == (96, 48)  # shown upright: turned a quarter
     assert np.abs(info["frames"][0].astype(int) - np.rot90(gradient)).mean() < 3
 
     photo = tmp_path / "photo.png"
@@ -109,7 +113,7 @@ def test_rotated_clip_and_still_photo(server, media_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     info = assert_synced_output(out, audio, tmp_path)
     assert info["size"] == (90, 120)
-    assert np.abs(info["frames"][-1].astype(int) - info["frames"][0]).mean() < 2     # a still stays still
+    assert np.abs(info["frames"][-1].astype(int) - info["frames"][0]).mean() < 2  # a still stays still
 
 
 def test_library_stream_backpressure_and_order(server):
@@ -126,10 +130,10 @@ def test_library_stream_backpressure_and_order(server):
             yield np.full((8, 8, 3), i % 251, np.uint8)
 
     most_in_flight = 0
-    with pytest.raises(NoFaceError, match=f"no face found in any of the {n} frames"):   # after the last frame
+    with pytest.raises(NoFaceError, match=f"no face found in any of the {n} frames"):  # after the last frame
         for k, synced in enumerate(client.stream([audio[:30000], audio[30000:]], frames, StreamParams(steps=3))):
             most_in_flight = max(most_in_flight, len(pulled) - k)
-            assert synced.index == k and synced.face_found is False          # uniform frames: "no face"
+            assert synced.index == k and synced.face_found is False  # uniform frames: "no face"
             assert synced.frame.shape == (8, 8, 3) and synced.frame[0, 0, 0] == k % 251
     assert k + 1 == n and len(pulled) == n
     assert most_in_flight <= 24 + 4
@@ -139,7 +143,7 @@ def test_audio_over_the_servers_limit_is_refused_before_any_frame(server):
     """More than 300 s of audio (the server's limit per stream): InputError while the audio is sent, before the
     first frame is asked for."""
     asked = []
-    chunks = (np.zeros(10 * 16000, np.float32) for _ in range(31))       # 310 s, sent as decoded
+    chunks = (np.zeros(10 * 16000, np.float32) for _ in range(31))  # 310 s, sent as decoded
     with pytest.raises(InputError, match="the audio is longer than the server's limit of 300 s"):
         for _ in LipsyncClient(server.grpc_url).stream(chunks, lambda n: asked.append(n) or []):
             pass
@@ -161,8 +165,9 @@ sys.exit(code)
 
 def peak_rss_mb(args) -> tuple[int, float, str]:
     """Run the CLI; its exit code, peak resident memory in MB, and stderr."""
-    r = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK_WRAPPER, *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     hwm = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("VmHWM")]
     return r.returncode, int(hwm[0]) / 1024 if hwm else float("nan"), r.stderr
 
@@ -192,8 +197,15 @@ def test_peak_memory_does_not_grow_with_length(server, media_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------ failures
 def test_unreachable_server(media_dir, tmp_path):
     out = tmp_path / "out.mp4"
-    r = run_cli(media_dir / "retalking_face2.mp4", media_dir / "demo1_audio.wav", "-o", out,
-                "--url", f"127.0.0.1:{free_port()}", "-q")
+    r = run_cli(
+        media_dir / "retalking_face2.mp4",
+        media_dir / "demo1_audio.wav",
+        "-o",
+        out,
+        "--url",
+        f"127.0.0.1:{free_port()}",
+        "-q",
+    )
     assert r.returncode == ServerUnreachable.exit_code
     assert "cannot reach" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
@@ -228,8 +240,17 @@ def test_no_face_found(server, media_dir, tmp_path):
 
 def test_server_error_text_is_reported(slow_server, media_dir, tmp_path):
     out = tmp_path / "out.mp4"
-    r = run_cli(media_dir / "retalking_face2.mp4", media_dir / "demo1_audio.wav", "-o", out,
-                "--url", slow_server.grpc_url, "--variant", "1.6", *FAST)
+    r = run_cli(
+        media_dir / "retalking_face2.mp4",
+        media_dir / "demo1_audio.wav",
+        "-o",
+        out,
+        "--url",
+        slow_server.grpc_url,
+        "--variant",
+        "1.6",
+        *FAST,
+    )
     assert r.returncode == ServerError.exit_code
     assert "variant" in r.stderr and "1.6" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -245,11 +266,22 @@ def test_ctrl_c_leaves_no_output(slow_server, media_dir, tmp_path):
     out = tmp_path / "out.mp4"
     # Ctrl-C as a terminal delivers it: a job started in the background of a script (CI runners, `cmd &`)
     # inherits SIGINT *ignored*, and Python then keeps ignoring it; the CLI starts with the default here.
-    proc = subprocess.Popen(CLI + [str(media_dir / "retalking_face2.mp4"), str(media_dir / "demo1_audio.wav"),
-                                   "-o", str(out), "--url", slow_server.grpc_url, *FAST],
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    wait_until_streaming(proc, 3.0)                           # 15 windows x 0.3 s: well inside the stream
+    proc = subprocess.Popen(
+        CLI
+        + [
+            str(media_dir / "retalking_face2.mp4"),
+            str(media_dir / "demo1_audio.wav"),
+            "-o",
+            str(out),
+            "--url",
+            slow_server.grpc_url,
+            *FAST,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    wait_until_streaming(proc, 3.0)  # 15 windows x 0.3 s: well inside the stream
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == Interrupted.exit_code
@@ -258,7 +290,7 @@ def test_ctrl_c_leaves_no_output(slow_server, media_dir, tmp_path):
     # The aborted sequence was ended: the server takes the next stream at once.
     client = LipsyncClient(slow_server.grpc_url, response_timeout=20)
     audio = np.zeros(8000, np.float32)
-    frames = [np.arange(192, dtype=np.uint8).reshape(8, 8, 3)] * num_frames_for_audio(len(audio))   # a "face"
+    frames = [np.arange(192, dtype=np.uint8).reshape(8, 8, 3)] * num_frames_for_audio(len(audio))  # a "face"
     assert len(list(client.stream(audio, frames))) == len(frames)
 
 
@@ -267,11 +299,22 @@ def test_server_dying_mid_stream(triton_server, media_dir, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out.mp4"
-    proc = subprocess.Popen(CLI + [str(media_dir / "retalking_face2.mp4"), str(media_dir / "demo1_audio.wav"),
-                                   "-o", str(out), "--url", server.grpc_url, *FAST],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        CLI
+        + [
+            str(media_dir / "retalking_face2.mp4"),
+            str(media_dir / "demo1_audio.wav"),
+            "-o",
+            str(out),
+            "--url",
+            server.grpc_url,
+            *FAST,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until_streaming(proc, 3.0)
-    os.killpg(server.pid, signal.SIGKILL)                     # the server and its Python backend stubs
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its Python backend stubs
     _, stderr = proc.communicate(timeout=60)
     server.stop()
     assert proc.returncode == ServerUnreachable.exit_code, stderr
@@ -287,6 +330,7 @@ def write_image(path: Path, pixels: np.ndarray) -> Path:
 
 def closed_url() -> str:
     from latentsync_serving.serve import free_port
+
     return f"127.0.0.1:{free_port()}"
 
 
@@ -301,14 +345,20 @@ def test_tiny_images_work_or_are_refused_before_connecting(server, media_dir, tm
     audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 0.5)
     out = tmp_path / "out.mp4"
     for h, w in [(1, 1), (1, 40), (40, 1)]:
-        r = run_cli(write_image(tmp_path / f"{h}x{w}.png", np.zeros((h, w, 3), np.uint8)), audio, "-o", out,
-                    "--url", closed_url(), "-q")
+        r = run_cli(
+            write_image(tmp_path / f"{h}x{w}.png", np.zeros((h, w, 3), np.uint8)),
+            audio,
+            "-o",
+            out,
+            "--url",
+            closed_url(),
+            "-q",
+        )
         assert_one_line_error(r, InputError.exit_code, f"FRAMES are {w}x{h} pixels; at least 2 per side")
     assert not out.exists()
     for h, w in [(2, 2), (3, 5)]:
-        pixels = (np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3) * 17)   # not uniform: a "face"
-        r = run_cli(write_image(tmp_path / f"{h}x{w}.png", pixels), audio, "-o", out, "--url", server.grpc_url,
-                    *FAST)
+        pixels = np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3) * 17  # not uniform: a "face"
+        r = run_cli(write_image(tmp_path / f"{h}x{w}.png", pixels), audio, "-o", out, "--url", server.grpc_url, *FAST)
         assert r.returncode == 0, r.stderr
         assert assert_synced_output(out, audio, tmp_path)["size"] == (h - h % 2, w - w % 2)
 
@@ -331,8 +381,10 @@ def test_output_that_would_overwrite_an_input_is_refused_before_connecting(media
 def run_cli_on_tmpfs(folder: Path, mount_options: str, *args, timeout=120):
     """The CLI with `folder` a fresh tmpfs (`mount -o mount_options`), in a private user and mount namespace (no
     privileges needed); after the CLI's own stderr, the last line lists what is left in the folder."""
-    script = 'mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; dir=$2; shift 2; "$@"; rc=$?; ' \
-             'echo "left: $(ls -A "$dir")" >&2; exit $rc'
+    script = (
+        'mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; dir=$2; shift 2; "$@"; rc=$?; '
+        'echo "left: $(ls -A "$dir")" >&2; exit $rc'
+    )
     folder.mkdir()
     cmd = ["unshare", "-rm", "sh", "-c", script, "sh", mount_options, str(folder), *CLI, *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -342,18 +394,38 @@ def run_cli_on_tmpfs(folder: Path, mount_options: str, *args, timeout=120):
 
 
 def test_read_only_output_folder_exits_2_before_connecting(media_dir, tmp_path):
-    code, errors, left = run_cli_on_tmpfs(tmp_path / "ro", "ro", media_dir / "retalking_face2.mp4",
-                                         media_dir / "demo1_audio.wav", "-o", tmp_path / "ro" / "out.mp4",
-                                         "--url", closed_url(), "-q")
+    code, errors, left = run_cli_on_tmpfs(
+        tmp_path / "ro",
+        "ro",
+        media_dir / "retalking_face2.mp4",
+        media_dir / "demo1_audio.wav",
+        "-o",
+        tmp_path / "ro" / "out.mp4",
+        "--url",
+        closed_url(),
+        "-q",
+    )
     assert code == InputError.exit_code and len(errors) == 1, errors
     assert "cannot write the output there (Read-only file system)" in errors[0] and left == []
 
 
 def test_full_disk_exits_5_and_leaves_nothing(server, media_dir, tmp_path):
     audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 2.0)
-    code, errors, left = run_cli_on_tmpfs(tmp_path / "full", "size=64k", media_dir / "retalking_face2.mp4",
-                                         audio, "-o", tmp_path / "full" / "out.mp4", "--url", server.grpc_url,
-                                         "--preset", "ultrafast", "--crf", "0", "-q")
+    code, errors, left = run_cli_on_tmpfs(
+        tmp_path / "full",
+        "size=64k",
+        media_dir / "retalking_face2.mp4",
+        audio,
+        "-o",
+        tmp_path / "full" / "out.mp4",
+        "--url",
+        server.grpc_url,
+        "--preset",
+        "ultrafast",
+        "--crf",
+        "0",
+        "-q",
+    )
     assert code == OutputError.exit_code and len(errors) == 1, errors
     assert "No space left on device" in errors[0] and left == []
 
@@ -362,24 +434,45 @@ def test_partials_of_killed_clients_are_removed_by_the_next_run(server, slow_ser
     """A SIGKILLed CLI leaves its partial file; the next run in that folder removes it, but not the partial of a
     live writer (it holds the file's lock) nor files that are not partials."""
     out = tmp_path / "out.mp4"
-    proc = subprocess.Popen(CLI + [str(media_dir / "retalking_face2.mp4"), str(media_dir / "demo1_audio.wav"),
-                                   "-o", str(out), "--url", slow_server.grpc_url, *FAST], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        CLI
+        + [
+            str(media_dir / "retalking_face2.mp4"),
+            str(media_dir / "demo1_audio.wav"),
+            "-o",
+            str(out),
+            "--url",
+            slow_server.grpc_url,
+            *FAST,
+        ],
+        stderr=subprocess.PIPE,
+    )
     wait_until_streaming(proc, 3.0)
     proc.kill()
     proc.wait()
     (stale,) = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     assert stale.name.startswith(f".out.partial-{proc.pid}-")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                               "from latentsync_client.writer import claim_partial; "
-                               "print(claim_partial(Path(sys.argv[1]))[0], flush=True); sys.stdin.read()",
-                               str(tmp_path / "other.mp4")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from latentsync_client.writer import claim_partial; "
+            "print(claim_partial(Path(sys.argv[1]))[0], flush=True); sys.stdin.read()",
+            str(tmp_path / "other.mp4"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         live = Path(holder.stdout.readline().strip())
         unrelated = tmp_path / ".notes.partial-1.txt"
         unrelated.write_text("not ours")
         audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 0.5)
-        r = run_cli(media_dir / "retalking_face2.mp4", audio, "-o", tmp_path / "second.mp4", "--url",
-                    server.grpc_url, *FAST)
+        r = run_cli(
+            media_dir / "retalking_face2.mp4", audio, "-o", tmp_path / "second.mp4", "--url", server.grpc_url, *FAST
+        )
         assert r.returncode == 0, r.stderr
         assert not stale.exists() and live.exists() and unrelated.exists()
     finally:
@@ -400,7 +493,7 @@ def test_waiting_for_slow_windows_keeps_the_stream_alive(idle_server, media_dir,
     keep-alive requests keep the sequence open. Without them the stream is dropped, and the error says so."""
     audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 2.2)
     n = num_frames_for_audio(audio_samples(audio))
-    assert n > 48 + 4                                         # some frames wait for the first window
+    assert n > 48 + 4  # some frames wait for the first window
     out = tmp_path / "out.mp4"
     r = run_cli(media_dir / "retalking_face2.mp4", audio, "-o", out, "--url", idle_server.grpc_url, *FAST)
     assert r.returncode == 0, r.stderr

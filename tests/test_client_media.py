@@ -1,5 +1,6 @@
 """latentsync_client media side (no server): 25 fps resampling, rotation, photos, ping-pong looping, 16 kHz
 audio, the frame-count formula against upstream's golden data, and clear errors for unusable files."""
+
 import json
 import math
 import subprocess
@@ -18,8 +19,10 @@ from latentsync_contract import MAX_FRAME_SIDE, MIN_FRAME_SIDE
 
 
 def test_client_imports_neither_torch_nor_the_server_core():
-    code = ("import sys, latentsync_client, latentsync_client.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'latentsync_core')))")
+    code = (
+        "import sys, latentsync_client, latentsync_client.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'latentsync_core')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -54,7 +57,7 @@ def test_real_22fps_clip_comes_out_at_25fps(shared_dir):
     with av.open(str(clip)) as c:
         stream = c.streams.video[0]
         duration, size = float(stream.duration * stream.time_base), (stream.height, stream.width)
-        assert abs(float(stream.average_rate) - 25) > 1          # the clip is not 25 fps to begin with
+        assert abs(float(stream.average_rate) - 25) > 1  # the clip is not 25 fps to begin with
     frames = list(frames_25fps(clip))
     assert abs(len(frames) - duration * 25) <= 1
     assert all(f.shape == (*size, 3) and f.dtype == np.uint8 for f in frames)
@@ -66,24 +69,25 @@ def test_display_matrix_rotation_is_applied(shared_dir, tmp_path, degrees):
     rotated = remux_rotated(src, tmp_path / "rotated.mp4", degrees)
     upright, turned = list(frames_25fps(src)), list(frames_25fps(rotated))
     assert len(turned) == len(upright)
-    for a, b in zip(upright[::10], turned[::10]):       # same packets: pixels identical once turned back
+    for a, b in zip(upright[::10], turned[::10]):  # same packets: pixels identical once turned back
         np.testing.assert_array_equal(b, np.rot90(a, degrees // 90))
 
 
 def test_rotated_non_square_clip_is_upright(tmp_path):
-    clip = write_clip(tmp_path / "portrait.mp4", 3, size=(32, 64), rotation=-90)   # phone-style "rotate=90"
+    clip = write_clip(tmp_path / "portrait.mp4", 3, size=(32, 64), rotation=-90)  # phone-style "rotate=90"
     frames = list(frames_25fps(clip))
     assert frames[0].shape == (64, 32, 3)
 
 
 def test_still_photo_with_exif_orientation_becomes_a_video(tmp_path):
     from PIL import Image as PIL
+
     h, w = 40, 64
     photo = np.zeros((h, w, 3), np.uint8)
-    photo[:, : w // 2] = (200, 30, 30)                    # left half red, right half black
+    photo[:, : w // 2] = (200, 30, 30)  # left half red, right half black
     image = PIL.fromarray(photo)
     exif = image.getexif()
-    exif[0x0112] = 6                                       # EXIF orientation 6: turn 90 deg clockwise to show
+    exif[0x0112] = 6  # EXIF orientation 6: turn 90 deg clockwise to show
     image.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
     frames = list(frames_for_audio(tmp_path / "photo.jpg", 9))
     assert len(frames) == 9
@@ -112,7 +116,7 @@ def test_video_is_cut_or_looped_ping_pong(tmp_path, n_out):
 
 def test_loop_survives_a_container_that_overstates_its_duration(tmp_path, monkeypatch):
     clip = write_clip(tmp_path / "clip.mp4", 6)
-    monkeypatch.setattr(media, "declared_duration", lambda path: 3600.0)    # "long enough: no spill needed"
+    monkeypatch.setattr(media, "declared_duration", lambda path: 3600.0)  # "long enough: no spill needed"
     assert frame_codes(frames_for_audio(clip, 20)) == upstream_loop(6, 20)
 
 
@@ -124,12 +128,12 @@ def test_looped_frames_are_replayed_from_disk(tmp_path):
     frames = frames_for_audio(clip, 12, spill_dir)
     for _ in range(5):
         next(frames)
-    spill = media.FrameSpill(spill_dir)             # the same mechanism, inspected directly
+    spill = media.FrameSpill(spill_dir)  # the same mechanism, inspected directly
     spill.append(np.zeros((4, 4, 3), np.uint8))
     assert spill._file.tell() == 4 * 4 * 3
     spill.close()
     assert frame_codes(frames) == upstream_loop(5, 12)[5:]
-    assert list(spill_dir.iterdir()) == []          # unlinked temporary files leave nothing behind
+    assert list(spill_dir.iterdir()) == []  # unlinked temporary files leave nothing behind
 
 
 # ------------------------------------------------------------------------------------------------ audio
@@ -195,7 +199,9 @@ def test_frames_over_the_servers_size_limit_are_refused_before_connecting(tmp_pa
     from PIL import Image
 
     Image.fromarray(np.zeros((16, MAX_FRAME_SIDE + 4, 3), np.uint8)).save(tmp_path / "wide.png")
-    with pytest.raises(InputError, match=f"wide.png: the server would refuse it: FRAMES are {MAX_FRAME_SIDE + 4}x16 pixels; at most"):
+    with pytest.raises(
+        InputError, match=f"wide.png: the server would refuse it: FRAMES are {MAX_FRAME_SIDE + 4}x16 pixels; at most"
+    ):
         media.check_inputs(tmp_path / "wide.png", shared_dir / "media" / "demo1_audio.wav")
     Image.fromarray(np.zeros((16, MAX_FRAME_SIDE, 3), np.uint8)).save(tmp_path / "ok.png")
     media.check_inputs(tmp_path / "ok.png", shared_dir / "media" / "demo1_audio.wav")
@@ -204,8 +210,11 @@ def test_frames_over_the_servers_size_limit_are_refused_before_connecting(tmp_pa
 def test_frames_under_the_clients_size_limit_are_refused_before_connecting(tmp_path, shared_dir):
     """The h264 output crops to even sizes: a side of 1 pixel would leave nothing."""
     from PIL import Image
+
     Image.fromarray(np.zeros((MIN_FRAME_SIDE - 1, 9, 3), np.uint8)).save(tmp_path / "flat.png")
-    with pytest.raises(InputError, match="flat.png: the server would refuse it: FRAMES are 9x1 pixels; at least 2 per side"):
+    with pytest.raises(
+        InputError, match="flat.png: the server would refuse it: FRAMES are 9x1 pixels; at least 2 per side"
+    ):
         media.check_inputs(tmp_path / "flat.png", shared_dir / "media" / "demo1_audio.wav")
     Image.fromarray(np.zeros((MIN_FRAME_SIDE, MIN_FRAME_SIDE, 3), np.uint8)).save(tmp_path / "ok.png")
     media.check_inputs(tmp_path / "ok.png", shared_dir / "media" / "demo1_audio.wav")
@@ -225,7 +234,7 @@ def test_writer_output_timing_and_trimmed_audio(tmp_path, shared_dir):
     out, n = tmp_path / "out.mp4", 30
     with SyncedVideoWriter(out, shared_dir / "media" / "retalking_face2.mp4", n, preset="ultrafast") as writer:
         for i in range(n):
-            writer.write(np.full((33, 47, 3), i * 8, np.uint8))    # odd sizes are cut to even
+            writer.write(np.full((33, 47, 3), i * 8, np.uint8))  # odd sizes are cut to even
     with av.open(str(out)) as c:
         video, audio = c.streams.video[0], c.streams.audio[0]
         assert (video.average_rate, video.width, video.height) == (25, 46, 32)
@@ -240,6 +249,7 @@ def test_writer_output_timing_and_trimmed_audio(tmp_path, shared_dir):
 # ------------------------------------------------------------------------------------------------ decode-ahead
 def test_prefetch_keeps_order_bounds_lookahead_and_reraises():
     from latentsync_client.sync import prefetch
+
     pulled = []
 
     def source():
@@ -252,7 +262,7 @@ def test_prefetch_keeps_order_bounds_lookahead_and_reraises():
     with pytest.raises(InputError, match="broken at 50"):
         for item in prefetch(source(), depth=4):
             seen.append(item)
-            assert len(pulled) - len(seen) <= 4 + 2          # queue depth + one in hand on each side
+            assert len(pulled) - len(seen) <= 4 + 2  # queue depth + one in hand on each side
     assert seen == list(range(50))
 
     closed = []
@@ -268,5 +278,5 @@ def test_prefetch_keeps_order_bounds_lookahead_and_reraises():
 
     it = prefetch(endless(), depth=2)
     assert [next(it) for _ in range(5)] == list(range(5))
-    it.close()                                                # stops and closes the source
+    it.close()  # stops and closes the source
     assert closed == [True]

@@ -1,6 +1,7 @@
 """latentsync-client against the real product: the tiny repository (`latentsync-export --tiny`, random
 weights, every model a Python-backend model) served by tritonserver. Output content is meaningless (random
 weights); the contract is what is checked: frame count from the audio, 25 fps, duration, audio track."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ def test_cli_on_tiny_repository(tiny_server, shared_dir, tmp_path, video):
     """22 fps h264, 25 fps HEVC portrait and 30 fps inputs all come back at 25 fps with the audio's length."""
     media = shared_dir / "media"
     source = clip_30fps(media, tmp_path) if video == "30fps" else media / video
-    audio = cut_audio(media / "demo1_audio.wav", tmp_path / "voice.wav", 0.3)       # part of one window
+    audio = cut_audio(media / "demo1_audio.wav", tmp_path / "voice.wav", 0.3)  # part of one window
     out = tmp_path / "out.mp4"
-    r = run_cli(source, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1",
-                "--allow-no-face", *FAST, timeout=600)
+    r = run_cli(
+        source, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1", "--allow-no-face", *FAST, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     assert_synced_output(out, audio, tmp_path)
 
@@ -50,8 +52,20 @@ def test_allow_no_face_writes_the_passed_through_frames(tiny_server, shared_dir,
     out = tmp_path / "out.mp4"
     r = run_cli(photo, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1", *FAST, timeout=600)
     assert r.returncode == NoFaceError.exit_code and "no face found" in r.stderr and not out.exists(), r.stderr
-    r = run_cli(photo, audio, "-o", out, "--url", tiny_server.grpc_url, "--steps", "1", "--allow-no-face",
-                "--preset", "ultrafast", timeout=600)
+    r = run_cli(
+        photo,
+        audio,
+        "-o",
+        out,
+        "--url",
+        tiny_server.grpc_url,
+        "--steps",
+        "1",
+        "--allow-no-face",
+        "--preset",
+        "ultrafast",
+        timeout=600,
+    )
     assert r.returncode == 0 and "without a face (passed through)" in r.stderr, r.stderr
     info = assert_synced_output(out, audio, tmp_path)
-    assert np.abs(info["frames"][0].astype(int) - 90).mean() < 3            # the photo itself
+    assert np.abs(info["frames"][0].astype(int) - 90).mean() < 3  # the photo itself

@@ -7,6 +7,7 @@ The library is installed from the package registry into a temporary folder (pip 
 top-level import is only `DeepCache.extension.deepcache`, which imports nothing; its declared dependencies
 (torch, diffusers, transformers) serve its bundled Stable Diffusion pipelines, which are not used.
 """
+
 import importlib
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.samplers import make_sampler
 from latentsync_core.tiny import TINY_UNET, redraw_
 
-pytestmark = pytest.mark.slow   # a few minutes on 2 cores
+pytestmark = pytest.mark.slow  # a few minutes on 2 cores
 
 DEEPCACHE = "DeepCache==0.1.1"
 # Upstream runs 20 steps; 8 keep the test short and, like 20, are not a multiple of the interval, so a step count
@@ -33,8 +34,21 @@ FULL_STEPS = sum(deepcache_plan(k, INTERVAL) for k in range(STEPS))  # per windo
 @pytest.fixture(scope="module")
 def deepcache_helper(tmp_path_factory):
     target = str(tmp_path_factory.mktemp("deepcache-site"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--target", target, DEEPCACHE], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            target,
+            DEEPCACHE,
+        ],
+        check=True,
+    )
     sys.path.insert(0, target)
     try:
         yield importlib.import_module("DeepCache").DeepCacheSDHelper
@@ -52,10 +66,12 @@ def tiny_unet() -> UNet3DConditionModel:
 
 def window(seed, frames=2, hw=8):
     g = torch.Generator().manual_seed(seed)
-    cond = WindowConditioning(mask=torch.rand(1, 1, frames, hw, hw, generator=g).round(),
-                              masked=torch.randn(1, 4, frames, hw, hw, generator=g),
-                              reference=torch.randn(1, 4, frames, hw, hw, generator=g),
-                              audio=torch.randn(frames, 50, 384, generator=g))
+    cond = WindowConditioning(
+        mask=torch.rand(1, 1, frames, hw, hw, generator=g).round(),
+        masked=torch.randn(1, 4, frames, hw, hw, generator=g),
+        reference=torch.randn(1, 4, frames, hw, hw, generator=g),
+        audio=torch.randn(frames, 50, 384, generator=g),
+    )
     return torch.randn(1, 4, frames, hw, hw, generator=g), cond
 
 
@@ -73,9 +89,11 @@ def library_result(deepcache_helper):
     helper.set_params(cache_interval=INTERVAL, cache_branch_id=0)
     helper.enable()
     counts = {}
-    hooks = [count_calls(unet.down_blocks[0].resnets[0].conv1, counts, "deep"),             # full steps only
-             count_calls(unet.up_blocks[-1].resnets[-1].conv1, counts, "last_layer"),       # every step
-             count_calls(unet.up_blocks[-1].motion_modules[0], counts, "rerun_motion")]     # not wrapped: every step
+    hooks = [
+        count_calls(unet.down_blocks[0].resnets[0].conv1, counts, "deep"),  # full steps only
+        count_calls(unet.up_blocks[-1].resnets[-1].conv1, counts, "last_layer"),  # every step
+        count_calls(unet.up_blocks[-1].motion_modules[0], counts, "rerun_motion"),
+    ]  # not wrapped: every step
 
     def upstream_unet(sample, timesteps, audio):  # upstream passes t itself; the library looks up its index
         return pipe.unet(sample, timesteps[0], audio)
@@ -102,10 +120,12 @@ def test_project_deepcache_per_stream_equals_the_library(library_result):
     unet, counts = tiny_unet(), {}
     hook = count_calls(unet.down_blocks[0].resnets[0].conv1, counts, "deep")
     with torch.no_grad():
-        latents = [denoise_window(unet, *window(seed), make_sampler("ddim", STEPS), GUIDANCE, deepcache=INTERVAL)
-                   for seed in (0, 1)]
+        latents = [
+            denoise_window(unet, *window(seed), make_sampler("ddim", STEPS), GUIDANCE, deepcache=INTERVAL)
+            for seed in (0, 1)
+        ]
     hook.remove()
-    assert counts["deep"] == 2 * FULL_STEPS          # the deep layers run on full steps only
+    assert counts["deep"] == 2 * FULL_STEPS  # the deep layers run on full steps only
     for got, want in zip(latents, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -117,7 +137,7 @@ def test_project_deepcache_batched_windows_at_different_steps_equal_the_library(
     unet = tiny_unet()
     jobs = [WindowJob(*window(seed), make_sampler("ddim", STEPS), GUIDANCE, INTERVAL) for seed in (0, 1)]
     with torch.no_grad():
-        step(unet, jobs[:1])                  # the first window's step 0 alone; then both together
+        step(unet, jobs[:1])  # the first window's step 0 alone; then both together
         while not all(job.done for job in jobs):
             step(unet, [job for job in jobs if not job.done])
     # Not bit-exact: CPU kernels round differently for other batch sizes (the cached steps run 4 items where the

@@ -1,5 +1,6 @@
 """The optional face enhancer: official restorer checkpoints load through spandrel, the restored pixels land only in
 the feathered mouth region, and the sharpness gate picks the blurry faces."""
+
 import sys
 
 import cv2
@@ -38,8 +39,9 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def restoreformer_file(tmp_path_factory):
-    return make_face_restorer(tmp_path_factory.mktemp("enhancer") / "RestoreFormer.pth", "RestoreFormer",
-                              **SMALL_RESTOREFORMER)
+    return make_face_restorer(
+        tmp_path_factory.mktemp("enhancer") / "RestoreFormer.pth", "RestoreFormer", **SMALL_RESTOREFORMER
+    )
 
 
 @pytest.mark.parametrize("arch", list(FACE_RESTORER_FILES))
@@ -98,6 +100,7 @@ def test_one_clear_error_for_unusable_files(tmp_path):
     sr_network = tmp_path / "4x_compact.pth"
     import_spandrel()
     from spandrel.architectures.Compact import Compact
+
     torch.save({"params": Compact(num_feat=8, num_conv=2).state_dict()}, sr_network)
     shrunk_gfpgan = make_face_restorer(tmp_path / "GFPGANv1.4.pth", "GFPGAN", **SMALL_GFPGAN)
     cases = {
@@ -188,11 +191,11 @@ def test_gate_enhances_only_the_blurry_faces():
     assert len(seen) == 1 and torch.equal(seen[0], faces[[1, 3]])
     assert torch.equal(out[[0, 2]], faces[[0, 2]])
     assert not torch.equal(out[[1, 3]], faces[[1, 3]])
-    torch.testing.assert_close(out[[1, 3]], enhance_faces(faces[[1, 3]], torch.zeros_like(faces[[1, 3]]), mask,
-                                                          1.0, 8), atol=0, rtol=0)
+    torch.testing.assert_close(
+        out[[1, 3]], enhance_faces(faces[[1, 3]], torch.zeros_like(faces[[1, 3]]), mask, 1.0, 8), atol=0, rtol=0
+    )
     seen.clear()
     everything = enhance_mouths(enhancer, faces, mask, blend=1.0, feather=8, min_sharpness=None)
     assert len(seen) == 1 and len(seen[0]) == 4 and not torch.equal(everything[0], faces[0])
     seen.clear()
     assert enhance_mouths(enhancer, faces, mask, min_sharpness=float(scores.min()) / 2) is faces and not seen
-

@@ -1,4 +1,5 @@
 """latentsync-export: the repository it writes for both targets (no server here; see test_triton_lipsync.py)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,16 @@ from latentsync_export.model_config import InstanceSpec, parse_model_config, tem
 
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-CPU_MODELS = {"denoiser_1.5", "denoiser_1.6", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector",
-              "restorer", "lipsync"}
+CPU_MODELS = {
+    "denoiser_1.5",
+    "denoiser_1.6",
+    "audio_encoder",
+    "vae_encoder",
+    "vae_decoder",
+    "face_detector",
+    "restorer",
+    "lipsync",
+}
 ONNX_MODELS = {"audio_encoder", "vae_encoder", "vae_decoder"}
 GPU_PYTHON_MODELS = {"denoiser_1.5", "vae_encoder", "vae_decoder", "audio_encoder", "restorer", "lipsync"}
 
@@ -25,8 +34,23 @@ def configs(repo):
 @pytest.fixture(scope="module")
 def cpu_repo(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu") / "repo"
-    code = main(["--tiny", "--out", str(out), "--instances", "denoiser=cpu:2", "--instances", "restorer=gpu:1:0",
-                 "--max-streams", "5", "--idle-timeout-s", "30", "--max-windows", "4"])
+    code = main(
+        [
+            "--tiny",
+            "--out",
+            str(out),
+            "--instances",
+            "denoiser=cpu:2",
+            "--instances",
+            "restorer=gpu:1:0",
+            "--max-streams",
+            "5",
+            "--idle-timeout-s",
+            "30",
+            "--max-windows",
+            "4",
+        ]
+    )
     assert code == 0
     return out
 
@@ -41,15 +65,17 @@ def gpu_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tensorrt_repo(tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "repo"
-    build_repository(ExportOptions(out=out, tiny=True, variants=("1.5",), target="gpu", tensorrt=True,
-                                   trt_cache_dir="/cache/trt"))
+    build_repository(
+        ExportOptions(out=out, tiny=True, variants=("1.5",), target="gpu", tensorrt=True, trt_cache_dir="/cache/trt")
+    )
     return out
 
 
 def test_templates_parse_and_cover_every_model():
     found = configs(templates_dir())
-    assert {"denoiser", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer",
-            "lipsync"} <= set(found)
+    assert {"denoiser", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer", "lipsync"} <= set(
+        found
+    )
 
 
 def test_cpu_repository(cpu_repo):
@@ -67,12 +93,14 @@ def test_cpu_repository(cpu_repo):
     assert [i.name for i in dn.input] == ["LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO"]
     assert dn.parameters["max_windows"].string_value == "4" and dn.parameters["dtype"].string_value == "float32"
     # dynamic batching of the per-frame models: a whole window at least
-    assert all(cfg[m].max_batch_size >= 16 and cfg[m].HasField("dynamic_batching")
-               for m in ("vae_encoder", "vae_decoder", "restorer", "face_detector"))
+    assert all(
+        cfg[m].max_batch_size >= 16 and cfg[m].HasField("dynamic_batching")
+        for m in ("vae_encoder", "vae_decoder", "restorer", "face_detector")
+    )
     # the orchestrator: decoupled, one sequence per stream, idle timeout and slots as asked
     ls = cfg["lipsync"]
     assert ls.model_transaction_policy.decoupled and ls.max_batch_size == 0
-    assert ls.sequence_batching.max_sequence_idle_microseconds == 60_000_000   # twice stream_idle_timeout_s
+    assert ls.sequence_batching.max_sequence_idle_microseconds == 60_000_000  # twice stream_idle_timeout_s
     assert ls.sequence_batching.oldest.max_candidate_sequences == 5
     p = {k: v.string_value for k, v in ls.parameters.items()}
     assert p["denoiser_models"] == "1.5=denoiser_1.5,1.6=denoiser_1.6" and p["random_weights"] == "true"
@@ -102,8 +130,7 @@ def test_weights_folder_is_referenced_not_copied(tmp_path):
     build_repository(ExportOptions(out=out, weights={"1.6": weights}))
     cfg = configs(out)
     assert "denoiser_1.6" in cfg and "denoiser_1.5" not in cfg
-    assert cfg["denoiser_1.6"].parameters["checkpoint"].string_value == \
-        str((weights / "latentsync_unet.pt").resolve())
+    assert cfg["denoiser_1.6"].parameters["checkpoint"].string_value == str((weights / "latentsync_unet.pt").resolve())
     assert cfg["vae_decoder"].parameters["vae"].string_value == str((weights / "vae").resolve())
     assert not (out / "denoiser_1.6" / "1" / "latentsync_unet.pt").exists()
     p = cfg["lipsync"].parameters
@@ -125,8 +152,15 @@ def test_weights_folder_is_referenced_not_copied(tmp_path):
 def test_gpu_repository_configs(gpu_repo):
     """gpu target: the Python models on the GPU, the denoiser and the VAE in bfloat16, sized for a GPU."""
     cfg = configs(gpu_repo)
-    assert set(cfg) == {"denoiser_1.5", "audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer",
-                        "lipsync"}
+    assert set(cfg) == {
+        "denoiser_1.5",
+        "audio_encoder",
+        "vae_encoder",
+        "vae_decoder",
+        "face_detector",
+        "restorer",
+        "lipsync",
+    }
     for name in GPU_PYTHON_MODELS:
         assert cfg[name].backend == "python" and cfg[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert cfg["face_detector"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -154,8 +188,9 @@ def test_tensorrt_repository_configs(tensorrt_repo):
         assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
         assert trt.parameters["trt_engine_cache_path"] == f"/cache/trt/{name}"
         for kind in ("min", "opt", "max"):  # one profile entry per input
-            assert {s.split(":")[0] for s in trt.parameters[f"trt_profile_{kind}_shapes"].split(",")} == \
-                {i.name for i in c.input}
+            assert {s.split(":")[0] for s in trt.parameters[f"trt_profile_{kind}_shapes"].split(",")} == {
+                i.name for i in c.input
+            }
     # the encoder's optimisation profile is at the served batch: one window's masked + reference faces
     (trt,) = cfg["vae_encoder"].optimization.execution_accelerators.gpu_execution_accelerator
     assert trt.parameters["trt_profile_opt_shapes"].startswith("PIXELS:32x3x")
@@ -171,8 +206,10 @@ def test_tensorrt_repository_onnx_graphs(tensorrt_repo):
     cfg, manifest = configs(tensorrt_repo), read_manifest(tensorrt_repo)
     for name in ONNX_MODELS:
         record = manifest["onnx"][name]
-        print(f"{name}: float32 ONNX vs torch max abs error {record['fp32_max_abs_error']:.3g} "
-              f"(output scale {record['output_scale']:.3g}); float16: {record['fp16_onnxruntime_cpu']}")
+        print(
+            f"{name}: float32 ONNX vs torch max abs error {record['fp32_max_abs_error']:.3g} "
+            f"(output scale {record['output_scale']:.3g}); float16: {record['fp16_onnxruntime_cpu']}"
+        )
         assert record["dtype"] == "float16"
         assert record["fp32_max_abs_error"] <= 1e-3 * record["output_scale"]
         model = onnx.load(str(tensorrt_repo / name / "1" / "model.onnx"))
@@ -199,16 +236,19 @@ def test_stand_in_repository(tmp_path):
     assert read_manifest(out)["stand_ins"] is True
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--tiny", "--weights", "x"], "not allowed with"),
-    (["--tiny", "--instances", "denoiser"], "MODEL=KIND"),
-    (["--tiny", "--instances", "denoiser=tpu:1"], "KIND"),
-    (["--tiny", "--max-windows", "0"], ">= 1"),
-    (["--tiny", "--dtype", "bfloat16"], "float32"),
-    (["--tiny", "--tensorrt"], "--target gpu"),
-    (["--tiny", "--detector", "insightface"], "--detector-dir"),
-    (["--weights", "/nonexistent/weights"], "not found"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tiny", "--weights", "x"], "not allowed with"),
+        (["--tiny", "--instances", "denoiser"], "MODEL=KIND"),
+        (["--tiny", "--instances", "denoiser=tpu:1"], "KIND"),
+        (["--tiny", "--max-windows", "0"], ">= 1"),
+        (["--tiny", "--dtype", "bfloat16"], "float32"),
+        (["--tiny", "--tensorrt"], "--target gpu"),
+        (["--tiny", "--detector", "insightface"], "--detector-dir"),
+        (["--weights", "/nonexistent/weights"], "not found"),
+    ],
+)
 def test_cli_errors_say_what_is_wrong(tmp_path, capsys, argv, message):
     try:
         code = main(argv + ["--out", str(tmp_path / "repo")])

@@ -1,5 +1,6 @@
 """Face detection: real MediaPipe weights on the real clips (vs YuNet), blank frames, the multi-face policy,
 request independence, and the InsightFace loading/decoding path on small fake ONNX files."""
+
 from pathlib import Path
 
 import cv2
@@ -18,8 +19,12 @@ from latentsync_core.face.detect import Candidates, FaceFilter, box_iou, create_
 MIN_IOU, MIN_MEAN_IOU = 0.6, 0.75
 # (clip, decode scale, frame step): every frame of demo1 (at half size, ~7 ms per frame on 2 cores), a
 # subsample of the others.
-CLIPS = [("demo1_video.mp4", 0.5, 1), ("demo2_video.mp4", 0.5, 10),
-         ("retalking_face1.mp4", 1.0, 5), ("retalking_face2.mp4", 1.0, 5)]
+CLIPS = [
+    ("demo1_video.mp4", 0.5, 1),
+    ("demo2_video.mp4", 0.5, 10),
+    ("retalking_face1.mp4", 1.0, 5),
+    ("retalking_face2.mp4", 1.0, 5),
+]
 
 
 def yunet_boxes(model: Path, frames: np.ndarray, subsample: int = 2) -> np.ndarray:
@@ -93,8 +98,11 @@ def test_requests_are_independent_of_batching(mediapipe, talking_head):
     a, b = talking_head[:5], talking_head[5:][::-1]
     together = mediapipe.detect_requests([a, b])
     swapped = mediapipe.detect_requests([b, a])
-    for batched, single in ((together[0], mediapipe.detect(a)), (together[1], mediapipe.detect(b)),
-                            (swapped[1], mediapipe.detect(a))):
+    for batched, single in (
+        (together[0], mediapipe.detect(a)),
+        (together[1], mediapipe.detect(b)),
+        (swapped[1], mediapipe.detect(a)),
+    ):
         np.testing.assert_array_equal(batched.found, single.found)
         np.testing.assert_array_equal(batched.points, single.points)
         np.testing.assert_allclose(batched.boxes, single.boxes, atol=1e-3)
@@ -104,8 +112,8 @@ def test_two_faces_largest_or_tracked(mediapipe, talking_head):
     big = talking_head[0]
     small = cv2.resize(big, None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA)
     canvas = np.zeros((big.shape[0], big.shape[1] + small.shape[1], 3), np.uint8)
-    canvas[:, :big.shape[1]] = big
-    canvas[:small.shape[0], big.shape[1]:] = small
+    canvas[:, : big.shape[1]] = big
+    canvas[: small.shape[0], big.shape[1] :] = small
     frames = np.stack([canvas] * 3)
 
     largest = mediapipe.detect(frames)
@@ -127,11 +135,13 @@ def _cands(*boxes_scores):
 def test_upstream_filter_and_largest_rule():
     f = FaceFilter()
     ok = ([0, 0, 100, 120], 0.9)
-    rejected = [([0, 0, 49.9, 120], 0.9),   # truncated width 49 < 50
-                ([0, 0, 100, 79.9], 0.9),   # height 79 < 80
-                ([0, 0, 190, 120], 0.9),    # w / h > 1.5
-                ([0, 0, 50, 260], 0.9),     # w / h < 0.2
-                ([0, 0, 100, 120], 0.49)]   # score
+    rejected = [
+        ([0, 0, 49.9, 120], 0.9),  # truncated width 49 < 50
+        ([0, 0, 100, 79.9], 0.9),  # height 79 < 80
+        ([0, 0, 190, 120], 0.9),  # w / h > 1.5
+        ([0, 0, 50, 260], 0.9),  # w / h < 0.2
+        ([0, 0, 100, 120], 0.49),
+    ]  # score
     assert select_faces([_cands(*rejected)], f).tolist() == [-1]
     assert select_faces([_cands(*rejected, ok)], f).tolist() == [5]
     # largest area wins over a higher score; equal areas go to the first (higher-scored) candidate
@@ -141,7 +151,7 @@ def test_upstream_filter_and_largest_rule():
 
 def test_track_policy_follows_the_previous_pick_across_frames():
     f = FaceFilter()
-    left, right = [0, 0, 100, 120], [300, 0, 420, 140]   # right is larger
+    left, right = [0, 0, 100, 120], [300, 0, 420, 140]  # right is larger
     moved = [10, 5, 110, 125]
     frames = [_cands((left, 0.9), (right, 0.9)), _cands((right, 0.9)), _cands((moved, 0.8), (right, 0.9))]
     assert select_faces(frames, f, "largest").tolist() == [1, 0, 1]
@@ -160,7 +170,7 @@ def buffalo(tmp_path_factory):
 
 def marker_frame(h: int, w: int, xy, size: int, channel: int) -> np.ndarray:
     frame = np.zeros((h, w, 3), np.uint8)
-    frame[xy[1]:xy[1] + size, xy[0]:xy[0] + size, channel] = 255
+    frame[xy[1] : xy[1] + size, xy[0] : xy[0] + size, channel] = 255
     return frame
 
 

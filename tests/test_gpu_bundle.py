@@ -1,5 +1,6 @@
 """The pieces of the prepared GPU run that need no GPU: the bundle's contents and environment, the served path's
 measurements (Prometheus counters, streams against a real CPU server), torch.compile timing."""
+
 import json
 import os
 import subprocess
@@ -31,20 +32,25 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 def test_triton_files_are_the_server_its_backend_one_stub_and_their_libraries():
     files = triton_files(PYTHON)
-    assert {"pytriton/tritonserver/bin/tritonserver", "pytriton/tritonserver/backends/python/libtriton_python.so",
-            f"pytriton/tritonserver/python_backend_stubs/{PYTHON}/triton_python_backend_stub",
-            "pytriton/tritonserver/backends/python/triton_python_backend_utils.py"} <= set(files)
+    assert {
+        "pytriton/tritonserver/bin/tritonserver",
+        "pytriton/tritonserver/backends/python/libtriton_python.so",
+        f"pytriton/tritonserver/python_backend_stubs/{PYTHON}/triton_python_backend_stub",
+        "pytriton/tritonserver/backends/python/triton_python_backend_utils.py",
+    } <= set(files)
     libs = [name for name in files if name.startswith("nvidia_pytriton.libs/")]
     assert any("libtritonserver" in n for n in libs) and any("libcudart" in n for n in libs)
-    assert not any("libpython" in n for n in libs)      # other Pythons' (the stub uses the machine's)
+    assert not any("libpython" in n for n in libs)  # other Pythons' (the stub uses the machine's)
     assert not any("python_backend_stubs" in n and f"/{PYTHON}/" not in n for n in files)
 
 
 def test_wheel_members_keep_only_litert_interpreter_and_drop_tests(tmp_path):
     wheel = tmp_path / "ai_edge_litert-2.3.0-cp312-cp312-manylinux_2_27_x86_64.whl"
     names = [f"ai_edge_litert/{f}" for f in LITERT_FILES] + [
-        "ai_edge_litert/libLiteRtWebGpuAccelerator.so", "ai_edge_litert/tools/apply_plugin_main",
-        "ai_edge_litert-2.3.0.dist-info/METADATA"]
+        "ai_edge_litert/libLiteRtWebGpuAccelerator.so",
+        "ai_edge_litert/tools/apply_plugin_main",
+        "ai_edge_litert-2.3.0.dist-info/METADATA",
+    ]
     with zipfile.ZipFile(wheel, "w") as z:
         for name in names:
             z.writestr(name, "x")
@@ -61,15 +67,17 @@ def test_bundle_environment_sees_bundle_first_then_machine_and_project_without_p
     dest = tmp_path / "dest"
     (dest / "site" / "numpy").mkdir(parents=True)
     (dest / "site" / "numpy" / "__init__.py").write_text("__version__ = 'bundled'\n")
-    code = ("import numpy, tritonclient, latentsync_contract, latentsync_serving.serve as s; "
-            "print(numpy.__version__); print(latentsync_contract.__file__); print(s.__file__)")
+    code = (
+        "import numpy, tritonclient, latentsync_contract, latentsync_serving.serve as s; "
+        "print(numpy.__version__); print(latentsync_contract.__file__); print(s.__file__)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     python = make_env(dest, REPO, numpy1=True)
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     version, contract, serve = out.split()
     assert version == "bundled" and Path(contract).is_relative_to(REPO / "contract")
-    assert Path(serve).is_relative_to(REPO / "serving")   # not an installed copy of the project
-    python = make_env(dest, REPO, numpy1=False)   # the machine's numpy wins
+    assert Path(serve).is_relative_to(REPO / "serving")  # not an installed copy of the project
+    python = make_env(dest, REPO, numpy1=False)  # the machine's numpy wins
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split()[0] == np.__version__
 
@@ -90,13 +98,16 @@ def test_find_libpython_finds_this_interpreters_library_or_says_none():
 
 
 def test_parse_counters_sums_one_models_labels():
-    text = "\n".join([
-        "# HELP denoiser_steps Iterations of the denoising loop",
-        'denoiser_steps{model="denoiser_1.5"} 40',
-        'denoiser_steps{model="denoiser_1.6"} 7',
-        'denoiser_window_steps{model="denoiser_1.5",instance="a"} 90',
-        'denoiser_window_steps{instance="b",model="denoiser_1.5"} 30',
-        'nv_inference_count{model="denoiser_1.5",version="1"} 3'])
+    text = "\n".join(
+        [
+            "# HELP denoiser_steps Iterations of the denoising loop",
+            'denoiser_steps{model="denoiser_1.5"} 40',
+            'denoiser_steps{model="denoiser_1.6"} 7',
+            'denoiser_window_steps{model="denoiser_1.5",instance="a"} 90',
+            'denoiser_window_steps{instance="b",model="denoiser_1.5"} 30',
+            'nv_inference_count{model="denoiser_1.5",version="1"} 3',
+        ]
+    )
     counters = parse_counters(text, ("denoiser_window_steps", "denoiser_steps"), "denoiser_1.5")
     assert counters == {"denoiser_window_steps": 120.0, "denoiser_steps": 40.0}
 
@@ -129,9 +140,25 @@ def test_gpu_script_served_path(tmp_path, shared_dir):
     2 raw gRPC streams of a real face; frames back, the denoiser's counters read from the metrics endpoint."""
     frames = tmp_path / "frames"
     write_face_frames(shared_dir / "media" / "demo1_video.mp4", frames, count=2)
-    cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--parts", "served", "--serve",
-           "--served-streams", "1,2", "--served-frames", "16", "--frames", str(frames), "--out", str(tmp_path / "out"),
-           "--budget-s", "1500"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "latentsync_load.gpu_bench",
+        "--tiny",
+        "--parts",
+        "served",
+        "--serve",
+        "--served-streams",
+        "1,2",
+        "--served-frames",
+        "16",
+        "--frames",
+        str(frames),
+        "--out",
+        str(tmp_path / "out"),
+        "--budget-s",
+        "1500",
+    ]
     subprocess.run(cmd, check=True, timeout=1800, capture_output=True)
     result = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
     assert [(r["streams"], r["frames"], r["errors"]) for r in result["served"]] == [(1, 16, []), (2, 32, [])]

@@ -1,5 +1,6 @@
 """The parts stay apart: numerics import no serving or client code, the client imports nothing of the server,
 the contract imports nothing at all, every model.py imports only the runtime and the numerics."""
+
 import ast
 import pkgutil
 import subprocess
@@ -12,8 +13,14 @@ import latentsync_core
 from latentsync_export.model_config import templates_dir
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("latentsync_core", "latentsync_contract", "latentsync_serving", "latentsync_export", "latentsync_client",
-         "latentsync_load")
+PARTS = (
+    "latentsync_core",
+    "latentsync_contract",
+    "latentsync_serving",
+    "latentsync_export",
+    "latentsync_client",
+    "latentsync_load",
+)
 
 
 def loaded_after(code: str) -> set[str]:
@@ -26,8 +33,13 @@ def loaded_after(code: str) -> set[str]:
 def test_numerics_import_no_serving_client_or_builder_code():
     modules = [m.name for m in pkgutil.walk_packages(latentsync_core.__path__, "latentsync_core.")]
     loaded = loaded_after("; ".join(f"import {m}" for m in modules))
-    assert not loaded & {"latentsync_serving", "latentsync_export", "latentsync_client", "latentsync_load",
-                         "tritonclient"}
+    assert not loaded & {
+        "latentsync_serving",
+        "latentsync_export",
+        "latentsync_client",
+        "latentsync_load",
+        "tritonclient",
+    }
 
 
 def test_client_imports_nothing_of_the_server_and_no_torch():
@@ -47,10 +59,18 @@ def test_model_py_is_thin_and_imports_only_runtime_and_numerics(model_py):
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     project = {m.split(".")[0] for m in imported if m.startswith("latentsync_")}
     assert project <= {"latentsync_core", "latentsync_serving"}, imported
-    assert len(model_py.read_text().splitlines()) <= 40       # the work lives in the packages
+    assert len(model_py.read_text().splitlines()) <= 40  # the work lives in the packages
 
 
 def test_templates_ship_with_the_exporter_and_are_the_source_tree():
     assert templates_dir().resolve() == (REPO / "model_repository").resolve()
     assert {p.parent.name for p in templates_dir().glob("*/config.pbtxt")} >= {
-        "lipsync", "denoiser", "face_detector", "audio_encoder", "vae_encoder", "vae_decoder", "restorer", "enhancer"}
+        "lipsync",
+        "denoiser",
+        "face_detector",
+        "audio_encoder",
+        "vae_encoder",
+        "vae_decoder",
+        "restorer",
+        "enhancer",
+    }

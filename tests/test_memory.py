@@ -4,6 +4,7 @@ at the peak, and given back when the streams end.
 Memory = anonymous memory of tritonserver and every backend stub + the /dev/shm of its Python-backend pools
 (latentsync_load.server_probe). The bounds and their arithmetic: docs/OPERATIONS.md "Memory".
 """
+
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,11 +15,11 @@ from latentsync_export.export import ExportOptions, build_repository
 from latentsync_load.ceiling import load_clip, raw_stream, smaller
 from latentsync_load.server_probe import MemoryWatch, ServerProbe
 
-STREAMS, FRAMES = 4, 2 * WINDOW      # each stream keeps both its windows in flight (the server overlaps two)
-CALLS_PER_MODEL = 2                  # the cpu target's frame_max_batch (32) / 16: bls.CallSlots
-MAX_PER_STREAM = 1.0e9               # bytes at the peak per open 1080p stream (docs/OPERATIONS.md "Memory")
-MAX_ANON_RETURN = 0.10               # anonymous memory back within 10% of idle
-SETTLE_S = 6.0                       # the preload library trims every heap every 2 s
+STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight (the server overlaps two)
+CALLS_PER_MODEL = 2  # the cpu target's frame_max_batch (32) / 16: bls.CallSlots
+MAX_PER_STREAM = 1.0e9  # bytes at the peak per open 1080p stream (docs/OPERATIONS.md "Memory")
+MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
+SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
 
 def pool_bound(window_bytes: int, k: int = CALLS_PER_MODEL) -> int:
@@ -45,7 +46,7 @@ def clip(shared_dir):
 def test_memory_per_1080p_stream_is_bounded_and_given_back(server, clip):
     assert clip.frames.shape[1:3] == (1920, 1080)
     probe = ServerProbe(server.pid, server.shm_prefix)
-    warm = raw_stream(server.grpc_url, smaller(clip, 960), {"steps": 1})   # what models initialise lazily
+    warm = raw_stream(server.grpc_url, smaller(clip, 960), {"steps": 1})  # what models initialise lazily
     assert warm.error is None, warm.error
     time.sleep(SETTLE_S)
     idle = probe.memory()
@@ -59,8 +60,10 @@ def test_memory_per_1080p_stream_is_bounded_and_given_back(server, clip):
     assert [r.frames for r in runs] == [FRAMES] * STREAMS
     per_stream = (watch.peak.total - idle.total) / STREAMS
     mb = lambda x: f"{x / 1e6:,.0f} MB"  # noqa: E731
-    print(f"idle {mb(idle.total)} (shm {mb(idle.shm)}), peak {mb(watch.peak.total)}: {mb(per_stream)} per stream; "
-          f"after {mb(after.total)}: anonymous {mb(after.anon)} (idle {mb(idle.anon)}), shm {mb(after.shm)}")
+    print(
+        f"idle {mb(idle.total)} (shm {mb(idle.shm)}), peak {mb(watch.peak.total)}: {mb(per_stream)} per stream; "
+        f"after {mb(after.total)}: anonymous {mb(after.anon)} (idle {mb(idle.anon)}), shm {mb(after.shm)}"
+    )
     assert per_stream <= MAX_PER_STREAM
     assert after.anon <= idle.anon * (1 + MAX_ANON_RETURN)
     assert after.shm - idle.shm <= pool_bound(clip.frames[:WINDOW].nbytes)

@@ -1,6 +1,7 @@
 """Deployment files (docker/): lint the Dockerfile and entry point, validate compose files and Kubernetes
 manifests against their schemas, parse every config.pbtxt, and run the container entry point's `serve` on the
 real local server to show its flags lock the admin APIs and keep inference open."""
+
 import os
 import re
 import shutil
@@ -29,9 +30,9 @@ DOCKER = REPO / "docker"
 K8S = DOCKER / "k8s"
 # Oldest Kubernetes the manifests must load on, and the newest schema the validator ships.
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
-CUSTOM_KINDS = {"ServiceMonitor"}         # CRDs: no schema in the validator, checked field by field below
-EXIT_TIMEOUT_S = 30                       # tritonserver's wait for in-flight requests once stopped
-STOP_S = DEFAULT_DRAIN_TIMEOUT_S + EXIT_TIMEOUT_S   # latentsync-serve's drain of open streams, then Triton's exit
+CUSTOM_KINDS = {"ServiceMonitor"}  # CRDs: no schema in the validator, checked field by field below
+EXIT_TIMEOUT_S = 30  # tritonserver's wait for in-flight requests once stopped
+STOP_S = DEFAULT_DRAIN_TIMEOUT_S + EXIT_TIMEOUT_S  # latentsync-serve's drain of open streams, then Triton's exit
 
 
 def tool(name: str) -> str:
@@ -59,8 +60,9 @@ def test_dockerfile_pins_ngc_base_runs_non_root_and_copies_existing_paths():
             assert (REPO / path).exists(), f"Dockerfile copies {path}, which is not in the repository"
     assert re.search(r'^ENTRYPOINT \["latentsync-entrypoint"\]$', text, re.M)
     # BuildKit's docker/Dockerfile.dockerignore must let every copied path into the build context.
-    allowed = {l[1:].strip("/") for l in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-               if l.startswith("!")}
+    allowed = {
+        ln[1:].strip("/") for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines() if ln.startswith("!")
+    }
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         assert set(src.split()) <= allowed, f"{src} is excluded from the build context"
 
@@ -72,8 +74,11 @@ def test_entrypoint_passes_shellcheck():
 
 @pytest.mark.parametrize("compose", sorted(DOCKER.glob("compose.*.yaml")), ids=lambda p: p.name)
 def test_compose_file_valid_and_safe(compose):
-    out = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(compose)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(compose)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     services = yaml.safe_load(compose.read_text())["services"]
     server, prepare = services["server"], services["prepare"]
@@ -111,8 +116,7 @@ def render_kustomization(folder: Path) -> list[dict]:
     """What `kubectl kustomize` gives for a kustomization that only lists resources (asserted below)."""
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     assert set(kustomization) <= {"apiVersion", "kind", "resources"}, "render supports plain resource lists only"
-    return [doc for res in kustomization["resources"]
-            for doc in yaml.safe_load_all((folder / res).read_text()) if doc]
+    return [doc for res in kustomization["resources"] for doc in yaml.safe_load_all((folder / res).read_text()) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +149,11 @@ def test_deployment_probes_gpu_security_and_admin_key(manifests):
     (triton,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert ports == {"grpc": 8001, "http": 8000, "metrics": 8002}
-    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
-                        ("livenessProbe", "/v2/health/live")):
+    for probe, path in (
+        ("startupProbe", "/v2/health/ready"),
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+    ):
         get = triton[probe]["httpGet"]
         assert get["path"] == path and ports.get(get["port"], get["port"]) == 8000, probe
     for container in pod["containers"] + pod["initContainers"]:
@@ -174,14 +181,14 @@ def test_selectors_services_and_network_policy_line_up(manifests):
     services = {name: d for (kind, name), d in manifests.items() if kind == "Service"}
     for svc in services.values():
         assert selects(svc["spec"]["selector"])
-    client_ports = {p["port"] for svc in services.values() if "metrics" not in svc["metadata"]["name"]
-                    for p in svc["spec"]["ports"]}
-    assert client_ports == {8001}                       # HTTP/admin and metrics are not offered to clients
+    client_ports = {
+        p["port"] for svc in services.values() if "metrics" not in svc["metadata"]["name"] for p in svc["spec"]["ports"]
+    }
+    assert client_ports == {8001}  # HTTP/admin and metrics are not offered to clients
     assert all(s["spec"].get("sessionAffinity", "None") == "None" for s in services.values())
     assert selects(manifests["PodDisruptionBudget", "latentsync"]["spec"]["selector"]["matchLabels"])
     assert selects(manifests["NetworkPolicy", "latentsync"]["spec"]["podSelector"]["matchLabels"])
-    allowed = {p["port"] for rule in manifests["NetworkPolicy", "latentsync"]["spec"]["ingress"]
-               for p in rule["ports"]}
+    allowed = {p["port"] for rule in manifests["NetworkPolicy", "latentsync"]["spec"]["ingress"] for p in rule["ports"]}
     assert allowed == {8001, 8002}
     monitor = manifests["ServiceMonitor", "latentsync"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -207,8 +214,12 @@ def test_hpa_scales_on_queue_time_through_the_adapter(manifests):
 
 # ---------------------------------------------------------------------------------------------------- configs
 def model_configs() -> list[Path]:
-    return sorted(p for root in (REPO / "model_repository", DOCKER)
-                  for p in root.rglob("*.pbtxt") if p.name == "config.pbtxt" or p.parent.name == "configs")
+    return sorted(
+        p
+        for root in (REPO / "model_repository", DOCKER)
+        for p in root.rglob("*.pbtxt")
+        if p.name == "config.pbtxt" or p.parent.name == "configs"
+    )
 
 
 def test_every_model_config_parses():
@@ -225,7 +236,7 @@ def test_parse_model_config_rejects_bad_files(tmp_path):
     cfg = model / "config.pbtxt"
     cfg.write_text('backend: "python"\ninstance_group [ { kind: KIND_CPU } ]\n')
     assert parse_model_config(cfg).instance_group[0].kind == parse_model_config(cfg).instance_group[0].KIND_CPU
-    for bad in ('backend: "python"\nmax_batch_sise: 4\n', 'instance_group [ { kind: KIND_TPU } ]\n'):
+    for bad in ('backend: "python"\nmax_batch_sise: 4\n', "instance_group [ { kind: KIND_TPU } ]\n"):
         cfg.write_text(bad)
         with pytest.raises(text_format.ParseError):
             parse_model_config(cfg)
@@ -241,20 +252,25 @@ def test_threat_model_and_ops_guide_name_what_is_restricted():
         assert f"`{api}`" in threat, api
     assert ADMIN_HEADER in threat and f"triton-grpc-protocol-{ADMIN_HEADER}" in threat
     ops = (REPO / "docs" / "OPERATIONS.md").read_text()
-    for needle in ("compose.per-gpu.yaml", "compose.all-gpus.yaml", "kubectl apply -k docker/k8s",
-                   "nv_inference_queue_duration_us", "latentsync_queue_us_per_request"):
+    for needle in (
+        "compose.per-gpu.yaml",
+        "compose.all-gpus.yaml",
+        "kubectl apply -k docker/k8s",
+        "nv_inference_queue_duration_us",
+        "latentsync_queue_us_per_request",
+    ):
         assert needle in ops, needle
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
-DOUBLE_MODEL = '''
+DOUBLE_MODEL = """
 import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def execute(self, requests):
         return [pb_utils.InferenceResponse([pb_utils.Tensor(
             "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * 2)]) for r in requests]
-'''
+"""
 
 
 @pytest.fixture
@@ -263,13 +279,15 @@ def prepared_cache(tmp_path) -> Path:
     repo = tmp_path / "cache" / "model_repository"
     (repo / "double" / "1").mkdir(parents=True)
     (repo / "double" / "1" / "model.py").write_text(textwrap.dedent(DOUBLE_MODEL))
-    (repo / "double" / "config.pbtxt").write_text(textwrap.dedent('''
+    (repo / "double" / "config.pbtxt").write_text(
+        textwrap.dedent("""
         backend: "python"
         max_batch_size: 0
         input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
         output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
         instance_group [ { count: 1 kind: KIND_CPU } ]
-    '''))
+    """)
+    )
     (repo / ".complete").touch()
     return repo
 
@@ -277,9 +295,15 @@ def prepared_cache(tmp_path) -> Path:
 def entrypoint_env(repo: Path, **extra) -> dict:
     dockerfile = (DOCKER / "Dockerfile").read_text()
     image_env = dict(re.findall(r"^\s+(LATENTSYNC_\w+)=(\S+?)(?: \\)?$", dockerfile, re.M))
-    image_env.pop("LATENTSYNC_ARGV_SHIM")         # built in the image; here latentsync-serve compiles its own
-    return {**os.environ, **image_env, "LATENTSYNC_REPO": str(repo), "LATENTSYNC_CACHE": str(repo.parent),
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra}
+    image_env.pop("LATENTSYNC_ARGV_SHIM")  # built in the image; here latentsync-serve compiles its own
+    return {
+        **os.environ,
+        **image_env,
+        "LATENTSYNC_REPO": str(repo),
+        "LATENTSYNC_CACHE": str(repo.parent),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        **extra,
+    }
 
 
 def wait_for_success_count(metrics_url: str, model: str, timeout: float = 10.0) -> float:
@@ -307,7 +331,7 @@ def test_entrypoint_prepare_builds_once_then_warms_up(prepared_cache, tmp_path):
     source = tmp_path / "source_repo"
     prepared_cache.rename(source)
     (source / ".complete").unlink()
-    repo = prepared_cache                              # now absent: prepare must build it
+    repo = prepared_cache  # now absent: prepare must build it
     weights = tmp_path / "weights"
     (weights / "1.6").mkdir(parents=True)
     bin_dir = tmp_path / "bin"
@@ -315,15 +339,21 @@ def test_entrypoint_prepare_builds_once_then_warms_up(prepared_cache, tmp_path):
     (bin_dir / "latentsync-export").write_text(FAKE_EXPORTER)
     (bin_dir / "latentsync-export").chmod(0o755)
     log = tmp_path / "export.log"
-    env = entrypoint_env(repo, LATENTSYNC_WEIGHTS=str(weights), LATENTSYNC_TRT_CACHE=str(tmp_path / "trt"),
-                         EXPORT_LOG=str(log), EXPORT_SOURCE=str(source))
+    env = entrypoint_env(
+        repo,
+        LATENTSYNC_WEIGHTS=str(weights),
+        LATENTSYNC_TRT_CACHE=str(tmp_path / "trt"),
+        EXPORT_LOG=str(log),
+        EXPORT_SOURCE=str(source),
+    )
     env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
     for _ in range(2):
-        out = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "prepare"], env=env, capture_output=True,
-                             text=True, timeout=180)
+        out = subprocess.run(
+            ["bash", str(DOCKER / "entrypoint.sh"), "prepare"], env=env, capture_output=True, text=True, timeout=180
+        )
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "ready, stopped" in out.stdout               # every model loaded once on the real server
-    (call,) = log.read_text().splitlines()                   # the second prepare reused the repository
+        assert "ready, stopped" in out.stdout  # every model loaded once on the real server
+    (call,) = log.read_text().splitlines()  # the second prepare reused the repository
     assert f"--weights 1.6={weights}/1.6" in call and "--target gpu" in call
     assert f"--trt-cache-dir {tmp_path / 'trt'}" in call
     assert (repo / ".complete").exists() and (repo / "double" / "config.pbtxt").exists()
@@ -335,8 +365,9 @@ def test_entrypoint_refuses_to_serve_without_admin_key(prepared_cache):
     env = entrypoint_env(prepared_cache)
     env.pop("LATENTSYNC_ADMIN_KEY", None)
     env.pop("LATENTSYNC_ADMIN_KEY_FILE", None)
-    out = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "serve"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(DOCKER / "entrypoint.sh"), "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0 and "LATENTSYNC_ADMIN_KEY" in out.stderr
 
 
@@ -351,10 +382,20 @@ def test_entrypoint_serve_restricts_model_control_and_keeps_inference(prepared_c
         ports += [p] if p not in ports else []
     grpc_port, http_port, metrics_port = ports
     env = entrypoint_env(prepared_cache, LATENTSYNC_ADMIN_KEY_FILE=str(key_file))
-    cmd = ["bash", str(DOCKER / "entrypoint.sh"), "serve", "--grpc-port", str(grpc_port),
-           "--http-port", str(http_port), "--metrics-port", str(metrics_port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        "bash",
+        str(DOCKER / "entrypoint.sh"),
+        "serve",
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -367,12 +408,16 @@ def test_entrypoint_serve_restricts_model_control_and_keeps_inference(prepared_c
             time.sleep(0.2)
         url = f"127.0.0.1:{grpc_port}"
         with grpcclient.InferenceServerClient(url) as client:
-            for call in (client.get_model_repository_index, lambda: client.unload_model("double"),
-                         lambda: client.load_model("double")):
+            for call in (
+                client.get_model_repository_index,
+                lambda: client.unload_model("double"),
+                lambda: client.load_model("double"),
+            ):
                 with pytest.raises(InferenceServerException, match="restricted"):
                     call()
             index = client.get_model_repository_index(
-                headers={f"triton-grpc-protocol-{ADMIN_HEADER}": "entrypoint-test-key"})
+                headers={f"triton-grpc-protocol-{ADMIN_HEADER}": "entrypoint-test-key"}
+            )
             assert [m.name for m in index.models] == ["double"]
             inp = grpcclient.InferInput("X", [3], "FP32")
             inp.set_data_from_numpy(np.arange(3, dtype=np.float32))
@@ -381,12 +426,12 @@ def test_entrypoint_serve_restricts_model_control_and_keeps_inference(prepared_c
         # `serve` execs latentsync-serve (PID 1 in a container), tritonserver its child logging to stdout:
         # SIGTERM drains (no lipsync here: at once) and stops the server, exit 0.
         (server,) = [p for p in children_of(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
-        for pid in (proc.pid, server):                                                        # not for `ps`
+        for pid in (proc.pid, server):  # not for `ps`
             assert b"entrypoint-test-key" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
         assert proc.returncode == 0 and "drained" in out, out[-4000:]
-        assert "Started GRPCInferenceService" in out                 # Triton's log went to stdout
+        assert "Started GRPCInferenceService" in out  # Triton's log went to stdout
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

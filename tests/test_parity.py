@@ -1,4 +1,5 @@
 """`latentsync-parity` over the shared golden set: every case passes and the summary line is printed."""
+
 import os
 import re
 import subprocess
@@ -15,8 +16,9 @@ GOLDEN = Path(os.environ.get("LATENTSYNC_SHARED", REPO.parent / "shared")) / "go
 def parity_run():
     if not GOLDEN.is_dir():
         pytest.fail(f"golden data not found at {GOLDEN}")
-    proc = subprocess.run([sys.executable, "-m", "latentsync_core.parity", str(GOLDEN)],
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "latentsync_core.parity", str(GOLDEN)], capture_output=True, text=True, timeout=1200
+    )
     print(proc.stdout, proc.stderr)
     return proc
 
@@ -32,8 +34,9 @@ def test_failure_exit_code(tmp_path):
     """A case that cannot be run (unknown kind) fails the command."""
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "case.json").write_text('{"kind": "nonexistent"}')
-    proc = subprocess.run([sys.executable, "-m", "latentsync_core.parity", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "latentsync_core.parity", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 1
     assert "FAIL odd [nonexistent]" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "0 passed, 1 failed"

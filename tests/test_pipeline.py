@@ -1,4 +1,5 @@
 """The in-process reference pipeline on the project's tiny weights and real frames (MediaPipe detector)."""
+
 import os
 import threading
 from pathlib import Path
@@ -42,8 +43,11 @@ def clip():
 
 def run(pipeline, frames, audio, **params):
     results = list(pipeline(frames, audio, steps=1, **params))
-    return (np.concatenate([r.frames for r in results]), np.concatenate([r.indices for r in results]),
-            np.concatenate([r.face_found for r in results]))
+    return (
+        np.concatenate([r.frames for r in results]),
+        np.concatenate([r.indices for r in results]),
+        np.concatenate([r.face_found for r in results]),
+    )
 
 
 def test_windows_and_face_edit(pipeline, clip):
@@ -140,9 +144,11 @@ def test_overlapped_windows_give_the_same_frames(pipeline, clip):
     frames are exactly those of the one-window-at-a-time path."""
     frames, audio = clip
     video = np.stack(frames[:18])
-    pushes = [video[i:i + 4] for i in range(0, len(video), 4)]
-    np.testing.assert_array_equal(np.concatenate([r.frames for r in run_windows(pipeline, audio, pushes, True)]),
-                                  np.concatenate([r.frames for r in run_windows(pipeline, audio, pushes, False)]))
+    pushes = [video[i : i + 4] for i in range(0, len(video), 4)]
+    np.testing.assert_array_equal(
+        np.concatenate([r.frames for r in run_windows(pipeline, audio, pushes, True)]),
+        np.concatenate([r.frames for r in run_windows(pipeline, audio, pushes, False)]),
+    )
 
 
 def test_an_owned_whole_window_becomes_the_window_without_a_copy(pipeline, clip):
@@ -154,8 +160,7 @@ def test_an_owned_whole_window_becomes_the_window_without_a_copy(pipeline, clip)
     owned = run_windows(pipeline, audio, [given], overlap=True, owned=True)
     assert np.shares_memory(owned[0].frames, given) and not np.shares_memory(owned[1].frames, given)
     copied = run_windows(pipeline, audio, [video[:10], video[10:]], overlap=True)
-    np.testing.assert_array_equal(np.concatenate([r.frames for r in owned]),
-                                  np.concatenate([r.frames for r in copied]))
+    np.testing.assert_array_equal(np.concatenate([r.frames for r in owned]), np.concatenate([r.frames for r in copied]))
 
 
 def test_no_face_in_the_whole_stream_is_an_error_at_its_end(pipeline, clip):
@@ -169,7 +174,7 @@ def test_no_face_in_the_whole_stream_is_an_error_at_its_end(pipeline, clip):
     np.testing.assert_array_equal(np.concatenate(got), np.stack(blank))
 
 
-BF16_MAX_PIXEL_ERROR = 24   # uint8 levels; measured: 9 (this clip, tiny random weights, CPU; docs/PERFORMANCE.md)
+BF16_MAX_PIXEL_ERROR = 24  # uint8 levels; measured: 9 (this clip, tiny random weights, CPU; docs/PERFORMANCE.md)
 
 
 @pytest.mark.slow
@@ -182,7 +187,9 @@ def test_bfloat16_costs_at_most_a_few_levels_per_pixel(tiny_weights, clip):
         outputs[dtype] = np.concatenate([w.frames for w in pipe(frames[:4], audio, steps=2, seed=3)])
     err = np.abs(outputs[torch.float32].astype(int) - outputs[torch.bfloat16].astype(int))
     edited = (outputs[torch.float32] != np.stack(frames[:4])).mean()
-    print(f"bfloat16 vs float32, one window: max {err.max()} levels, {(err > 0).mean():.2e} of values differ "
-          f"({edited:.3f} of values edited)")
+    print(
+        f"bfloat16 vs float32, one window: max {err.max()} levels, {(err > 0).mean():.2e} of values differ "
+        f"({edited:.3f} of values edited)"
+    )
     assert edited > 0.005
     assert err.max() <= BF16_MAX_PIXEL_ERROR

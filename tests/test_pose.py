@@ -1,5 +1,6 @@
 """Head pose from the three alignment points: exact on its head model, close to the face mesh's own 3D pose on the
 real clips and on the demo's group photo, the turned-face mask, and the frontal cut of the demo photo."""
+
 import cv2
 import numpy as np
 import pytest
@@ -25,8 +26,12 @@ from latentsync_load.demo import sample_portrait
 MAX_MEAN_ERROR, MAX_ERROR = 5.0, 12.0
 # (clip, decode scale, frame step): every frame of the small clips, every 2nd / 4th of the 1080p ones (decoding
 # them dominates the cost)
-CLIPS = [("demo1_video.mp4", 0.5, 2), ("demo2_video.mp4", 0.5, 4), ("retalking_face1.mp4", 1.0, 1),
-         ("retalking_face2.mp4", 1.0, 1)]
+CLIPS = [
+    ("demo1_video.mp4", 0.5, 2),
+    ("demo2_video.mp4", 0.5, 4),
+    ("retalking_face1.mp4", 1.0, 1),
+    ("retalking_face2.mp4", 1.0, 1),
+]
 
 
 def rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -43,8 +48,12 @@ def mesh_yaw(detector, frames, boxes, keypoints) -> np.ndarray:
     3D output (its depth channel; MediaPipe z grows away from the camera). Measured against a full Procrustes
     fit of all 468 points to MediaPipe's canonical face: mean |difference| 0.1-0.3 degrees on the clips."""
     affines = [detector.roi_affine(b, k) for b, k in zip(boxes, keypoints)]
-    crops = np.stack([cv2.warpAffine(f, m, (MESH_SIZE, MESH_SIZE), flags=cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_REPLICATE) for f, m in zip(frames, affines)])
+    crops = np.stack(
+        [
+            cv2.warpAffine(f, m, (MESH_SIZE, MESH_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            for f, m in zip(frames, affines)
+        ]
+    )
     mesh = max(detector.mesh(crops.astype(np.float32) / 255.0), key=lambda o: o.shape[-1]).reshape(len(frames), -1, 3)
     cheeks = mesh[:, 454] - mesh[:, 234]  # the ROI only rotates in the image plane and scales uniformly
     return np.degrees(np.arcsin(cheeks[:, 2] / np.linalg.norm(cheeks, axis=1)))
@@ -75,8 +84,11 @@ def group_photo():
 # --- the model ----------------------------------------------------------------------------------------------------
 def test_pose_is_exact_on_the_head_model():
     head = np.array([[-0.5, 0, 0], [0.5, 0, 0], [0, NOSE_DROP, NOSE_DEPTH]])
-    grid = np.array(np.meshgrid(np.arange(-70, 71, 10), np.arange(-40, 41, 10), np.arange(-30, 31, 15),
-                                indexing="ij")).reshape(3, -1).T
+    grid = (
+        np.array(np.meshgrid(np.arange(-70, 71, 10), np.arange(-40, 41, 10), np.arange(-30, 31, 15), indexing="ij"))
+        .reshape(3, -1)
+        .T
+    )
     # orthographic camera: any scale and position
     points = np.stack([(head @ rotation(*g).T)[:, :2] * 80 + (300, 200) for g in grid])
     yaw, roll = head_pose(points)
@@ -139,7 +151,7 @@ def test_group_photo_faces_and_the_turned_largest_face(mediapipe, group_photo):
 
     largest = select_faces([candidates], mediapipe.face_filter)[0]  # upstream's rule picks ...
     index = int(np.flatnonzero(accepted).tolist().index(largest))
-    assert reference[index] < -DEFAULT_MAX_YAW and too_turned(points[index:index + 1])[0]  # ... a turned face
+    assert reference[index] < -DEFAULT_MAX_YAW and too_turned(points[index : index + 1])[0]  # ... a turned face
     assert (np.abs(reference) <= FRONTAL_MAX_YAW).sum() >= 2  # while frontal faces are there
 
 

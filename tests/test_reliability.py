@@ -4,6 +4,7 @@ with no stream state left behind, a client that vanishes mid-stream is freed, an
 
 One tiny repository (random weights, CPU) and one real tritonserver serve the whole module.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,17 +88,23 @@ def corrupt_header(media: Path, tmp: Path) -> Path:
 
 
 def no_video_stream(media: Path, tmp: Path) -> Path:
-    return write_wav(tmp / "voice-only.mp4", 1, b"\0" * 32000)     # a container with only audio
+    return write_wav(tmp / "voice-only.mp4", 1, b"\0" * 32000)  # a container with only audio
 
 
-@pytest.mark.parametrize("make_video, message", [(truncated, "truncated.mp4: unsupported or unreadable"),
-                                                 (corrupt_header, "corrupt.mp4: unsupported or unreadable"),
-                                                 (no_video_stream, "voice-only.mp4: has no video stream")])
+@pytest.mark.parametrize(
+    "make_video, message",
+    [
+        (truncated, "truncated.mp4: unsupported or unreadable"),
+        (corrupt_header, "corrupt.mp4: unsupported or unreadable"),
+        (no_video_stream, "voice-only.mp4: has no video stream"),
+    ],
+)
 def test_bad_video_file_exits_2_before_connecting(media, tmp_path, make_video, message):
     """Checked before any network work: the URL points at a closed port, yet the answer is the input error."""
     out = tmp_path / "out.mp4"
-    r = run_cli(make_video(media, tmp_path), media / "demo1_audio.wav", "-o", out,
-                "--url", f"127.0.0.1:{free_port()}", "-q")
+    r = run_cli(
+        make_video(media, tmp_path), media / "demo1_audio.wav", "-o", out, "--url", f"127.0.0.1:{free_port()}", "-q"
+    )
     assert r.returncode == InputError.exit_code, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
@@ -105,8 +112,9 @@ def test_bad_video_file_exits_2_before_connecting(media, tmp_path, make_video, m
 
 def test_zero_length_audio_exits_2(server, media, tmp_path):
     out = tmp_path / "out.mp4"
-    r = run_cli(media / "retalking_face2.mp4", write_wav(tmp_path / "empty.wav", 1), "-o", out,
-                "--url", server.grpc_url, "-q")
+    r = run_cli(
+        media / "retalking_face2.mp4", write_wav(tmp_path / "empty.wav", 1), "-o", out, "--url", server.grpc_url, "-q"
+    )
     assert r.returncode == InputError.exit_code, r.stderr
     assert "audio is too short (0 ms)" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
@@ -116,8 +124,15 @@ def test_zero_length_audio_exits_2(server, media, tmp_path):
 def test_audio_in_an_unknown_codec_fails_cleanly(server, media, tmp_path):
     """WAV with codec tag 0x1234 (FFmpeg has no decoder): exit 2, one line naming the file, no output."""
     out = tmp_path / "out.mp4"
-    r = run_cli(media / "retalking_face2.mp4", write_wav(tmp_path / "odd.wav", 0x1234, b"\0" * 32000),
-                "-o", out, "--url", server.grpc_url, "-q")
+    r = run_cli(
+        media / "retalking_face2.mp4",
+        write_wav(tmp_path / "odd.wav", 0x1234, b"\0" * 32000),
+        "-o",
+        out,
+        "--url",
+        server.grpc_url,
+        "-q",
+    )
     assert r.returncode == 2, r.stderr
     assert "odd.wav" in r.stderr and "unsupported audio codec" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists(), r.stderr
@@ -151,8 +166,9 @@ def spiked(value: float) -> np.ndarray:
 
 def audio_then(*frame_requests: dict) -> list[tuple[dict, bool, bool]]:
     """An audio-first stream whose later requests carry the given tensors; the last one ends the stream."""
-    return [({"AUDIO": AUDIO}, True, False)] + [(t, False, i == len(frame_requests) - 1)
-                                                for i, t in enumerate(frame_requests)]
+    return [({"AUDIO": AUDIO}, True, False)] + [
+        (t, False, i == len(frame_requests) - 1) for i, t in enumerate(frame_requests)
+    ]
 
 
 CONTRACT_VIOLATIONS = {
@@ -163,18 +179,29 @@ CONTRACT_VIOLATIONS = {
     "audio-2d": ([({"AUDIO": AUDIO.reshape(2, -1)}, True, True)], "unexpected shape for input 'AUDIO'"),
     "unknown-input": ([({"AUDIO": AUDIO, "EXTRA": AUDIO}, True, True)], "'EXTRA'"),
     "over-16-frames": (audio_then({"FRAMES": frames(NUM_FRAMES + 1)}), f"at most {NUM_FRAMES} per request"),
-    "frame-over-4096-px": (audio_then({"FRAMES": frames(1, MAX_FRAME_SIDE + 1, 8)}),
-                           f"FRAMES are 8x{MAX_FRAME_SIDE + 1} pixels; at most {MAX_FRAME_SIDE} per side"),
+    "frame-over-4096-px": (
+        audio_then({"FRAMES": frames(1, MAX_FRAME_SIDE + 1, 8)}),
+        f"FRAMES are 8x{MAX_FRAME_SIDE + 1} pixels; at most {MAX_FRAME_SIDE} per side",
+    ),
     "size-changes": (audio_then({"FRAMES": frames(2)}, {"FRAMES": frames(2, 32, 32)}), "FRAMES size changed"),
     "frame-0-high": (audio_then({"FRAMES": frames(1, 0, 8)}), "FRAMES are 8x0 pixels; at least 2 per side"),
     "frame-0-wide": (audio_then({"FRAMES": frames(1, 8, 0)}), "FRAMES are 0x8 pixels; at least 2 per side"),
-    **{f"audio-{name}": ([({"AUDIO": spiked(value)}, True, True)], "AUDIO samples must be finite and within")
-       for name, value in (("nan", np.nan), ("inf", -np.inf), ("1e30", 1e30), ("over-2", MAX_AUDIO_AMPLITUDE + 0.1))},
-    "audio-over-300-s": ([({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES + 1, np.float32)}, True, True)],
-                         f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s"),
-    "audio-over-300-s-in-parts": ([({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES - 16000, np.float32)}, True, False),
-                                   ({"AUDIO": AUDIO}, False, False), ({"AUDIO": AUDIO}, False, True)],
-                                  f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s"),
+    **{
+        f"audio-{name}": ([({"AUDIO": spiked(value)}, True, True)], "AUDIO samples must be finite and within")
+        for name, value in (("nan", np.nan), ("inf", -np.inf), ("1e30", 1e30), ("over-2", MAX_AUDIO_AMPLITUDE + 0.1))
+    },
+    "audio-over-300-s": (
+        [({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES + 1, np.float32)}, True, True)],
+        f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s",
+    ),
+    "audio-over-300-s-in-parts": (
+        [
+            ({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES - 16000, np.float32)}, True, False),
+            ({"AUDIO": AUDIO}, False, False),
+            ({"AUDIO": AUDIO}, False, True),
+        ],
+        f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s",
+    ),
     "frames-before-audio": ([({"FRAMES": frames(2), "AUDIO": NO_AUDIO}, True, True)], "FRAMES before AUDIO"),
     "no-sequence-start": ([({"AUDIO": AUDIO}, False, True)], "START flag"),
 }
@@ -186,7 +213,7 @@ def test_contract_violation_is_refused_by_name_and_server_stays_ready(server, ca
     got = raw_stream(server.grpc_url, requests, sequence_id=7000 + list(CONTRACT_VIOLATIONS).index(case))
     errors = [g for g in got if g not in ("data", "final")]
     assert errors and message in errors[0], got
-    assert "data" not in got, got                             # nothing synced from a refused stream
+    assert "data" not in got, got  # nothing synced from a refused stream
     assert_ready_and_drained(server)
 
 
@@ -206,8 +233,10 @@ def test_a_live_sequence_id_belongs_to_the_client_that_started_it(server, clip, 
     audio, sequence_id = audio_for(samples, 2), 7200 + (token is None)
     reference = run_stream(server.grpc_url, video[:2], audio, {"steps": 1, "seed": 3})
     owner_token = {STREAM_TOKEN: token} if token else {}
-    foreign = [({"AUDIO": audio[::-1].copy()}, True, {"steps": 1}),
-               ({"AUDIO": audio[::-1].copy()}, True, {"steps": 1, STREAM_TOKEN: "guess"})]
+    foreign = [
+        ({"AUDIO": audio[::-1].copy()}, True, {"steps": 1}),
+        ({"AUDIO": audio[::-1].copy()}, True, {"steps": 1, STREAM_TOKEN: "guess"}),
+    ]
     if token:
         foreign.append(({"FRAMES": video[:1], "AUDIO": NO_AUDIO}, False, None))
     with OpenStream(server.grpc_url) as owner, OpenStream(server.grpc_url) as other:
@@ -251,7 +280,7 @@ def test_client_vanishing_mid_stream_frees_its_state(server, clip):
     video, samples = clip
     assert_ready_and_drained(server)
     cut = run_stream(server.grpc_url, video[:2], audio_for(samples, NUM_FRAMES + 4), {"steps": 1}, end=False)
-    assert not cut.errors and not cut.frames                  # frames held for their window, then the client left
+    assert not cut.errors and not cut.frames  # frames held for their window, then the client left
     assert open_streams(server) == 1
     wait_for(lambda: open_streams(server) == 0, IDLE_TIMEOUT_S * 5, "the abandoned stream to be freed")
     again = run_stream(server.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1})
@@ -271,20 +300,39 @@ def test_server_killed_mid_stream_restarts_and_serves_again(triton_server, serve
     assert regions, "the Python backend's shm regions carry this server's prefix"
 
     out = tmp_path / "out.mp4"
-    cli = subprocess.Popen(CLI + [media / "demo1_video.mp4", media / "demo1_audio.wav", "-o", out,
-                                  "--url", first.grpc_url, "--steps", "1", *FAST], stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        CLI
+        + [
+            media / "demo1_video.mp4",
+            media / "demo1_audio.wav",
+            "-o",
+            out,
+            "--url",
+            first.grpc_url,
+            "--steps",
+            "1",
+            *FAST,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: open_streams(first) == 1 or cli.poll() is not None, 120, "the CLI's stream to open")
     assert cli.poll() is None, cli.communicate()
     os.killpg(first.pid, signal.SIGKILL)
     _, stderr = cli.communicate(timeout=120)
     assert cli.returncode == ServerUnreachable.exit_code, stderr
     assert "lost the connection" in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert list(tmp_path.iterdir()) == []                     # no partial output, no temp file
+    assert list(tmp_path.iterdir()) == []  # no partial output, no temp file
     first.stop()
     assert not any(r.exists() for r in regions)
 
-    again = triton_server(server.model_repository, timeout=600, grpc_port=first.grpc_port,
-                          http_port=first.http_port, metrics_port=first.metrics_port)
+    again = triton_server(
+        server.model_repository,
+        timeout=600,
+        grpc_port=first.grpc_port,
+        http_port=first.http_port,
+        metrics_port=first.metrics_port,
+    )
     after = run_stream(again.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1, "seed": 3})
     assert not after.errors and np.array_equal(after.video, before.video)
     assert_ready_and_drained(again)
@@ -301,14 +349,17 @@ def test_memory_after_the_longest_stream_and_refused_huge_requests(server, clip)
     RssAnon per process (shared memory counted as the /dev/shm pools), MB."""
     video, samples = clip
     longest = np.resize(samples, MAX_AUDIO_SAMPLES).astype(np.float32)
-    assert not run_stream(server.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1}).errors   # warm-up
+    assert not run_stream(server.grpc_url, video[:2], audio_for(samples, 2), {"steps": 1}).errors  # warm-up
     for _ in range(2):
         before = server_memory_mb(server)["lipsync"]
         result = run_stream(server.grpc_url, video[:2], longest, {"steps": 1})
         assert not result.errors and len(result.video) == 2, result.errors
-        wait_for(lambda limit=before + 32: server_memory_mb(server)["lipsync"] < limit, 30,   # its thread ended
-                 "the lipsync stub to return to its memory")
-    huge, levels = np.zeros(16 << 20, np.float32), [server_memory_mb(server)]      # 64 MiB: 1,048 s of audio
+        wait_for(
+            lambda limit=before + 32: server_memory_mb(server)["lipsync"] < limit,
+            30,  # its thread ended
+            "the lipsync stub to return to its memory",
+        )
+    huge, levels = np.zeros(16 << 20, np.float32), [server_memory_mb(server)]  # 64 MiB: 1,048 s of audio
     for _ in range(2):
         refused = raw_stream(server.grpc_url, [({"AUDIO": huge}, True, True)], 7400)
         assert "the stream's audio is longer than 300 s" in refused[0], refused
@@ -324,9 +375,25 @@ def test_memory_after_the_longest_stream_and_refused_huge_requests(server, clip)
 def test_soak_short(server, media):
     """8 concurrent CLI-path syncs for ~40 s: no errors, every output decodes to its full frame count, the
     gauge is back to 0, server memory growth stays under the bound latentsync-soak states (--max-rss-growth-mb)."""
-    r = subprocess.run([sys.executable, "-m", "latentsync_load.soak", "--short", "--url", server.grpc_url,
-                        "--metrics-url", server.metrics_url, "--server-pid", str(server.pid),
-                        "--clip", str(media / "demo1_video.mp4")], capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "latentsync_load.soak",
+            "--short",
+            "--url",
+            server.grpc_url,
+            "--metrics-url",
+            server.metrics_url,
+            "--server-pid",
+            str(server.pid),
+            "--clip",
+            str(media / "demo1_video.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     summary = json.loads(r.stdout)
     print(json.dumps(summary))
     assert r.returncode == 0 and summary["ok"], (summary, r.stderr[-2000:])

@@ -1,4 +1,5 @@
 """`latentsync-serve`: the real Triton server on loopback, its admin restrictions, and a clean stop."""
+
 import importlib.metadata
 import os
 import re
@@ -32,18 +33,18 @@ from latentsync_serving.serve import (
 )
 
 ADMIN_KEY = "test-admin-key"
-GRPC_ADMIN = {GRPC_ADMIN_HEADER: ADMIN_KEY}   # Triton prefixes gRPC restriction headers
+GRPC_ADMIN = {GRPC_ADMIN_HEADER: ADMIN_KEY}  # Triton prefixes gRPC restriction headers
 HTTP_ADMIN = {ADMIN_HEADER: ADMIN_KEY}
 
-DOUBLE_MODEL = '''
+DOUBLE_MODEL = """
 import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def execute(self, requests):
         return [pb_utils.InferenceResponse([pb_utils.Tensor(
             "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * 2)]) for r in requests]
-'''
-ENVIRONMENT_MODEL = '''
+"""
+ENVIRONMENT_MODEL = """
 import sys
 import numpy as np
 import torch
@@ -53,19 +54,21 @@ class TritonPythonModel:
     def execute(self, requests):
         info = np.array([sys.prefix, torch.__version__], dtype=object)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", info)]) for _ in requests]
-'''
+"""
 
 
 def write_python_model(repo: Path, name: str, code: str, output_type: str = "TYPE_FP32") -> None:
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "1" / "model.py").write_text(textwrap.dedent(code))
-    (repo / name / "config.pbtxt").write_text(textwrap.dedent(f'''
+    (repo / name / "config.pbtxt").write_text(
+        textwrap.dedent(f"""
         backend: "python"
         max_batch_size: 0
         input [ {{ name: "X" data_type: TYPE_FP32 dims: [ -1 ] }} ]
         output [ {{ name: "Y" data_type: {output_type} dims: [ -1 ] }} ]
         instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-    '''))
+    """)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +84,13 @@ def admin_server(triton_server, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo_env")
     write_python_model(repo, "double", DOUBLE_MODEL)
     write_python_model(repo, "environment", ENVIRONMENT_MODEL, output_type="TYPE_STRING")
-    server = triton_server(repo, admin_key=ADMIN_KEY, model_control_mode="explicit", allow_shared_memory=True,
-                           log_path=tmp_path_factory.mktemp("logs") / "triton.log")
+    server = triton_server(
+        repo,
+        admin_key=ADMIN_KEY,
+        model_control_mode="explicit",
+        allow_shared_memory=True,
+        log_path=tmp_path_factory.mktemp("logs") / "triton.log",
+    )
     yield server
     server.stop()
 
@@ -114,23 +122,33 @@ def test_python_backend_runs_in_this_venv(admin_server):
 def test_admin_endpoints_refused_without_key_and_inference_still_works(admin_server):
     x = np.ones(3, dtype=np.float32)
     with grpcclient.InferenceServerClient(admin_server.grpc_url) as g:
-        for call in (g.get_model_repository_index, lambda: g.unload_model("double"),
-                     lambda: g.get_inference_statistics("double"), lambda: g.get_model_config("double"),
-                     g.get_system_shared_memory_status, g.get_log_settings, g.get_trace_settings):
+        for call in (
+            g.get_model_repository_index,
+            lambda: g.unload_model("double"),
+            lambda: g.get_inference_statistics("double"),
+            lambda: g.get_model_config("double"),
+            g.get_system_shared_memory_status,
+            g.get_log_settings,
+            g.get_trace_settings,
+        ):
             with pytest.raises(InferenceServerException, match="restricted"):
                 call()
         with pytest.raises(InferenceServerException, match="restricted"):
             g.get_model_repository_index(headers={k: "wrong-key" for k in GRPC_ADMIN})
-        assert g.is_model_ready("double")          # the refused unload did nothing
+        assert g.is_model_ready("double")  # the refused unload did nothing
     h = httpclient.InferenceServerClient(admin_server.http_url)
     try:
-        for call in (h.get_model_repository_index, lambda: h.unload_model("double"),
-                     lambda: h.load_model("double"), lambda: h.get_inference_statistics()):
+        for call in (
+            h.get_model_repository_index,
+            lambda: h.unload_model("double"),
+            lambda: h.load_model("double"),
+            lambda: h.get_inference_statistics(),
+        ):
             with pytest.raises(InferenceServerException, match="restricted"):
                 call()
         with pytest.raises(InferenceServerException, match="restricted"):
             h.get_model_repository_index(headers={ADMIN_HEADER: "wrong-key"})
-        assert h.is_server_live() and h.is_model_ready("double")   # health and metadata stay open
+        assert h.is_server_live() and h.is_model_ready("double")  # health and metadata stay open
         assert h.get_model_metadata("double")["name"] == "double"
     finally:
         h.close()
@@ -153,9 +171,9 @@ def test_admin_endpoints_refused_without_key_and_inference_still_works(admin_ser
 def test_metrics_endpoint_counts_inferences(admin_server):
     infer_double(admin_server.grpc_url, np.ones(2, np.float32))
     text = urllib.request.urlopen(admin_server.metrics_url, timeout=10).read().decode()
-    line = next(l for l in text.splitlines() if l.startswith('nv_inference_request_success{model="double"'))
+    line = next(ln for ln in text.splitlines() if ln.startswith('nv_inference_request_success{model="double"'))
     assert float(line.split()[-1]) >= 1
-    assert "nv_inference_queue_duration_us" in text        # the autoscaling signal
+    assert "nv_inference_queue_duration_us" in text  # the autoscaling signal
 
 
 def test_shared_memory_with_allow_shared_memory_needs_the_key(admin_server, tmp_path):
@@ -174,21 +192,30 @@ def test_shared_memory_with_allow_shared_memory_needs_the_key(admin_server, tmp_
 
 
 def test_restriction_and_size_flags():
-    args = server_args("/repo", grpc_port=1, http_port=2, metrics_port=3,
-                       options=frozenset({"--http-max-input-size"}), max_input_bytes=1234)
+    args = server_args(
+        "/repo",
+        grpc_port=1,
+        http_port=2,
+        metrics_port=3,
+        options=frozenset({"--http-max-input-size"}),
+        max_input_bytes=1234,
+    )
     admin = ",".join(a for a in RESTRICTED_APIS if a != "shared-memory")
-    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):    # always locked, keys as markers
+    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):  # always locked, keys as markers
         assert f"{flag}={admin}{secret_marker('ADMIN')}" in args
-        assert f"{flag}=shared-memory{secret_marker('SEALED')}" in args     # sealed unless allowed
+        assert f"{flag}=shared-memory{secret_marker('SEALED')}" in args  # sealed unless allowed
     assert "--http-max-input-size=1234" in args
     assert not {"health", "inference", "metadata"} & set(RESTRICTED_APIS)
     secrets_ = secret_env("k")
     assert secrets_["LATENTSYNC_SECRET_ADMIN"] == f":{ADMIN_HEADER}=k"
-    assert secrets_["LATENTSYNC_SECRET_SEALED"] != secret_env("k")["LATENTSYNC_SECRET_SEALED"]   # never reused
-    opened = server_args("/repo", grpc_port=1, http_port=2, metrics_port=3, open_apis=["statistics"],
-                         allow_shared_memory=True)                           # an old build: no size flag
-    assert f"--grpc-restricted-protocol=model-repository,model-config,shared-memory,trace,logging" \
-           f"{secret_marker('ADMIN')}" in opened
+    assert secrets_["LATENTSYNC_SECRET_SEALED"] != secret_env("k")["LATENTSYNC_SECRET_SEALED"]  # never reused
+    opened = server_args(
+        "/repo", grpc_port=1, http_port=2, metrics_port=3, open_apis=["statistics"], allow_shared_memory=True
+    )  # an old build: no size flag
+    assert (
+        f"--grpc-restricted-protocol=model-repository,model-config,shared-memory,trace,logging"
+        f"{secret_marker('ADMIN')}" in opened
+    )
     assert not any("SEALED" in a or "max-input" in a for a in opened)
     with pytest.raises(ValueError, match="open"):
         server_args("/repo", grpc_port=1, http_port=2, metrics_port=3, open_apis=["shared-memory"])
@@ -237,18 +264,32 @@ def three_free_ports() -> list[int]:
     return ports
 
 
-def start_cli(repo: Path, log: Path, *args, env=None,
-              timeout: float = 180) -> tuple[subprocess.Popen, list[str], list[int]]:
+def start_cli(
+    repo: Path, log: Path, *args, env=None, timeout: float = 180
+) -> tuple[subprocess.Popen, list[str], list[int]]:
     """`latentsync-serve REPO` on free ports; returns once it announced readiness (its output lines so far)."""
     ports = three_free_ports()
-    cmd = [sys.executable, "-m", "latentsync_serving.serve", str(repo), "--grpc-port", str(ports[0]),
-           "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log", str(log), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "latentsync_serving.serve",
+        str(repo),
+        "--grpc-port",
+        str(ports[0]),
+        "--http-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--log",
+        str(log),
+        *args,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watchdog = threading.Timer(timeout, proc.kill)           # a hung start fails the test instead of blocking
+    watchdog = threading.Timer(timeout, proc.kill)  # a hung start fails the test instead of blocking
     watchdog.start()
     seen = []
     try:
-        while not (seen and seen[-1].startswith("ready: grpc")):   # the CLI announces readiness, or exits
+        while not (seen and seen[-1].startswith("ready: grpc")):  # the CLI announces readiness, or exits
             line = proc.stdout.readline()
             assert line, "".join(seen)
             seen.append(line)
@@ -278,7 +319,7 @@ def stop_cli(proc: subprocess.Popen, seen: list[str]) -> str:
 def process_memory(pid: int, what: str) -> bytes:
     try:
         return Path(f"/proc/{pid}/{what}").read_bytes()
-    except OSError:                                         # gone, or another user's environ
+    except OSError:  # gone, or another user's environ
         return b""
 
 
@@ -296,13 +337,12 @@ def test_cli_serves_until_sigint_and_keeps_the_key_off_every_command_line(tiny_r
         assert len(group) >= 2, "the python backend stub should run as a child of the server"
         everyone = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
         assert not [pid for pid in everyone if key.encode() in process_memory(pid, "cmdline")]
-        assert b"{LATENTSYNC_SECRET_ADMIN}" in process_memory(server_pid, "cmdline")     # the marker instead
+        assert b"{LATENTSYNC_SECRET_ADMIN}" in process_memory(server_pid, "cmdline")  # the marker instead
         assert not [pid for pid in group if key.encode() in process_memory(pid, "environ")]
 
         url = f"127.0.0.1:{ports[0]}"
         with grpcclient.InferenceServerClient(url) as g:
-            assert [m.name for m in g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: key}).models] \
-                == ["double"]
+            assert [m.name for m in g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: key}).models] == ["double"]
             for headers in (None, {GRPC_ADMIN_HEADER: "wrong-key"}):
                 with pytest.raises(InferenceServerException, match="restricted"):
                     g.get_model_repository_index(headers=headers)
@@ -337,10 +377,16 @@ def test_cli_drains_open_streams_on_sigterm(lipsync_repo, shared_dir, clip, tmp_
     audio, out = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "speech.wav", 1), tmp_path / "out.mp4"
     sync = None
     try:
-        sync = subprocess.Popen(CLI + [shared_dir / "media" / "demo1_video.mp4", audio, "-o", out, "--url", url,
-                                       "--steps", "1", *FAST], stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: metric(metrics, "lipsync_open_streams") == 1 or sync.poll() is not None, 300,
-                 "the CLI's stream to open")
+        sync = subprocess.Popen(
+            CLI + [shared_dir / "media" / "demo1_video.mp4", audio, "-o", out, "--url", url, "--steps", "1", *FAST],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(
+            lambda: metric(metrics, "lipsync_open_streams") == 1 or sync.poll() is not None,
+            300,
+            "the CLI's stream to open",
+        )
         assert sync.poll() is None, sync.communicate()
         proc.send_signal(signal.SIGTERM)
         seen.append(proc.stdout.readline())
@@ -349,7 +395,7 @@ def test_cli_drains_open_streams_on_sigterm(lipsync_repo, shared_dir, clip, tmp_
         late = run_stream(url, video[:2], audio_for(samples, 2), {"steps": 1})
         assert late.errors and "the server is shutting down and takes no new streams" in late.errors[0], late.errors
         _, stderr = sync.communicate(timeout=900)
-        seen.append(proc.communicate(timeout=120)[0])          # the drain ends with the stream, then the server
+        seen.append(proc.communicate(timeout=120)[0])  # the drain ends with the stream, then the server
         assert sync.returncode == 0, stderr + "".join(seen)
         assert_synced_output(out, audio, tmp_path)
     finally:
@@ -361,8 +407,12 @@ def test_cli_drains_open_streams_on_sigterm(lipsync_repo, shared_dir, clip, tmp_
 
 
 def test_cli_refuses_a_key_on_its_own_command_line(tiny_repo):
-    r = subprocess.run([sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--admin-key", "k"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--admin-key", "k"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "LATENTSYNC_ADMIN_KEY" in r.stderr and "ps" in r.stderr
 
 
@@ -387,24 +437,28 @@ def test_cli_defaults_lock_admin_apis_behind_a_generated_key(tiny_repo, tmp_path
 
         url = f"127.0.0.1:{ports[0]}"
         with grpcclient.InferenceServerClient(url) as g:
-            for headers in (None, {GRPC_ADMIN_HEADER: key}):           # sealed: not even with the key
+            for headers in (None, {GRPC_ADMIN_HEADER: key}):  # sealed: not even with the key
                 with pytest.raises(InferenceServerException, match="restricted"):
                     g.register_system_shared_memory("stub", "/" + region, 4096, headers=headers)
-            for call in (lambda: g.update_log_settings({"log_verbose_level": 1}), g.get_log_settings,
-                         lambda: g.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
-                         g.get_model_repository_index, lambda: g.get_model_config("double"),
-                         lambda: g.get_inference_statistics("double")):
+            for call in (
+                lambda: g.update_log_settings({"log_verbose_level": 1}),
+                g.get_log_settings,
+                lambda: g.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+                g.get_model_repository_index,
+                lambda: g.get_model_config("double"),
+                lambda: g.get_inference_statistics("double"),
+            ):
                 with pytest.raises(InferenceServerException, match="restricted"):
                     call()
             inp = grpcclient.InferInput("X", [256], "FP32")
             inp.set_data_from_numpy(np.ones(256, np.float32))
             out = grpcclient.InferRequestedOutput("Y")
             out.set_shared_memory("stub", 1024)
-            with pytest.raises(InferenceServerException, match="stub"):   # no such region registered
+            with pytest.raises(InferenceServerException, match="stub"):  # no such region registered
                 g.infer("double", [inp], outputs=[out], client_timeout=30)
             assert "log_verbose_level" in g.get_log_settings(headers={GRPC_ADMIN_HEADER: key}, as_json=True)["settings"]
             assert g.get_model_config("double", headers={GRPC_ADMIN_HEADER: key}).config.name == "double"
-        for _ in range(2):                                              # still serving
+        for _ in range(2):  # still serving
             assert infer_double(url, np.ones(3, np.float32)).tolist() == [2, 2, 2]
         assert proc.poll() is None and alive(server_pid)
     except BaseException:
@@ -418,12 +472,18 @@ def test_cli_defaults_lock_admin_apis_behind_a_generated_key(tiny_repo, tmp_path
 @pytest.mark.server
 def test_server_dies_with_its_parent(tiny_repo, tmp_path):
     """A test run or CLI killed with SIGKILL leaves no orphaned tritonserver behind."""
-    script = (f"from latentsync_serving.serve import TritonServer\n"
-              f"s = TritonServer({str(tiny_repo)!r}, log_path={str(tmp_path / 'triton.log')!r}).start()\n"
-              f"print(s.wait_ready(180).pid, flush=True)\n"
-              f"import time; time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))   # its key file stays there
+    script = (
+        f"from latentsync_serving.serve import TritonServer\n"
+        f"s = TritonServer({str(tiny_repo)!r}, log_path={str(tmp_path / 'triton.log')!r}).start()\n"
+        f"print(s.wait_ready(180).pid, flush=True)\n"
+        f"import time; time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)),
+    )  # its key file stays there
     try:
         server_pid = int(parent.stdout.readline())
     finally:

@@ -1,4 +1,5 @@
 """The opt-in speed/quality trade-offs: DPM-Solver++ (fewer steps) and DeepCache-style feature reuse."""
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -20,10 +21,12 @@ def unet():
 
 def window(frames=2, hw=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    cond = WindowConditioning(mask=torch.rand(1, 1, frames, hw, hw, generator=g).round(),
-                              masked=torch.randn(1, 4, frames, hw, hw, generator=g),
-                              reference=torch.randn(1, 4, frames, hw, hw, generator=g),
-                              audio=torch.randn(frames, 50, 384, generator=g))
+    cond = WindowConditioning(
+        mask=torch.rand(1, 1, frames, hw, hw, generator=g).round(),
+        masked=torch.randn(1, 4, frames, hw, hw, generator=g),
+        reference=torch.randn(1, 4, frames, hw, hw, generator=g),
+        audio=torch.randn(frames, 50, 384, generator=g),
+    )
     return torch.randn(1, 4, frames, hw, hw, generator=g), cond
 
 
@@ -63,7 +66,7 @@ def test_deepcache_full_and_reused_steps_match_the_unet(unet):
     with torch.no_grad():
         reference = unet(sample, t, audio)
         out, cache = full_step(unet, sample, t, audio)
-        reused = cached_step(unet, sample, t, audio, cache)   # same input: same result from the cached feature
+        reused = cached_step(unet, sample, t, audio, cache)  # same input: same result from the cached feature
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     torch.testing.assert_close(reused, reference, rtol=1e-5, atol=1e-5)
 
@@ -71,18 +74,21 @@ def test_deepcache_full_and_reused_steps_match_the_unet(unet):
 def test_deepcache_runs_the_full_unet_every_interval_steps_of_each_window(unet):
     latents, cond = window()
     counts = {"deep": 0}
-    hook = unet.down_blocks[0].resnets[0].conv1.register_forward_hook(
-        lambda *_: counts.__setitem__("deep", counts["deep"] + 1))
+    hook = (
+        unet.down_blocks[0]
+        .resnets[0]
+        .conv1.register_forward_hook(lambda *_: counts.__setitem__("deep", counts["deep"] + 1))
+    )
     with torch.no_grad():
-        for _ in range(2):                                     # two windows: the count restarts in each
+        for _ in range(2):  # two windows: the count restarts in each
             out = denoise_window(unet, latents, cond, make_sampler("ddim", 4), 1.5, deepcache=3)
     hook.remove()
-    assert counts["deep"] == 2 * 2                             # steps 0 and 3 of 4 are full, in each window
+    assert counts["deep"] == 2 * 2  # steps 0 and 3 of 4 are full, in each window
     with torch.no_grad():
         exact = denoise_window(unet, latents, cond, make_sampler("ddim", 4), 1.5, deepcache=1)
         plain = denoise_window(unet, latents, cond, make_sampler("ddim", 4), 1.5)
     torch.testing.assert_close(exact, plain, rtol=0, atol=0)
-    assert torch.isfinite(out).all() and not torch.equal(out, plain)   # an approximation, not the same output
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)  # an approximation, not the same output
 
 
 def test_deepcache_plan_counts_from_each_windows_first_step():

@@ -1,5 +1,6 @@
 """The stage picture: panel layout and labels, the box / points / mask drawn where they belong, the PNG, and a
 picture of the real stages (MediaPipe detector, aligner, mask, paste-back) of a clip frame."""
+
 import cv2
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def stages():
 
 def panel_at(picture: np.ndarray, panels, index: int) -> np.ndarray:
     x = sum(p.shape[1] + GAP for _, p in panels[:index])
-    return picture[LABEL_H:, x:x + panels[index][1].shape[1]]
+    return picture[LABEL_H:, x : x + panels[index][1].shape[1]]
 
 
 def test_panels_and_layout(stages):
@@ -58,11 +59,11 @@ def test_panels_and_layout(stages):
     assert picture.dtype == np.uint8
     x = 0
     for label, panel in panels:
-        np.testing.assert_array_equal(picture[LABEL_H:, x:x + panel.shape[1]], panel)
-        bar = picture[:LABEL_H, x:x + panel.shape[1]]
+        np.testing.assert_array_equal(picture[LABEL_H:, x : x + panel.shape[1]], panel)
+        bar = picture[:LABEL_H, x : x + panel.shape[1]]
         assert (bar.min(axis=2) > 200).sum() > 10 * len(label.replace(" ", ""))  # white label text is drawn
         if x:
-            assert (picture[:, x - GAP:x] == BACKGROUND).all()  # the gap
+            assert (picture[:, x - GAP : x] == BACKGROUND).all()  # the gap
         x += panel.shape[1] + GAP
     np.testing.assert_array_equal(picture, compose(panels))
     shrunk = cv2.resize(stages[5], (HEIGHT, HEIGHT), interpolation=cv2.INTER_AREA)
@@ -76,8 +77,10 @@ def test_box_and_points_are_drawn_where_they_are(stages):
     x0, y0, _, y1 = zoom_window(box, frame.shape[:2])
     zoom = HEIGHT / (y1 - y0)
     for (_, panel), s, origin in ((panels[0], scale, (0, 0)), (panels[1], zoom, (x0, y0))):
+
         def px(xy, s=s, origin=origin):  # frame pixels -> panel pixels
             return tuple(int(round(c)) for c in (np.asarray(xy) - origin) * s)
+
         left, top = px(box[:2])
         right, bottom = px(box[2:])
         mid_x, mid_y = (left + right) // 2, (top + bottom) // 2
@@ -120,10 +123,10 @@ def test_picture_of_the_real_stages(shared_dir, tmp_path):
     aligned = FaceAligner(256).align(frame, result.points[0])
     face = torch.from_numpy(aligned.face).permute(2, 0, 1).float() / 127.5 - 1  # "generated" = the aligned face
     output = paste_back(frame, resize_face_to_box(face, aligned.crop.shape[:2]), aligned.affine)
-    picture = render_stages(frame, result.boxes[0], result.points[0], aligned.face, mouth_mask(256), aligned.face,
-                            output)
-    panels = stage_panels(frame, result.boxes[0], result.points[0], aligned.face, mouth_mask(256), aligned.face,
-                          output)
+    picture = render_stages(
+        frame, result.boxes[0], result.points[0], aligned.face, mouth_mask(256), aligned.face, output
+    )
+    panels = stage_panels(frame, result.boxes[0], result.points[0], aligned.face, mouth_mask(256), aligned.face, output)
     assert picture.shape[0] == LABEL_H + HEIGHT and picture.shape[1] < 2400  # a sensible size
     scale = HEIGHT / frame.shape[0]
     for point, color in zip(result.points[0], POINT_COLORS):

@@ -6,6 +6,7 @@
 * the stream contract: errors that name the input/parameter, pass-through of face-less frames, state freed
   at the end, after an error and after the idle timeout (the model's `lipsync_open_streams` gauge).
 """
+
 from __future__ import annotations
 
 import threading
@@ -20,7 +21,7 @@ from latentsync_export.export import ExportOptions, build_repository
 pytestmark = pytest.mark.timeout(1200)
 
 IDLE_TIMEOUT_S = 4.0
-STEPS = 2             # few DDIM steps keep CPU time down; the loop is the same for 20
+STEPS = 2  # few DDIM steps keep CPU time down; the loop is the same for 20
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -46,14 +47,16 @@ def test_triton_equals_in_process_pipeline(server, tiny_repo, clip, variant, n_f
     params = {"steps": steps, "guidance": 1.5, "seed": 4321, "variant": variant}
     got = run_stream(server.grpc_url, frames, audio, params)
     assert not got.errors, got.errors
-    assert [len(f) for f in got.frames] == [len(frames[i:i + NUM_FRAMES]) for i in range(0, n_frames, NUM_FRAMES)]
+    assert [len(f) for f in got.frames] == [len(frames[i : i + NUM_FRAMES]) for i in range(0, n_frames, NUM_FRAMES)]
     np.testing.assert_array_equal(np.concatenate(got.indices), np.arange(n_frames))
     assert np.concatenate(got.found).all(), "the face of the real clip must be found in every frame"
 
     want = reference_video(tiny_repo, variant, frames, audio, steps=steps, guidance=1.5, seed=4321)
     err = np.abs(got.video.astype(np.int16) - want.astype(np.int16))
-    print(f"variant {variant}: Triton vs in-process max abs error {err.max()} (uint8), "
-          f"{(err > 0).mean():.2e} of values differ; {(want != frames).mean():.3f} of values were edited")
+    print(
+        f"variant {variant}: Triton vs in-process max abs error {err.max()} (uint8), "
+        f"{(err > 0).mean():.2e} of values differ; {(want != frames).mean():.3f} of values were edited"
+    )
     assert (want != frames).mean() > 0.005, "the pipeline edited (almost) nothing: the comparison proves little"
     assert err.max() <= 1 and (err > 0).mean() < 1e-4
     # another seed gives another result (the seed reaches the stream's generator)
@@ -74,8 +77,12 @@ def test_concurrent_streams_share_denoiser_steps(server, tiny_repo, clip):
     results: dict[int, StreamResult] = {}
 
     def one(i):
-        results[i] = run_stream(server.grpc_url, frames[:n_frames], audio,
-                                {"steps": STEPS, "guidance": 1.5, "seed": 100 + i, "variant": "1.5"})
+        results[i] = run_stream(
+            server.grpc_url,
+            frames[:n_frames],
+            audio,
+            {"steps": STEPS, "guidance": 1.5, "seed": 100 + i, "variant": "1.5"},
+        )
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n_streams)]
     for t in threads:
@@ -83,11 +90,13 @@ def test_concurrent_streams_share_denoiser_steps(server, tiny_repo, clip):
     for t in threads:
         t.join()
     delta = {c: metric(server, c, model="denoiser_1.5") - before[c] for c in counters}
-    print(f"denoiser_1.5 over {n_streams} streams: {delta}; windows per step "
-          f"{delta['denoiser_window_steps'] / delta['denoiser_steps']:.2f}")
+    print(
+        f"denoiser_1.5 over {n_streams} streams: {delta}; windows per step "
+        f"{delta['denoiser_window_steps'] / delta['denoiser_steps']:.2f}"
+    )
     assert all(not r.errors for r in results.values()), [r.errors for r in results.values()]
-    assert delta["denoiser_windows"] == n_streams                  # one window per stream
-    assert delta["denoiser_window_steps"] == n_streams * STEPS     # each window's every step, inside the denoiser
+    assert delta["denoiser_windows"] == n_streams  # one window per stream
+    assert delta["denoiser_window_steps"] == n_streams * STEPS  # each window's every step, inside the denoiser
     assert delta["denoiser_steps"] < delta["denoiser_window_steps"]  # windows of different streams shared steps
 
     # Batching does not change a stream's result: its own seeded generator draws its noise.
@@ -121,9 +130,16 @@ def test_a_window_crosses_once_whatever_its_steps(server, clip):
 
 
 # ---------------------------------------------------------------------------------------------------- contract
-@pytest.mark.parametrize("params,name", [({"steps": 0}, "steps"), ({"guidance": 0.5}, "guidance"),
-                                         ({"variant": "2.0"}, "variant"), ({"seed": -1}, "seed"),
-                                         ({"step": 3}, "step")])
+@pytest.mark.parametrize(
+    "params,name",
+    [
+        ({"steps": 0}, "steps"),
+        ({"guidance": 0.5}, "guidance"),
+        ({"variant": "2.0"}, "variant"),
+        ({"seed": -1}, "seed"),
+        ({"step": 3}, "step"),
+    ],
+)
 def test_bad_parameters_are_refused_by_name(server, clip, params, name):
     frames, samples = clip
     got = run_stream(server.grpc_url, frames[:1], audio_for(samples, 1), params)
@@ -137,7 +153,7 @@ def test_frames_before_audio_and_past_the_audio_are_refused(server, clip):
     frames, samples = clip
     no_audio = run_stream(server.grpc_url, frames[:2], None, {"steps": 1})
     assert no_audio.errors and "AUDIO" in no_audio.errors[0], no_audio.errors
-    too_many = run_stream(server.grpc_url, frames[:4], audio_for(samples, 4)[:320 * 3], {"steps": 1})
+    too_many = run_stream(server.grpc_url, frames[:4], audio_for(samples, 4)[: 320 * 3], {"steps": 1})
     assert too_many.errors and "past the end of the audio" in too_many.errors[0], too_many.errors
 
 

@@ -2,6 +2,7 @@
 RestoreFormer with random weights, loaded through spandrel like an official file). For each option the Triton
 path equals the in-process pipeline on the same weights, and the option changes the result; the enhancer only
 changes pixels inside the pasted mouth region; bad values are refused by name; the CLI carries every option."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,11 @@ BASE = {"steps": STEPS, "guidance": 1.5, "seed": SEED}
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("options")
     weights = make_face_restorer(root / "RestoreFormer.pth", "RestoreFormer", **SMALL_RESTOREFORMER)
-    build_repository(ExportOptions(out=root / "repo", tiny=True, variants=("1.5",), enhancer_weights=weights,
-                                   max_queue_delay_us=20000))
+    build_repository(
+        ExportOptions(
+            out=root / "repo", tiny=True, variants=("1.5",), enhancer_weights=weights, max_queue_delay_us=20000
+        )
+    )
     return root / "repo"
 
 
@@ -54,17 +58,21 @@ def in_process(repo, window, params: dict) -> np.ndarray:
     return reference_video(repo, "1.5", *window, **options)
 
 
-@pytest.mark.parametrize("option", [{"sampler": "dpmsolver++"}, {"deepcache": 2}, {"enhance": True,
-                                                                                  "enhance_blend": 0.7}],
-                         ids=["dpmsolver++", "deepcache", "enhance"])
+@pytest.mark.parametrize(
+    "option",
+    [{"sampler": "dpmsolver++"}, {"deepcache": 2}, {"enhance": True, "enhance_blend": 0.7}],
+    ids=["dpmsolver++", "deepcache", "enhance"],
+)
 def test_option_through_triton_equals_in_process(server, repo, window, plain, option):
     params = {**BASE, **option}
     got = run_stream(server.grpc_url, *window, params)
     assert not got.errors, got.errors
     want = in_process(repo, window, params)
     err = np.abs(got.video.astype(np.int16) - want.astype(np.int16))
-    print(f"{option}: Triton vs in-process max abs error {err.max()}, {(err > 0).mean():.2e} of values differ; "
-          f"{(got.video != plain).mean():.2e} of values differ from the default options")
+    print(
+        f"{option}: Triton vs in-process max abs error {err.max()}, {(err > 0).mean():.2e} of values differ; "
+        f"{(got.video != plain).mean():.2e} of values differ from the default options"
+    )
     assert err.max() <= 1 and (err > 0).mean() < 1e-4
     assert not np.array_equal(got.video, plain), "the option changed nothing"
 
@@ -86,15 +94,28 @@ def test_enhancer_changes_only_the_mouth_region(server, repo, window, plain):
     for i, affine in enumerate(prepared.affines):
         region = paste_back(np.zeros_like(window[0][i]), face.clone(), affine).max(axis=-1) > 0
         region = np.pad(region, 1)
-        region = np.max([region[dy:dy + region.shape[0] - 2, dx:dx + region.shape[1] - 2]
-                         for dy in range(3) for dx in range(3)], axis=0)
+        region = np.max(
+            [
+                region[dy : dy + region.shape[0] - 2, dx : dx + region.shape[1] - 2]
+                for dy in range(3)
+                for dx in range(3)
+            ],
+            axis=0,
+        )
         assert not (changed[i] & ~region).any(), f"frame {i}: pixels outside the mouth region changed"
         assert (changed[i] & region).any()
 
 
-@pytest.mark.parametrize("params,name", [({"sampler": "euler"}, "sampler"), ({"deepcache": 11}, "deepcache"),
-                                         ({"enhance": "maybe"}, "enhance"), ({"enhance_blend": 1.5}, "enhance_blend"),
-                                         ({"enhance_min_sharpness": -1}, "enhance_min_sharpness")])
+@pytest.mark.parametrize(
+    "params,name",
+    [
+        ({"sampler": "euler"}, "sampler"),
+        ({"deepcache": 11}, "deepcache"),
+        ({"enhance": "maybe"}, "enhance"),
+        ({"enhance_blend": 1.5}, "enhance_blend"),
+        ({"enhance_min_sharpness": -1}, "enhance_min_sharpness"),
+    ],
+)
 def test_bad_option_values_are_refused_by_name(server, window, params, name):
     got = run_stream(server.grpc_url, *window, {**BASE, **params})
     assert got.errors and f"'{name}'" in got.errors[0], got.errors
@@ -102,12 +123,30 @@ def test_bad_option_values_are_refused_by_name(server, window, params, name):
 
 
 def test_cli_carries_every_option(server, shared_dir, tmp_path, clip):
-    video = write_clip(tmp_path / "face.mp4", N_FRAMES + 2, size=clip[0].shape[1:3], frames=clip[0][:N_FRAMES + 2])
+    video = write_clip(tmp_path / "face.mp4", N_FRAMES + 2, size=clip[0].shape[1:3], frames=clip[0][: N_FRAMES + 2])
     audio = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "voice.wav", 0.1)
     out = tmp_path / "out.mp4"
-    r = run_cli(video, audio, "-o", out, "--url", server.grpc_url, "--steps", "2", "--sampler", "dpmsolver++",
-                "--deepcache", "2", "--enhance", "--enhance-blend", "0.5", "--enhance-min-sharpness", "1e9", *FAST,
-                timeout=900)
+    r = run_cli(
+        video,
+        audio,
+        "-o",
+        out,
+        "--url",
+        server.grpc_url,
+        "--steps",
+        "2",
+        "--sampler",
+        "dpmsolver++",
+        "--deepcache",
+        "2",
+        "--enhance",
+        "--enhance-blend",
+        "0.5",
+        "--enhance-min-sharpness",
+        "1e9",
+        *FAST,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0
 
@@ -130,7 +169,7 @@ def test_turned_face_passes_through_with_max_yaw_and_is_synced_without(server, c
     assert not synced.errors and np.concatenate(synced.found).all()
     assert not np.array_equal(synced.video, frames)
     passed = run_stream(server.grpc_url, frames, audio, {**BASE, "max_yaw": 20.0})
-    np.testing.assert_array_equal(passed.video, frames)                 # unchanged, FACE_FOUND false
+    np.testing.assert_array_equal(passed.video, frames)  # unchanged, FACE_FOUND false
     assert not np.concatenate(passed.found).any()
     assert passed.errors and "turned further than max_yaw" in passed.errors[-1], passed.errors
 
@@ -142,9 +181,23 @@ def test_cli_max_yaw_passes_the_turned_face_through(server, shared_dir, tmp_path
     cv2.imwrite(str(photo), turned_photo[..., ::-1])
     audio = cut_audio(shared_dir / "media" / "demo1_audio.wav", tmp_path / "voice.wav", 0.1)
     out = tmp_path / "out.mp4"
-    r = run_cli(photo, audio, "-o", out, "--url", server.grpc_url, "--steps", "1", "--max-yaw", "20", *FAST,
-                timeout=900)
+    r = run_cli(
+        photo, audio, "-o", out, "--url", server.grpc_url, "--steps", "1", "--max-yaw", "20", *FAST, timeout=900
+    )
     assert r.returncode == 4 and "turned further than max_yaw" in r.stderr, r.stderr
-    r = run_cli(photo, audio, "-o", out, "--url", server.grpc_url, "--steps", "1", "--max-yaw", "20",
-                "--allow-no-face", *FAST, timeout=900)
+    r = run_cli(
+        photo,
+        audio,
+        "-o",
+        out,
+        "--url",
+        server.grpc_url,
+        "--steps",
+        "1",
+        "--max-yaw",
+        "20",
+        "--allow-no-face",
+        *FAST,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr

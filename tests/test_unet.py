@@ -1,5 +1,7 @@
 """UNet3DConditionModel against upstream LatentSync: state_dict layout of the official configs (manifests) and
 numerical parity on the golden tiny-config forward pass, plus the input conventions the pipeline relies on."""
+
+import copy
 import json
 import re
 
@@ -63,29 +65,49 @@ def test_golden_noise_pred_every_timestep(golden):
     assert max_abs(np.stack(preds), outputs["noise_pred"]) < case["tolerance"]["max_abs"]
 
 
-def test_golden_debug_activations(golden):
-    """Forward-hook outputs of the blocks named by the debug_* arrays (first timestep), in upstream's 5-D layout."""
-    case, model, inputs, outputs = golden
+def block_outputs(model, inputs, names) -> dict[str, np.ndarray]:
+    """Forward-hook outputs of the named blocks (first timestep), in upstream's 5-D layout, as float64."""
     b, _, f, _, _ = inputs["sample"].shape
+    dtype = next(model.parameters()).dtype
     captured, hooks = {}, []
-    for name in (n for n in outputs if n.startswith("debug_")):
-        module = model.get_submodule(re.sub(r"_(\d+)$", r".\1", name[len("debug_"):]))
+    for name in names:
+        module = model.get_submodule(re.sub(r"_(\d+)$", r".\1", name[len("debug_") :]))
 
         def hook(_, __, out, name=name):
             out = out[0] if isinstance(out, tuple) else out
             if out.dim() == 4:  # frame batch (b*f, c, h, w) -> (b, c, f, h, w)
                 out = out.unflatten(0, (b, f)).transpose(1, 2)
-            captured[name] = out.numpy()
+            captured[name] = out.double().numpy()
 
         hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
-        model(inputs["sample"], inputs["timesteps"][0], inputs["encoder_hidden_states"])
+        model(inputs["sample"].to(dtype), inputs["timesteps"][0], inputs["encoder_hidden_states"].to(dtype))
     for h in hooks:
         h.remove()
-    assert captured
-    for name, value in captured.items():
-        assert value.shape == outputs[name].shape, name
-        assert max_abs(value, outputs[name]) < case["tolerance"]["debug_max_abs"], name
+    return captured
+
+
+def test_golden_debug_activations(golden):
+    """The blocks named by the debug_* arrays agree with upstream's. At the 1x1-spatial deepest levels upstream's
+    own float32 values are ~3e-3 away from the exact (float64) result (case.json: their GroupNorms amplify
+    rounding), and a float32 run elsewhere lands within a few 1e-3 of them depending on the CPU's kernels. So a
+    block passes within debug_max_abs, or, where the float64 evaluation of the same weights shows upstream's own
+    rounding there exceeds debug_max_abs, within 10x it (still ~40x below the effect of a real mistake; the
+    final noise_pred is held to max_abs everywhere)."""
+    case, model, inputs, outputs = golden
+    tolerance = case["tolerance"]["debug_max_abs"]
+    names = [n for n in outputs if n.startswith("debug_")]
+    ours = block_outputs(model, inputs, names)
+    exact = block_outputs(copy.deepcopy(model).double(), inputs, names)
+    assert names and set(ours) == set(names)
+    ill_conditioned = []
+    for name in names:
+        assert ours[name].shape == outputs[name].shape, name
+        upstream_rounding = max_abs(exact[name], outputs[name])
+        allowed = 10 * tolerance if upstream_rounding > tolerance else tolerance
+        ill_conditioned += [name] if upstream_rounding > tolerance else []
+        assert max_abs(ours[name], outputs[name]) < allowed, (name, max_abs(ours[name], outputs[name]), allowed)
+    assert not {"debug_down_blocks_0", "debug_up_blocks_1"} & set(ill_conditioned), ill_conditioned  # 4x4 levels
 
 
 def test_fresh_position_tables_equal_upstream(golden, shared_dir):
@@ -122,8 +144,8 @@ def test_batch_items_are_independent_with_per_item_timesteps(golden):
     with torch.no_grad():
         batched = model64(sample, per_item, audio)
         for i in range(b):
-            alone = model64(sample[i:i + 1], per_item[i], audio[i * f:(i + 1) * f])
-            assert max_abs(batched[i:i + 1], alone) < 1e-9, i
+            alone = model64(sample[i : i + 1], per_item[i], audio[i * f : (i + 1) * f])
+            assert max_abs(batched[i : i + 1], alone) < 1e-9, i
 
 
 def test_short_window_runs(golden, first_pred):

@@ -1,4 +1,5 @@
 """What can go wrong for a client, each with the exit code the CLI reports it with (client/README.md)."""
+
 import errno
 
 # OS errors that mean "the disk cannot take the output", wherever they come from (encoder, spill file).

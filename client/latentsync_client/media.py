@@ -10,6 +10,7 @@
   (forward, reversed, forward, ...) as upstream's `loop_video` does. Frames to replay are spilled to an
   unlinked temporary file on disk, so memory does not grow with the video's length.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,10 +100,10 @@ def _with_flush(frames):
 def _upright(frame: av.VideoFrame) -> np.ndarray:
     """RGB array as the file is meant to be shown: display-matrix / EXIF rotation applied (flips are not)."""
     rgb = frame.to_ndarray(format="rgb24")
-    quarter_turns = round(frame.rotation / 90) % 4      # counter-clockwise, as np.rot90 turns
+    quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns
     if quarter_turns:
         rgb = np.ascontiguousarray(np.rot90(rgb, quarter_turns))
-    rgb.flags.writeable = False                          # duplicates share it
+    rgb.flags.writeable = False  # duplicates share it
     return rgb
 
 
@@ -122,15 +123,15 @@ def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
         default_duration = 1 / Fraction(stream.average_rate or stream.guessed_rate or FPS)
         try:
             for i, frame in enumerate(container.decode(stream)):
-                if frame.pts is None or frame.time_base is None:     # raw streams without timestamps
+                if frame.pts is None or frame.time_base is None:  # raw streams without timestamps
                     t, duration = i * default_duration, default_duration
                 else:
                     start = frame.pts if start is None else start
                     t = Fraction(frame.pts - start) * frame.time_base
                     duration = Fraction(frame.duration) * frame.time_base if frame.duration else default_duration
-                if shown is not None and t < shown_t:               # a timestamp going back: drop the frame
+                if shown is not None and t < shown_t:  # a timestamp going back: drop the frame
                     continue
-                while shown is not None and k * tick < t:          # `shown` stays on screen until t
+                while shown is not None and k * tick < t:  # `shown` stays on screen until t
                     if shown_rgb is None:
                         shown_rgb = _upright(shown)
                     yield shown_rgb
@@ -201,8 +202,9 @@ def ping_pong_index(j: int, n: int) -> int:
     return r if loop % 2 == 0 else n - 1 - r
 
 
-def frames_for_audio(path: str | os.PathLike, n_frames: int,
-                     spill_dir: str | os.PathLike | None = None) -> Iterator[np.ndarray]:
+def frames_for_audio(
+    path: str | os.PathLike, n_frames: int, spill_dir: str | os.PathLike | None = None
+) -> Iterator[np.ndarray]:
     """Exactly `n_frames` upright 25 fps frames of `path`: cut if longer, looped ping-pong if shorter.
 
     Frames are spilled to disk only when the container's declared duration says the video may be too short

@@ -8,6 +8,7 @@ While it holds back (waiting for windows, or while the caller is busy with a fra
 empty request whenever nothing was sent for `keepalive_s`: Triton's sequence idle clock restarts only when a
 request arrives, and a stream idle for the server's timeout is dropped.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,15 +46,15 @@ from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnr
 
 # gRPC status codes that mean the connection, not the request, failed.
 _CONNECTION_CODES = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL")
-_NO_SHAPE_FRAMES = np.zeros((0, 1, 1, 3), np.uint8)     # FRAMES of an audio request
-_NO_AUDIO = np.zeros((0,), np.float32)                  # AUDIO of a frames request
+_NO_SHAPE_FRAMES = np.zeros((0, 1, 1, 3), np.uint8)  # FRAMES of an audio request
+_NO_AUDIO = np.zeros((0,), np.float32)  # AUDIO of a frames request
 
 
 @dataclass(frozen=True)
 class SyncedFrame:
-    index: int              # 0-based position in the stream
-    frame: np.ndarray       # RGB uint8 (H, W, 3), read-only view of the response
-    face_found: bool        # False: no face, the frame came back unchanged
+    index: int  # 0-based position in the stream
+    frame: np.ndarray  # RGB uint8 (H, W, 3), read-only view of the response
+    face_found: bool  # False: no face, the frame came back unchanged
 
 
 FramesArg = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
@@ -62,20 +63,28 @@ FramesArg = Iterable[np.ndarray] | Callable[[int], Iterable[np.ndarray]]
 class LipsyncClient:
     """Client of a Triton server serving `lipsync`; each `stream()` call opens its own gRPC stream."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = MODEL_NAME, *, max_inflight_frames: int = 3 * WINDOW,
-                 frames_per_request: int = 4, audio_chunk_samples: int = 10 * SAMPLE_RATE,
-                 response_timeout: float | None = 600.0, connect_timeout: float = 10.0,
-                 keepalive_s: float | None = 1.0):
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        model: str = MODEL_NAME,
+        *,
+        max_inflight_frames: int = 3 * WINDOW,
+        frames_per_request: int = 4,
+        audio_chunk_samples: int = 10 * SAMPLE_RATE,
+        response_timeout: float | None = 600.0,
+        connect_timeout: float = 10.0,
+        keepalive_s: float | None = 1.0,
+    ):
         if not 1 <= frames_per_request <= MAX_FRAMES_PER_REQUEST:
             raise InputError(f"frames_per_request must be 1..{MAX_FRAMES_PER_REQUEST}")
-        if max_inflight_frames < WINDOW + frames_per_request:   # the server answers only whole windows
+        if max_inflight_frames < WINDOW + frames_per_request:  # the server answers only whole windows
             raise InputError(f"max_inflight_frames must be >= {WINDOW + frames_per_request}")
         self.url, self.model = url, model
         self.max_inflight_frames, self.frames_per_request = max_inflight_frames, frames_per_request
         self.response_timeout, self.connect_timeout = response_timeout, connect_timeout
         self.audio_chunk_samples = audio_chunk_samples
-        self.max_inflight_audio_requests = 2          # audio is acknowledged by each request's final response
-        self.keepalive_s = keepalive_s                # None: never (the server's idle timeout then applies)
+        self.max_inflight_audio_requests = 2  # audio is acknowledged by each request's final response
+        self.keepalive_s = keepalive_s  # None: never (the server's idle timeout then applies)
 
     def _connect(self) -> grpcclient.InferenceServerClient:
         """A gRPC client to a live server whose `lipsync` model is ready, or a ClientError saying why not."""
@@ -88,8 +97,9 @@ class LipsyncClient:
             ready = client.is_model_ready(self.model, client_timeout=self.connect_timeout)
         except InferenceServerException as e:
             client.close()
-            raise ServerUnreachable(f"cannot reach a Triton server at {self.url} ({_first_line(e.message())})") \
-                from None
+            raise ServerUnreachable(
+                f"cannot reach a Triton server at {self.url} ({_first_line(e.message())})"
+            ) from None
         if not ready:
             client.close()
             raise ServerError(f"the server at {self.url} has no ready model {self.model!r}")
@@ -99,8 +109,9 @@ class LipsyncClient:
         """Raise ServerUnreachable / ServerError unless the server and model are up."""
         self._connect().close()
 
-    def stream(self, audio: np.ndarray | Iterable[np.ndarray], frames: FramesArg,
-               params: StreamParams | None = None) -> Iterator[SyncedFrame]:
+    def stream(
+        self, audio: np.ndarray | Iterable[np.ndarray], frames: FramesArg, params: StreamParams | None = None
+    ) -> Iterator[SyncedFrame]:
         """Sync `frames` to `audio`, yielding synced frames in order as the server finishes them.
 
         audio: 16 kHz mono float32 samples in [-1, 1], one array or an iterable of chunks (sent as they come).
@@ -117,33 +128,44 @@ class LipsyncClient:
             client.close()
             raise ServerUnreachable(f"cannot open a stream to {self.url} ({_first_line(e.message())})") from None
         sequence_id = secrets.randbits(63) | 1
-        owner = {STREAM_TOKEN: secrets.token_hex(16)}       # on every request: the id is this stream's alone
+        owner = {STREAM_TOKEN: secrets.token_hex(16)}  # on every request: the id is this stream's alone
         request_count = itertools.count()
         state = {"started": False, "ended": False, "completed": False, "sent_at": 0.0}
-        lock = threading.Lock()                             # the keep-alive thread sends too
+        lock = threading.Lock()  # the keep-alive thread sends too
 
-        def request(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False,
-                    keepalive=False) -> str | None:
+        def request(
+            frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False, keepalive=False
+        ) -> str | None:
             """Send one request (InferenceServerException if the stream broke); a keep-alive only when due."""
-            inputs = [grpcclient.InferInput(FRAMES, list(frames_batch.shape), "UINT8"),
-                      grpcclient.InferInput(AUDIO, list(audio_chunk.shape), "FP32")]
+            inputs = [
+                grpcclient.InferInput(FRAMES, list(frames_batch.shape), "UINT8"),
+                grpcclient.InferInput(AUDIO, list(audio_chunk.shape), "FP32"),
+            ]
             inputs[0].set_data_from_numpy(frames_batch)
             inputs[1].set_data_from_numpy(audio_chunk)
             with lock:
-                if keepalive and (not state["started"] or state["ended"]
-                                  or time.monotonic() - state["sent_at"] < self.keepalive_s):
+                if keepalive and (
+                    not state["started"] or state["ended"] or time.monotonic() - state["sent_at"] < self.keepalive_s
+                ):
                     return None
                 request_id = f"{sequence_id}-{next(request_count)}"
-                client.async_stream_infer(self.model, inputs, request_id=request_id, sequence_id=sequence_id,
-                                          sequence_start=start, sequence_end=end, enable_empty_final_response=True,
-                                          parameters={**params.as_parameters(), **owner} if start else owner)
+                client.async_stream_infer(
+                    self.model,
+                    inputs,
+                    request_id=request_id,
+                    sequence_id=sequence_id,
+                    sequence_start=start,
+                    sequence_end=end,
+                    enable_empty_final_response=True,
+                    parameters={**params.as_parameters(), **owner} if start else owner,
+                )
                 state.update(started=True, ended=end, sent_at=time.monotonic())
             return request_id
 
         def send(frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False) -> str:
             try:
                 return request(frames_batch, audio_chunk, start=start, end=end)
-            except InferenceServerException:                # the stream broke: its callback said why
+            except InferenceServerException:  # the stream broke: its callback said why
                 state["ended"] = True
                 raise self._stream_error(responses) from None
 
@@ -152,8 +174,8 @@ class LipsyncClient:
         def keep_alive() -> None:
             while not stop_keepalive.wait(self.keepalive_s / 4):
                 try:
-                    request(_NO_SHAPE_FRAMES, _NO_AUDIO, keepalive=True)     # answered by an empty final response
-                except InferenceServerException:                             # broken: the stream itself reports it
+                    request(_NO_SHAPE_FRAMES, _NO_AUDIO, keepalive=True)  # answered by an empty final response
+                except InferenceServerException:  # broken: the stream itself reports it
                     return
 
         keeper = threading.Thread(target=keep_alive, name="lipsync-keepalive", daemon=True)
@@ -164,10 +186,11 @@ class LipsyncClient:
             n_samples, audio_requests = 0, set()
             for chunk in self._audio_pieces(audio):
                 if n_samples + chunk.size > MAX_AUDIO_SAMPLES:
-                    raise InputError(f"the audio is longer than the server's limit of {MAX_AUDIO_SECONDS} s: "
-                                     "sync it in parts")
+                    raise InputError(
+                        f"the audio is longer than the server's limit of {MAX_AUDIO_SECONDS} s: sync it in parts"
+                    )
                 if chunk.size:
-                    while len(audio_requests) >= self.max_inflight_audio_requests:   # wait for acks
+                    while len(audio_requests) >= self.max_inflight_audio_requests:  # wait for acks
                         audio_requests.discard(self._next_response(responses, 0)[1])
                     audio_requests.add(send(_NO_SHAPE_FRAMES, chunk, start=n_samples == 0))
                     n_samples += chunk.size
@@ -181,7 +204,7 @@ class LipsyncClient:
                 if batch is None:
                     if frame.ndim != 3 or frame.shape[2] != 3:
                         raise InputError(f"frames must be RGB (H, W, 3), got shape {frame.shape}")
-                    batch = np.empty((self.frames_per_request, *frame.shape), np.uint8)   # reused
+                    batch = np.empty((self.frames_per_request, *frame.shape), np.uint8)  # reused
                 elif frame.shape != batch.shape[1:]:
                     raise InputError(f"frame {position} is {frame.shape}, the first one {batch.shape[1:]}")
                 batch[filled] = frame
@@ -189,7 +212,7 @@ class LipsyncClient:
                 is_last = position + 1 == n_frames
                 if filled < self.frames_per_request and not is_last:
                     continue
-                while sent + filled - received > self.max_inflight_frames:     # backpressure
+                while sent + filled - received > self.max_inflight_frames:  # backpressure
                     synced, _ = self._next_response(responses, received)
                     received += len(synced)
                     yield from synced
@@ -207,7 +230,7 @@ class LipsyncClient:
                 raise ServerError(f"the server ended the stream after {received} of {n_frames} frames")
             state["completed"] = True
         except ServerUnreachable:
-            state["ended"] = True                           # nobody left to tell
+            state["ended"] = True  # nobody left to tell
             raise
         finally:
             stop_keepalive.set()
@@ -236,10 +259,10 @@ class LipsyncClient:
 
     def _audio_pieces(self, audio: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """float32 pieces of at most `audio_chunk_samples`, whatever the caller's chunking."""
-        for chunk in ([audio] if isinstance(audio, np.ndarray) else audio):
+        for chunk in [audio] if isinstance(audio, np.ndarray) else audio:
             chunk = np.asarray(chunk, np.float32).reshape(-1)
             for start in range(0, len(chunk), self.audio_chunk_samples):
-                yield np.ascontiguousarray(chunk[start:start + self.audio_chunk_samples])
+                yield np.ascontiguousarray(chunk[start : start + self.audio_chunk_samples])
 
     def _next_response(self, responses: queue.Queue, received: int) -> tuple[list[SyncedFrame], str | None]:
         """The synced frames of the next response, and the id of the request it completed (None if none)."""
@@ -285,6 +308,8 @@ def _classify(error: InferenceServerException, url: str) -> Exception:
     message = _first_line(error.message())
     if is_stream_dropped_error(message):
         # lipsync (or Triton) no longer knows the sequence: it was dropped after the server's idle timeout
-        return StreamExpired(f"server error: the server dropped the stream as idle (no request reached it within "
-                             f"its idle timeout, latentsync-export --idle-timeout-s): {message}")
+        return StreamExpired(
+            f"server error: the server dropped the stream as idle (no request reached it within "
+            f"its idle timeout, latentsync-export --idle-timeout-s): {message}"
+        )
     return (NoFaceError if is_no_face_error(message) else ServerError)(f"server error: {message}")

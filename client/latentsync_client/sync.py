@@ -1,4 +1,5 @@
 """File to file: decode a video (or photo) and a voice track, stream them through `lipsync`, write OUT."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ from .media import audio_chunks, check_inputs, frames_for_audio
 from .stream import LipsyncClient
 from .writer import SyncedVideoWriter
 
-Progress = Callable[[int, int], None]       # (frames done, frames in total)
+Progress = Callable[[int, int], None]  # (frames done, frames in total)
 
 
 def prefetch(items: Iterable, depth: int = 8) -> Iterator:
@@ -39,7 +40,7 @@ def prefetch(items: Iterable, depth: int = 8) -> Iterator:
                 if stop.is_set():
                     return
             buffer.put((done, None))
-        except BaseException as e:          # handed to the consumer, raised there
+        except BaseException as e:  # handed to the consumer, raised there
             buffer.put((done, e))
         finally:
             close = getattr(items, "close", None)
@@ -64,9 +65,9 @@ def prefetch(items: Iterable, depth: int = 8) -> Iterator:
 @dataclass(frozen=True)
 class SyncResult:
     output: str
-    frames: int                  # frames written (at 25 fps)
-    frames_without_face: int     # frames the server passed through unchanged
-    seconds: float               # wall time
+    frames: int  # frames written (at 25 fps)
+    frames_without_face: int  # frames the server passed through unchanged
+    seconds: float  # wall time
 
     @property
     def duration(self) -> float:
@@ -89,10 +90,19 @@ def check_spill_dir(spill_dir: str | os.PathLike | None) -> None:
         raise InputError(f"{spill_dir}: cannot keep looped frames there ({e.strerror})") from None
 
 
-def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike, *,
-              client: LipsyncClient | None = None, params: StreamParams | None = None,
-              progress: Progress | None = None, require_face: bool = True, crf: int = 18,
-              preset: str = "medium", spill_dir: str | os.PathLike | None = None) -> SyncResult:
+def sync_file(
+    video: str | os.PathLike,
+    audio: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    client: LipsyncClient | None = None,
+    params: StreamParams | None = None,
+    progress: Progress | None = None,
+    require_face: bool = True,
+    crf: int = 18,
+    preset: str = "medium",
+    spill_dir: str | os.PathLike | None = None,
+) -> SyncResult:
     """Lip-sync `video` (any video file, or a still image) to the audio track of `audio`; write `output`.
 
     Memory stays flat in the video's length: frames are decoded, sent, received and encoded as a stream.
@@ -103,15 +113,15 @@ def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | 
     client = client or LipsyncClient()
     params = params or StreamParams()
     started = time.monotonic()
-    check_inputs(video, audio)              # fail fast, before any network or decoding work
+    check_inputs(video, audio)  # fail fast, before any network or decoding work
     check_output(output, video, audio)
     check_spill_dir(spill_dir)
     without_face = 0
     try:
-        with SyncedVideoWriter(output, audio, crf=crf, preset=preset) as writer:   # creates its file now
+        with SyncedVideoWriter(output, audio, crf=crf, preset=preset) as writer:  # creates its file now
             client.check()
 
-            def source_frames(n_frames: int):   # called once the audio is sent and the frame count known
+            def source_frames(n_frames: int):  # called once the audio is sent and the frame count known
                 writer.n_frames = n_frames
                 if progress:
                     progress(0, n_frames)
@@ -124,7 +134,7 @@ def sync_file(video: str | os.PathLike, audio: str | os.PathLike, output: str | 
                         without_face += not out.face_found
                         if progress:
                             progress(writer.frames_written, writer.n_frames)
-            except NoFaceError:             # the server's end-of-stream verdict, after every frame came back
+            except NoFaceError:  # the server's end-of-stream verdict, after every frame came back
                 if require_face or not writer.frames_written or writer.frames_written != writer.n_frames:
                     raise
             if require_face and without_face == writer.frames_written:

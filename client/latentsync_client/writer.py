@@ -7,6 +7,7 @@ deleted; a partial file nobody holds was left by a writer that was killed (SIGKI
 writer in that folder deletes it (only its own user's files, only unlocked ones: a lock, unlike a pid, cannot
 belong to an unrelated process that reused the pid).
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,7 @@ from .media import open_media
 
 try:
     import fcntl
-except ImportError:                 # Windows: no locks, so no clean-up of stale partial files either
+except ImportError:  # Windows: no locks, so no clean-up of stale partial files either
     fcntl = None
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
@@ -84,11 +85,11 @@ def claim_partial(path: Path) -> tuple[Path, int | None]:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
         if fcntl is None:
             return tmp, fd
-        fcntl.flock(fd, fcntl.LOCK_EX)          # waits only while a clean-up looks at the new file
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a clean-up looks at the new file
         try:
             if os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 return tmp, fd
-        except FileNotFoundError:               # the clean-up took it for a stale one: try another name
+        except FileNotFoundError:  # the clean-up took it for a stale one: try another name
             pass
         os.close(fd)
 
@@ -108,7 +109,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         try:
             st = os.fstat(fd)
             if st.st_uid == os.getuid() and stat.S_ISREG(st.st_mode):
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)          # fails while its writer lives
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer lives
                 if os.stat(path, follow_symlinks=False).st_ino == st.st_ino:
                     path.unlink()
                     removed.append(path)
@@ -127,14 +128,21 @@ class SyncedVideoWriter:
     before the first frame (a stream learns it from the audio).
     """
 
-    def __init__(self, path: str | os.PathLike, audio_path: str | os.PathLike, n_frames: int | None = None, *,
-                 crf: int = 18, preset: str = "medium"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        audio_path: str | os.PathLike,
+        n_frames: int | None = None,
+        *,
+        crf: int = 18,
+        preset: str = "medium",
+    ):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise InputError(f"{self.path.parent}: output folder does not exist")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a folder, not an output file name")
-        self.tmp_path: Path | None = None       # created on entering
+        self.tmp_path: Path | None = None  # created on entering
         self._lock: int | None = None
         self.audio_path, self.n_frames = audio_path, n_frames
         self.crf, self.preset = crf, preset
@@ -168,9 +176,8 @@ class SyncedVideoWriter:
         return {"movflags": "+faststart"} if self.path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
 
     def _open_video(self, height: int, width: int) -> None:
-        stream = self._container.add_stream("libx264", rate=FPS, options={"crf": str(self.crf),
-                                                                       "preset": self.preset})
-        stream.width, stream.height = width - width % 2, height - height % 2     # yuv420p needs even sizes
+        stream = self._container.add_stream("libx264", rate=FPS, options={"crf": str(self.crf), "preset": self.preset})
+        stream.width, stream.height = width - width % 2, height - height % 2  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
         self._video = stream
 
@@ -191,12 +198,12 @@ class SyncedVideoWriter:
 
     def _write_audio_until(self, seconds: float | None) -> None:
         """Keep the audio abreast of the video so the muxer interleaves without buffering (None: to the end)."""
-        trimmed = int(self.n_frames * self._audio.rate / FPS)             # upstream: int(N / 25 * sr)
+        trimmed = int(self.n_frames * self._audio.rate / FPS)  # upstream: int(N / 25 * sr)
         target = trimmed if seconds is None else min(trimmed, int(seconds * self._audio.rate))
         while self._audio_written < target and not self._audio_ended:
             chunk = self._audio.read(min(4096, target - self._audio_written))
             if chunk is None:
-                self._audio_ended = True                      # the track is shorter than the video
+                self._audio_ended = True  # the track is shorter than the video
                 break
             chunk.pts = self._audio_written
             self._audio_written += chunk.samples

@@ -4,6 +4,7 @@ Tensor names, limits, defaults, stream parameters with their validation (the ser
 frame-count arithmetic of docs/PROTOCOL.md. Pure Python: the client imports it without torch or numpy, and
 whatever the client refuses here is exactly what the server would refuse.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,25 +16,25 @@ MODEL_NAME = "lipsync"
 # Tensors: requests carry FRAMES and/or AUDIO; responses FRAMES, FRAME_INDEX and FACE_FOUND.
 FRAMES, AUDIO, FRAME_INDEX, FACE_FOUND = "FRAMES", "AUDIO", "FRAME_INDEX", "FACE_FOUND"
 
-FPS = 25                      # frames are sent and returned at 25 fps
-SAMPLE_RATE = 16_000          # audio is 16 kHz mono float32
-HOP_LENGTH = 160              # audio samples per log-mel frame (whisper)
-WINDOW = 16                   # frames per window: the server answers window by window
+FPS = 25  # frames are sent and returned at 25 fps
+SAMPLE_RATE = 16_000  # audio is 16 kHz mono float32
+HOP_LENGTH = 160  # audio samples per log-mel frame (whisper)
+WINDOW = 16  # frames per window: the server answers window by window
 MAX_FRAMES_PER_REQUEST = WINDOW
-MAX_FRAME_SIDE = 4096         # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
-MIN_FRAME_SIDE = 2            # pixels per side: an h264 (yuv420p) video needs even sizes >= 2
-MAX_AUDIO_SECONDS = 300       # per stream: the server keeps ~1.9 MB of whisper features per second (PROTOCOL.md)
+MAX_FRAME_SIDE = 4096  # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
+MIN_FRAME_SIDE = 2  # pixels per side: an h264 (yuv420p) video needs even sizes >= 2
+MAX_AUDIO_SECONDS = 300  # per stream: the server keeps ~1.9 MB of whisper features per second (PROTOCOL.md)
 MAX_AUDIO_SAMPLES = MAX_AUDIO_SECONDS * SAMPLE_RATE
-MAX_AUDIO_AMPLITUDE = 2.0     # |sample| bound: full scale is 1; room for a float decoder's overshoot, no more
+MAX_AUDIO_AMPLITUDE = 2.0  # |sample| bound: full scale is 1; room for a float decoder's overshoot, no more
 STREAM_TOKEN = "stream_token"  # request parameter: the secret tying a sequence id to the client that started it
 MAX_TOKEN_LENGTH = 128
-VARIANTS = ("1.5", "1.6")     # LatentSync releases: 256 px and 512 px faces
+VARIANTS = ("1.5", "1.6")  # LatentSync releases: 256 px and 512 px faces
 
 DEFAULT_STEPS, MAX_STEPS = 20, 100
 DEFAULT_GUIDANCE, MAX_GUIDANCE = 1.5, 20.0
 DEFAULT_SEED, MAX_SEED = 1247, 2**63 - 1
-SAMPLERS = ("ddim", "dpmsolver++")   # upstream's DDIM; DPM-Solver++ (2nd order) reaches it in fewer steps
-MAX_DEEPCACHE = 10                   # DeepCache interval: full UNet every k-th step (upstream's scripts: 3)
+SAMPLERS = ("ddim", "dpmsolver++")  # upstream's DDIM; DPM-Solver++ (2nd order) reaches it in fewer steps
+MAX_DEEPCACHE = 10  # DeepCache interval: full UNet every k-th step (upstream's scripts: 3)
 
 
 class ContractError(ValueError):
@@ -70,8 +71,10 @@ def is_no_face_error(message: str) -> bool:
 
 def idle_drop_message(stream_id, idle_s: float) -> str:
     """The error for a request of a stream the server dropped as idle (it must start a new sequence)."""
-    return (f"stream {stream_id} was dropped after {idle_s:g} s without requests (the server's idle timeout); "
-            "start a new stream (its first request must set sequence_start)")
+    return (
+        f"stream {stream_id} was dropped after {idle_s:g} s without requests (the server's idle timeout); "
+        "start a new stream (its first request must set sequence_start)"
+    )
 
 
 def is_stream_dropped_error(message: str) -> bool:
@@ -97,8 +100,9 @@ def check_frames_shape(shape: Sequence[int]) -> None:
 
 def check_frame_size(height: int, width: int) -> None:
     if max(height, width) > MAX_FRAME_SIDE:
-        raise ContractError(f"FRAMES are {width}x{height} pixels; at most {MAX_FRAME_SIDE} per side "
-                            "(scale the video down)")
+        raise ContractError(
+            f"FRAMES are {width}x{height} pixels; at most {MAX_FRAME_SIDE} per side (scale the video down)"
+        )
     if min(height, width) < MIN_FRAME_SIDE:
         raise ContractError(f"FRAMES are {width}x{height} pixels; at least {MIN_FRAME_SIDE} per side")
 
@@ -108,17 +112,21 @@ def check_audio_shape(shape: Sequence[int], received: int = 0) -> None:
     if len(shape) != 1:
         raise ContractError(f"AUDIO must be 1-D 16 kHz samples, got shape {list(shape)}")
     if received + shape[0] > MAX_AUDIO_SAMPLES:
-        raise ContractError(f"AUDIO: the stream's audio is longer than {MAX_AUDIO_SECONDS} s "
-                            f"({received + shape[0]} samples, at most {MAX_AUDIO_SAMPLES} at 16 kHz); "
-                            "sync longer audio in parts")
+        raise ContractError(
+            f"AUDIO: the stream's audio is longer than {MAX_AUDIO_SECONDS} s "
+            f"({received + shape[0]} samples, at most {MAX_AUDIO_SAMPLES} at 16 kHz); "
+            "sync longer audio in parts"
+        )
 
 
 def check_audio_range(low: float, high: float) -> None:
     """The smallest and largest sample of an AUDIO tensor (NaN if any is NaN): finite, within MAX_AUDIO_AMPLITUDE.
     One NaN, inf or huge sample would rescale the whole track's log-mel (normalised by its maximum)."""
     if not -MAX_AUDIO_AMPLITUDE <= low <= high <= MAX_AUDIO_AMPLITUDE:
-        raise ContractError(f"AUDIO samples must be finite and within [-{MAX_AUDIO_AMPLITUDE:g}, "
-                            f"{MAX_AUDIO_AMPLITUDE:g}] (float audio is [-1, 1]), got values from {low} to {high}")
+        raise ContractError(
+            f"AUDIO samples must be finite and within [-{MAX_AUDIO_AMPLITUDE:g}, "
+            f"{MAX_AUDIO_AMPLITUDE:g}] (float audio is [-1, 1]), got values from {low} to {high}"
+        )
 
 
 def check_stream_token(token) -> str | None:
@@ -126,8 +134,9 @@ def check_stream_token(token) -> str | None:
     if token is None:
         return None
     if not (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_LENGTH and token.isprintable()):
-        raise ContractError(f"parameter '{STREAM_TOKEN}' must be a string of 1..{MAX_TOKEN_LENGTH} printable "
-                            "characters")
+        raise ContractError(
+            f"parameter '{STREAM_TOKEN}' must be a string of 1..{MAX_TOKEN_LENGTH} printable characters"
+        )
     return token
 
 
@@ -141,11 +150,11 @@ class StreamParams:
     seed: int = DEFAULT_SEED
     variant: str | None = None
     sampler: str = "ddim"
-    deepcache: int = 0            # 0 = off; k = the full UNet on every k-th step of a window, cached features between
-    enhance: bool = False         # restore the generated mouth region with the repository's face enhancer
-    enhance_blend: float = 1.0    # 0..1: how much of the restored mouth region replaces the generated one
-    enhance_min_sharpness: float = 0.0   # enhance only faces whose mouth is blurrier than this (0 = every face)
-    max_yaw: float = 0.0          # degrees; faces turned further pass through unchanged, like faceless frames (0 = off)
+    deepcache: int = 0  # 0 = off; k = the full UNet on every k-th step of a window, cached features between
+    enhance: bool = False  # restore the generated mouth region with the repository's face enhancer
+    enhance_blend: float = 1.0  # 0..1: how much of the restored mouth region replaces the generated one
+    enhance_min_sharpness: float = 0.0  # enhance only faces whose mouth is blurrier than this (0 = every face)
+    max_yaw: float = 0.0  # degrees; faces turned further pass through unchanged, like faceless frames (0 = off)
 
     def __post_init__(self):
         _check_type("steps", self.steps, int)
@@ -154,8 +163,9 @@ class StreamParams:
         _check_type("guidance", self.guidance, float)
         object.__setattr__(self, "guidance", float(self.guidance))
         if not (math.isfinite(self.guidance) and 1.0 <= self.guidance <= MAX_GUIDANCE):
-            raise ContractError(f"parameter 'guidance' must be in [1, {MAX_GUIDANCE:g}] (1 = no guidance), "
-                                f"got {self.guidance}")
+            raise ContractError(
+                f"parameter 'guidance' must be in [1, {MAX_GUIDANCE:g}] (1 = no guidance), got {self.guidance}"
+            )
         _check_type("seed", self.seed, int)
         if not 0 <= self.seed <= MAX_SEED:
             raise ContractError(f"parameter 'seed' must be in 0..2^63-1, got {self.seed}")
@@ -165,12 +175,17 @@ class StreamParams:
             raise ContractError(f"parameter 'sampler' must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         _check_type("deepcache", self.deepcache, int)
         if not 0 <= self.deepcache <= MAX_DEEPCACHE:
-            raise ContractError(f"parameter 'deepcache' must be in 0..{MAX_DEEPCACHE} (0 = off; upstream's scripts "
-                                f"use 3), got {self.deepcache}")
+            raise ContractError(
+                f"parameter 'deepcache' must be in 0..{MAX_DEEPCACHE} (0 = off; upstream's scripts "
+                f"use 3), got {self.deepcache}"
+            )
         if not isinstance(self.enhance, bool):
             raise ContractError(f"parameter 'enhance' must be true or false, got {self.enhance!r}")
-        for name, low, high in (("enhance_blend", 0.0, 1.0), ("enhance_min_sharpness", 0.0, math.inf),
-                                ("max_yaw", 0.0, 90.0)):
+        for name, low, high in (
+            ("enhance_blend", 0.0, 1.0),
+            ("enhance_min_sharpness", 0.0, math.inf),
+            ("max_yaw", 0.0, 90.0),
+        ):
             value = getattr(self, name)
             _check_type(name, value, float)
             if not (low <= value <= high and not math.isnan(value)):
@@ -194,28 +209,36 @@ class StreamParams:
         values = {k: _coerce(k, raw[k], cls.__dataclass_fields__[k].type) for k in raw}
         variant = str(values.pop("variant", variants[0]))
         if variant not in variants:
-            raise ContractError(f"parameter 'variant' must be one of {', '.join(variants)} "
-                                f"(the variants this repository was built with), got {variant!r}")
+            raise ContractError(
+                f"parameter 'variant' must be one of {', '.join(variants)} "
+                f"(the variants this repository was built with), got {variant!r}"
+            )
         params = cls(**values, variant=variant)
         if params.enhance and not enhancer:
-            raise ContractError("parameter 'enhance': this repository has no face enhancer "
-                                "(latentsync-export --enhancer-weights FILE)")
+            raise ContractError(
+                "parameter 'enhance': this repository has no face enhancer (latentsync-export --enhancer-weights FILE)"
+            )
         return params
 
     def as_parameters(self) -> dict:
         """Typed request parameters (tritonclient sends int/float/str as int64/double/string); defaults left out,
         so a client that asks for nothing new works with a server that knows fewer parameters."""
         defaults = StreamParams()
-        return {k: v for k, v in asdict(self).items()
-                if v is not None and (k in ("steps", "guidance", "seed") or v != getattr(defaults, k))}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if v is not None and (k in ("steps", "guidance", "seed") or v != getattr(defaults, k))
+        }
 
 
 def _check_type(name: str, value, kind: type) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if kind is int else \
-        isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool)
+        if kind is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
     if not ok:
-        raise ContractError(f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                            f"got {value!r}")
+        raise ContractError(f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
 
 
 def _coerce(name: str, value, annotation: str):
@@ -224,7 +247,7 @@ def _coerce(name: str, value, annotation: str):
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        return value          # __post_init__ refuses anything but a bool
+        return value  # __post_init__ refuses anything but a bool
     if kind is str:
         return str(value)
     try:
@@ -232,5 +255,6 @@ def _coerce(name: str, value, annotation: str):
             raise ValueError
         return kind(value)
     except (TypeError, ValueError):
-        raise ContractError(f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                            f"got {value!r}") from None
+        raise ContractError(
+            f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+        ) from None

@@ -5,6 +5,7 @@ whose import fails, long after an image was built) and builds the default face d
 weights, and loads spandrel for the face enhancer. Exits 1 with the failing model and error; the container build
 runs it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,7 +18,7 @@ from latentsync_core.face.enhance import import_spandrel
 
 from .model_config import templates_dir
 
-STUB_MODULES = {"triton_python_backend_utils"}   # provided by the Python backend stub at run time
+STUB_MODULES = {"triton_python_backend_utils"}  # provided by the Python backend stub at run time
 
 
 def model_imports(templates: Path) -> dict[str, set[str]]:

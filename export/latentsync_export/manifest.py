@@ -3,6 +3,7 @@
 The manifest records the target, the variants, where every model's weights are and the face detector; tests and
 benchmarks use `load_reference` as the oracle a served stream must equal.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ def read_manifest(repo: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_reference(repo: str | Path, variant: str | None = None, detector: FaceDetector | None = None,
-                   device: str = "cpu") -> LipSyncPipeline:
+def load_reference(
+    repo: str | Path, variant: str | None = None, detector: FaceDetector | None = None, device: str = "cpu"
+) -> LipSyncPipeline:
     """The in-process LipSyncPipeline on exactly the weights a built repository serves (the parity oracle).
 
     `detector`: a FaceDetector, or None for the one the repository was built with.
@@ -43,7 +45,12 @@ def load_reference(repo: str | Path, variant: str | None = None, detector: FaceD
         model_dir = copied if copied.exists() else d["model_dir"]
         detector = create_detector(d["kind"], model_dir, policy=d.get("policy", "largest"))
     enhancer = m.get("enhancer") and load_face_enhancer(repo / m["enhancer"]["weights"], device=device)
-    models = LocalModels(load_unet(unet_path, w["unet_config"][variant], device=device),
-                         load_whisper_encoder(whisper_path, device=device), load_vae(vae_path, device=device),
-                         detector, device=device, enhancer=enhancer or None)
+    models = LocalModels(
+        load_unet(unet_path, w["unet_config"][variant], device=device),
+        load_whisper_encoder(whisper_path, device=device),
+        load_vae(vae_path, device=device),
+        detector,
+        device=device,
+        enhancer=enhancer or None,
+    )
     return LipSyncPipeline(models, variant)

@@ -4,6 +4,7 @@ The templates under model_repository/ are valid, commented config.pbtxt files wi
 exporter parses them, sets what the deployment chooses (instance groups, batching, parameters, backend) and
 writes the result, so every written file parses by construction.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 ModelConfig = mc.ModelConfig
-KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU,
-         "auto": mc.ModelInstanceGroup.KIND_AUTO}
+KINDS = {
+    "cpu": mc.ModelInstanceGroup.KIND_CPU,
+    "gpu": mc.ModelInstanceGroup.KIND_GPU,
+    "auto": mc.ModelInstanceGroup.KIND_AUTO,
+}
 
 
 def templates_dir() -> Path:
@@ -57,8 +61,10 @@ class InstanceSpec:
     def parse(cls, text: str) -> InstanceSpec:
         m = re.fullmatch(r"(cpu|gpu|auto)(?::(\d+))?(?::(\d+(?:,\d+)*))?", text.strip().lower())
         if not m or (m.group(2) is not None and int(m.group(2)) < 1):
-            raise ValueError(f"instance group {text!r}: expected KIND[:COUNT[:GPU,...]] with KIND cpu, gpu or "
-                             "auto and COUNT >= 1, e.g. gpu:2:0,1")
+            raise ValueError(
+                f"instance group {text!r}: expected KIND[:COUNT[:GPU,...]] with KIND cpu, gpu or "
+                "auto and COUNT >= 1, e.g. gpu:2:0,1"
+            )
         gpus = tuple(int(g) for g in m.group(3).split(",")) if m.group(3) else ()
         if gpus and m.group(1) != "gpu":
             raise ValueError(f"instance group {text!r}: GPU ids only go with kind gpu")

@@ -6,6 +6,7 @@ The float32 graph is checked against torch with onnxruntime on the CPU, on shape
 checked structurally and, where onnxruntime's CPU kernels allow, numerically for information. TensorRT
 engines are built from the shipped graph on the GPU at deploy time (onnxruntime's TensorRT provider).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,7 @@ class GraphSpec:
     """How one torch module becomes one Triton ONNX model."""
 
     module: torch.nn.Module
-    inputs: dict[str, Callable[[], torch.Tensor]]   # name -> example tensor maker (traced shapes)
+    inputs: dict[str, Callable[[], torch.Tensor]]  # name -> example tensor maker (traced shapes)
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     checks: list[dict[str, torch.Tensor]] = field(default_factory=list)  # validation inputs, other shapes
@@ -76,8 +77,13 @@ def vae_encoder_spec(codec, resolutions: list[int], seed: int = 0) -> GraphSpec:
     px = lambda n, r: torch.rand(n, 3, r, r, generator=g) * 2 - 1  # noqa: E731
     axes = {0: "batch", 2: "height", 3: "width"}
     traced = px(2, resolutions[0])
-    return GraphSpec(PosteriorGraph(codec), {"PIXELS": lambda: traced}, ["MEAN", "STD"],
-                     {"PIXELS": axes, "MEAN": axes, "STD": axes}, [{"PIXELS": px(3, r)} for r in resolutions])
+    return GraphSpec(
+        PosteriorGraph(codec),
+        {"PIXELS": lambda: traced},
+        ["MEAN", "STD"],
+        {"PIXELS": axes, "MEAN": axes, "STD": axes},
+        [{"PIXELS": px(3, r)} for r in resolutions],
+    )
 
 
 def vae_decoder_spec(codec, latent_sizes: list[int], seed: int = 0) -> GraphSpec:
@@ -85,16 +91,26 @@ def vae_decoder_spec(codec, latent_sizes: list[int], seed: int = 0) -> GraphSpec
     lat = lambda n, s: torch.randn(n, 4, s, s, generator=g)  # noqa: E731
     axes = {0: "batch", 2: "height", 3: "width"}
     traced = lat(2, latent_sizes[0])
-    return GraphSpec(DecoderGraph(codec), {"LATENTS": lambda: traced}, ["PIXELS"],
-                     {"LATENTS": axes, "PIXELS": axes}, [{"LATENTS": lat(3, s)} for s in latent_sizes])
+    return GraphSpec(
+        DecoderGraph(codec),
+        {"LATENTS": lambda: traced},
+        ["PIXELS"],
+        {"LATENTS": axes, "PIXELS": axes},
+        [{"LATENTS": lat(3, s)} for s in latent_sizes],
+    )
 
 
 def audio_encoder_spec(encoder, n_mels: int = 80, n_frames: int = 3000, seed: int = 0) -> GraphSpec:
     g = torch.Generator().manual_seed(seed)
     mel = lambda s: torch.rand(s, n_mels, n_frames, generator=g) * 2.5 - 1.5  # noqa: E731 - log-mel range
     traced = mel(1)
-    return GraphSpec(encoder, {"MEL": lambda: traced}, ["FEATURES"],
-                     {"MEL": {0: "batch"}, "FEATURES": {0: "batch"}}, [{"MEL": mel(2)}])
+    return GraphSpec(
+        encoder,
+        {"MEL": lambda: traced},
+        ["FEATURES"],
+        {"MEL": {0: "batch"}, "FEATURES": {0: "batch"}},
+        [{"MEL": mel(2)}],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -103,9 +119,17 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path) -> None:
     example = tuple(make() for make in spec.inputs.values())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter
-        torch.onnx.export(module.eval(), example, str(path), input_names=list(spec.inputs),
-                          output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            module.eval(),
+            example,
+            str(path),
+            input_names=list(spec.inputs),
+            output_names=spec.outputs,
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     _single_data_file(path)
 
 
@@ -120,8 +144,7 @@ def _single_data_file(path: Path) -> None:
     model = onnx.load(str(path))
     for name in files:
         (path.parent / name).unlink()
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data")
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
 
 
 def reference_outputs(module: torch.nn.Module, checks: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
@@ -166,8 +189,9 @@ def export_and_validate(spec: GraphSpec, path: Path, fp16: bool, rtol: float = 1
     scale = max(1.0, *(float(t.abs().max()) for ref in refs for t in ref))
     record = {"fp32_max_abs_error": err, "output_scale": scale}
     if err > rtol * scale:
-        raise ExportError(f"{path.parent.parent.name}: ONNX float32 graph differs from torch by {err:.3g} "
-                          f"(limit {rtol * scale:.3g})")
+        raise ExportError(
+            f"{path.parent.parent.name}: ONNX float32 graph differs from torch by {err:.3g} (limit {rtol * scale:.3g})"
+        )
     if fp16:
         export_graph(Float16(module), spec, path)
         check_structure(path)

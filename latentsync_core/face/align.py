@@ -6,6 +6,7 @@ Warps follow kornia.geometry.transform.warp_affine (bilinear, align_corners=True
 optional constant fill) so crops and paste-backs match upstream to the uint8 truncation step. A crop reads and
 converts to float only the frame pixels it samples (source_window), at exactly the whole-frame sample positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,8 +89,12 @@ def invert_affine(affine: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(_homogeneous(affine))[..., :2, :]
 
 
-def sampling_grid(affine: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int],
-                  window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def sampling_grid(
+    affine: torch.Tensor,
+    src_hw: tuple[int, int],
+    dst_hw: tuple[int, int],
+    window: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """grid_sample grid (B, h, w, 2) warping src -> dst with (B, 2, 3) float32 `affine` (src pixels -> dst pixels).
 
     Same arithmetic as kornia.geometry.transform.warp_affine (normalise, closed-form inverse, per-axis
@@ -122,12 +127,15 @@ def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int
         return 0, 0, 0, 0
     scale = np.array([(W - 1) / 2, (H - 1) / 2], np.float32)
     (x_lo, y_lo), (x_hi, y_hi) = (np.floor((c + np.float32(1)) * scale) for c in (corners.min(0), corners.max(0)))
-    return (int(np.clip(y_lo - 1, 0, H)), int(np.clip(y_hi + 3, 0, H)),
-            int(np.clip(x_lo - 1, 0, W)), int(np.clip(x_hi + 3, 0, W)))
+    return (
+        int(np.clip(y_lo - 1, 0, H)),
+        int(np.clip(y_hi + 3, 0, H)),
+        int(np.clip(x_lo - 1, 0, W)),
+        int(np.clip(x_hi + 3, 0, W)),
+    )
 
 
-def region_as_source(region: torch.Tensor, window: tuple[int, int, int, int], src_hw: tuple[int, int]
-                     ) -> torch.Tensor:
+def region_as_source(region: torch.Tensor, window: tuple[int, int, int, int], src_hw: tuple[int, int]) -> torch.Tensor:
     """(h, w, C) `region` = src[y0:y1, x0:x1] -> (1, C, H, W) float32 tensor that grid_sample can take for the whole
     (H, W) source: a buffer holding only the region, addressed with a full source's strides (pixel (y, x) at
     C * (y * w + x)). grid_sample then computes exactly the full-source sample positions; elements outside the
@@ -137,7 +145,7 @@ def region_as_source(region: torch.Tensor, window: tuple[int, int, int, int], sr
         return torch.zeros(1, 1, 1, 1, device=region.device).expand(1, C, H, W)
     buffer = torch.empty(C * ((H - 1) * w + W), device=region.device)
     start = C * (y0 * w + x0)
-    buffer[start:start + h * w * C].view(h, w, C).copy_(region)
+    buffer[start : start + h * w * C].view(h, w, C).copy_(region)
     return buffer.as_strided((1, C, H, W), (0, 1, C * w, C))
 
 
@@ -147,8 +155,9 @@ def grid_coverage(src_hw: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def grid_warp(src: torch.Tensor, grid: torch.Tensor, fill: float | None = None,
-              coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_warp(
+    src: torch.Tensor, grid: torch.Tensor, fill: float | None = None, coverage: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear sample (B, C, H, W) float at `grid`; returns (warped, coverage) where coverage is grid_coverage (pass
     it when it is at hand). With `fill`, uncovered weight is filled with that value (kornia)."""
     coverage = grid_coverage(tuple(src.shape[2:]), grid) if coverage is None else coverage
@@ -165,8 +174,8 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class AlignedFace:
-    face: np.ndarray    # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
-    crop: np.ndarray    # (h_box, w_box, 3) uint8 RGB, HWC: the frame-space crop (before the resize)
+    face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
+    crop: np.ndarray  # (h_box, w_box, 3) uint8 RGB, HWC: the frame-space crop (before the resize)
     affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
 
 

@@ -20,11 +20,12 @@ Multi-face policy:
 Frames without an accepted face come back with found=False and zero box / score / points; what to do with
 them (pass-through, error when a whole stream has none) is the caller's decision.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -35,15 +36,16 @@ POLICIES = ("largest", "track")
 class FaceResult:
     """Per-frame detection results of one request; rows with found=False are all zero."""
 
-    boxes: np.ndarray   # (n, 4) float32 x0, y0, x1, y1 in frame pixels (may reach outside the frame)
+    boxes: np.ndarray  # (n, 4) float32 x0, y0, x1, y1 in frame pixels (may reach outside the frame)
     scores: np.ndarray  # (n,) float32 detector confidence
     points: np.ndarray  # (n, 3, 2) float32 (x, y): left eyebrow, right eyebrow, nose centre (integer-valued)
-    found: np.ndarray   # (n,) bool
+    found: np.ndarray  # (n,) bool
 
     @classmethod
     def empty(cls, n: int) -> FaceResult:
-        return cls(np.zeros((n, 4), np.float32), np.zeros(n, np.float32), np.zeros((n, 3, 2), np.float32),
-                   np.zeros(n, bool))
+        return cls(
+            np.zeros((n, 4), np.float32), np.zeros(n, np.float32), np.zeros((n, 3, 2), np.float32), np.zeros(n, bool)
+        )
 
     def __len__(self) -> int:
         return len(self.found)
@@ -53,7 +55,7 @@ class FaceResult:
 class Candidates:
     """Stage-1 output for one frame: k candidate faces in frame pixels, sorted by descending score."""
 
-    boxes: np.ndarray   # (k, 4) float32 x0, y0, x1, y1
+    boxes: np.ndarray  # (k, 4) float32 x0, y0, x1, y1
     scores: np.ndarray  # (k,) float32
     keypoints: np.ndarray  # (k, p, 2) float32 detector keypoints (eyes, nose, ...), used by stage 2
 
@@ -68,7 +70,7 @@ class FaceFilter:
 
     min_width: int = 50
     min_height: int = 80
-    min_aspect: float = 0.2   # width / height
+    min_aspect: float = 0.2  # width / height
     max_aspect: float = 1.5
     min_score: float = 0.5
 
@@ -76,8 +78,14 @@ class FaceFilter:
         b = boxes.astype(np.int64)  # upstream: face.bbox.astype(np.int_)
         w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
         aspect = w / np.maximum(h, 1)
-        return ((w >= self.min_width) & (h >= self.min_height) & (h > 0) & (aspect >= self.min_aspect)
-                & (aspect <= self.max_aspect) & (scores >= self.min_score))
+        return (
+            (w >= self.min_width)
+            & (h >= self.min_height)
+            & (h > 0)
+            & (aspect >= self.min_aspect)
+            & (aspect <= self.max_aspect)
+            & (scores >= self.min_score)
+        )
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -89,8 +97,12 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
 
 
-def select_faces(candidates: Sequence[Candidates], face_filter: FaceFilter, policy: str = "largest",
-                 reference_box: np.ndarray | None = None) -> np.ndarray:
+def select_faces(
+    candidates: Sequence[Candidates],
+    face_filter: FaceFilter,
+    policy: str = "largest",
+    reference_box: np.ndarray | None = None,
+) -> np.ndarray:
     """Index of the chosen candidate per frame (-1: no accepted face). Frames are one request, in order."""
     if policy not in POLICIES:
         raise ValueError(f"face policy must be one of {POLICIES}, got {policy!r}")
@@ -165,7 +177,7 @@ class FaceDetector:
         candidates = self.propose(frames) if frames else []
         picks, start = [], 0
         for fs, ref in zip(per_request, reference_boxes):
-            picks.append(select_faces(candidates[start:start + len(fs)], self.face_filter, self.policy, ref))
+            picks.append(select_faces(candidates[start : start + len(fs)], self.face_filter, self.policy, ref))
             start += len(fs)
         picks = np.concatenate(picks) if picks else np.zeros(0, np.int64)
 
@@ -187,8 +199,14 @@ class FaceDetector:
         return out
 
 
-def create_detector(kind: str = "mediapipe", model_dir: str | Path | None = None, *,
-                    face_filter: FaceFilter | None = None, policy: str = "largest", **options) -> FaceDetector:
+def create_detector(
+    kind: str = "mediapipe",
+    model_dir: str | Path | None = None,
+    *,
+    face_filter: FaceFilter | None = None,
+    policy: str = "largest",
+    **options,
+) -> FaceDetector:
     """Build a detector for one weight set.
 
     kind="mediapipe": model_dir holds face_detection_full_range_sparse.tflite (or _short_range) and
@@ -199,11 +217,27 @@ def create_detector(kind: str = "mediapipe", model_dir: str | Path | None = None
     """
     if kind == "mediapipe":
         from .detectors.mediapipe_tflite import MediaPipeDetector
+
         return MediaPipeDetector(model_dir, face_filter=face_filter, policy=policy, **options)
     if kind == "insightface":
         from .detectors.insightface_onnx import InsightFaceDetector
+
         if model_dir is None:
-            raise ValueError("the insightface detector needs model_dir: a buffalo_l or buffalo_s folder "
-                             "(non-commercial weights, not downloaded by this package)")
+            raise ValueError(
+                "the insightface detector needs model_dir: a buffalo_l or buffalo_s folder "
+                "(non-commercial weights, not downloaded by this package)"
+            )
         return InsightFaceDetector(model_dir, face_filter=face_filter, policy=policy, **options)
     raise ValueError(f"unknown face detector kind {kind!r}; expected 'mediapipe' or 'insightface'")
+
+
+def detector_options(kind: str, params: Mapping[str, str]) -> dict:
+    """The face_detector model's config parameters (strings; empty = default) that apply to one weight set, as
+    create_detector keyword arguments."""
+    if kind == "mediapipe":
+        threads = int(params.get("num_threads") or 0)
+        return {"detector": params.get("detector") or "full_range", "num_threads": threads or None}
+    if kind == "insightface":
+        providers = [p.strip() for p in (params.get("providers") or "").split(",") if p.strip()]
+        return {"det_size": int(params.get("det_size") or 512), "providers": providers or None}
+    return {}

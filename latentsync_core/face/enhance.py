@@ -8,6 +8,7 @@ every pixel outside that region stays bit-identical. A Laplacian-variance gate r
 CodeFormer comes from spandrel-extra-arches and its weights and code are licensed for non-commercial use only
 (S-Lab License 1.0); `FaceEnhancer.non_commercial` says so, for the exporter and the docs to flag.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,8 @@ class EnhanceSpec:
     """A stream's use of the enhancer: how much of the restored mouth replaces the generated one, and the gate."""
 
     blend: float = 1.0
-    min_sharpness: float = 0.0      # restore only faces whose mouth sharpness is below this (0 = every face)
-    feather: int = 8                # px of the soft edge inside the mouth region
+    min_sharpness: float = 0.0  # restore only faces whose mouth sharpness is below this (0 = every face)
+    feather: int = 8  # px of the soft edge inside the mouth region
 
 
 class FaceEnhancerError(CheckpointError):
@@ -44,7 +45,7 @@ class FaceEnhancerError(CheckpointError):
 class RestorerArch:
     license: str
     non_commercial: bool
-    package: str            # the PyPI package whose spandrel registry knows the architecture
+    package: str  # the PyPI package whose spandrel registry knows the architecture
     native_size: int = 512  # the face size the network was trained on (GFPGAN/CodeFormer accept nothing else)
 
 
@@ -94,8 +95,9 @@ class FaceEnhancer(nn.Module):
         return self.network(x)[0]
 
 
-def load_face_enhancer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                       fidelity: float = 0.5) -> FaceEnhancer:
+def load_face_enhancer(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, fidelity: float = 0.5
+) -> FaceEnhancer:
     """An official face restorer file (.pth/.ckpt/.safetensors, e.g. GFPGANv1.4.pth {'params_ema': ...}) ->
     FaceEnhancer. Any failure is one FaceEnhancerError naming the file."""
     try:
@@ -105,8 +107,13 @@ def load_face_enhancer(path: str | Path, device: str | torch.device = "cpu", dty
     return face_enhancer_from_state_dict(state_dict, str(path), device, dtype, fidelity)
 
 
-def face_enhancer_from_state_dict(state_dict: Mapping, what: str, device: str | torch.device = "cpu",
-                                  dtype: torch.dtype = torch.float32, fidelity: float = 0.5) -> FaceEnhancer:
+def face_enhancer_from_state_dict(
+    state_dict: Mapping,
+    what: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fidelity: float = 0.5,
+) -> FaceEnhancer:
     """Detect the architecture from the keys (spandrel), refuse anything but a supported face restorer, load
     strictly. Under `torch.device("meta")` with meta tensors it checks an official layout without any memory."""
     spandrel, registry = import_spandrel()
@@ -114,8 +121,10 @@ def face_enhancer_from_state_dict(state_dict: Mapping, what: str, device: str | 
     support = next((a for a in registry.architectures("detection") if a.detect(state_dict)), None)
     if support is None:
         missing = "" if "CodeFormer" in registry else "; spandrel-extra-arches is not installed, so not CodeFormer"
-        raise FaceEnhancerError(f"{what}: not a face restoration checkpoint (no known architecture matches its "
-                                f"keys; supported: {SUPPORTED}{missing})")
+        raise FaceEnhancerError(
+            f"{what}: not a face restoration checkpoint (no known architecture matches its "
+            f"keys; supported: {SUPPORTED}{missing})"
+        )
     arch = str(support.architecture.id)
     if arch not in FACE_ARCHS:
         raise FaceEnhancerError(f"{what}: a {arch} checkpoint, not a face restorer (supported: {SUPPORTED})")
@@ -140,8 +149,10 @@ def import_spandrel():
         try:
             import spandrel
         except ImportError as e:
-            raise FaceEnhancerError(f"the face enhancer needs spandrel ({e}); install it with "
-                                    "`pip install --no-deps spandrel==0.4.2 einops==0.8.2`") from None
+            raise FaceEnhancerError(
+                f"the face enhancer needs spandrel ({e}); install it with "
+                "`pip install --no-deps spandrel==0.4.2 einops==0.8.2`"
+            ) from None
         registry = spandrel.MAIN_REGISTRY.copy()
         try:
             import spandrel_extra_arches
@@ -156,6 +167,7 @@ def import_spandrel():
 def _torchvision_or_stand_in():
     try:
         import torchvision.transforms.functional  # noqa: F401
+
         usable = True
     except (ImportError, RuntimeError):  # RuntimeError: "operator torchvision::nms does not exist"
         usable = False
@@ -167,6 +179,7 @@ def _torchvision_or_stand_in():
     def unavailable(name: str) -> Callable:
         def call(*args, **kwargs):
             raise ImportError(f"torchvision.transforms.functional.{name}: torchvision is not importable here")
+
         return call
 
     names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
@@ -181,8 +194,9 @@ def _torchvision_or_stand_in():
         sys.modules.update(saved)
 
 
-def mouth_blend_weight(mask: np.ndarray | torch.Tensor, feather: int, device: str | torch.device = "cpu"
-                       ) -> torch.Tensor:
+def mouth_blend_weight(
+    mask: np.ndarray | torch.Tensor, feather: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """(R, R) weight of the restored pixels: the mouth region (mask < 0.5; mask 1 = keep the reference) eroded by
     `feather` px, then Gaussian-blurred with a (2 * feather + 1) kernel. It rises from 0 at the region's edge to 1
     (to float rounding) deep inside, and is exactly 0 outside the region: the blur reaches no farther than the
@@ -194,8 +208,9 @@ def mouth_blend_weight(mask: np.ndarray | torch.Tensor, feather: int, device: st
     return region[0, 0]
 
 
-def enhance_faces(faces: torch.Tensor, restored: torch.Tensor, mask: np.ndarray | torch.Tensor, blend: float = 1.0,
-                  feather: int = 8) -> torch.Tensor:
+def enhance_faces(
+    faces: torch.Tensor, restored: torch.Tensor, mask: np.ndarray | torch.Tensor, blend: float = 1.0, feather: int = 8
+) -> torch.Tensor:
     """faces, restored (n, 3, R, R) -> faces with restored pixels mixed in by blend * mouth_blend_weight; pixels where
     that weight is 0 are the input's, bit for bit."""
     if blend <= 0:
@@ -222,9 +237,14 @@ def mouth_sharpness(faces: torch.Tensor, mask: np.ndarray | torch.Tensor) -> tor
     return values.var(dim=1, correction=0)
 
 
-def enhance_mouths(enhancer: Callable[[torch.Tensor], torch.Tensor], faces: torch.Tensor,
-                   mask: np.ndarray | torch.Tensor, blend: float = 1.0, feather: int = 8,
-                   min_sharpness: float | None = None) -> torch.Tensor:
+def enhance_mouths(
+    enhancer: Callable[[torch.Tensor], torch.Tensor],
+    faces: torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    blend: float = 1.0,
+    feather: int = 8,
+    min_sharpness: float | None = None,
+) -> torch.Tensor:
     """The optional step on generated faces (n, 3, R, R) before paste-back: restore the faces whose mouth region is
     blurry (sharpness below min_sharpness; every face when it is 0/None) and blend them in (enhance_faces).
     `enhancer` is a FaceEnhancer or anything with its call signature (e.g. a call to a served model)."""

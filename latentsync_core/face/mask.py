@@ -4,6 +4,7 @@ Convention as upstream: 1 = keep the reference pixel, 0 = region the UNet regene
 The mask is this project's own drawing on a 256 x 256 canvas (upstream's mask.png is not shipped): the band
 from just below the eyes down to the chin, bounded by a half ellipse, with a notch left open around the nose.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -12,9 +13,9 @@ import torch
 
 CANVAS = 256
 # Geometry on the 256 canvas, (x, y) pixels, inclusive corners.
-BAND_TOP_LEFT, BAND_BOTTOM_RIGHT = (9, 95), (246, 140)    # straight-sided top part of the regenerated region
-CHIN_CENTER, CHIN_AXES = (128, 140), (119, 102)           # lower half ellipse down to the chin (y = 242)
-NOSE_TOP_LEFT, NOSE_BOTTOM_RIGHT = (78, 95), (177, 127)   # kept notch around the nose tip
+BAND_TOP_LEFT, BAND_BOTTOM_RIGHT = (9, 95), (246, 140)  # straight-sided top part of the regenerated region
+CHIN_CENTER, CHIN_AXES = (128, 140), (119, 102)  # lower half ellipse down to the chin (y = 242)
+NOSE_TOP_LEFT, NOSE_BOTTOM_RIGHT = (78, 95), (177, 127)  # kept notch around the nose tip
 
 
 def mouth_mask(resolution: int) -> np.ndarray:
@@ -27,8 +28,9 @@ def mouth_mask(resolution: int) -> np.ndarray:
     return (resized / 255.0).astype(np.float32)
 
 
-def masked_face_inputs(faces: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_face_inputs(
+    faces: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Aligned uint8 faces (n, R, R, 3) or (n, 3, R, R) and an (R, R) mask ->
     (ref_pixels (n, 3, R, R) in [-1, 1], masked_pixels = ref * mask, masks (n, 1, R, R)), float32 on the faces'
     device (upstream's are float64 because its mask is; values agree to float32 rounding)."""

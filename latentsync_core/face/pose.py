@@ -27,6 +27,7 @@ pixel moves the yaw by a few degrees; perspective, expressions and each face's o
 constants come from the MediaPipe mesh; InsightFace 2d106 points with the same anatomical roles should land close to
 them but were not measured (no weights here).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import numpy as np
 
 from .detect import FaceDetector, box_iou
 
-NOSE_DROP = 0.761   # nose centre below the brow line, in inter-brow distances (canonical face model)
+NOSE_DROP = 0.761  # nose centre below the brow line, in inter-brow distances (canonical face model)
 NOSE_DEPTH = 0.272  # nose centre in front of the brow centres, same units
 DEFAULT_MAX_YAW = 26.0  # degrees: above every frame of the frontal test clips (<= 23), below t1.jpg's turned faces
 FRONTAL_MAX_YAW = 15.0  # degrees: a face clearly facing the camera, for choosing the face of a still image
@@ -60,7 +61,7 @@ def brow_frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def head_pose(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(..., 3, 2) alignment points -> (yaw, roll) in degrees, each shaped (...); NaN where there is no face."""
     u, v, roll = brow_frame(points)
-    u2, v2, n2 = u * u, v * v, NOSE_DROP ** 2 + NOSE_DEPTH ** 2
+    u2, v2, n2 = u * u, v * v, NOSE_DROP**2 + NOSE_DEPTH**2
     # v2 c^2 - s c + n2 = 0, smaller root, written so that v = 0 is fine; s^2 >= 4 v2 n2 always
     s = u2 + v2 + n2
     cos2 = 2 * n2 / (s + np.sqrt(np.maximum(s * s - 4 * v2 * n2, 0)))
@@ -83,12 +84,12 @@ def too_turned(points: np.ndarray, max_yaw: float = DEFAULT_MAX_YAW) -> np.ndarr
 # --- a frontal face of a still image ------------------------------------------------------------------------------
 @dataclass
 class FrontalCrop:
-    image: np.ndarray   # (h, w, 3) uint8 RGB: the input cut around the chosen face
+    image: np.ndarray  # (h, w, 3) uint8 RGB: the input cut around the chosen face
     window: tuple[int, int, int, int]  # x0, y0, x1, y1 of the cut in the input image
-    boxes: np.ndarray   # (k, 4) every accepted face of the input (the detector's reported boxes)
+    boxes: np.ndarray  # (k, 4) every accepted face of the input (the detector's reported boxes)
     points: np.ndarray  # (k, 3, 2) their alignment points
-    yaw: np.ndarray     # (k,) their yaw in degrees
-    chosen: int         # index of the face the cut is made for
+    yaw: np.ndarray  # (k,) their yaw in degrees
+    chosen: int  # index of the face the cut is made for
 
 
 def all_faces(detector: FaceDetector, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,8 +103,9 @@ def all_faces(detector: FaceDetector, image: np.ndarray) -> tuple[np.ndarray, np
     return candidates.boxes[ok], boxes, points
 
 
-def frontal_crop(image: np.ndarray, detector: FaceDetector, max_yaw: float = FRONTAL_MAX_YAW,
-                 margin: float = 1.0) -> FrontalCrop:
+def frontal_crop(
+    image: np.ndarray, detector: FaceDetector, max_yaw: float = FRONTAL_MAX_YAW, margin: float = 1.0
+) -> FrontalCrop:
     """Cut a still image around its largest face with |yaw| <= max_yaw, so that a detector that syncs the
     largest face (upstream's rule) picks that one.
 
@@ -125,14 +127,17 @@ def frontal_crop(image: np.ndarray, detector: FaceDetector, max_yaw: float = FRO
     others = np.delete((boxes[:, :2] + boxes[:, 2:]) / 2, chosen, axis=0)  # face centres that must stay out
     for _ in range(5):
         pad = margin * max(x1 - x0, y1 - y0)
-        window = (max(int(x0 - pad), 0), max(int(y0 - pad), 0), min(int(np.ceil(x1 + pad)), w),
-                  min(int(np.ceil(y1 + pad)), h))
+        window = (
+            max(int(x0 - pad), 0),
+            max(int(y0 - pad), 0),
+            min(int(np.ceil(x1 + pad)), w),
+            min(int(np.ceil(y1 + pad)), h),
+        )
         if not ((others >= window[:2]) & (others < window[2:])).all(axis=1).any():
-            cut = np.ascontiguousarray(image[window[1]:window[3], window[0]:window[2]])
+            cut = np.ascontiguousarray(image[window[1] : window[3], window[0] : window[2]])
             picked = detector.detect(cut[None])
             offset = np.array(window[:2] * 2, np.float32)
             if picked.found[0] and box_iou(picked.boxes[0] + offset, boxes[chosen][None])[0] >= 0.5:
                 return FrontalCrop(cut, window, boxes, points, yaw, chosen)
         margin /= 2
     raise ValueError(f"no cut around face {chosen} makes it the detector's pick")
-

@@ -7,6 +7,7 @@ result is identical to computing on the whole frame; pixels outside the window a
 So the paste needs only that region of the frame: paste_region / paste_faces take and return regions, and a
 caller that holds the frame writes them back (paste_back does so for whole frames).
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,8 +98,9 @@ def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[in
     return y0, max(min(y1 + margin, H), y0), x0, max(min(x1 + margin, W), x0)
 
 
-def _grid_back(affine: np.ndarray, box_hw: tuple[int, int], window: Window, frame_hw: tuple[int, int],
-               device: torch.device) -> torch.Tensor:
+def _grid_back(
+    affine: np.ndarray, box_hw: tuple[int, int], window: Window, frame_hw: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """The sampling grid that warps a crop-box image back into `window` of the frame."""
     inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32, device=device).reshape(1, 2, 3))
     return sampling_grid(inv, tuple(box_hw), frame_hw, window)
@@ -113,8 +115,9 @@ def _support(soft: torch.Tensor) -> tuple[slice, slice]:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def paste_region(region: np.ndarray, face: torch.Tensor, affine: np.ndarray, window: Window,
-                 frame_hw: tuple[int, int]) -> np.ndarray:
+def paste_region(
+    region: np.ndarray, face: torch.Tensor, affine: np.ndarray, window: Window, frame_hw: tuple[int, int]
+) -> np.ndarray:
     """Blend one generated face into `region` = frame[y0:y1, x0:x1] for `window` = (y0, y1, x0, x1), any window
     that contains paste_window(affine, box, frame_hw) (the result there equals the whole-frame paste).
 
@@ -142,8 +145,13 @@ def paste_region(region: np.ndarray, face: torch.Tensor, affine: np.ndarray, win
     return out
 
 
-def paste_faces(regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray, windows: list[Window],
-                frame_hw: tuple[int, int]) -> list[np.ndarray]:
+def paste_faces(
+    regions: list[np.ndarray],
+    faces: torch.Tensor,
+    affines: np.ndarray,
+    windows: list[Window],
+    frame_hw: tuple[int, int],
+) -> list[np.ndarray]:
     """paste_region for n faces at the model resolution R, each into its own region: faces (n, 3, R, R) float in
     [-1, 1] are first resized to the crop box (resize_face_to_box), as the pipeline does before pasting."""
     faces = torch.as_tensor(faces)
@@ -154,8 +162,9 @@ def paste_faces(regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndar
 PasteRegions = Callable[[list[np.ndarray], torch.Tensor, np.ndarray, list[Window], tuple[int, int]], list[np.ndarray]]
 
 
-def paste_into(frames: np.ndarray, rows: np.ndarray, faces: torch.Tensor, affines: np.ndarray,
-               paste: PasteRegions = paste_faces) -> None:
+def paste_into(
+    frames: np.ndarray, rows: np.ndarray, faces: torch.Tensor, affines: np.ndarray, paste: PasteRegions = paste_faces
+) -> None:
     """Paste faces (k, 3, R, R) into frames[rows] (n, H, W, 3) IN PLACE, reading and writing only each face's
     paste window; `paste(regions, faces, affines, windows, frame_hw)` blends (paste_faces, or a served model
     that receives only those regions)."""
@@ -183,8 +192,13 @@ def paste_back(frame: np.ndarray, face: torch.Tensor | np.ndarray, affine: np.nd
     return out
 
 
-def paste_mask(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[int, int],
-               device: str | torch.device = "cpu", window: Window | None = None) -> tuple[torch.Tensor, Window]:
+def paste_mask(
+    affine: np.ndarray,
+    box_hw: tuple[int, int],
+    frame_hw: tuple[int, int],
+    device: str | torch.device = "cpu",
+    window: Window | None = None,
+) -> tuple[torch.Tensor, Window]:
     """The feathered blend weight (upstream inv_soft_mask) inside `window` (default paste_window), zero outside it."""
     window = window or paste_window(affine, box_hw, frame_hw)
     y0, y1, x0, x1 = window

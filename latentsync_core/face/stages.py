@@ -5,6 +5,7 @@ Panels, left to right, each scaled to one height under a label bar:
   aligned face (crosses: where alignment puts the three points) | mouth mask (regenerated region tinted) |
   generated face | pasted back (the same zoom on the output) | output (whole frame).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,9 @@ def scale_to_height(image: np.ndarray, height: int) -> tuple[np.ndarray, float]:
     return cv2.resize(image, (width, height), interpolation=interpolation), scale
 
 
-def draw_detection(image: np.ndarray, box: np.ndarray, points: np.ndarray, scale: float = 1.0,
-                   origin: tuple[float, float] = (0, 0)) -> np.ndarray:
+def draw_detection(
+    image: np.ndarray, box: np.ndarray, points: np.ndarray, scale: float = 1.0, origin: tuple[float, float] = (0, 0)
+) -> np.ndarray:
     """Copy of image with the box and the three points drawn; frame coordinates map to (xy - origin) * scale."""
     out = image.copy()
     to_px = lambda xy: tuple(int(round(c)) for c in (np.asarray(xy, np.float64) - origin) * scale)
@@ -71,12 +73,23 @@ def mark_template(face: np.ndarray) -> np.ndarray:
     return out
 
 
-def stage_panels(frame: np.ndarray, box: np.ndarray, points: np.ndarray, aligned_face: np.ndarray,
-                 mask: np.ndarray, generated_face: np.ndarray, output_frame: np.ndarray,
-                 height: int = 224) -> list[tuple[str, np.ndarray]]:
+def stage_panels(
+    frame: np.ndarray,
+    box: np.ndarray,
+    points: np.ndarray,
+    aligned_face: np.ndarray,
+    mask: np.ndarray,
+    generated_face: np.ndarray,
+    output_frame: np.ndarray,
+    height: int = 224,
+) -> list[tuple[str, np.ndarray]]:
     """The labelled panels (label, (height, w, 3) uint8 RGB) of one frame; see render_stages."""
-    for name, image in (("frame", frame), ("aligned_face", aligned_face), ("generated_face", generated_face),
-                        ("output_frame", output_frame)):
+    for name, image in (
+        ("frame", frame),
+        ("aligned_face", aligned_face),
+        ("generated_face", generated_face),
+        ("output_frame", output_frame),
+    ):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"{name} must be a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
     if output_frame.shape != frame.shape:
@@ -105,19 +118,27 @@ def compose(panels: list[tuple[str, np.ndarray]]) -> np.ndarray:
     x = 0
     for label, panel in panels:
         w = panel.shape[1]
-        picture[LABEL_H:, x:x + w] = panel
+        picture[LABEL_H:, x : x + w] = panel
         font_scale = 0.5
         text_w = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)[0][0]
         font_scale *= min(1.0, (w - 8) / max(text_w, 1))  # shrink labels that would not fit their panel
-        cv2.putText(picture, label, (x + 4, LABEL_H - 8), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            picture, label, (x + 4, LABEL_H - 8), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1, cv2.LINE_AA
+        )
         x += w + GAP
     return picture
 
 
-def render_stages(frame: np.ndarray, box: np.ndarray, points: np.ndarray, aligned_face: np.ndarray,
-                  mask: np.ndarray, generated_face: np.ndarray, output_frame: np.ndarray,
-                  height: int = 224) -> np.ndarray:
+def render_stages(
+    frame: np.ndarray,
+    box: np.ndarray,
+    points: np.ndarray,
+    aligned_face: np.ndarray,
+    mask: np.ndarray,
+    generated_face: np.ndarray,
+    output_frame: np.ndarray,
+    height: int = 224,
+) -> np.ndarray:
     """One labelled RGB uint8 picture of the stages of one frame.
 
     frame / output_frame: (H, W, 3) uint8 RGB, the input and the pasted-back result; box: (4,) x0, y0, x1, y1 and

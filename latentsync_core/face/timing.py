@@ -7,6 +7,7 @@ resolution: `align` (affine, window-local warp, Lanczos resize), `paste_region` 
 window, paste_window included), their sum `align+paste`, `paste_faces` (the same from an R x R face, its resize to
 the box included) and `paste_back` (whole frame in and out, the frame copy included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,13 @@ def stages(frame: np.ndarray, points: np.ndarray, face_box: torch.Tensor, affine
         window = paste_window(affine, box_hw(res), frame_hw)
         return paste_faces([frame[y0:y1, x0:x1]], face_r, affine[None], [window], frame_hw)
 
-    return {"align": align, "paste_region": paste, "align+paste": lambda: (align(), paste()),
-            "paste_faces": paste_from_r, "paste_back": lambda: paste_back(frame, face_box, affine)}
+    return {
+        "align": align,
+        "paste_region": paste,
+        "align+paste": lambda: (align(), paste()),
+        "paste_faces": paste_from_r,
+        "paste_back": lambda: paste_back(frame, face_box, affine),
+    }
 
 
 def measure(case_dir: Path, runs: int) -> dict[int, dict[str, tuple[float, float]]]:

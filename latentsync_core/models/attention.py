@@ -4,6 +4,7 @@ cross-attention from those pixels to the frame's 50 whisper audio tokens (upstre
 Attention and feed-forward are diffusers' modules (their state_dict names match upstream's: to_q/to_k/to_v/
 to_out.0, ff.net.0.proj/ff.net.2); diffusers' default processor runs torch SDPA.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = Attention(query_dim=dim, heads=num_heads, dim_head=head_dim)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(query_dim=dim, cross_attention_dim=cross_attention_dim, heads=num_heads,
-                                   dim_head=head_dim)
+            self.attn2 = Attention(
+                query_dim=dim, cross_attention_dim=cross_attention_dim, heads=num_heads, dim_head=head_dim
+            )
         else:
             self.attn2 = None
         self.ff = FeedForward(dim, activation_fn="geglu")
@@ -49,7 +51,8 @@ class Transformer3DModel(nn.Module):
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)  # eps hard-coded upstream
         self.proj_in = nn.Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner_dim, num_heads, head_dim, cross_attention_dim)])
+            [BasicTransformerBlock(inner_dim, num_heads, head_dim, cross_attention_dim)]
+        )
         self.proj_out = nn.Conv2d(inner_dim, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ attention). Upstream quirks kept: its GroupNorm has 32 groups and eps 1e-6 whate
 the sinusoidal position table (max_len frames, a persistent buffer) is added to the normed hidden states
 right before q/k/v of EACH temporal attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,9 @@ class TemporalTransformerBlock(nn.Module):
         for kind in attention_block_types:
             if kind != "Temporal_Self":
                 raise NotImplementedError(f"motion module block {kind!r}: only 'Temporal_Self' is supported")
-        self.attention_blocks = nn.ModuleList([
-            TemporalSelfAttention(dim, num_heads, head_dim, position_encoding_max_len) for _ in attention_block_types])
+        self.attention_blocks = nn.ModuleList(
+            [TemporalSelfAttention(dim, num_heads, head_dim, position_encoding_max_len) for _ in attention_block_types]
+        )
         self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in attention_block_types])
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
@@ -64,15 +66,27 @@ class TemporalTransformerBlock(nn.Module):
 
 
 class TemporalTransformer3DModel(nn.Module):
-    def __init__(self, channels: int, num_heads: int, head_dim: int, num_layers: int, attention_block_types,
-                 position_encoding_max_len: int | None):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int,
+        attention_block_types,
+        position_encoding_max_len: int | None,
+    ):
         super().__init__()
         inner_dim = num_heads * head_dim
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)  # 32 groups hard-coded upstream
         self.proj_in = nn.Linear(channels, inner_dim)
-        self.transformer_blocks = nn.ModuleList([
-            TemporalTransformerBlock(inner_dim, num_heads, head_dim, attention_block_types, position_encoding_max_len)
-            for _ in range(num_layers)])
+        self.transformer_blocks = nn.ModuleList(
+            [
+                TemporalTransformerBlock(
+                    inner_dim, num_heads, head_dim, attention_block_types, position_encoding_max_len
+                )
+                for _ in range(num_layers)
+            ]
+        )
         self.proj_out = nn.Linear(inner_dim, channels)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -89,17 +103,29 @@ class TemporalTransformer3DModel(nn.Module):
 class VanillaTemporalModule(nn.Module):
     """Upstream's motion module; its constructor arguments are the config's `motion_module_kwargs` (same defaults)."""
 
-    def __init__(self, in_channels: int, num_attention_heads: int = 8, num_transformer_block: int = 2,
-                 attention_block_types=("Temporal_Self", "Temporal_Self"), cross_frame_attention_mode=None,
-                 temporal_position_encoding: bool = False, temporal_position_encoding_max_len: int = 24,
-                 temporal_attention_dim_div: int = 1, zero_initialize: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_attention_heads: int = 8,
+        num_transformer_block: int = 2,
+        attention_block_types=("Temporal_Self", "Temporal_Self"),
+        cross_frame_attention_mode=None,
+        temporal_position_encoding: bool = False,
+        temporal_position_encoding_max_len: int = 24,
+        temporal_attention_dim_div: int = 1,
+        zero_initialize: bool = True,
+    ):
         super().__init__()
         if cross_frame_attention_mode is not None:
             raise NotImplementedError("motion module cross_frame_attention_mode is not supported")
         self.temporal_transformer = TemporalTransformer3DModel(
-            in_channels, num_attention_heads, in_channels // num_attention_heads // temporal_attention_dim_div,
-            num_transformer_block, attention_block_types,
-            temporal_position_encoding_max_len if temporal_position_encoding else None)
+            in_channels,
+            num_attention_heads,
+            in_channels // num_attention_heads // temporal_attention_dim_div,
+            num_transformer_block,
+            attention_block_types,
+            temporal_position_encoding_max_len if temporal_position_encoding else None,
+        )
         if zero_initialize:  # a fresh module starts as the identity
             nn.init.zeros_(self.temporal_transformer.proj_out.weight)
             nn.init.zeros_(self.temporal_transformer.proj_out.bias)

@@ -5,6 +5,7 @@ Every module here works on a FRAME BATCH: the (b, c, f, h, w) clip tensor stored
 and back around every conv; keeping the whole UNet in it removes those copies. Only the norms that upstream
 applies to the 5-D tensor need the clip boundaries, so they take `num_frames`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,9 +39,17 @@ class ClipGroupNorm(nn.GroupNorm):
 class ResnetBlock3D(nn.Module):
     """Pre-norm ResNet block with timestep injection; convs per frame, GroupNorms across the clip's frames."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int = 32,
-                 eps: float = 1e-6, act_fn: str = "silu", output_scale_factor: float = 1.0,
-                 per_frame_norm: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int = 32,
+        eps: float = 1e-6,
+        act_fn: str = "silu",
+        output_scale_factor: float = 1.0,
+        per_frame_norm: bool = False,
+    ):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = ClipGroupNorm(groups, in_channels, eps, per_frame_norm)

@@ -8,6 +8,7 @@ Internally every activation is a frame batch (b*f, c, h, w) (see resnet.py); for
 upstream (b, c, f, h, w) layout. forward() has no data-dependent control flow, so it traces/exports to ONNX,
 and it runs in float16 as well as float32.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,14 @@ from .unet_blocks import (
 )
 
 # Fields upstream's constructor accepts that no LatentSync config changes: accepted at these values only.
-_FIXED_FIELDS = {"only_cross_attention": False, "dual_cross_attention": False, "use_linear_projection": False,
-                 "upcast_attention": False, "class_embed_type": None, "num_class_embeds": None}
+_FIXED_FIELDS = {
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+}
 
 
 class UNet3DConditionModel(nn.Module):
@@ -69,13 +76,15 @@ class UNet3DConditionModel(nn.Module):
         super().__init__()
         # the full config, defaults filled in (like diffusers' `model.config`)
         self.config = copy.deepcopy(
-            {k: v for k, v in locals().items() if k not in ("self", "__class__", "fixed_fields")} | fixed_fields)
+            {k: v for k, v in locals().items() if k not in ("self", "__class__", "fixed_fields")} | fixed_fields
+        )
         for name, value in fixed_fields.items():
             if name not in _FIXED_FIELDS:
                 raise TypeError(f"unknown UNet config field {name!r}")
             if value != _FIXED_FIELDS[name]:
-                raise NotImplementedError(f"UNet config {name}={value!r} is not supported "
-                                          f"(only {_FIXED_FIELDS[name]!r})")
+                raise NotImplementedError(
+                    f"UNet config {name}={value!r} is not supported (only {_FIXED_FIELDS[name]!r})"
+                )
         if resnet_time_scale_shift != "default":
             raise NotImplementedError(f"resnet_time_scale_shift={resnet_time_scale_shift!r} is not supported")
         if mid_block_type not in MID_BLOCK_TYPES:
@@ -88,19 +97,29 @@ class UNet3DConditionModel(nn.Module):
         n_blocks = len(block_out_channels)
         heads = [attention_head_dim] * n_blocks if isinstance(attention_head_dim, int) else list(attention_head_dim)
         time_embed_dim = block_out_channels[0] * 4
-        make_resnet = partial(ResnetBlock3D, temb_channels=time_embed_dim, groups=norm_num_groups, eps=norm_eps,
-                              act_fn=act_fn, per_frame_norm=use_inflated_groupnorm)
+        make_resnet = partial(
+            ResnetBlock3D,
+            temb_channels=time_embed_dim,
+            groups=norm_num_groups,
+            eps=norm_eps,
+            act_fn=act_fn,
+            per_frame_norm=use_inflated_groupnorm,
+        )
         audio_dim = cross_attention_dim if add_audio_layer else None
 
         def make_attention(num_heads: int):
-            return partial(Transformer3DModel, num_heads=num_heads, cross_attention_dim=audio_dim,
-                           norm_num_groups=norm_num_groups)
+            return partial(
+                Transformer3DModel, num_heads=num_heads, cross_attention_dim=audio_dim, norm_num_groups=norm_num_groups
+            )
 
         def make_motion(enabled: bool):
             if not (use_motion_module and enabled):
                 return None
-            return partial(get_motion_module, motion_module_type=motion_module_type,
-                           motion_module_kwargs=dict(motion_module_kwargs or {}))
+            return partial(
+                get_motion_module,
+                motion_module_type=motion_module_type,
+                motion_module_kwargs=dict(motion_module_kwargs or {}),
+            )
 
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
@@ -108,26 +127,42 @@ class UNet3DConditionModel(nn.Module):
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(down_block_types):
-            self.down_blocks.append(DownBlock3D(
-                block_out_channels[max(i - 1, 0)], block_out_channels[i], layers_per_block, make_resnet,
-                make_attention(heads[i]) if DOWN_BLOCK_TYPES[block_type] else None,
-                make_motion(2**i in motion_module_resolutions and not motion_module_decoder_only),
-                add_downsample=i < n_blocks - 1, downsample_padding=downsample_padding))
+            self.down_blocks.append(
+                DownBlock3D(
+                    block_out_channels[max(i - 1, 0)],
+                    block_out_channels[i],
+                    layers_per_block,
+                    make_resnet,
+                    make_attention(heads[i]) if DOWN_BLOCK_TYPES[block_type] else None,
+                    make_motion(2**i in motion_module_resolutions and not motion_module_decoder_only),
+                    add_downsample=i < n_blocks - 1,
+                    downsample_padding=downsample_padding,
+                )
+            )
 
         # upstream registers up_blocks before mid_block: state_dict order follows
         self.up_blocks = nn.ModuleList()
         rev_channels, rev_heads = block_out_channels[::-1], heads[::-1]
         for i, block_type in enumerate(up_block_types):
-            self.up_blocks.append(UpBlock3D(
-                rev_channels[min(i + 1, n_blocks - 1)], rev_channels[max(i - 1, 0)], rev_channels[i],
-                layers_per_block + 1, make_resnet,
-                make_attention(rev_heads[i]) if UP_BLOCK_TYPES[block_type] else None,
-                make_motion(2 ** (3 - i) in motion_module_resolutions),  # upstream hard-codes 3 (four levels)
-                add_upsample=i < n_blocks - 1))
+            self.up_blocks.append(
+                UpBlock3D(
+                    rev_channels[min(i + 1, n_blocks - 1)],
+                    rev_channels[max(i - 1, 0)],
+                    rev_channels[i],
+                    layers_per_block + 1,
+                    make_resnet,
+                    make_attention(rev_heads[i]) if UP_BLOCK_TYPES[block_type] else None,
+                    make_motion(2 ** (3 - i) in motion_module_resolutions),  # upstream hard-codes 3 (four levels)
+                    add_upsample=i < n_blocks - 1,
+                )
+            )
 
         self.mid_block = UNetMidBlock3DCrossAttn(
-            block_out_channels[-1], partial(make_resnet, output_scale_factor=mid_block_scale_factor),
-            make_attention(heads[-1]), make_motion(motion_module_mid_block))
+            block_out_channels[-1],
+            partial(make_resnet, output_scale_factor=mid_block_scale_factor),
+            make_attention(heads[-1]),
+            make_motion(motion_module_mid_block),
+        )
 
         self.conv_norm_out = ClipGroupNorm(norm_num_groups, block_out_channels[0], norm_eps, use_inflated_groupnorm)
         self.conv_act = nn.SiLU()
@@ -170,8 +205,9 @@ class UNet3DConditionModel(nn.Module):
         x = self.conv_in(sample.transpose(1, 2).reshape(b * f, -1, h, w))
         return x, temb, audio, (b, f, h, w)
 
-    def encode(self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor,
-               num_frames: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(
+        self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor, num_frames: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Down blocks and mid block on conv_in's output x. Returns (the mid block's output, the skip connections
         [x, then every down block's]) for decode()."""
         skips = [x]
@@ -180,8 +216,15 @@ class UNet3DConditionModel(nn.Module):
             skips += block_skips
         return self.mid_block(x, temb, audio, num_frames), skips
 
-    def decode(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, audio: torch.Tensor,
-               num_frames: int, stop_before_last_layer: bool = False) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        audio: torch.Tensor,
+        num_frames: int,
+        stop_before_last_layer: bool = False,
+    ) -> torch.Tensor:
         """Up blocks, each taking its skip connections from the end of `skips`. With stop_before_last_layer,
         returns the hidden state entering the final up block's last layer (which last_layer() runs on it and
         skips[0]); the final up block has no upsampler, so nothing else is left out."""
@@ -198,8 +241,9 @@ class UNet3DConditionModel(nn.Module):
             x = block(x, block_skips, temb, audio, num_frames, size)
         return x
 
-    def last_layer(self, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor,
-                   num_frames: int) -> torch.Tensor:
+    def last_layer(
+        self, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
         """The final up block's last layer on x and its skip connection (conv_in's output)."""
         block = self.up_blocks[-1]
         return block.layer(len(block.resnets) - 1, x, skip, temb, audio, num_frames)
@@ -210,8 +254,9 @@ class UNet3DConditionModel(nn.Module):
         x = self.conv_out(self.conv_act(self.conv_norm_out(x, f)))
         return x.view(b, f, -1, h, w).transpose(1, 2).contiguous()
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         """sample (b, c_in, f, h, w); timestep: 0-d/(1,)/(b,) tensor or a number; encoder_hidden_states: audio
         tokens (b*f, 50, 384) ordered batch-major, or (b, f, 50, 384). Returns the noise prediction
         (b, c_out, f, h, w) in sample's dtype."""

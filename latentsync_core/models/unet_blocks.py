@@ -7,6 +7,7 @@ state_dict() lists keys exactly as the official checkpoints do. A block without 
 holds an EMPTY `attentions` / `motion_modules` list (no state_dict keys): code written for upstream's blocks,
 such as the DeepCache library's `getattr(block, "attentions", [])`, iterates it as it iterates upstream's.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -30,18 +31,28 @@ def _attend(block: nn.Module, i: int, x: torch.Tensor, context: torch.Tensor, nu
 
 
 class DownBlock3D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, make_resnet: Factory,
-                 make_attention: Factory | None = None, make_motion: Factory | None = None,
-                 add_downsample: bool = True, downsample_padding: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        make_resnet: Factory,
+        make_attention: Factory | None = None,
+        make_motion: Factory | None = None,
+        add_downsample: bool = True,
+        downsample_padding: int = 1,
+    ):
         super().__init__()
         self.attentions = nn.ModuleList(
-            [make_attention(out_channels) for _ in range(num_layers)] if make_attention else [])
+            [make_attention(out_channels) for _ in range(num_layers)] if make_attention else []
+        )
         self.resnets = nn.ModuleList(
-            [make_resnet(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)])
+            [make_resnet(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)]
+        )
         self.motion_modules = nn.ModuleList(
-            [make_motion(out_channels) for _ in range(num_layers)] if make_motion else [])
-        self.downsamplers = nn.ModuleList(
-            [Downsample3D(out_channels, downsample_padding)]) if add_downsample else None
+            [make_motion(out_channels) for _ in range(num_layers)] if make_motion else []
+        )
+        self.downsamplers = nn.ModuleList([Downsample3D(out_channels, downsample_padding)]) if add_downsample else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, num_frames: int):
         """Returns the output and the skip connections (one per layer, plus the downsampled output)."""
@@ -58,8 +69,14 @@ class DownBlock3D(nn.Module):
 class UNetMidBlock3DCrossAttn(nn.Module):
     """ResNet, then per layer: transformer -> [motion module] -> ResNet."""
 
-    def __init__(self, channels: int, make_resnet: Factory, make_attention: Factory,
-                 make_motion: Factory | None = None, num_layers: int = 1):
+    def __init__(
+        self,
+        channels: int,
+        make_resnet: Factory,
+        make_attention: Factory,
+        make_motion: Factory | None = None,
+        num_layers: int = 1,
+    ):
         super().__init__()
         self.attentions = nn.ModuleList([make_attention(channels) for _ in range(num_layers)])
         self.resnets = nn.ModuleList([make_resnet(channels, channels) for _ in range(num_layers + 1)])
@@ -78,27 +95,51 @@ class UNetMidBlock3DCrossAttn(nn.Module):
 class UpBlock3D(nn.Module):
     """Each layer first concatenates the latest skip connection (channel axis), then runs as a down-block layer."""
 
-    def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, num_layers: int,
-                 make_resnet: Factory, make_attention: Factory | None = None, make_motion: Factory | None = None,
-                 add_upsample: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        num_layers: int,
+        make_resnet: Factory,
+        make_attention: Factory | None = None,
+        make_motion: Factory | None = None,
+        add_upsample: bool = True,
+    ):
         super().__init__()
         self.attentions = nn.ModuleList(
-            [make_attention(out_channels) for _ in range(num_layers)] if make_attention else [])
-        self.resnets = nn.ModuleList([
-            make_resnet((prev_output_channels if i == 0 else out_channels)
-                        + (in_channels if i == num_layers - 1 else out_channels), out_channels)
-            for i in range(num_layers)])
+            [make_attention(out_channels) for _ in range(num_layers)] if make_attention else []
+        )
+        self.resnets = nn.ModuleList(
+            [
+                make_resnet(
+                    (prev_output_channels if i == 0 else out_channels)
+                    + (in_channels if i == num_layers - 1 else out_channels),
+                    out_channels,
+                )
+                for i in range(num_layers)
+            ]
+        )
         self.motion_modules = nn.ModuleList(
-            [make_motion(out_channels) for _ in range(num_layers)] if make_motion else [])
+            [make_motion(out_channels) for _ in range(num_layers)] if make_motion else []
+        )
         self.upsamplers = nn.ModuleList([Upsample3D(out_channels)]) if add_upsample else None
 
-    def layer(self, i: int, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-              num_frames: int) -> torch.Tensor:
+    def layer(
+        self, i: int, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
         """Layer i alone: ResNet on [x | skip] -> [transformer] -> [motion module]."""
         return _attend(self, i, self.resnets[i](torch.cat([x, skip], dim=1), temb, num_frames), context, num_frames)
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
-                num_frames: int, upsample_size=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        num_frames: int,
+        upsample_size=None,
+    ) -> torch.Tensor:
         """`skips` are consumed from the end: layer i takes skips[-1 - i]."""
         for i in range(len(self.resnets)):
             x = self.layer(i, x, skips[-1 - i], temb, context, num_frames)

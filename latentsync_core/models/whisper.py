@@ -5,6 +5,7 @@ Module and parameter names follow OpenAI's whisper/model.py, so an official chec
 Whisper model strictly, so the text decoder's parameters are described here too (to check the checkpoint against),
 but never built or run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,8 +99,9 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv1(mel))  # exact-erf GELU, as upstream
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         if x.shape[1:] != self.positional_embedding.shape:
-            raise ValueError(f"expected mel (batch, {self.conv1.in_channels}, {self.n_mel_frames}), "
-                             f"got {tuple(mel.shape)}")
+            raise ValueError(
+                f"expected mel (batch, {self.conv1.in_channels}, {self.n_mel_frames}), got {tuple(mel.shape)}"
+            )
         x = x + self.positional_embedding.to(x.dtype)
         states = [x]
         for block in self.blocks:
@@ -115,8 +117,9 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state)
         self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
-        self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head, cross_attention=True)
-                                    for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
+        )
         self.ln = nn.LayerNorm(n_state)
         # OpenAI's causal `mask` buffer is non-persistent (absent from checkpoints), so it is left out.
 
@@ -126,8 +129,9 @@ class Whisper(nn.Module):
         super().__init__()
         self.dims = dims
         self.encoder = make_encoder(dims)
-        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
-                                   dims.n_text_layer)
+        self.decoder = TextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
+        )
 
 
 def make_encoder(dims: Mapping | WhisperDims) -> AudioEncoder:

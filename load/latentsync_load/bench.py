@@ -22,6 +22,7 @@ Timings are wall clock; on a shared machine run it when it is quiet (results: RE
 With --stand-ins the run is the serving path's own ceiling instead (ceiling.py): the networks replaced by
 near-zero-cost stand-ins, real frames at their size, raw gRPC streams, and the server's CPU and memory per stream.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,37 +48,47 @@ from . import ceiling
 from .ceiling import CeilingOptions
 from .server_probe import MemoryWatch, ServerProbe, metric_delta, read_metrics
 
-PER_FRAME_STAGES = ("decode", "detect", "align", "audio", "vae_encode", "unet", "vae_decode", "paste_back",
-                    "other", "encode")
+PER_FRAME_STAGES = (
+    "decode",
+    "detect",
+    "align",
+    "audio",
+    "vae_encode",
+    "unet",
+    "vae_decode",
+    "paste_back",
+    "other",
+    "encode",
+)
 
 
 @dataclass
 class BenchOptions:
     video: Path
-    audio: Path | None = None            # default: the video's own audio track
-    repo: Path | None = None             # a repository built by latentsync-export (cpu target)
-    tiny: bool = False                   # build a --tiny repository in a temporary folder
-    export_args: Sequence[str] = ()      # extra latentsync-export flags for --tiny
-    url: str | None = None               # an already running server (no server memory then, unless server_pid)
+    audio: Path | None = None  # default: the video's own audio track
+    repo: Path | None = None  # a repository built by latentsync-export (cpu target)
+    tiny: bool = False  # build a --tiny repository in a temporary folder
+    export_args: Sequence[str] = ()  # extra latentsync-export flags for --tiny
+    url: str | None = None  # an already running server (no server memory then, unless server_pid)
     server_pid: int | None = None
-    metrics_url: str | None = None       # with url: its Prometheus endpoint (the denoiser's batching)
-    size: int = 256                      # frames are resized so that their longer side is this (0: as decoded)
-    seconds: float = 2.5                 # audio length used (sets the frame count)
+    metrics_url: str | None = None  # with url: its Prometheus endpoint (the denoiser's batching)
+    size: int = 256  # frames are resized so that their longer side is this (0: as decoded)
+    seconds: float = 2.5  # audio length used (sets the frame count)
     steps: int = 20
     guidance: float = 1.5
     seed: int = 1247
-    variant: str | None = None           # default: the repository's first variant
+    variant: str | None = None  # default: the repository's first variant
     streams: Sequence[int] = (1, 2, 4, 8)
     repeats: int = 2
-    reference: bool = True               # run the in-process pipeline (a)
-    timeout: float = 600.0               # server start-up
+    reference: bool = True  # run the in-process pipeline (a)
+    timeout: float = 600.0  # server start-up
 
 
 # ---------------------------------------------------------------------------------------------------- media
 @dataclass
 class Media:
-    frames: np.ndarray                   # (n, H, W, 3) uint8, exactly the stream's frame count
-    audio: np.ndarray                    # 16 kHz mono float32
+    frames: np.ndarray  # (n, H, W, 3) uint8, exactly the stream's frame count
+    audio: np.ndarray  # 16 kHz mono float32
     audio_path: Path
     decode_s_per_frame: float
 
@@ -142,8 +153,9 @@ class StreamRun:
     synced: list = field(default_factory=list, repr=False)
 
 
-def run_stream(url: str, media: Media, params, keep: bool = False, start_at: threading.Barrier | None = None
-               ) -> StreamRun:
+def run_stream(
+    url: str, media: Media, params, keep: bool = False, start_at: threading.Barrier | None = None
+) -> StreamRun:
     from latentsync_client import ClientError, LipsyncClient
 
     run = StreamRun()
@@ -180,12 +192,19 @@ class ServerStats:
         out = {}
         for m in stats.get("model_stats", []):
             inf = m.get("inference_stats", {})
-            ns = {k: int(inf.get(k, {}).get("ns", 0)) for k in ("queue", "compute_input", "compute_infer",
-                                                                  "compute_output")}
-            batches = {int(b["batch_size"]): int(b.get("compute_infer", {}).get("count", 0))
-                       for b in m.get("batch_stats", [])}
-            out[m["name"]] = {"inferences": int(m.get("inference_count", 0)),
-                              "executions": int(m.get("execution_count", 0)), "ns": ns, "batches": batches}
+            ns = {
+                k: int(inf.get(k, {}).get("ns", 0))
+                for k in ("queue", "compute_input", "compute_infer", "compute_output")
+            }
+            batches = {
+                int(b["batch_size"]): int(b.get("compute_infer", {}).get("count", 0)) for b in m.get("batch_stats", [])
+            }
+            out[m["name"]] = {
+                "inferences": int(m.get("inference_count", 0)),
+                "executions": int(m.get("execution_count", 0)),
+                "ns": ns,
+                "batches": batches,
+            }
         return out
 
     def snapshot(self) -> dict[str, dict]:
@@ -197,8 +216,9 @@ class ServerStats:
                 "inferences": cur["inferences"] - old["inferences"],
                 "executions": cur["executions"] - old["executions"],
                 "ns": {k: v - old["ns"].get(k, 0) for k, v in cur["ns"].items()},
-                "batches": {b: c - old["batches"].get(b, 0) for b, c in cur["batches"].items()
-                            if c - old["batches"].get(b, 0)},
+                "batches": {
+                    b: c - old["batches"].get(b, 0) for b, c in cur["batches"].items() if c - old["batches"].get(b, 0)
+                },
             }
         self.last = now
         return delta
@@ -221,8 +241,9 @@ def run_concurrent(url: str, media: Media, params, n: int, metrics_url: str | No
     steps = window_steps = forwards = 0.0
     if before is not None:
         after = read_metrics(metrics_url)
-        steps, window_steps, forwards = (metric_delta(before, after, f"denoiser_{k}")
-                                         for k in ("steps", "window_steps", "unet_forwards"))
+        steps, window_steps, forwards = (
+            metric_delta(before, after, f"denoiser_{k}") for k in ("steps", "window_steps", "unet_forwards")
+        )
     ok = [r for r in runs if r.error is None]
     return {
         "streams": n,
@@ -247,10 +268,14 @@ def server_stage_costs(delta: dict[str, dict], frames: int) -> dict[str, dict]:
         if not d["inferences"]:
             continue
         ns = d["ns"]
-        out[name] = {"executions": d["executions"], "mean_batch": d["inferences"] / max(d["executions"], 1),
-                     "queue_ms_per_frame": ns.get("queue", 0) / 1e6 / frames,
-                     "compute_ms_per_frame": sum(ns.get(k, 0) for k in ("compute_input", "compute_infer",
-                                                                        "compute_output")) / 1e6 / frames}
+        out[name] = {
+            "executions": d["executions"],
+            "mean_batch": d["inferences"] / max(d["executions"], 1),
+            "queue_ms_per_frame": ns.get("queue", 0) / 1e6 / frames,
+            "compute_ms_per_frame": sum(ns.get(k, 0) for k in ("compute_input", "compute_infer", "compute_output"))
+            / 1e6
+            / frames,
+        }
     return out
 
 
@@ -259,8 +284,13 @@ class TimedBackend:
     """A ModelBackend that times every model call of the wrapped one (seconds per stage)."""
 
     # the audio encoder is timed with the rest of LipSyncStream.set_audio (log-mel, encoder, chunks)
-    STAGES = {"detect": "detect", "vae_posterior": "vae_encode", "denoise": "unet", "vae_decode": "vae_decode",
-              "paste_back": "paste_back"}
+    STAGES = {
+        "detect": "detect",
+        "vae_posterior": "vae_encode",
+        "denoise": "unet",
+        "vae_decode": "vae_decode",
+        "paste_back": "paste_back",
+    }
 
     def __init__(self, backend):
         self.backend = backend
@@ -275,6 +305,7 @@ class TimedBackend:
             finally:
                 self.seconds[stage] += time.perf_counter() - start
                 self.calls[stage] += 1
+
         return call
 
     def __getattr__(self, name):
@@ -302,13 +333,13 @@ def _reference_worker(conn, repo: str, variant: str, media_file: str, params: di
             with torch.inference_mode():
                 timed.timed("audio", stream.set_audio)(audio)
                 for i in range(0, len(frames), 16):
-                    stream.process(frames[i:i + 16])
+                    stream.process(frames[i : i + 16])
             wall = time.perf_counter() - start
             seconds = dict(timed.seconds)
-            seconds["other"] = wall - sum(seconds.values())     # masks, sampler, compositing
+            seconds["other"] = wall - sum(seconds.values())  # masks, sampler, compositing
             return {"wall_s": wall, "stage_seconds": seconds, "unet_calls": timed.calls["unet"]}
 
-        one_pass(frames[:16], audio[: 16 * 640])                 # warm-up: first calls allocate and initialise
+        one_pass(frames[:16], audio[: 16 * 640])  # warm-up: first calls allocate and initialise
         conn.send({"ready": True, "torch_threads": torch.get_num_threads()})
         while conn.recv() == "run":
             conn.send(one_pass(frames, audio))
@@ -331,13 +362,17 @@ class ReferenceWorker:
 
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_reference_worker, args=(child, str(repo), variant, media_file, params),
-                                name="latentsync-bench-reference", daemon=True)
+        self.proc = ctx.Process(
+            target=_reference_worker,
+            args=(child, str(repo), variant, media_file, params),
+            name="latentsync-bench-reference",
+            daemon=True,
+        )
         # The same malloc settings as the server's processes, so the allocator is not part of the difference.
         saved = dict(os.environ)
         os.environ.update(allocator_env(dict(os.environ)))
         try:
-            self.proc.start()                  # the spawned interpreter reads its environment at exec
+            self.proc.start()  # the spawned interpreter reads its environment at exec
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -381,9 +416,20 @@ def _repository(opts: BenchOptions):
         # stream with overlap) advanced by each denoising step, every stream's 16 frames in one per-frame model
         # request (a smaller frame batch splits the streams into groups). --export-arg flags override.
         streams = max(opts.streams, default=1)
-        cmd = [sys.executable, "-m", "latentsync_export.export", "--tiny", "--target", "cpu", "--out", str(repo),
-               f"--max-streams={max(8, streams)}", f"--max-windows={max(8, 2 * streams)}",
-               f"--frame-max-batch={max(32, 16 * streams)}", *opts.export_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "latentsync_export.export",
+            "--tiny",
+            "--target",
+            "cpu",
+            "--out",
+            str(repo),
+            f"--max-streams={max(8, streams)}",
+            f"--max-windows={max(8, 2 * streams)}",
+            f"--frame-max-batch={max(32, 16 * streams)}",
+            *opts.export_args,
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         yield repo
 
@@ -410,26 +456,35 @@ def run(opts: BenchOptions) -> dict:
 
     media = load_media(opts.video, opts.audio, opts.size, opts.seconds)
     n_frames = len(media.frames)
-    report: dict = {"machine": machine(), "options": {k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in asdict(opts).items()},
-                    "frames_per_stream": n_frames, "frame_size": list(media.frames.shape[1:3])}
+    report: dict = {
+        "machine": machine(),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "frames_per_stream": n_frames,
+        "frame_size": list(media.frames.shape[1:3]),
+    }
     with contextlib.ExitStack() as stack:
         repo = stack.enter_context(_repository(opts))
         manifest = read_manifest(repo)
         variant = opts.variant or manifest["variants"][0]
         params = StreamParams(steps=opts.steps, guidance=opts.guidance, seed=opts.seed, variant=variant)
-        report.update(variant=variant, random_weights=manifest.get("random_weights"),
-                      repository=str(repo) if opts.repo else "(temporary --tiny)")
+        report.update(
+            variant=variant,
+            random_weights=manifest.get("random_weights"),
+            repository=str(repo) if opts.repo else "(temporary --tiny)",
+        )
         url, server_pid, metrics_url = stack.enter_context(_server(opts, repo))
         server_memory = stack.enter_context(MemoryWatch(ServerProbe(server_pid))) if server_pid else None
-        reference = ReferenceWorker(repo, variant, media, dict(steps=opts.steps, guidance=opts.guidance,
-                                                               seed=opts.seed)) if opts.reference else None
+        reference = (
+            ReferenceWorker(repo, variant, media, dict(steps=opts.steps, guidance=opts.guidance, seed=opts.seed))
+            if opts.reference
+            else None
+        )
         if reference is not None:
-            stack.callback(reference.kill)                     # after close(): nothing left to do
-        key = os.environ.get("LATENTSYNC_ADMIN_KEY")          # a --url server's statistics need its key
+            stack.callback(reference.kill)  # after close(): nothing left to do
+        key = os.environ.get("LATENTSYNC_ADMIN_KEY")  # a --url server's statistics need its key
         stats = ServerStats(url, {GRPC_ADMIN_HEADER: key} if key else None)
         stack.callback(stats.close)
-        warm = run_stream(url, media, params, keep=True)        # loads lazily initialised state everywhere
+        warm = run_stream(url, media, params, keep=True)  # loads lazily initialised state everywhere
         if warm.error:
             raise RuntimeError(f"warm-up stream failed: {warm.error}")
         report["faces_found"] = f"{warm.faces}/{warm.frames}"
@@ -445,23 +500,32 @@ def run(opts: BenchOptions) -> dict:
                 references.append(reference.run())
         server_costs = server_stage_costs(stats.snapshot(), n_frames * len(singles))
         best = min(singles, key=lambda r: r.wall_s)
-        report["triton"] = {"wall_s": best.wall_s, "first_frame_s": best.first_frame_s,
-                            "fps": n_frames / best.wall_s, "runs_s": [r.wall_s for r in singles],
-                            "server_per_model": server_costs}
+        report["triton"] = {
+            "wall_s": best.wall_s,
+            "first_frame_s": best.first_frame_s,
+            "fps": n_frames / best.wall_s,
+            "runs_s": [r.wall_s for r in singles],
+            "server_per_model": server_costs,
+        }
         stages = {}
         if reference is not None:
             ref = min(references, key=lambda r: r["wall_s"])
-            report["reference"] = {"wall_s": ref["wall_s"], "fps": n_frames / ref["wall_s"],
-                                   "runs_s": [r["wall_s"] for r in references],
-                                   "torch_threads": reference.torch_threads}
+            report["reference"] = {
+                "wall_s": ref["wall_s"],
+                "fps": n_frames / ref["wall_s"],
+                "runs_s": [r["wall_s"] for r in references],
+                "torch_threads": reference.torch_threads,
+            }
             report["overhead"] = best.wall_s / ref["wall_s"] - 1.0
             stages = ref["stage_seconds"]
 
         # (b) concurrent streams
         report["concurrency"] = [run_concurrent(url, media, params, n, metrics_url) for n in opts.streams]
-        report["memory"] = {"server_peak_bytes": server_memory.peak.total if server_memory else None,
-                            "client_peak_bytes": _rss_bytes(os.getpid(), "VmHWM"),
-                            "reference_peak_bytes": reference.close() if reference is not None else None}
+        report["memory"] = {
+            "server_peak_bytes": server_memory.peak.total if server_memory else None,
+            "client_peak_bytes": _rss_bytes(os.getpid(), "VmHWM"),
+            "reference_peak_bytes": reference.close() if reference is not None else None,
+        }
 
     # (c) per-stage cost per frame
     per_frame = {k: v / n_frames * 1e3 for k, v in stages.items()}
@@ -477,9 +541,16 @@ def machine() -> dict:
     """Where the numbers come from (without importing torch here: the client's memory is measured)."""
     from importlib.metadata import version
 
-    info = {"host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch": version("torch"),
-            "tritonclient": version("tritonclient"), "gpu": _gpu_name()}
+    info = {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": version("torch"),
+        "tritonclient": version("tritonclient"),
+        "gpu": _gpu_name(),
+    }
     try:
         info["load_average"] = os.getloadavg()
     except OSError:
@@ -489,8 +560,9 @@ def machine() -> dict:
 
 def _gpu_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -513,58 +585,93 @@ def _mib(x) -> str:
 
 def markdown(r: dict) -> str:
     o, m = r["options"], r["machine"]
-    lines = [f"### latentsync-bench: {m['cpu']} x{m['cpu_count']}{', ' + m['gpu'] if m.get('gpu') else ''}",
-             "",
-             f"Variant {r['variant']}{' (RANDOM tiny weights)' if r.get('random_weights') else ''}, "
-             f"{r['frames_per_stream']} frames of {r['frame_size'][1]}x{r['frame_size'][0]} per stream, "
-             f"{o['steps']} steps, guidance {o['guidance']}; faces found {r.get('faces_found')}; "
-             f"load average at start {tuple(round(x, 1) for x in m.get('load_average', ()))}.", ""]
+    lines = [
+        f"### latentsync-bench: {m['cpu']} x{m['cpu_count']}{', ' + m['gpu'] if m.get('gpu') else ''}",
+        "",
+        f"Variant {r['variant']}{' (RANDOM tiny weights)' if r.get('random_weights') else ''}, "
+        f"{r['frames_per_stream']} frames of {r['frame_size'][1]}x{r['frame_size'][0]} per stream, "
+        f"{o['steps']} steps, guidance {o['guidance']}; faces found {r.get('faces_found')}; "
+        f"load average at start {tuple(round(x, 1) for x in m.get('load_average', ()))}.",
+        "",
+    ]
     t = r["triton"]
     if "reference" in r:
         ref = r["reference"]
-        lines += ["| path | wall s (best) | fps | first frame s |", "|---|---|---|---|",
-                  f"| in-process pipeline | {ref['wall_s']:.2f} | {ref['fps']:.2f} | - |",
-                  f"| Triton, 1 stream | {t['wall_s']:.2f} | {t['fps']:.2f} | {t['first_frame_s']:.2f} |", "",
-                  f"**Serving overhead: {100 * r['overhead']:+.1f}%** (Triton / in-process - 1).", ""]
-    lines += ["| streams | aggregate fps | per-stream fps (mean / min) | first frame s (mean / max) | "
-              "UNet windows per denoising step | errors |",
-              "|---|---|---|---|---|---|"]
+        lines += [
+            "| path | wall s (best) | fps | first frame s |",
+            "|---|---|---|---|",
+            f"| in-process pipeline | {ref['wall_s']:.2f} | {ref['fps']:.2f} | - |",
+            f"| Triton, 1 stream | {t['wall_s']:.2f} | {t['fps']:.2f} | {t['first_frame_s']:.2f} |",
+            "",
+            f"**Serving overhead: {100 * r['overhead']:+.1f}%** (Triton / in-process - 1).",
+            "",
+        ]
+    lines += [
+        "| streams | aggregate fps | per-stream fps (mean / min) | first frame s (mean / max) | "
+        "UNet windows per denoising step | errors |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in r["concurrency"]:
         ff = "-" if c["first_frame_s"] is None else f"{c['first_frame_s']:.2f} / {c['max_first_frame_s']:.2f}"
         per_step = "-" if c["windows_per_unet_step"] is None else f"{c['windows_per_unet_step']:.2f}"
-        lines.append(f"| {c['streams']} | {c['aggregate_fps']:.2f} | {c['per_stream_fps']:.2f} / "
-                     f"{c['min_stream_fps']:.2f} | {ff} | {per_step} | {len(c['errors'])} |")
+        lines.append(
+            f"| {c['streams']} | {c['aggregate_fps']:.2f} | {c['per_stream_fps']:.2f} / "
+            f"{c['min_stream_fps']:.2f} | {ff} | {per_step} | {len(c['errors'])} |"
+        )
     st = r["stage_ms_per_frame"]
     lines += ["", "| stage | ms per frame |", "|---|---|"]
     for k in (*PER_FRAME_STAGES[:5], "unet", "unet_step", *PER_FRAME_STAGES[6:]):
         if k in st:
             lines.append(f"| {k.replace('_', ' ')}{' (one step)' if k == 'unet_step' else ''} | {st[k]:.2f} |")
-    lines += ["", "| Triton model (1 stream) | executions | mean batch | queue ms/frame | compute ms/frame |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Triton model (1 stream) | executions | mean batch | queue ms/frame | compute ms/frame |",
+        "|---|---|---|---|---|",
+    ]
     for name, s in t["server_per_model"].items():
-        lines.append(f"| {name} | {s['executions']} | {s['mean_batch']:.2f} | {s['queue_ms_per_frame']:.2f} | "
-                     f"{s['compute_ms_per_frame']:.2f} |")
+        lines.append(
+            f"| {name} | {s['executions']} | {s['mean_batch']:.2f} | {s['queue_ms_per_frame']:.2f} | "
+            f"{s['compute_ms_per_frame']:.2f} |"
+        )
     mem = r["memory"]
-    lines += ["", f"Peak memory: server {_mib(mem.get('server_peak_bytes'))} (tritonserver + stubs: anonymous + /dev/shm), "
-                  f"client {_mib(mem.get('client_peak_bytes'))}, in-process pipeline "
-                  f"{_mib(mem.get('reference_peak_bytes'))}."]
+    lines += [
+        "",
+        f"Peak memory: server {_mib(mem.get('server_peak_bytes'))} (tritonserver + stubs: anonymous + /dev/shm), "
+        f"client {_mib(mem.get('client_peak_bytes'))}, in-process pipeline "
+        f"{_mib(mem.get('reference_peak_bytes'))}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | CeilingOptions, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="latentsync-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="latentsync-bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--repo", type=Path, help="repository built by latentsync-export --target cpu (with "
-                     "--stand-ins: one built with --stand-ins; default: built for the run)")
+    src.add_argument(
+        "--repo",
+        type=Path,
+        help="repository built by latentsync-export --target cpu (with "
+        "--stand-ins: one built with --stand-ins; default: built for the run)",
+    )
     src.add_argument("--tiny", action="store_true", help="build a random tiny repository for the run")
-    p.add_argument("--export-arg", action="append", default=[], metavar="FLAG",
-                   help="extra latentsync-export flag for --tiny (repeat; e.g. --export-arg=--unet-max-batch=8)")
+    p.add_argument(
+        "--export-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra latentsync-export flag for --tiny (repeat; e.g. --export-arg=--unet-max-batch=8)",
+    )
     p.add_argument("--video", type=Path, required=True, help="a video with a face (real clip)")
     p.add_argument("--audio", type=Path, help="voice track (default: the video's audio)")
-    p.add_argument("--url", help="benchmark a running server (grpc host:port) instead of starting one; its "
-                   "statistics need env LATENTSYNC_ADMIN_KEY or latentsync-serve --open-api statistics")
+    p.add_argument(
+        "--url",
+        help="benchmark a running server (grpc host:port) instead of starting one; its "
+        "statistics need env LATENTSYNC_ADMIN_KEY or latentsync-serve --open-api statistics",
+    )
     p.add_argument("--server-pid", type=int, help="with --url: the server's process group, for its memory")
     p.add_argument("--metrics-url", help="with --url: its Prometheus endpoint, e.g. http://HOST:8002/metrics")
     p.add_argument("--size", type=int, default=256, help="resize frames to this longer side (0: keep)")
@@ -579,8 +686,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | Ceilin
     p.add_argument("--json", action="store_true", help="print the report as JSON (machines)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     stand = p.add_argument_group("the serving path's ceiling (--stand-ins; frames at the clip's size)")
-    stand.add_argument("--stand-ins", action="store_true", help="the networks replaced by near-zero-cost "
-                       "stand-ins: the serving path's own throughput, CPU and memory per stream (ceiling.py)")
+    stand.add_argument(
+        "--stand-ins",
+        action="store_true",
+        help="the networks replaced by near-zero-cost "
+        "stand-ins: the serving path's own throughput, CPU and memory per stream (ceiling.py)",
+    )
     stand.add_argument("--frames", type=int, default=64, help="frames per stream")
     stand.add_argument("--per-request", type=int, default=16, help="frames per request")
     stand.add_argument("--ahead", type=int, default=32, help="frames a stream keeps unanswered (0: all at once)")
@@ -589,18 +700,42 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | Ceilin
     if a.stand_ins:
         if a.tiny or a.url:
             p.error("--stand-ins starts its own server on a --stand-ins repository (--repo, or built for the run)")
-        return CeilingOptions(video=a.video, audio=a.audio, repo=a.repo, streams=ints(a.streams, "1,8,16"),
-                              steps=ints(a.steps, "20,1"), frames=a.frames, per_request=a.per_request,
-                              ahead=a.ahead, guidance=a.guidance, seed=a.seed), a
+        return CeilingOptions(
+            video=a.video,
+            audio=a.audio,
+            repo=a.repo,
+            streams=ints(a.streams, "1,8,16"),
+            steps=ints(a.steps, "20,1"),
+            frames=a.frames,
+            per_request=a.per_request,
+            ahead=a.ahead,
+            guidance=a.guidance,
+            seed=a.seed,
+        ), a
     if not (a.repo or a.tiny):
         p.error("one of --repo, --tiny or --stand-ins is required")
     steps = ints(a.steps, "20")
     if len(steps) != 1:
         p.error("--steps takes one value without --stand-ins")
-    opts = BenchOptions(video=a.video, audio=a.audio, repo=a.repo, tiny=a.tiny, export_args=a.export_arg,
-                        url=a.url, server_pid=a.server_pid, metrics_url=a.metrics_url, size=a.size,
-                        seconds=a.seconds, steps=steps[0], guidance=a.guidance, seed=a.seed, variant=a.variant,
-                        streams=ints(a.streams, "1,2,4,8"), repeats=a.repeats, reference=not a.no_reference)
+    opts = BenchOptions(
+        video=a.video,
+        audio=a.audio,
+        repo=a.repo,
+        tiny=a.tiny,
+        export_args=a.export_arg,
+        url=a.url,
+        server_pid=a.server_pid,
+        metrics_url=a.metrics_url,
+        size=a.size,
+        seconds=a.seconds,
+        steps=steps[0],
+        guidance=a.guidance,
+        seed=a.seed,
+        variant=a.variant,
+        streams=ints(a.streams, "1,2,4,8"),
+        repeats=a.repeats,
+        reference=not a.no_reference,
+    )
     return opts, a
 
 

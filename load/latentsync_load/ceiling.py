@@ -18,6 +18,7 @@ A stream keeps at most `ahead` frames sent and not yet answered (the two windows
 latentsync-client does; `--ahead 0` sends everything at once, as a raw client may (then the server holds what
 the client sent ahead: it reads a gRPC stream as fast as it arrives).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,31 +41,31 @@ import numpy as np
 
 from .server_probe import MemorySample, MemoryWatch, ServerProbe, metric_delta, read_metrics
 
-SAMPLES_PER_FRAME = 640      # 16 kHz / 25 fps: num_frames_for_audio((n - 2) * 640) == n
+SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps: num_frames_for_audio((n - 2) * 640) == n
 
 
 @dataclass
 class CeilingOptions:
     video: Path
-    audio: Path | None = None                 # default: the video's own audio track
-    repo: Path | None = None                  # a repository built with --stand-ins; default: built for the run
+    audio: Path | None = None  # default: the video's own audio track
+    repo: Path | None = None  # a repository built with --stand-ins; default: built for the run
     streams: Sequence[int] = (1, 8, 16)
     steps: Sequence[int] = (20, 1)
-    frames: int = 64                          # per stream
-    per_request: int = 16                     # frames per request
-    ahead: int = 32                           # frames a stream keeps unanswered; 0: all at once
+    frames: int = 64  # per stream
+    per_request: int = 16  # frames per request
+    ahead: int = 32  # frames a stream keeps unanswered; 0: all at once
     guidance: float = 1.5
     seed: int = 1247
-    warmup_side: int = 960                    # longer side of the warm-up stream's frames (a face must be found)
-    settle_s: float = 5.0                     # after the streams ended, before memory is read again
-    period_s: float = 0.5                     # memory sampling period
-    timeout: float = 900.0                    # server start-up; a stream's silence
+    warmup_side: int = 960  # longer side of the warm-up stream's frames (a face must be found)
+    settle_s: float = 5.0  # after the streams ended, before memory is read again
+    period_s: float = 0.5  # memory sampling period
+    timeout: float = 900.0  # server start-up; a stream's silence
 
 
 @dataclass
 class Clip:
-    frames: np.ndarray                        # (n, H, W, 3) uint8, shared by every stream
-    audio: np.ndarray                         # 16 kHz float32 covering exactly n frames
+    frames: np.ndarray  # (n, H, W, 3) uint8, shared by every stream
+    audio: np.ndarray  # 16 kHz float32 covering exactly n frames
 
 
 def load_clip(video: Path, audio: Path | None, n: int) -> Clip:
@@ -76,7 +77,7 @@ def load_clip(video: Path, audio: Path | None, n: int) -> Clip:
     frames = np.stack([decoded[ping_pong_index(j, len(decoded))] for j in range(n)])
     samples = np.concatenate(list(audio_chunks(audio or video)))
     need = (n - 2) * SAMPLES_PER_FRAME
-    samples = np.resize(samples, max(need, 1))[:need].astype(np.float32)   # a short track repeats
+    samples = np.resize(samples, max(need, 1))[:need].astype(np.float32)  # a short track repeats
     assert num_frames_for_audio(len(samples)) == n
     return Clip(frames, samples)
 
@@ -88,20 +89,27 @@ def smaller(clip: Clip, side: int, n: int = 16) -> Clip:
     scale = side / max(h, w)
     size = (max(2, round(w * scale) // 2 * 2), max(2, round(h * scale) // 2 * 2))
     frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in clip.frames[:n]])
-    return Clip(frames, clip.audio[:(n - 2) * SAMPLES_PER_FRAME])
+    return Clip(frames, clip.audio[: (n - 2) * SAMPLES_PER_FRAME])
 
 
 # ---------------------------------------------------------------------------------------------------- streams
 @dataclass
 class StreamRun:
-    frames: int = 0                           # frames that came back
-    first_s: float | None = None              # first response with frames
+    frames: int = 0  # frames that came back
+    first_s: float | None = None  # first response with frames
     wall_s: float = 0.0
     error: str | None = None
 
 
-def raw_stream(url: str, clip: Clip, params: dict, per_request: int = 16, ahead: int = 32,
-               timeout: float = 900.0, start: threading.Barrier | None = None) -> StreamRun:
+def raw_stream(
+    url: str,
+    clip: Clip,
+    params: dict,
+    per_request: int = 16,
+    ahead: int = 32,
+    timeout: float = 900.0,
+    start: threading.Barrier | None = None,
+) -> StreamRun:
     """One stream as docs/PROTOCOL.md says, over tritonclient's gRPC stream: the audio, then the frames
     `per_request` at a time with at most `ahead` unanswered (0: no limit). Frames that come back are counted
     from the response's shapes, not decoded."""
@@ -109,12 +117,13 @@ def raw_stream(url: str, clip: Clip, params: dict, per_request: int = 16, ahead:
 
     from latentsync_contract import AUDIO, FRAMES, MODEL_NAME, WINDOW
 
-    if ahead and ahead < WINDOW + per_request:          # the server answers whole windows only
+    if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
         raise ValueError(f"ahead must be 0 or >= {WINDOW + per_request}")
     h, w = clip.frames.shape[1:3]
     requests = [(np.zeros((0, h, w, 3), np.uint8), clip.audio)]
-    requests += [(clip.frames[i:i + per_request], np.zeros(0, np.float32))
-                 for i in range(0, len(clip.frames), per_request)]
+    requests += [
+        (clip.frames[i : i + per_request], np.zeros(0, np.float32)) for i in range(0, len(clip.frames), per_request)
+    ]
     run, replies, counts = StreamRun(), queue.SimpleQueue(), {"finals": 0}
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: replies.put((result, error)))
@@ -138,13 +147,22 @@ def raw_stream(url: str, clip: Clip, params: dict, per_request: int = 16, ahead:
         for i, (frames, audio) in enumerate(requests):
             while ahead and sent - run.frames + len(frames) > ahead:
                 take()
-            inputs = [grpcclient.InferInput(FRAMES, list(frames.shape), "UINT8"),
-                      grpcclient.InferInput(AUDIO, list(audio.shape), "FP32")]
+            inputs = [
+                grpcclient.InferInput(FRAMES, list(frames.shape), "UINT8"),
+                grpcclient.InferInput(AUDIO, list(audio.shape), "FP32"),
+            ]
             inputs[0].set_data_from_numpy(np.ascontiguousarray(frames))
             inputs[1].set_data_from_numpy(audio)
-            client.async_stream_infer(MODEL_NAME, inputs, request_id=str(i), sequence_id=sequence_id,
-                                      sequence_start=i == 0, sequence_end=i == len(requests) - 1,
-                                      enable_empty_final_response=True, parameters=params if i == 0 else None)
+            client.async_stream_infer(
+                MODEL_NAME,
+                inputs,
+                request_id=str(i),
+                sequence_id=sequence_id,
+                sequence_start=i == 0,
+                sequence_end=i == len(requests) - 1,
+                enable_empty_final_response=True,
+                parameters=params if i == 0 else None,
+            )
             sent += len(frames)
         while counts["finals"] < len(requests):
             take()
@@ -159,12 +177,18 @@ def raw_stream(url: str, clip: Clip, params: dict, per_request: int = 16, ahead:
 
 # ---------------------------------------------------------------------------------------------------- one level
 def _memory(sample: MemorySample) -> dict:
-    return {"bytes": sample.total, "anon_bytes": sample.anon, "shm_bytes": sample.shm, "pss_bytes": sample.pss,
-            "anon_by_process": sample.by_process}
+    return {
+        "bytes": sample.total,
+        "anon_bytes": sample.anon,
+        "shm_bytes": sample.shm,
+        "pss_bytes": sample.pss,
+        "anon_by_process": sample.by_process,
+    }
 
 
-def run_level(server, probe: ServerProbe, clip: Clip, n: int, steps: int, opts: CeilingOptions,
-              idle: MemorySample) -> dict:
+def run_level(
+    server, probe: ServerProbe, clip: Clip, n: int, steps: int, opts: CeilingOptions, idle: MemorySample
+) -> dict:
     """n streams of `clip` started together; throughput, CPU, BLS traffic and memory of the server meanwhile."""
     params = {"steps": steps, "guidance": opts.guidance, "seed": opts.seed}
     metrics0, cpu0, client0 = read_metrics(server.metrics_url), probe.cpu(), os.times()
@@ -172,8 +196,14 @@ def run_level(server, probe: ServerProbe, clip: Clip, n: int, steps: int, opts: 
     with MemoryWatch(probe, opts.period_s) as watch:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
-            runs = list(pool.map(lambda _: raw_stream(server.grpc_url, clip, params, opts.per_request, opts.ahead,
-                                                      opts.timeout, start), range(n)))
+            runs = list(
+                pool.map(
+                    lambda _: raw_stream(
+                        server.grpc_url, clip, params, opts.per_request, opts.ahead, opts.timeout, start
+                    ),
+                    range(n),
+                )
+            )
         wall = time.perf_counter() - t0
     metrics1, cpu1, client1 = read_metrics(server.metrics_url), probe.cpu(), os.times()
     time.sleep(opts.settle_s)
@@ -184,25 +214,38 @@ def run_level(server, probe: ServerProbe, clip: Clip, n: int, steps: int, opts: 
     window_steps, unet_steps, windows = (delta(f"denoiser_{k}") for k in ("window_steps", "steps", "windows"))
     cpu = {name: cpu1[name] - cpu0.get(name, 0.0) for name in cpu1}
     per_frame = lambda seconds: seconds * 1e3 / max(frames, 1)  # noqa: E731
-    callees = sorted({dict(labels)["callee"] for (name, labels) in metrics1
-                      if name == "lipsync_bls_requests" and "callee" in dict(labels)})
+    callees = sorted(
+        {
+            dict(labels)["callee"]
+            for (name, labels) in metrics1
+            if name == "lipsync_bls_requests" and "callee" in dict(labels)
+        }
+    )
     bls = {}
     for callee in callees:
         calls = delta("lipsync_bls_requests", callee=callee)
         bytes_in = delta("lipsync_bls_input_bytes", callee=callee)
         bytes_out = delta("lipsync_bls_output_bytes", callee=callee)
         if calls:
-            bls[callee] = {"requests_per_window": calls / max(windows, 1),
-                           "input_bytes_per_window": bytes_in / max(windows, 1),
-                           "output_bytes_per_window": bytes_out / max(windows, 1),
-                           "requests_per_window_step": calls / max(window_steps, 1),
-                           "bytes_per_window_step": (bytes_in + bytes_out) / max(window_steps, 1)}
+            bls[callee] = {
+                "requests_per_window": calls / max(windows, 1),
+                "input_bytes_per_window": bytes_in / max(windows, 1),
+                "output_bytes_per_window": bytes_out / max(windows, 1),
+                "requests_per_window_step": calls / max(window_steps, 1),
+                "bytes_per_window_step": (bytes_in + bytes_out) / max(window_steps, 1),
+            }
     ok = [r for r in runs if r.error is None]
     return {
-        "streams": n, "steps": steps, "frames": frames, "wall_s": wall,
+        "streams": n,
+        "steps": steps,
+        "frames": frames,
+        "wall_s": wall,
         "errors": [r.error for r in runs if r.error is not None],
-        "frames_per_s": frames / wall, "window_steps_per_s": window_steps / wall,
-        "windows": windows, "window_steps": window_steps, "unet_steps": unet_steps,
+        "frames_per_s": frames / wall,
+        "window_steps_per_s": window_steps / wall,
+        "windows": windows,
+        "window_steps": window_steps,
+        "unet_steps": unet_steps,
         "windows_per_unet_step": window_steps / unet_steps if unet_steps else None,
         "first_response_s": statistics.mean(r.first_s for r in ok if r.first_s) if ok else None,
         "max_first_response_s": max((r.first_s or 0.0 for r in ok), default=None),
@@ -210,13 +253,18 @@ def run_level(server, probe: ServerProbe, clip: Clip, n: int, steps: int, opts: 
         "cpu_ms_per_frame": {name: per_frame(s) for name, s in sorted(cpu.items())},
         "lipsync_ms_per_frame": per_frame(cpu.get("lipsync", 0.0)),
         "lipsync_ms_per_window_step": cpu.get("lipsync", 0.0) * 1e3 / window_steps if window_steps else None,
-        "client_cpu_ms_per_frame": per_frame(client1.user + client1.system - client0.user - client0.system
-                                             - watch.cpu_s),
+        "client_cpu_ms_per_frame": per_frame(
+            client1.user + client1.system - client0.user - client0.system - watch.cpu_s
+        ),
         "memory_sampling_cpu_ms_per_s": watch.cpu_s * 1e3 / wall,
         "bls": bls,
-        "memory": {"peak": _memory(watch.peak), "peak_shm_bytes": watch.peak_shm, "after": _memory(after),
-                   "per_stream_peak_bytes": (watch.peak.total - idle.total) / n,
-                   "after_minus_idle_bytes": after.total - idle.total},
+        "memory": {
+            "peak": _memory(watch.peak),
+            "peak_shm_bytes": watch.peak_shm,
+            "after": _memory(after),
+            "per_stream_peak_bytes": (watch.peak.total - idle.total) / n,
+            "after_minus_idle_bytes": after.total - idle.total,
+        },
     }
 
 
@@ -230,8 +278,21 @@ def _repository(opts: CeilingOptions):
         repo = Path(tmp) / "repo"
         # Every stream admitted at once, and every window in flight (two per stream) advanced by each step.
         most = max(opts.streams)
-        cmd = [sys.executable, "-m", "latentsync_export.export", "--tiny", "--stand-ins", "--variants", "1.5",
-               "--target", "cpu", "--out", str(repo), f"--max-streams={most}", f"--max-windows={2 * most}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "latentsync_export.export",
+            "--tiny",
+            "--stand-ins",
+            "--variants",
+            "1.5",
+            "--target",
+            "cpu",
+            "--out",
+            str(repo),
+            f"--max-streams={most}",
+            f"--max-windows={2 * most}",
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         yield repo
 
@@ -255,9 +316,12 @@ def run(opts: CeilingOptions) -> dict:
     from .bench import machine
 
     clip = load_clip(opts.video, opts.audio, opts.frames)
-    report: dict = {"machine": machine(), "options": {k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in asdict(opts).items()},
-                    "frame_size": list(clip.frames.shape[1:3]), "frames_per_stream": len(clip.frames)}
+    report: dict = {
+        "machine": machine(),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "frame_size": list(clip.frames.shape[1:3]),
+        "frames_per_stream": len(clip.frames),
+    }
     with _repository(opts) as repo, _server(repo, opts.timeout) as server:
         if not read_manifest(repo).get("stand_ins"):
             raise ValueError(f"{repo} serves the networks: build it with latentsync-export --stand-ins")
@@ -270,8 +334,9 @@ def run(opts: CeilingOptions) -> dict:
         time.sleep(opts.settle_s)
         idle = probe.memory(exact=True)
         report["memory_idle"] = {"after_load": _memory(cold), "after_warm_up": _memory(idle)}
-        report["levels"] = [run_level(server, probe, clip, n, steps, opts, idle)
-                            for steps in opts.steps for n in opts.streams]
+        report["levels"] = [
+            run_level(server, probe, clip, n, steps, opts, idle) for steps in opts.steps for n in opts.streams
+        ]
     return report
 
 
@@ -284,46 +349,75 @@ def markdown(r: dict) -> str:
     m, o = r["machine"], r["options"]
     h, w = r["frame_size"]
     idle = r["memory_idle"]
-    lines = [f"### latentsync-bench --stand-ins: {m['cpu']} x{m['cpu_count']}", "",
-             f"Stand-in UNet, VAE and audio encoder; {r['frames_per_stream']} frames of {w}x{h} per stream, "
-             f"{o['per_request']} per request, at most {o['ahead'] or 'all'} unanswered; guidance {o['guidance']}; "
-             f"load average at start {tuple(round(x, 1) for x in m.get('load_average', ()))}.", "",
-             "| streams | steps | frames/s | window-steps/s | windows per UNet step | first response s (mean / max) "
-             "| server CPU ms/frame | lipsync ms/frame | lipsync ms/window-step | client CPU ms/frame | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### latentsync-bench --stand-ins: {m['cpu']} x{m['cpu_count']}",
+        "",
+        f"Stand-in UNet, VAE and audio encoder; {r['frames_per_stream']} frames of {w}x{h} per stream, "
+        f"{o['per_request']} per request, at most {o['ahead'] or 'all'} unanswered; guidance {o['guidance']}; "
+        f"load average at start {tuple(round(x, 1) for x in m.get('load_average', ()))}.",
+        "",
+        "| streams | steps | frames/s | window-steps/s | windows per UNet step | first response s (mean / max) "
+        "| server CPU ms/frame | lipsync ms/frame | lipsync ms/window-step | client CPU ms/frame | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for lv in r["levels"]:
-        first = "-" if lv["first_response_s"] is None else \
-            f"{lv['first_response_s']:.1f} / {lv['max_first_response_s']:.1f}"
+        first = (
+            "-"
+            if lv["first_response_s"] is None
+            else f"{lv['first_response_s']:.1f} / {lv['max_first_response_s']:.1f}"
+        )
         per_step = lv["lipsync_ms_per_window_step"]
-        lines.append(f"| {lv['streams']} | {lv['steps']} | {lv['frames_per_s']:.2f} | {lv['window_steps_per_s']:.1f} "
-                     f"| {lv['windows_per_unet_step'] or 0:.2f} | {first} | {lv['server_cpu_ms_per_frame']:.1f} "
-                     f"| {lv['lipsync_ms_per_frame']:.1f} | {'-' if per_step is None else f'{per_step:.2f}'} "
-                     f"| {lv['client_cpu_ms_per_frame']:.1f} | {len(lv['errors'])} |")
+        lines.append(
+            f"| {lv['streams']} | {lv['steps']} | {lv['frames_per_s']:.2f} | {lv['window_steps_per_s']:.1f} "
+            f"| {lv['windows_per_unet_step'] or 0:.2f} | {first} | {lv['server_cpu_ms_per_frame']:.1f} "
+            f"| {lv['lipsync_ms_per_frame']:.1f} | {'-' if per_step is None else f'{per_step:.2f}'} "
+            f"| {lv['client_cpu_ms_per_frame']:.1f} | {len(lv['errors'])} |"
+        )
     names = sorted({k for lv in r["levels"] for k in lv["cpu_ms_per_frame"]})
-    lines += ["", "Server CPU ms per frame, by process:", "",
-              "| streams | steps | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Server CPU ms per frame, by process:",
+        "",
+        "| streams | steps | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for lv in r["levels"]:
-        lines.append(f"| {lv['streams']} | {lv['steps']} | "
-                     + " | ".join(f"{lv['cpu_ms_per_frame'].get(k, 0.0):.1f}" for k in names) + " |")
-    lines += ["", "BLS traffic per window (16 frames), by callee (the last level):", "",
-              "| callee | requests/window | MB in/window | MB out/window | requests/window-step | "
-              "MB/window-step |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {lv['streams']} | {lv['steps']} | "
+            + " | ".join(f"{lv['cpu_ms_per_frame'].get(k, 0.0):.1f}" for k in names)
+            + " |"
+        )
+    lines += [
+        "",
+        "BLS traffic per window (16 frames), by callee (the last level):",
+        "",
+        "| callee | requests/window | MB in/window | MB out/window | requests/window-step | MB/window-step |",
+        "|---|---|---|---|---|---|",
+    ]
     for callee, b in r["levels"][-1]["bls"].items():
-        lines.append(f"| {callee} | {b['requests_per_window']:.2f} | {_mb(b['input_bytes_per_window'])} | "
-                     f"{_mb(b['output_bytes_per_window'])} | {b['requests_per_window_step']:.3f} | "
-                     f"{_mb(b['bytes_per_window_step'])} |")
+        lines.append(
+            f"| {callee} | {b['requests_per_window']:.2f} | {_mb(b['input_bytes_per_window'])} | "
+            f"{_mb(b['output_bytes_per_window'])} | {b['requests_per_window_step']:.3f} | "
+            f"{_mb(b['bytes_per_window_step'])} |"
+        )
     cold, warm = idle["after_load"], idle["after_warm_up"]
-    lines += ["", "Server memory, MB: anonymous memory of tritonserver and every stub + the /dev/shm of its regions "
-                  "(= summed PSS less file-backed pages; sampled every "
-                  f"{o['period_s']} s). Idle after load {_mb(cold['bytes'])} (shm {_mb(cold['shm_bytes'])}; summed "
-                  f"PSS {_mb(cold['pss_bytes'])}), after the warm-up stream {_mb(warm['bytes'])} (shm "
-                  f"{_mb(warm['shm_bytes'])}; PSS {_mb(warm['pss_bytes'])}); per level against the latter:", "",
-              "| streams | steps | peak | peak shm | per stream at peak | after | after - idle | shm after | "
-              "PSS after |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Server memory, MB: anonymous memory of tritonserver and every stub + the /dev/shm of its regions "
+        "(= summed PSS less file-backed pages; sampled every "
+        f"{o['period_s']} s). Idle after load {_mb(cold['bytes'])} (shm {_mb(cold['shm_bytes'])}; summed "
+        f"PSS {_mb(cold['pss_bytes'])}), after the warm-up stream {_mb(warm['bytes'])} (shm "
+        f"{_mb(warm['shm_bytes'])}; PSS {_mb(warm['pss_bytes'])}); per level against the latter:",
+        "",
+        "| streams | steps | peak | peak shm | per stream at peak | after | after - idle | shm after | PSS after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for lv in r["levels"]:
         mem = lv["memory"]
-        lines.append(f"| {lv['streams']} | {lv['steps']} | {_mb(mem['peak']['bytes'])} | "
-                     f"{_mb(mem['peak_shm_bytes'])} | {_mb(mem['per_stream_peak_bytes'])} | "
-                     f"{_mb(mem['after']['bytes'])} | {_mb(mem['after_minus_idle_bytes'])} | "
-                     f"{_mb(mem['after']['shm_bytes'])} | {_mb(mem['after']['pss_bytes'])} |")
+        lines.append(
+            f"| {lv['streams']} | {lv['steps']} | {_mb(mem['peak']['bytes'])} | "
+            f"{_mb(mem['peak_shm_bytes'])} | {_mb(mem['per_stream_peak_bytes'])} | "
+            f"{_mb(mem['after']['bytes'])} | {_mb(mem['after_minus_idle_bytes'])} | "
+            f"{_mb(mem['after']['shm_bytes'])} | {_mb(mem['after']['pss_bytes'])} |"
+        )
     return "\n".join(lines) + "\n"

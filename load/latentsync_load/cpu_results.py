@@ -11,6 +11,7 @@ The bench starts its own server; locust and perf_analyzer share one started here
 lands in --out (bench.md/.json, locust_*.csv + locust.json, perf_analyzer/summary.md/.json) with
 machine.json (CPU, load average, versions); RESULTS.md quotes them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,30 +54,102 @@ def main(argv=None) -> int:
     skip = set(filter(None, a.skip.split(",")))
     a.out.mkdir(parents=True, exist_ok=True)
 
-
     (a.out / "machine.json").write_text(json.dumps(machine(), indent=1) + "\n")
     with tempfile.TemporaryDirectory(prefix="latentsync-results-") as tmp:
         repo = Path(tmp) / "repo"
         # The serving setup of the figures: every window of 8 streams (two each with overlap) advanced by each
         # denoising step, 8 streams' frames per per-frame model call.
-        run([BIN / "latentsync-export", "--tiny", "--target", "cpu", "--out", repo, "--max-windows=16",
-             "--frame-max-batch=128"], a.out / "export.log")
+        run(
+            [
+                BIN / "latentsync-export",
+                "--tiny",
+                "--target",
+                "cpu",
+                "--out",
+                repo,
+                "--max-windows=16",
+                "--frame-max-batch=128",
+            ],
+            a.out / "export.log",
+        )
         if "bench" not in skip:
-            run([BIN / "latentsync-bench", "--repo", repo, "--video", clip, "--size", "256", "--seconds", "0.64",
-                 "--steps", "20", "--guidance", "1.5", "--streams", "1,2,4,8", "--repeats", "3",
-                 "--out", a.out / "bench.json"], a.out / "bench.md")
+            run(
+                [
+                    BIN / "latentsync-bench",
+                    "--repo",
+                    repo,
+                    "--video",
+                    clip,
+                    "--size",
+                    "256",
+                    "--seconds",
+                    "0.64",
+                    "--steps",
+                    "20",
+                    "--guidance",
+                    "1.5",
+                    "--streams",
+                    "1,2,4,8",
+                    "--repeats",
+                    "3",
+                    "--out",
+                    a.out / "bench.json",
+                ],
+                a.out / "bench.md",
+            )
         if {"locust", "perf_analyzer"} <= skip:
             return 0
         with TritonServer(repo, log_path=a.out / "tritonserver.log") as server:
             if "locust" not in skip:
-                run([BIN / "locust", "-f", LOCUSTFILE, "--headless", "-u", "4", "-r", "4",
-                     "--host", server.grpc_url, "--clip", clip, "--clip-seconds", "1.28", "--size", "256",
-                     "--steps", "10", "--streams-per-user", "1", "--max-run-seconds", "900",
-                     "--csv", a.out / "locust", "--summary-json", a.out / "locust.json", "--only-summary"],
-                    a.out / "locust.log")
+                run(
+                    [
+                        BIN / "locust",
+                        "-f",
+                        LOCUSTFILE,
+                        "--headless",
+                        "-u",
+                        "4",
+                        "-r",
+                        "4",
+                        "--host",
+                        server.grpc_url,
+                        "--clip",
+                        clip,
+                        "--clip-seconds",
+                        "1.28",
+                        "--size",
+                        "256",
+                        "--steps",
+                        "10",
+                        "--streams-per-user",
+                        "1",
+                        "--max-run-seconds",
+                        "900",
+                        "--csv",
+                        a.out / "locust",
+                        "--summary-json",
+                        a.out / "locust.json",
+                        "--only-summary",
+                    ],
+                    a.out / "locust.log",
+                )
             if "perf_analyzer" not in skip:
-                run([sys.executable, "-m", "latentsync_load.run_perf_analyzer", "--repo", repo, "--clip", clip,
-                     "--out", a.out / "perf_analyzer", "--url", server.grpc_url], a.out / "perf_analyzer.log")
+                run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "latentsync_load.run_perf_analyzer",
+                        "--repo",
+                        repo,
+                        "--clip",
+                        clip,
+                        "--out",
+                        a.out / "perf_analyzer",
+                        "--url",
+                        server.grpc_url,
+                    ],
+                    a.out / "perf_analyzer.log",
+                )
     return 0
 
 

@@ -10,6 +10,7 @@ given; the speech is synthesized with espeak-ng. The result goes through the sam
 latentsync-export -> latentsync-serve -> latentsync-client. Beside the video, a picture of what each stage did
 to one frame (latentsync-inspect) shows where the mouth patch went and why: OUT with the extension .png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def sample_portrait() -> Path:
     """The insightface wheel's sample photo, found without importing insightface (its deps are not needed)."""
     spec = importlib.util.find_spec("insightface")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("demo: no portrait: `pip install --no-deps insightface` (its sample photos are used) "
-                         "or pass --image PHOTO")
+        raise SystemExit(
+            "demo: no portrait: `pip install --no-deps insightface` (its sample photos are used) or pass --image PHOTO"
+        )
     path = Path(spec.submodule_search_locations[0]).joinpath(*SAMPLE_IMAGE)
     if not path.is_file():
         raise SystemExit(f"demo: {path} is missing from the installed insightface; pass --image PHOTO")
@@ -60,14 +62,25 @@ def synthesize_speech(text: str, out: Path, voice: str = "en-us") -> Path:
 
 def banner(lines: Sequence[str]) -> None:
     width = max(map(len, lines)) + 4
-    print("\n" + "#" * width + "\n" + "\n".join(f"# {line.ljust(width - 4)} #" for line in lines)
-          + "\n" + "#" * width + "\n", flush=True)
+    print(
+        "\n"
+        + "#" * width
+        + "\n"
+        + "\n".join(f"# {line.ljust(width - 4)} #" for line in lines)
+        + "\n"
+        + "#" * width
+        + "\n",
+        flush=True,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="latentsync-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", default=os.environ.get("WEIGHTS") or None,
-                   help="LatentSync weights folder (default: env WEIGHTS; none = tiny random weights)")
+    p.add_argument(
+        "--weights",
+        default=os.environ.get("WEIGHTS") or None,
+        help="LatentSync weights folder (default: env WEIGHTS; none = tiny random weights)",
+    )
     p.add_argument("--variant", choices=("1.5", "1.6"), default="1.5", help="variant of --weights")
     p.add_argument("--image", type=Path, help="portrait photo or video (default: insightface's t1.jpg)")
     p.add_argument("--audio", type=Path, help="speech file (default: espeak-ng reading --text)")
@@ -80,9 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     random_weights = a.weights is None
     steps = a.steps or (3 if random_weights else 20)
     if random_weights:
-        banner(["RANDOM WEIGHTS: tiny seeded test weights (latentsync-export --tiny).",
+        banner(
+            [
+                "RANDOM WEIGHTS: tiny seeded test weights (latentsync-export --tiny).",
                 "The pipeline runs for real, but the lips will NOT follow the speech.",
-                "Run `make demo WEIGHTS=DIR` with the official checkpoints for a real result."])
+                "Run `make demo WEIGHTS=DIR` with the official checkpoints for a real result.",
+            ]
+        )
     a.work.mkdir(parents=True, exist_ok=True)
     image = a.image or frontal_portrait(sample_portrait(), a.work / "portrait.png")
     audio = a.audio or synthesize_speech(a.text, a.work / "speech.wav")
@@ -90,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     repo = a.work / "repository"
     print(f"[1/3] building the model repository {repo} ...", flush=True)
     weights = {} if random_weights else {a.variant: Path(a.weights)}
-    manifest = build_repository(ExportOptions(out=repo, tiny=random_weights, weights=weights, force=True,
-                                              variants=(a.variant,)))
+    manifest = build_repository(
+        ExportOptions(out=repo, tiny=random_weights, weights=weights, force=True, variants=(a.variant,))
+    )
     if manifest["random_weights"] and not random_weights:
         banner([f"{a.weights} holds RANDOM test weights (TINY_RANDOM_WEIGHTS marker): output is not lip-synced."])
 
@@ -100,15 +118,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}", flush=True)
         print(f"[3/3] lip-syncing {image} to {audio} ({steps} steps, variant {a.variant}) ...", flush=True)
         started = time.monotonic()
-        code = client_main([str(image), str(audio), "-o", str(a.out), "--url", server.grpc_url,
-                            "--steps", str(steps), "--variant", a.variant])
+        code = client_main(
+            [
+                str(image),
+                str(audio),
+                "-o",
+                str(a.out),
+                "--url",
+                server.grpc_url,
+                "--steps",
+                str(steps),
+                "--variant",
+                a.variant,
+            ]
+        )
     if code != 0:
         return code
-    print(f"wrote {a.out} in {time.monotonic() - started:.0f} s"
-          + ("  (RANDOM weights: not lip-synced)" if manifest["random_weights"] else ""))
+    print(
+        f"wrote {a.out} in {time.monotonic() - started:.0f} s"
+        + ("  (RANDOM weights: not lip-synced)" if manifest["random_weights"] else "")
+    )
     picture = a.out.with_suffix(".png")
-    inspect_main([str(repo), str(image), str(audio), "-o", str(picture), "--frame", "0", "--steps", str(steps),
-                  "--variant", a.variant])
+    inspect_main(
+        [
+            str(repo),
+            str(image),
+            str(audio),
+            "-o",
+            str(picture),
+            "--frame",
+            "0",
+            "--steps",
+            str(steps),
+            "--variant",
+            a.variant,
+        ]
+    )
     return 0
 
 
@@ -116,9 +161,11 @@ def frontal_portrait(photo: Path, out: Path) -> Path:
     """The photo cut around its largest frontal face (PNG, lossless), so the server's largest-face rule picks it."""
     image = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
     cut = frontal_crop(image, create_detector("mediapipe"))
-    print(f"      portrait: {photo.name}, face {cut.chosen} of {len(cut.yaw)} (yaw {cut.yaw[cut.chosen]:+.0f} deg; "
-          f"the largest face's is {cut.yaw[np.argmax(np.prod(cut.boxes[:, 2:] - cut.boxes[:, :2], 1))]:+.0f})",
-          flush=True)
+    print(
+        f"      portrait: {photo.name}, face {cut.chosen} of {len(cut.yaw)} (yaw {cut.yaw[cut.chosen]:+.0f} deg; "
+        f"the largest face's is {cut.yaw[np.argmax(np.prod(cut.boxes[:, 2:] - cut.boxes[:, :2], 1))]:+.0f})",
+        flush=True,
+    )
     return save_picture(out, cut.image)
 
 

@@ -16,6 +16,7 @@ OUT/gpu_bench.json after every measurement (a killed run leaves what it had):
 With --bundle the script first unpacks the bundle (latentsync_load.gpu_bundle) and re-executes itself in the
 bundle's environment, where the Triton stub finds the same packages.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,32 +34,32 @@ from latentsync_load.gpu_bundle import BundleEnv, prepare
 
 # The measuring modules import torch and latentsync_core (diffusers): only after --bundle made them importable.
 ENV_VAR = "LATENTSYNC_GPU_BUNDLE_ENV"
-PARTS = ("unet", "precision", "served", "compile")   # (a) eager, (c), (b), (a) compiled
+PARTS = ("unet", "precision", "served", "compile")  # (a) eager, (c), (b), (a) compiled
 
 
 @dataclass
 class Settings:
     variants: list[str] = field(default_factory=lambda: ["1.5", "1.6"])
     batches: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
-    steps: int = 20                    # the recipe: the fps arithmetic of (a)
-    run_steps: int = 20                # steps the pipeline and the served streams run
-    window_frames: int = 16            # (c)'s window
+    steps: int = 20  # the recipe: the fps arithmetic of (a)
+    run_steps: int = 20  # steps the pipeline and the served streams run
+    window_frames: int = 16  # (c)'s window
     warmup: int = 2
     iters: int = 5
-    max_iter_s: float = 10.0           # stop timing a config after this many seconds (fewer iterations)
-    graphs_below_ms: float = 100.0     # CUDA graphs only where launch overhead can matter
+    max_iter_s: float = 10.0  # stop timing a config after this many seconds (fewer iterations)
+    graphs_below_ms: float = 100.0  # CUDA graphs only where launch overhead can matter
     channels_last: bool = True
     compile_batches: list[int] = field(default_factory=lambda: [16])
     compile_mode: str = "reduce-overhead"
     precision_variants: list[str] = field(default_factory=lambda: ["1.5", "1.6"])
     served_variants: list[str] = field(default_factory=lambda: ["1.5"])
     served_streams: list[int] = field(default_factory=lambda: [1, 8, 16])
-    served_frames: int = 48            # per stream: 3 windows
-    frame_side: int = 0                # resize face frames to this longer side (0: as bundled, 1080x1920)
-    serve: bool = True                 # start a server for (b); else only build its repository
+    served_frames: int = 48  # per stream: 3 windows
+    frame_side: int = 0  # resize face frames to this longer side (0: as bundled, 1080x1920)
+    serve: bool = True  # start a server for (b); else only build its repository
     budget_s: float = 420.0
-    unet_budget_s: float = 120.0       # (a) eager stops here, leaving time for (c) and (b)
-    served_min_s: float = 150.0        # (b) needs this much left to start a server
+    unet_budget_s: float = 120.0  # (a) eager stops here, leaving time for (c) and (b)
+    served_min_s: float = 150.0  # (b) needs this much left to start a server
     compile_min_s: float = 90.0
     matmul_n: int = 8192
     seed: int = 1247
@@ -101,10 +102,17 @@ class Report:
         self.save()
 
     def as_dict(self) -> dict:
-        return {"settings": asdict(self.settings), "machine": self.machine, "peak_tflops": self.peak_tflops,
-                "unet": [asdict(r) for r in self.unet], "precision": [asdict(r) for r in self.precision],
-                "served": [asdict(r) for r in self.served], "gpu_busy_source": self.gpu_source,
-                "notes": self.notes, "elapsed_s": self.elapsed_s}
+        return {
+            "settings": asdict(self.settings),
+            "machine": self.machine,
+            "peak_tflops": self.peak_tflops,
+            "unet": [asdict(r) for r in self.unet],
+            "precision": [asdict(r) for r in self.precision],
+            "served": [asdict(r) for r in self.served],
+            "gpu_busy_source": self.gpu_source,
+            "notes": self.notes,
+            "elapsed_s": self.elapsed_s,
+        }
 
     def save(self) -> None:
         (self.out / "gpu_bench.json").write_text(json.dumps(self.as_dict(), indent=1) + "\n")
@@ -115,57 +123,142 @@ def _f(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-UNET_COLUMNS = ("variant", "UNet batch", "windows", "TFLOP/step", "eager ms", "CUDA graph ms", "compiled ms",
-                "compile s", "TFLOP/s", "% of peak", "fps UNet", "fps UNet+VAE", "goal fps", "VAE ms/window",
-                "reused step ms", "fps DPM++ 10", "fps DeepCache 3", "max GiB", "note")
-SERVED_COLUMNS = ("variant", "streams", "frames", "wall s", "aggregate fps", "fps per stream", "first frame s",
-                  "windows per denoiser step", "GPU busy %", "errors")
-PRECISION_COLUMNS = ("variant", "frames (faces)", "max latent diff", "mean latent diff", "latent scale",
-                     "max pixel diff", "mean pixel diff", "float32 s", "bfloat16 s")
+UNET_COLUMNS = (
+    "variant",
+    "UNet batch",
+    "windows",
+    "TFLOP/step",
+    "eager ms",
+    "CUDA graph ms",
+    "compiled ms",
+    "compile s",
+    "TFLOP/s",
+    "% of peak",
+    "fps UNet",
+    "fps UNet+VAE",
+    "goal fps",
+    "VAE ms/window",
+    "reused step ms",
+    "fps DPM++ 10",
+    "fps DeepCache 3",
+    "max GiB",
+    "note",
+)
+SERVED_COLUMNS = (
+    "variant",
+    "streams",
+    "frames",
+    "wall s",
+    "aggregate fps",
+    "fps per stream",
+    "first frame s",
+    "windows per denoiser step",
+    "GPU busy %",
+    "errors",
+)
+PRECISION_COLUMNS = (
+    "variant",
+    "frames (faces)",
+    "max latent diff",
+    "mean latent diff",
+    "latent scale",
+    "max pixel diff",
+    "mean pixel diff",
+    "float32 s",
+    "bfloat16 s",
+)
 
 
 def _table(columns, rows) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + \
-           ["| " + " | ".join(cells) + " |" for cells in rows]
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(cells) + " |" for cells in rows
+    ]
 
 
 def unet_cells(r: dict) -> list[str]:
     from latentsync_load.gpu_unet import GOAL_FPS
 
-    return [r["variant"], str(r["batch"]), str(r["batch"] // 2), _f(r["tflop_per_step"], 2), _f(r["eager_ms"]),
-            _f(r["graph_ms"]), _f(r["compiled_ms"]), _f(r["compile_s"], 0), _f(r["tflops"]),
-            _f(r["peak_fraction"] and 100 * r["peak_fraction"]), _f(r["unet_fps"]), _f(r["fps"]),
-            _f(GOAL_FPS.get(r["variant"]), 0), _f(r["vae_window_ms"]), _f(r["reused_ms"]), _f(r["fps_dpm10"]),
-            _f(r["fps_deepcache"]), _f(r["max_memory_gib"]), r["note"]]
+    return [
+        r["variant"],
+        str(r["batch"]),
+        str(r["batch"] // 2),
+        _f(r["tflop_per_step"], 2),
+        _f(r["eager_ms"]),
+        _f(r["graph_ms"]),
+        _f(r["compiled_ms"]),
+        _f(r["compile_s"], 0),
+        _f(r["tflops"]),
+        _f(r["peak_fraction"] and 100 * r["peak_fraction"]),
+        _f(r["unet_fps"]),
+        _f(r["fps"]),
+        _f(GOAL_FPS.get(r["variant"]), 0),
+        _f(r["vae_window_ms"]),
+        _f(r["reused_ms"]),
+        _f(r["fps_dpm10"]),
+        _f(r["fps_deepcache"]),
+        _f(r["max_memory_gib"]),
+        r["note"],
+    ]
 
 
 def served_cells(r: dict) -> list[str]:
-    return [r["variant"], str(r["streams"]), str(r["frames"]), _f(r["wall_s"]), _f(r["fps"]), _f(r["stream_fps"]),
-            _f(r["first_frame_s"], 2), _f(r["windows_per_step"], 2), _f(r["gpu_busy"] and 100 * r["gpu_busy"], 0),
-            f"{len(r['errors'])}{': ' + r['errors'][0] if r['errors'] else ''}{' ' + r['note'] if r['note'] else ''}"]
+    return [
+        r["variant"],
+        str(r["streams"]),
+        str(r["frames"]),
+        _f(r["wall_s"]),
+        _f(r["fps"]),
+        _f(r["stream_fps"]),
+        _f(r["first_frame_s"], 2),
+        _f(r["windows_per_step"], 2),
+        _f(r["gpu_busy"] and 100 * r["gpu_busy"], 0),
+        f"{len(r['errors'])}{': ' + r['errors'][0] if r['errors'] else ''}{' ' + r['note'] if r['note'] else ''}",
+    ]
 
 
 def precision_cells(r: dict) -> list[str]:
-    return [r["variant"], f"{r['frames']} ({r['faces']})", f"{r['max_latent_diff']:.3g}",
-            f"{r['mean_latent_diff']:.3g}", f"{r['latent_scale']:.3g}", str(r["max_pixel_diff"]),
-            f"{r['mean_pixel_diff']:.3f}", _f(r["float32_s"], 2), _f(r["bfloat16_s"], 2)]
+    return [
+        r["variant"],
+        f"{r['frames']} ({r['faces']})",
+        f"{r['max_latent_diff']:.3g}",
+        f"{r['mean_latent_diff']:.3g}",
+        f"{r['latent_scale']:.3g}",
+        str(r["max_pixel_diff"]),
+        f"{r['mean_pixel_diff']:.3f}",
+        _f(r["float32_s"], 2),
+        _f(r["bfloat16_s"], 2),
+    ]
 
 
 def markdown(d: dict) -> str:
     m, s = d["machine"], d["settings"]
-    lines = [f"### GPU benchmark: {m.get('device', '?')} (torch {m.get('torch', '?')}, CUDA {m.get('cuda', '-')}, "
-             f"Python {m.get('python', '?')})", "",
-             f"Random {'TINY (dry run, scaled-down)' if s['tiny'] else 'full-size'} weights, {s['dtype']}, "
-             f"{s['steps']} steps, guidance 1.5 (2 UNet items per window), 16-frame windows. Measured "
-             f"{s['dtype']} matmul peak: {_f(d['peak_tflops'])} TFLOP/s ({s['matmul_n']}^3). Run took "
-             f"{d['elapsed_s']:.0f} s.", "",
-             "#### (a) UNet step", "", *_table(UNET_COLUMNS, [unet_cells(r) for r in d["unet"]]), "",
-             "#### (b) Served path (Triton, latentsync-export --target gpu)", "",
-             *_table(SERVED_COLUMNS, [served_cells(r) for r in d["served"]]), "",
-             f"GPU busy share from: {d['gpu_busy_source'] or '-'}.", "",
-             "#### (c) bfloat16 against float32 (one window, in-process pipeline)", "",
-             *_table(PRECISION_COLUMNS, [precision_cells(r) for r in d["precision"]]), "",
-             "#### Notes", "", *[f"- {n}" for n in d["notes"]]]
+    lines = [
+        f"### GPU benchmark: {m.get('device', '?')} (torch {m.get('torch', '?')}, CUDA {m.get('cuda', '-')}, "
+        f"Python {m.get('python', '?')})",
+        "",
+        f"Random {'TINY (dry run, scaled-down)' if s['tiny'] else 'full-size'} weights, {s['dtype']}, "
+        f"{s['steps']} steps, guidance 1.5 (2 UNet items per window), 16-frame windows. Measured "
+        f"{s['dtype']} matmul peak: {_f(d['peak_tflops'])} TFLOP/s ({s['matmul_n']}^3). Run took "
+        f"{d['elapsed_s']:.0f} s.",
+        "",
+        "#### (a) UNet step",
+        "",
+        *_table(UNET_COLUMNS, [unet_cells(r) for r in d["unet"]]),
+        "",
+        "#### (b) Served path (Triton, latentsync-export --target gpu)",
+        "",
+        *_table(SERVED_COLUMNS, [served_cells(r) for r in d["served"]]),
+        "",
+        f"GPU busy share from: {d['gpu_busy_source'] or '-'}.",
+        "",
+        "#### (c) bfloat16 against float32 (one window, in-process pipeline)",
+        "",
+        *_table(PRECISION_COLUMNS, [precision_cells(r) for r in d["precision"]]),
+        "",
+        "#### Notes",
+        "",
+        *[f"- {n}" for n in d["notes"]],
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +270,7 @@ class Run:
     deadline: Deadline
     env: BundleEnv | None
     frames_dir: Path | None
-    work: Path                          # weights and repository (local disk)
+    work: Path  # weights and repository (local disk)
     weights: Path | None = None
 
     @property
@@ -214,12 +307,20 @@ def section(run: Run, name: str, fn, min_left_s: float = 0.0) -> None:
 def machine_info(run: Run) -> None:
     import torch
 
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count()}
+    info = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    }
     if run.device.type == "cuda":
         props = torch.cuda.get_device_properties(run.device)
-        info.update(device=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        info.update(
+            device=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     else:
         info["device"] = f"CPU ({torch.get_num_threads()} threads)"
     if run.env is not None:
@@ -281,8 +382,9 @@ def unet_compiled(run: Run) -> None:
             continue
         inputs = g.unet_inputs(row.batch, frames, row.latent, device, dtype)
         try:
-            row.compile_s, seconds = g.compiled_time(unet, inputs, device, s.compile_mode, "inductor", s.warmup,
-                                                     s.iters, s.max_iter_s)
+            row.compile_s, seconds = g.compiled_time(
+                unet, inputs, device, s.compile_mode, "inductor", s.warmup, s.iters, s.max_iter_s
+            )
             row.compiled_ms = seconds * 1e3
             row.note = f"{row.note}; compiled: mode {s.compile_mode}".lstrip("; ")
         except Exception as e:  # noqa: BLE001 - the eager and CUDA graph numbers stand
@@ -305,7 +407,7 @@ def make_weights(run: Run) -> None:
 def face_frames(run: Run, count: int):
     from latentsync_load.gpu_serving import load_frames
 
-    side = run.settings.frame_side or (960 if run.settings.tiny else 0)   # smaller: MediaPipe misses the face
+    side = run.settings.frame_side or (960 if run.settings.tiny else 0)  # smaller: MediaPipe misses the face
     return load_frames(run.frames_dir, count, side)
 
 
@@ -315,8 +417,16 @@ def precision(run: Run) -> None:
 
     s = run.settings
     frames = face_frames(run, s.window_frames)
-    rows = compare(run.weights, s.precision_variants, frames, synthetic_audio(len(frames) + 4), s.run_steps, s.seed,
-                   run.device, run.env.detector_dir if run.env else None)
+    rows = compare(
+        run.weights,
+        s.precision_variants,
+        frames,
+        synthetic_audio(len(frames) + 4),
+        s.run_steps,
+        s.seed,
+        run.device,
+        run.env.detector_dir if run.env else None,
+    )
     for row in rows:
         run.report.precision.append(row)
         print(" | ".join(precision_cells(asdict(row))), flush=True)
@@ -329,8 +439,14 @@ def served(run: Run) -> None:
     s = run.settings
     target = "gpu" if run.device.type == "cuda" else "cpu"
     repo = run.work / "repository"
-    g.export_repository(run.weights, repo, s.served_variants, target, run.env.detector_dir if run.env else None,
-                        max(24, max(s.served_streams)))
+    g.export_repository(
+        run.weights,
+        repo,
+        s.served_variants,
+        target,
+        run.env.detector_dir if run.env else None,
+        max(24, max(s.served_streams)),
+    )
     print(f"built {repo} (target {target})", flush=True)
     if not s.serve:
         run.report.note("(b) served path: repository built, no server started (a CPU dry run; --serve starts one)")
@@ -340,17 +456,28 @@ def served(run: Run) -> None:
         return
     frames = face_frames(run, s.served_frames)
     audio = g.synthetic_audio(len(frames))
-    server = TritonServer(repo, log_path=run.report.out / "tritonserver.log", extra_args=g.server_args(target),
-                          home=run.env.triton_home if run.env else None)
+    server = TritonServer(
+        repo,
+        log_path=run.report.out / "tritonserver.log",
+        extra_args=g.server_args(target),
+        home=run.env.triton_home if run.env else None,
+    )
     started = time.perf_counter()
     with server.start():
         server.wait_ready(timeout=max(60.0, run.deadline.left() - 60))
         run.report.note(f"(b) Triton ready in {time.perf_counter() - started:.0f} s")
         next_id = 1
-        for variant in s.served_variants:    # warm-up: one window, first CUDA kernels and allocations
+        for variant in s.served_variants:  # warm-up: one window, first CUDA kernels and allocations
             params = g.StreamParams(steps=s.run_steps, seed=s.seed, variant=variant)
-            (warm,), _ = g.run_streams(server.grpc_url, 1, frames[:16], g.synthetic_audio(16), params, next_id,
-                                       timeout=max(30.0, run.deadline.left()))
+            (warm,), _ = g.run_streams(
+                server.grpc_url,
+                1,
+                frames[:16],
+                g.synthetic_audio(16),
+                params,
+                next_id,
+                timeout=max(30.0, run.deadline.left()),
+            )
             if warm.error:
                 raise RuntimeError(f"the warm-up stream of {variant} failed: {warm.error}")
             next_id += 1
@@ -362,8 +489,9 @@ def served(run: Run) -> None:
                 if run.deadline.left() < 20:
                     row.note = "skipped: time budget"
                     continue
-                g.measure_level(server, row, frames, audio, s.run_steps, s.seed, next_id,
-                                timeout=max(20.0, run.deadline.left()))
+                g.measure_level(
+                    server, row, frames, audio, s.run_steps, s.seed, next_id, timeout=max(20.0, run.deadline.left())
+                )
                 next_id += n
                 print(" | ".join(served_cells(asdict(row))), flush=True)
                 run.report.save()
@@ -396,16 +524,23 @@ def _list(text: str, kind=str) -> list:
 
 
 def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="latentsync-gpu-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="latentsync-gpu-bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="output folder ($OUT or .)")
     p.add_argument("--bundle", type=Path, help="the folder `make gpu-bundle` wrote (Triton, packages, face frames)")
     p.add_argument("--frames", type=Path, help="a folder of face JPEGs (default: the bundle's)")
     p.add_argument("--tiny", action="store_true", help="CPU dry run: scaled-down models, few iterations")
     p.add_argument("--device", help="default: cuda (a --tiny run: cpu)")
-    p.add_argument("--parts", default=",".join(PARTS), help="what to run, in this order: unet = (a) eager and "
-                   "CUDA graphs, precision = (c), served = (b), compile = (a) under torch.compile")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="what to run, in this order: unet = (a) eager and "
+        "CUDA graphs, precision = (c), served = (b), compile = (a) under torch.compile",
+    )
     p.add_argument("--variants", default="1.5,1.6", help="(a)")
     p.add_argument("--batches", default="2,4,8,16,32", help="(a): UNet batches (2 items per window)")
     p.add_argument("--compile-batches", default="16", help="(a): batches also run under torch.compile")
@@ -426,12 +561,23 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     unknown = set(_list(a.parts)) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    s = Settings(parts=_list(a.parts), variants=_list(a.variants), batches=_list(a.batches, int),
-                 compile_batches=_list(a.compile_batches, int), compile_mode=a.compile_mode,
-                 precision_variants=_list(a.precision_variants), served_variants=_list(a.served_variants),
-                 served_streams=_list(a.served_streams, int), served_frames=a.served_frames,
-                 frame_side=a.frame_side, steps=a.steps, run_steps=a.steps, budget_s=a.budget_s, tiny=a.tiny,
-                 device=a.device or ("cpu" if a.tiny else "cuda"))
+    s = Settings(
+        parts=_list(a.parts),
+        variants=_list(a.variants),
+        batches=_list(a.batches, int),
+        compile_batches=_list(a.compile_batches, int),
+        compile_mode=a.compile_mode,
+        precision_variants=_list(a.precision_variants),
+        served_variants=_list(a.served_variants),
+        served_streams=_list(a.served_streams, int),
+        served_frames=a.served_frames,
+        frame_side=a.frame_side,
+        steps=a.steps,
+        run_steps=a.steps,
+        budget_s=a.budget_s,
+        tiny=a.tiny,
+        device=a.device or ("cpu" if a.tiny else "cuda"),
+    )
     s.graphs_below_ms = 0.0 if a.no_cuda_graphs else s.graphs_below_ms
     if s.device == "cpu":  # a dry run proves the code path; it does not measure anything worth keeping
         s.dtype, s.warmup, s.iters, s.matmul_n, s.max_iter_s = "float32", 0, 1, 256, 5.0

@@ -18,6 +18,7 @@ the bundle's packages first, then the project's folders and the machine's own si
 backend stub ignores PYTHONPATH and reads only the site-packages of the `python3` first on PATH, so the
 benchmark runs under that environment's python (and TritonServer puts its bin/ first on PATH).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,25 @@ from pathlib import Path
 
 LIMIT_BYTES = 60 << 20
 REPO = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = ("contract", ".", "serving", "export", "client", "load")   # the project, without pip install
+PACKAGE_DIRS = ("contract", ".", "serving", "export", "client", "load")  # the project, without pip install
 # numpy 1.x shadows the machine's numpy 2, and with it what tritonclient needs from numpy's ABI (ml-dtypes, its pin)
-WHEELS = {"numpy": "1.26.4", "ml-dtypes": "0.5.4", "diffusers": "0.42.1", "tritonclient": "2.73.0",
-          "python-rapidjson": "1.25", "ai-edge-litert": "2.3.0"}
+WHEELS = {
+    "numpy": "1.26.4",
+    "ml-dtypes": "0.5.4",
+    "diffusers": "0.42.1",
+    "tritonclient": "2.73.0",
+    "python-rapidjson": "1.25",
+    "ai-edge-litert": "2.3.0",
+}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-LITERT_FILES = ("__init__.py", "interpreter.py", "metrics_portable.py", "metrics_interface.py",
-                "_pywrap_litert_interpreter_wrapper.so", "libpywrap_litert_common.so")
+LITERT_FILES = (
+    "__init__.py",
+    "interpreter.py",
+    "metrics_portable.py",
+    "metrics_interface.py",
+    "_pywrap_litert_interpreter_wrapper.so",
+    "libpywrap_litert_common.so",
+)
 TFLITE_FILES = ("face_detection_full_range_sparse.tflite", "face_landmark.tflite")
 FACE_FRAMES = 4
 
@@ -57,14 +70,20 @@ def triton_files(python: str) -> dict[str, Path]:
         raise FileNotFoundError("nvidia-pytriton is not installed here (make setup)")
     site = Path(list(spec.submodule_search_locations)[0]).parent
     home = site / "pytriton" / "tritonserver"
-    binaries = [home / "bin" / "tritonserver", home / "backends" / "python" / "libtriton_python.so",
-                home / "python_backend_stubs" / python / "triton_python_backend_stub"]
+    binaries = [
+        home / "bin" / "tritonserver",
+        home / "backends" / "python" / "libtriton_python.so",
+        home / "python_backend_stubs" / python / "triton_python_backend_stub",
+    ]
     files = [*binaries, home / "backends" / "python" / "triton_python_backend_utils.py"]
     libs = site / "nvidia_pytriton.libs"
     for binary in binaries:  # ldd lists the whole closure; the stub's libpython is the host's ("not found")
         out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
-        files += [Path(p) for p in (line.split("=>")[-1].split("(")[0].strip() for line in out.splitlines())
-                  if p and Path(p).resolve().parent == libs.resolve()]
+        files += [
+            Path(p)
+            for p in (line.split("=>")[-1].split("(")[0].strip() for line in out.splitlines())
+            if p and Path(p).resolve().parent == libs.resolve()
+        ]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"not in the installed pytriton: {', '.join(map(str, missing))}")
@@ -75,16 +94,36 @@ def download_wheels(python: str, cache: Path) -> list[Path]:
     """The wheels for the GPU machine's Python (manylinux x86_64), through pip, kept in `cache`."""
     cache.mkdir(parents=True, exist_ok=True)
     tag = python.replace(".", "")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
-           "--implementation", "cp", "--abi", f"cp{tag}", "--abi", "abi3", "--abi", "none",
-           *(f"--platform={p}" for p in PLATFORMS), "--platform=any", "-d", str(cache),
-           *(f"{name}=={version}" for name, version in WHEELS.items())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{tag}",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *(f"--platform={p}" for p in PLATFORMS),
+        "--platform=any",
+        "-d",
+        str(cache),
+        *(f"{name}=={version}" for name, version in WHEELS.items()),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wheels = []
     for name, version in WHEELS.items():
         stem = name.replace("-", "_")
-        found = sorted(w for w in cache.glob(f"{stem}-{version}-*.whl")
-                       if f"-cp{tag}-" in w.name or "-py3-none-" in w.name)
+        found = sorted(
+            w for w in cache.glob(f"{stem}-{version}-*.whl") if f"-cp{tag}-" in w.name or "-py3-none-" in w.name
+        )
         if not found:
             raise FileNotFoundError(f"pip did not fetch {name}=={version} for Python {python}")
         wheels.append(found[-1])
@@ -126,8 +165,11 @@ def write_face_frames(video: Path, out: Path, count: int = FACE_FRAMES, stride: 
             if i // stride >= count:
                 break
             if i % stride == 0:
-                cv2.imwrite(str(out / f"face_{i // stride:02d}.jpg"), frame.to_ndarray(format="bgr24"),
-                            [cv2.IMWRITE_JPEG_QUALITY, 92])
+                cv2.imwrite(
+                    str(out / f"face_{i // stride:02d}.jpg"),
+                    frame.to_ndarray(format="bgr24"),
+                    [cv2.IMWRITE_JPEG_QUALITY, 92],
+                )
 
 
 def default_face_video() -> Path:
@@ -148,8 +190,9 @@ def cached_archive(dest: Path, cache: Path, key: dict, write) -> None:
     shutil.copy2(cached, dest)
 
 
-def build(out: Path, python: str = "3.12", face_video: Path | None = None, cache: Path | None = None,
-          limit: int = LIMIT_BYTES) -> dict:
+def build(
+    out: Path, python: str = "3.12", face_video: Path | None = None, cache: Path | None = None, limit: int = LIMIT_BYTES
+) -> dict:
     """Write the bundle to `out` (replaced); returns its manifest. Raises if it is larger than `limit`."""
     out, cache = Path(out), cache or REPO / "build" / "gpu-bundle-cache"
     face_video = face_video or default_face_video()
@@ -158,11 +201,19 @@ def build(out: Path, python: str = "3.12", face_video: Path | None = None, cache
     staging = Path(tempfile.mkdtemp(prefix=".gpu-bundle.", dir=out.parent if out.parent.exists() else None))
     try:
         server = triton_files(python)
-        cached_archive(staging / "triton.tar.xz", cache / python, {k: p.stat().st_size for k, p in server.items()},
-                       lambda tar: [tar.add(path, arcname=name) for name, path in server.items()])
+        cached_archive(
+            staging / "triton.tar.xz",
+            cache / python,
+            {k: p.stat().st_size for k, p in server.items()},
+            lambda tar: [tar.add(path, arcname=name) for name, path in server.items()],
+        )
         wheels = download_wheels(python, cache / "wheels")
-        cached_archive(staging / "site.tar.xz", cache / python, {w.name: w.stat().st_size for w in wheels},
-                       lambda tar: add_wheels(tar, wheels))
+        cached_archive(
+            staging / "site.tar.xz",
+            cache / python,
+            {w.name: w.stat().st_size for w in wheels},
+            lambda tar: add_wheels(tar, wheels),
+        )
         (staging / "detector").mkdir()
         for f in tflite_files():
             shutil.copy2(f, staging / "detector" / f.name)
@@ -186,8 +237,13 @@ def describe(root: Path, python: str) -> dict:
         with tarfile.open(root / name) as tar:
             members = tar.getmembers()
         archives[name] = {"files": len(members), "unpacked_bytes": sum(m.size for m in members)}
-    return {"python": python, "packages": WHEELS, "files": files, "archives": archives,
-            "total_bytes": sum(files.values()) + 4096}   # + bundle.json itself (a few kB)
+    return {
+        "python": python,
+        "packages": WHEELS,
+        "files": files,
+        "archives": archives,
+        "total_bytes": sum(files.values()) + 4096,
+    }  # + bundle.json itself (a few kB)
 
 
 def print_manifest(manifest: dict) -> None:
@@ -195,8 +251,10 @@ def print_manifest(manifest: dict) -> None:
         print(f"{size:>12,d}  {name}")
     for name, a in manifest["archives"].items():
         print(f"  {name}: {a['files']} files, {a['unpacked_bytes'] / 2**20:.1f} MiB unpacked")
-    print(f"{manifest['total_bytes']:>12,d}  total ({manifest['total_bytes'] / 2**20:.1f} MiB, "
-          f"limit {LIMIT_BYTES / 2**20:.0f} MiB) for Python {manifest['python']}")
+    print(
+        f"{manifest['total_bytes']:>12,d}  total ({manifest['total_bytes'] / 2**20:.1f} MiB, "
+        f"limit {LIMIT_BYTES / 2**20:.0f} MiB) for Python {manifest['python']}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- use
@@ -204,11 +262,11 @@ def print_manifest(manifest: dict) -> None:
 class BundleEnv:
     """An unpacked bundle on the GPU machine and the virtual environment that sees it."""
 
-    root: Path                  # where the archives were unpacked
-    bundle: Path                # the bundle folder itself (detector/, frames/)
-    python: Path                # the environment's interpreter
-    numpy1: bool = True         # numpy 1.26 first on the path (False: the machine's numpy 2; no served path)
-    venv: bool = True           # False: no virtual environment could be made; packages through PYTHONPATH
+    root: Path  # where the archives were unpacked
+    bundle: Path  # the bundle folder itself (detector/, frames/)
+    python: Path  # the environment's interpreter
+    numpy1: bool = True  # numpy 1.26 first on the path (False: the machine's numpy 2; no served path)
+    venv: bool = True  # False: no virtual environment could be made; packages through PYTHONPATH
     libpython: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -254,7 +312,7 @@ def pth_lines(site: Path, host_sites: list[str], repo: Path, numpy1: bool) -> st
     folders come before the machine's site-packages, so an installed copy of the project (an editable install's
     path hooks, say) never shadows the checkout."""
     project = [str((repo / d).resolve()) for d in PACKAGE_DIRS]
-    host = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in host_sites)   # one line: exec()'d
+    host = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in host_sites)  # one line: exec()'d
     if numpy1:  # ahead of the machine's numpy 2 (stub and benchmark alike: one environment, one numpy)
         return "\n".join([f"import sys; sys.path.insert(0, {str(site)!r})", *project, host]) + "\n"
     return "\n".join([*project, host, str(site)]) + "\n"
@@ -265,8 +323,12 @@ def make_env(dest: Path, repo: Path, numpy1: bool) -> Path:
     venv = dest / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)], check=True)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     host_sites = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     Path(purelib, "latentsync-gpu-bundle.pth").write_text(pth_lines(dest / "site", host_sites, repo, numpy1))
     return python
@@ -274,9 +336,11 @@ def make_env(dest: Path, repo: Path, numpy1: bool) -> Path:
 
 def check_imports(python: Path) -> tuple[bool, str]:
     """Whether the environment imports what the benchmark and the served models need; its numpy or the error."""
-    code = ("import numpy, torch, cv2, diffusers, tritonclient.grpc, ai_edge_litert.interpreter, "
-            "latentsync_core.loaders, latentsync_serving.lipsync_service, latentsync_export.export; "
-            "print(f'numpy {numpy.__version__}, torch {torch.__version__}, opencv {cv2.__version__}')")
+    code = (
+        "import numpy, torch, cv2, diffusers, tritonclient.grpc, ai_edge_litert.interpreter, "
+        "latentsync_core.loaders, latentsync_serving.lipsync_service, latentsync_export.export; "
+        "print(f'numpy {numpy.__version__}, torch {torch.__version__}, opencv {cv2.__version__}')"
+    )
     r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
     return r.returncode == 0, (r.stdout.strip() if r.returncode == 0 else r.stderr.strip()[-1500:])
 
@@ -287,8 +351,10 @@ def prepare(bundle: Path, dest: Path, repo: Path = REPO) -> BundleEnv:
     manifest = json.loads((bundle / "bundle.json").read_text())
     here = sysconfig.get_python_version()
     if manifest["python"] != here:
-        raise RuntimeError(f"the bundle was built for Python {manifest['python']}, this is Python {here} "
-                           f"(make gpu-bundle GPU_PYTHON={here})")
+        raise RuntimeError(
+            f"the bundle was built for Python {manifest['python']}, this is Python {here} "
+            f"(make gpu-bundle GPU_PYTHON={here})"
+        )
     unpack(bundle, dest)
     env = BundleEnv(dest, bundle, Path(sys.executable), libpython=find_libpython(here))
     try:
@@ -299,8 +365,10 @@ def prepare(bundle: Path, dest: Path, repo: Path = REPO) -> BundleEnv:
         return env
     ok, detail = check_imports(env.python)
     if not ok:  # numpy 1.26 does not suit this machine's packages: measure what runs without the served path
-        env.notes.append(f"imports fail with the bundle's numpy 1.26 ({detail.splitlines()[-1]}); using the "
-                         "machine's numpy: the Triton stub would read tensors wrongly, so no served path")
+        env.notes.append(
+            f"imports fail with the bundle's numpy 1.26 ({detail.splitlines()[-1]}); using the "
+            "machine's numpy: the Triton stub would read tensors wrongly, so no served path"
+        )
         env.numpy1 = False
         env.python = make_env(dest, repo, numpy1=False)
         ok, detail = check_imports(env.python)
@@ -317,8 +385,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / ".gpu-bundle")
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     p.add_argument("--face-video", type=Path, help="a video of a real face (default: ../shared/media/demo1)")
-    p.add_argument("--cache", type=Path, help="wheels and archives kept between builds "
-                   "(default: build/gpu-bundle-cache)")
+    p.add_argument(
+        "--cache", type=Path, help="wheels and archives kept between builds (default: build/gpu-bundle-cache)"
+    )
     a = p.parse_args(argv)
     try:
         manifest = build(a.out, a.python, a.face_video, a.cache)

@@ -7,6 +7,7 @@ mean absolute difference of the final latents, their scale (largest |latent| in 
 mean pixel difference of the output frames. With random weights the UNet's output is noise-like, so these are an
 upper bound of what trained weights give; they show whether bfloat16 is safe to serve, not lip-sync quality.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,14 +35,22 @@ class PrecisionRow:
     bfloat16_s: float
 
 
-def run_window(models, variant: str, frames: np.ndarray, audio: np.ndarray, steps: int, seed: int,
-               dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, np.ndarray, int, float]:
+def run_window(
+    models,
+    variant: str,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    steps: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, np.ndarray, int, float]:
     """(final latents, output frames, faces found, seconds) of the stream's first window."""
     stream = LipSyncPipeline(models, variant).stream(steps=steps, seed=seed, dtype=dtype, device=device)
     stream.set_audio(audio)
     start = time.perf_counter()
     with torch.no_grad():
-        window = stream.prepare(np.array(frames, copy=True))   # the window pastes into its own frames
+        window = stream.prepare(np.array(frames, copy=True))  # the window pastes into its own frames
         latents = stream.denoise(window)
         result = stream.finish(window, latents)
     if device.type == "cuda":
@@ -50,8 +59,16 @@ def run_window(models, variant: str, frames: np.ndarray, audio: np.ndarray, step
     return latents, result.frames, int(result.face_found.sum()), time.perf_counter() - start
 
 
-def compare(weights: Path, variants: list[str], frames: np.ndarray, audio: np.ndarray, steps: int, seed: int,
-            device: torch.device, detector_dir: Path | None = None) -> list[PrecisionRow]:
+def compare(
+    weights: Path,
+    variants: list[str],
+    frames: np.ndarray,
+    audio: np.ndarray,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    detector_dir: Path | None = None,
+) -> list[PrecisionRow]:
     """Load the weights in float32, run each variant's window; again in bfloat16; compare."""
     options = {"model_dir": str(detector_dir)} if detector_dir else None
     runs: dict[tuple[str, torch.dtype], tuple] = {}
@@ -69,6 +86,18 @@ def compare(weights: Path, variants: list[str], frames: np.ndarray, audio: np.nd
             raise RuntimeError(f"{variant}: no face found in the window, nothing was denoised")
         latent_diff = (lat32 - lat16).abs()
         pixel_diff = np.abs(out32.astype(np.int16) - out16.astype(np.int16))
-        rows.append(PrecisionRow(variant, len(frames), faces, float(latent_diff.max()), float(latent_diff.mean()),
-                                 float(lat32.abs().max()), int(pixel_diff.max()), float(pixel_diff.mean()), s32, s16))
+        rows.append(
+            PrecisionRow(
+                variant,
+                len(frames),
+                faces,
+                float(latent_diff.max()),
+                float(latent_diff.mean()),
+                float(lat32.abs().max()),
+                int(pixel_diff.max()),
+                float(pixel_diff.mean()),
+                s32,
+                s16,
+            )
+        )
     return rows

@@ -12,6 +12,7 @@ and synthetic audio, after one warm-up stream per variant. Per stream count:
   * GPU busy share: NVML's utilisation (share of time a kernel ran) sampled every 0.1 s during the streams,
     through torch.cuda.utilization, else nvidia-smi; the report names the source.
 """
+
 from __future__ import annotations
 
 import queue
@@ -48,14 +49,14 @@ PINNED_POOL_BYTES = 1 << 30
 class ServedRow:
     variant: str
     streams: int
-    frames: int = 0                   # received, all streams
+    frames: int = 0  # received, all streams
     wall_s: float | None = None
-    fps: float | None = None          # aggregate
-    stream_fps: float | None = None   # mean per stream
+    fps: float | None = None  # aggregate
+    stream_fps: float | None = None  # mean per stream
     first_frame_s: float | None = None
     windows_per_step: float | None = None
     denoiser_steps: int | None = None
-    gpu_busy: float | None = None     # mean share 0..1
+    gpu_busy: float | None = None  # mean share 0..1
     errors: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -82,7 +83,7 @@ def synthetic_audio(frames: int, seed: int = 0) -> np.ndarray:
     """A 16 kHz track of quiet noise whose frame count (upstream's arithmetic, at least 2) is `frames`."""
     if frames < num_frames_for_audio(0):
         raise ValueError(f"a stream has at least {num_frames_for_audio(0)} frames, asked for {frames}")
-    n = (frames - num_frames_for_audio(0)) * SAMPLE_RATE // 25 + min_audio_samples()   # a frame per 640 samples
+    n = (frames - num_frames_for_audio(0)) * SAMPLE_RATE // 25 + min_audio_samples()  # a frame per 640 samples
     return (np.random.default_rng(seed).standard_normal(n) * 0.05).astype(np.float32)
 
 
@@ -95,8 +96,15 @@ class StreamResult:
     error: str | None = None
 
 
-def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: StreamParams, sequence_id: int,
-               start: threading.Barrier | None = None, timeout: float = 300.0) -> StreamResult:
+def run_stream(
+    url: str,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    params: StreamParams,
+    sequence_id: int,
+    start: threading.Barrier | None = None,
+    timeout: float = 300.0,
+) -> StreamResult:
     """One stream over raw gRPC: the audio request (sequence start, parameters), then 16 frames per request."""
     import tritonclient.grpc as grpcclient
 
@@ -104,20 +112,28 @@ def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: StreamPa
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: replies.put((result, error)))
     requests = [(np.zeros((0, *frames.shape[1:]), np.uint8), audio)]
-    requests += [(frames[i:i + WINDOW], np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)]
+    requests += [(frames[i : i + WINDOW], np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)]
     if start is not None:
         start.wait()
     began = time.perf_counter()
     try:
         for i, (f, a) in enumerate(requests):
-            inputs = [grpcclient.InferInput(FRAMES, list(f.shape), "UINT8"),
-                      grpcclient.InferInput(AUDIO, list(a.shape), "FP32")]
+            inputs = [
+                grpcclient.InferInput(FRAMES, list(f.shape), "UINT8"),
+                grpcclient.InferInput(AUDIO, list(a.shape), "FP32"),
+            ]
             inputs[0].set_data_from_numpy(np.ascontiguousarray(f))
             inputs[1].set_data_from_numpy(a)
-            client.async_stream_infer(MODEL_NAME, inputs, request_id=str(i), sequence_id=sequence_id,
-                                      sequence_start=i == 0, sequence_end=i == len(requests) - 1,
-                                      enable_empty_final_response=True,
-                                      parameters=params.as_parameters() if i == 0 else None)
+            client.async_stream_infer(
+                MODEL_NAME,
+                inputs,
+                request_id=str(i),
+                sequence_id=sequence_id,
+                sequence_start=i == 0,
+                sequence_end=i == len(requests) - 1,
+                enable_empty_final_response=True,
+                parameters=params.as_parameters() if i == 0 else None,
+            )
         finals = 0
         while finals < len(requests):
             reply, error = replies.get(timeout=timeout)
@@ -139,8 +155,9 @@ def run_stream(url: str, frames: np.ndarray, audio: np.ndarray, params: StreamPa
     return result
 
 
-def run_streams(url: str, n: int, frames: np.ndarray, audio: np.ndarray, params: StreamParams,
-                first_id: int, timeout: float = 300.0) -> tuple[list[StreamResult], float]:
+def run_streams(
+    url: str, n: int, frames: np.ndarray, audio: np.ndarray, params: StreamParams, first_id: int, timeout: float = 300.0
+) -> tuple[list[StreamResult], float]:
     """n streams started together (a barrier); their results and the wall time from the common start."""
     barrier = threading.Barrier(n + 1)
     results: list[StreamResult | None] = [None] * n
@@ -199,8 +216,12 @@ class GpuSampler:
             return None
 
     def _smi(self) -> float:
-        out = subprocess.run(["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return float(out.stdout.strip().splitlines()[0])
 
     def _sample(self) -> float:
@@ -234,8 +255,16 @@ class GpuSampler:
 
 
 # ---------------------------------------------------------------------------------------------------- a level
-def measure_level(server, row: ServedRow, frames: np.ndarray, audio: np.ndarray, steps: int, seed: int,
-                  first_id: int, timeout: float = 300.0) -> None:
+def measure_level(
+    server,
+    row: ServedRow,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    steps: int,
+    seed: int,
+    first_id: int,
+    timeout: float = 300.0,
+) -> None:
     """Run row.streams streams of row.variant together and fill in the row (`timeout`: a stream's longest wait
     for a response)."""
     params = StreamParams(steps=steps, seed=seed, variant=row.variant)
@@ -247,7 +276,7 @@ def measure_level(server, row: ServedRow, frames: np.ndarray, audio: np.ndarray,
     ok = [r for r in results if r.error is None]
     row.errors = [r.error for r in results if r.error is not None]
     row.frames, row.wall_s = sum(r.frames for r in results), wall
-    row.fps = row.frames / wall     # streams cut off by a timeout count what they received
+    row.fps = row.frames / wall  # streams cut off by a timeout count what they received
     row.stream_fps = statistics.mean(r.frames / r.wall_s for r in ok) if ok else None
     row.first_frame_s = statistics.mean(r.first_frame_s for r in ok if r.first_frame_s) if ok else None
     steps_done = after["denoiser_steps"] - before["denoiser_steps"]
@@ -257,13 +286,20 @@ def measure_level(server, row: ServedRow, frames: np.ndarray, audio: np.ndarray,
     row.gpu_busy = gpu.mean
 
 
-def export_repository(weights: Path, out: Path, variants: list[str], target: str, detector_dir: Path | None,
-                      max_streams: int) -> dict:
+def export_repository(
+    weights: Path, out: Path, variants: list[str], target: str, detector_dir: Path | None, max_streams: int
+) -> dict:
     """latentsync-export of one weights folder for every variant (they share the architecture)."""
     from latentsync_export.export import ExportOptions, build_repository
 
-    opts = ExportOptions(out=out, target=target, weights={v: weights for v in variants}, detector_dir=detector_dir,
-                         max_streams=max_streams, force=True)
+    opts = ExportOptions(
+        out=out,
+        target=target,
+        weights={v: weights for v in variants},
+        detector_dir=detector_dir,
+        max_streams=max_streams,
+        force=True,
+    )
     return build_repository(opts)
 
 

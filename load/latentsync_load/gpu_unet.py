@@ -8,6 +8,7 @@ step time allows at 20 steps: windows x 16 frames / (20 x step), UNet alone and 
 (encode masked + reference faces, decode); derived from the same times, the opt-in trade-offs: DPM-Solver++ at
 10 steps, and DeepCache at interval 3 (a measured reused step: 7 full + 13 reused steps per 20).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,14 +22,14 @@ from latentsync_core.deepcache import cached_step, full_step
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.tiny import SD_VAE, TINY_UNET, TINY_VAE
 
-GOAL_FPS = {"1.5": 40.0, "1.6": 9.0}   # per GPU, at 20 steps
+GOAL_FPS = {"1.5": 40.0, "1.6": 9.0}  # per GPU, at 20 steps
 DEEPCACHE_INTERVAL = 3
 
 
 @dataclass
 class UNetRow:
     variant: str
-    batch: int                       # UNet items; windows = batch / 2
+    batch: int  # UNet items; windows = batch / 2
     latent: int
     tflop_per_step: float | None = None
     eager_ms: float | None = None
@@ -36,14 +37,14 @@ class UNetRow:
     compiled_ms: float | None = None
     compile_s: float | None = None
     best_ms: float | None = None
-    reused_ms: float | None = None   # DeepCache's reused step (eager)
-    tflops: float | None = None      # at the best time
+    reused_ms: float | None = None  # DeepCache's reused step (eager)
+    tflops: float | None = None  # at the best time
     peak_fraction: float | None = None
     vae_window_ms: float | None = None
-    unet_fps: float | None = None    # at 20 steps (Settings.steps)
-    fps: float | None = None         # UNet + VAE
-    fps_dpm10: float | None = None   # UNet + VAE, DPM-Solver++ at 10 steps
-    fps_deepcache: float | None = None   # UNet + VAE, DeepCache interval 3
+    unet_fps: float | None = None  # at 20 steps (Settings.steps)
+    fps: float | None = None  # UNet + VAE
+    fps_dpm10: float | None = None  # UNet + VAE, DPM-Solver++ at 10 steps
+    fps_deepcache: float | None = None  # UNet + VAE, DeepCache interval 3
     max_memory_gib: float | None = None
     note: str = ""
 
@@ -94,8 +95,9 @@ def cuda_graph(fn, device: torch.device):
     return graph.replay
 
 
-def compiled_time(module, inputs: tuple, device: torch.device, mode: str | None, backend: str, warmup: int,
-                  iters: int, max_s: float) -> tuple[float, float]:
+def compiled_time(
+    module, inputs: tuple, device: torch.device, mode: str | None, backend: str, warmup: int, iters: int, max_s: float
+) -> tuple[float, float]:
     """(compile seconds, seconds per call) of torch.compile(module) on fixed-shape inputs."""
     compiled = torch.compile(module, mode=mode, backend=backend, dynamic=False)
     try:
@@ -106,7 +108,7 @@ def compiled_time(module, inputs: tuple, device: torch.device, mode: str | None,
             compile_s = time.perf_counter() - start
             return compile_s, time_call(lambda: compiled(*inputs), device, warmup, iters, max_s)
     finally:
-        torch._dynamo.reset()   # drops the compiled graphs (and their CUDA graph pools) before the next shape
+        torch._dynamo.reset()  # drops the compiled graphs (and their CUDA graph pools) before the next shape
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -166,8 +168,9 @@ def measure_vae(vae, latent: int, frames: int, device, dtype, warmup: int, iters
     return (enc + dec) * 1e3
 
 
-def measure_step(unet, row: UNetRow, frames: int, device, dtype, graphs_below_ms: float, warmup: int, iters: int,
-                 max_s: float) -> None:
+def measure_step(
+    unet, row: UNetRow, frames: int, device, dtype, graphs_below_ms: float, warmup: int, iters: int, max_s: float
+) -> None:
     """Eager step time, then as a CUDA graph where the eager step is short enough for launch overhead to matter
     (on a GPU; a capture failure is noted and skipped)."""
     inputs = unet_inputs(row.batch, frames, row.latent, device, dtype)
@@ -218,4 +221,4 @@ def out_of_memory(row: UNetRow, e: Exception) -> None:
 
 
 def frames_per_window(tiny: bool) -> int:
-    return 2 if tiny else NUM_FRAMES   # a CPU dry run proves the code path with less work
+    return 2 if tiny else NUM_FRAMES  # a CPU dry run proves the code path with less work

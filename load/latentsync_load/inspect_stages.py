@@ -8,6 +8,7 @@ face and the frame after paste-back. It runs the in-process pipeline on the weig
 latentsync-export serves (the same numerics as the server), on the window holding --frame, and needs no
 server: a user with a repository folder can ask it about any input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ def stage_picture(stream: LipSyncStream, frames: Sequence[np.ndarray], frame: in
     """Run `stream` (audio set) window by window up to the window holding `frame`; its stages as one picture."""
     start = frame // WINDOW * WINDOW
     for i in range(0, start + 1, WINDOW):
-        window = stream.prepare(np.stack(frames[i:i + WINDOW]))
-        if i < start:                      # earlier windows: for the aligner's smoothing and the RNG's draws
+        window = stream.prepare(np.stack(frames[i : i + WINDOW]))
+        if i < start:  # earlier windows: for the aligner's smoothing and the RNG's draws
             continue
         source = window.frames.copy()
         result = stream.finish(window, stream.denoise(window))
@@ -39,10 +40,16 @@ def stage_picture(stream: LipSyncStream, frames: Sequence[np.ndarray], frame: in
         if not window.found[j]:
             why = "its face is turned past max_yaw" if window.detections.found[j] else "no face was found"
             raise ValueError(f"frame {frame} was passed through unchanged: {why}")
-        k = int(np.flatnonzero(window.found).tolist().index(j))   # the frame's row among the synced faces
-        return render_stages(source[j], window.detections.boxes[j], window.detections.points[j],
-                             face_image(window.reference[k]), stream.mask, face_image(window.synced[k]),
-                             result.frames[j])
+        k = int(np.flatnonzero(window.found).tolist().index(j))  # the frame's row among the synced faces
+        return render_stages(
+            source[j],
+            window.detections.boxes[j],
+            window.detections.points[j],
+            face_image(window.reference[k]),
+            stream.mask,
+            face_image(window.synced[k]),
+            result.frames[j],
+        )
     raise AssertionError("unreachable")
 
 
@@ -52,9 +59,12 @@ def face_image(face: torch.Tensor) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="latentsync-inspect", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="latentsync-inspect",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("repository", type=Path, help="a repository built by latentsync-export (cpu target weights)")
     p.add_argument("video", help="video or still image")
     p.add_argument("audio", help="any file with an audio track")

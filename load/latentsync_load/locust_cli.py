@@ -1,4 +1,5 @@
 """`latentsync-locust ARGS`: locust with this package's locustfile (`locust -f locustfile.py ARGS`)."""
+
 from __future__ import annotations
 
 import os

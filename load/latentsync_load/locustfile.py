@@ -16,6 +16,7 @@ Per-stream fps and first-frame latency are also summarised at the end (stdout an
 Bounded and local by construction: the host must be a loopback address, each user stops after
 `--streams-per-user` streams, and the run stops after `--max-run-seconds` whatever -t says.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -91,8 +92,7 @@ def _loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
     name = name.strip("[]")
     try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback
-                   for info in socket.getaddrinfo(name, None))
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(name, None))
     except (socket.gaierror, ValueError):
         return False
 
@@ -106,13 +106,17 @@ def _start(environment, **_):
     if not environment.host or not _loopback(environment.host):
         raise SystemExit(f"locustfile: refusing host {environment.host!r}: load tests run on loopback only")
     environment.clip = Clip.load(opts)
-    print(f"locustfile: clip {opts.clip}: {len(environment.clip.frames)} frames of "
-          f"{environment.clip.frames.shape[2]}x{environment.clip.frames.shape[1]}", flush=True)
+    print(
+        f"locustfile: clip {opts.clip}: {len(environment.clip.frames)} frames of "
+        f"{environment.clip.frames.shape[2]}x{environment.clip.frames.shape[1]}",
+        flush=True,
+    )
 
     def deadline():
         gevent.sleep(opts.max_run_seconds)
         print(f"locustfile: stopping after --max-run-seconds {opts.max_run_seconds:g}", flush=True)
         environment.runner.quit()
+
     gevent.spawn(deadline)
 
 
@@ -123,11 +127,18 @@ def _summary(environment, **_):
     if ok:
         fps = [r["frames"] / r["seconds"] for r in ok]
         first = [r["first_frame_s"] for r in ok]
-        summary.update(fps_mean=statistics.mean(fps), fps_min=min(fps),
-                       first_frame_mean_s=statistics.mean(first), first_frame_max_s=max(first))
-        print(f"locustfile: {len(ok)} streams ok, {summary['errors']} failed; per-stream fps mean "
-              f"{summary['fps_mean']:.2f} (min {summary['fps_min']:.2f}); first frame mean "
-              f"{summary['first_frame_mean_s']:.2f} s (max {summary['first_frame_max_s']:.2f} s)", flush=True)
+        summary.update(
+            fps_mean=statistics.mean(fps),
+            fps_min=min(fps),
+            first_frame_mean_s=statistics.mean(first),
+            first_frame_max_s=max(first),
+        )
+        print(
+            f"locustfile: {len(ok)} streams ok, {summary['errors']} failed; per-stream fps mean "
+            f"{summary['fps_mean']:.2f} (min {summary['fps_min']:.2f}); first frame mean "
+            f"{summary['first_frame_mean_s']:.2f} s (max {summary['first_frame_max_s']:.2f} s)",
+            flush=True,
+        )
     else:
         print(f"locustfile: no stream completed ({len(RESULTS)} failed)", flush=True)
     path = environment.parsed_options.summary_json
@@ -137,8 +148,16 @@ def _summary(environment, **_):
 
 
 # ---------------------------------------------------------------------------------------------------- requests
-def infer_request(request_id: str, sequence_id: int, frames: np.ndarray, audio: np.ndarray, *, start: bool,
-                  end: bool, params: dict | None = None) -> service_pb2.ModelInferRequest:
+def infer_request(
+    request_id: str,
+    sequence_id: int,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    *,
+    start: bool,
+    end: bool,
+    params: dict | None = None,
+) -> service_pb2.ModelInferRequest:
     r = service_pb2.ModelInferRequest(model_name=MODEL, id=request_id)
     r.parameters["sequence_id"].int64_param = sequence_id
     r.parameters["sequence_start"].bool_param = start
@@ -164,8 +183,10 @@ class LipsyncUser(User):
     _ids = itertools.count(1)
 
     def on_start(self):
-        self.channel = grpc.insecure_channel(self.host, options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                                                                 ("grpc.max_receive_message_length", MAX_MESSAGE)])
+        self.channel = grpc.insecure_channel(
+            self.host,
+            options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)],
+        )
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.done = 0
 
@@ -173,8 +194,9 @@ class LipsyncUser(User):
         self.channel.close()
 
     def fire(self, name: str, ms: float, length: int = 0, error: Exception | None = None) -> None:
-        self.environment.events.request.fire(request_type="grpc-stream", name=name, response_time=ms,
-                                             response_length=length, exception=error, context={})
+        self.environment.events.request.fire(
+            request_type="grpc-stream", name=name, response_time=ms, response_length=length, exception=error, context={}
+        )
 
     @task
     def stream(self):
@@ -186,7 +208,7 @@ class LipsyncUser(User):
         RESULTS.append(result)
         error = RuntimeError(result["error"]) if result["error"] else None
         self.fire("stream", result["seconds"] * 1e3, result["frames"], error)
-        if len(RESULTS) >= (opts.num_users or 1) * opts.streams_per_user:   # every user is done: end the run
+        if len(RESULTS) >= (opts.num_users or 1) * opts.streams_per_user:  # every user is done: end the run
             gevent.spawn_later(0.5, self.environment.runner.quit)
 
     def run_stream(self, clip: Clip, opts) -> dict:
@@ -199,18 +221,22 @@ class LipsyncUser(User):
         no_audio = np.zeros((0,), np.float32)
 
         def produce():
-            outbox.put(infer_request(f"{sequence_id}-a", sequence_id, no_frames, clip.audio, start=True, end=False,
-                                     params=params))
+            outbox.put(
+                infer_request(
+                    f"{sequence_id}-a", sequence_id, no_frames, clip.audio, start=True, end=False, params=params
+                )
+            )
             step = opts.frames_per_request
             t0 = time.perf_counter()
             for i in range(0, n, step):
-                batch = clip.frames[i:i + step]
+                batch = clip.frames[i : i + step]
                 for _ in range(len(batch)):
                     credit.acquire()
                 if opts.realtime:
                     gevent.sleep(max(0.0, t0 + i / 25 - time.perf_counter()))
-                outbox.put(infer_request(f"{sequence_id}-{i}", sequence_id, batch, no_audio, start=False,
-                                         end=i + step >= n))
+                outbox.put(
+                    infer_request(f"{sequence_id}-{i}", sequence_id, batch, no_audio, start=False, end=i + step >= n)
+                )
             outbox.put(None)
 
         start = last = time.perf_counter()

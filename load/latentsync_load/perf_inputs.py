@@ -15,6 +15,7 @@ Writes DIR/<model>.json, tensors base64-encoded with explicit shapes:
 and DIR/models.json: for each model the perf_analyzer flags that go with its file (batch, streaming).
 Sizes, counts and the variant come from the command line and the repository, not from this file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,27 +48,39 @@ def load_clip(clip: Path, seconds: float, size: int) -> tuple[np.ndarray, np.nda
     h, w = frames[0].shape[:2]
     if size and max(h, w) != size:
         s = size / max(h, w)
-        frames = [cv2.resize(f, (round(w * s) // 2 * 2, round(h * s) // 2 * 2), interpolation=cv2.INTER_AREA)
-                  for f in frames]
+        frames = [
+            cv2.resize(f, (round(w * s) // 2 * 2, round(h * s) // 2 * 2), interpolation=cv2.INTER_AREA) for f in frames
+        ]
     return np.stack(frames), audio
 
 
 def lipsync_streams(frames: np.ndarray, audio: np.ndarray, streams: int) -> list[list[dict]]:
     """The empty tensor of each request is left out (both inputs are optional): perf_analyzer 2.60 crashes on
     zero-sized tensors."""
-    one = [{"AUDIO": tensor(audio)}] + [{"FRAMES": tensor(frames[i:i + WINDOW])} for i in range(0, len(frames), WINDOW)]
+    one = [{"AUDIO": tensor(audio)}] + [
+        {"FRAMES": tensor(frames[i : i + WINDOW])} for i in range(0, len(frames), WINDOW)
+    ]
     return [one] * streams
 
 
 def crop_affine(h: int, w: int, resolution: int) -> np.ndarray:
     """Frame -> face crop affine of a centred face filling 60% of the shorter side (the restorer inverts it)."""
     scale = resolution / (0.6 * min(h, w))
-    return np.array([[scale, 0, resolution / 2 - scale * w / 2], [0, scale, resolution / 2 - scale * h / 2]],
-                    np.float32)
+    return np.array(
+        [[scale, 0, resolution / 2 - scale * w / 2], [0, scale, resolution / 2 - scale * h / 2]], np.float32
+    )
 
 
-def generate(repo: Path, clip: Path, out: Path, variant: str | None = None, streams: int = 4,
-             seconds: float = 1.2, size: int = 256, entries: int = 4) -> dict:
+def generate(
+    repo: Path,
+    clip: Path,
+    out: Path,
+    variant: str | None = None,
+    streams: int = 4,
+    seconds: float = 1.2,
+    size: int = 256,
+    entries: int = 4,
+) -> dict:
     from latentsync_core.audio import log_mel_spectrogram, mel_segments
     from latentsync_core.configs import get_variant
 
@@ -80,22 +93,44 @@ def generate(repo: Path, clip: Path, out: Path, variant: str | None = None, stre
     h, w = frames.shape[1:3]
     out.mkdir(parents=True, exist_ok=True)
     picks = np.linspace(0, len(frames) - 1, entries).astype(int)
-    mel = mel_segments(log_mel_spectrogram(audio))[0].numpy()   # one zero-padded 30 s whisper segment
+    mel = mel_segments(log_mel_spectrogram(audio))[0].numpy()  # one zero-padded 30 s whisper segment
 
     models = {
         "lipsync": (lipsync_streams(frames, audio, streams), {"streaming": True, "batch": None}),
         "face_detector": ([{"FRAMES": tensor(frames[i])} for i in picks], {"batch": WINDOW}),
-        "restorer": ([{"FRAMES": tensor(frames[i]),
-                       "FACES": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32)),
-                       "AFFINES": tensor(crop_affine(h, w, resolution))} for i in picks], {"batch": WINDOW}),
-        "vae_encoder": ([{"PIXELS": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32))}
-                         for _ in range(entries)], {"batch": WINDOW}),
-        "vae_decoder": ([{"LATENTS": tensor(rng.standard_normal((4, latent, latent)).astype(np.float32))}
-                         for _ in range(entries)], {"batch": WINDOW}),
-        f"unet_{variant}": ([{"SAMPLE": tensor(rng.standard_normal((13, WINDOW, latent, latent)).astype(np.float32)),
-                              "TIMESTEP": tensor(np.array([t], np.int64)),
-                              "AUDIO": tensor(0.1 * rng.standard_normal((WINDOW, 50, 384)).astype(np.float32))}
-                             for t in (951, 501)], {"batch": 2}),
+        "restorer": (
+            [
+                {
+                    "FRAMES": tensor(frames[i]),
+                    "FACES": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32)),
+                    "AFFINES": tensor(crop_affine(h, w, resolution)),
+                }
+                for i in picks
+            ],
+            {"batch": WINDOW},
+        ),
+        "vae_encoder": (
+            [
+                {"PIXELS": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32))}
+                for _ in range(entries)
+            ],
+            {"batch": WINDOW},
+        ),
+        "vae_decoder": (
+            [{"LATENTS": tensor(rng.standard_normal((4, latent, latent)).astype(np.float32))} for _ in range(entries)],
+            {"batch": WINDOW},
+        ),
+        f"unet_{variant}": (
+            [
+                {
+                    "SAMPLE": tensor(rng.standard_normal((13, WINDOW, latent, latent)).astype(np.float32)),
+                    "TIMESTEP": tensor(np.array([t], np.int64)),
+                    "AUDIO": tensor(0.1 * rng.standard_normal((WINDOW, 50, 384)).astype(np.float32)),
+                }
+                for t in (951, 501)
+            ],
+            {"batch": 2},
+        ),
         "audio_encoder": ([{"MEL": tensor(mel)}], {"batch": 1}),
     }
     index = {}
@@ -104,16 +139,23 @@ def generate(repo: Path, clip: Path, out: Path, variant: str | None = None, stre
             continue
         write(out / f"{name}.json", data)
         index[name] = {"input_data": str(out / f"{name}.json"), **flags}
-    index["_meta"] = {"variant": variant, "frames_per_stream": int(len(frames)), "frame_size": [int(h), int(w)],
-                      "streams": streams, "clip": str(clip)}
+    index["_meta"] = {
+        "variant": variant,
+        "frames_per_stream": int(len(frames)),
+        "frame_size": [int(h), int(w)],
+        "streams": streams,
+        "clip": str(clip),
+    }
     (out / "models.json").write_text(json.dumps(index, indent=1) + "\n")
     return index
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--clip", type=Path, required=True, help="a video with a face and an audio track")
     p.add_argument("--out", type=Path, required=True)

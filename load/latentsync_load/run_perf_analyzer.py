@@ -10,6 +10,7 @@ runs with --streaming and real per-sequence data streams (audio first, then fram
 request (a request of 16 frames is one window). Defaults keep a CPU run short; raise --requests and
 --max-trials for stable numbers on a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,43 @@ def perf_analyzer() -> str:
 
 
 def command(binary: str, model: str, spec: dict, url: str, a, csv_path: Path) -> list[str]:
-    cmd = [binary, "-m", model, "-u", url, "-i", "grpc", "--input-data", spec["input_data"],
-           "--concurrency-range", a.concurrency, "-f", str(csv_path), "--percentile", "95",
-           "--measurement-mode", "count_windows", "--measurement-request-count", str(a.requests),
-           "-s", str(a.stability), "-r", str(a.max_trials)]
+    cmd = [
+        binary,
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--input-data",
+        spec["input_data"],
+        "--concurrency-range",
+        a.concurrency,
+        "-f",
+        str(csv_path),
+        "--percentile",
+        "95",
+        "--measurement-mode",
+        "count_windows",
+        "--measurement-request-count",
+        str(a.requests),
+        "-s",
+        str(a.stability),
+        "-r",
+        str(a.max_trials),
+    ]
     if spec.get("batch"):
         cmd += ["-b", str(spec["batch"])]
     if spec.get("streaming"):
         # (--bls-composing-models is left out: with it perf_analyzer 2.60 sends sequence requests without a
         # correlation id; latentsync-bench reports the composing models from the server statistics instead)
-        cmd += ["--streaming", "--request-parameter", f"steps:{a.steps}:int",
-                "--request-parameter", f"variant:{spec['variant']}:string"]
+        cmd += [
+            "--streaming",
+            "--request-parameter",
+            f"steps:{a.steps}:int",
+            "--request-parameter",
+            f"variant:{spec['variant']}:string",
+        ]
     return cmd
 
 
@@ -52,28 +79,43 @@ def read_csv(path: Path) -> list[dict]:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     us = lambda row, key: float(row.get(key) or 0) / 1e3  # noqa: E731 - microseconds -> ms
-    return [{"concurrency": int(r["Concurrency"]), "infer_per_s": float(r["Inferences/Second"]),
-             "p50_ms": us(r, "p50 latency"), "p95_ms": us(r, "p95 latency"), "p99_ms": us(r, "p99 latency"),
-             "avg_ms": us(r, "Avg latency"), "server_queue_ms": us(r, "Server Queue"),
-             "server_compute_ms": us(r, "Server Compute Input") + us(r, "Server Compute Infer")
-             + us(r, "Server Compute Output")} for r in rows]
+    return [
+        {
+            "concurrency": int(r["Concurrency"]),
+            "infer_per_s": float(r["Inferences/Second"]),
+            "p50_ms": us(r, "p50 latency"),
+            "p95_ms": us(r, "p95 latency"),
+            "p99_ms": us(r, "p99 latency"),
+            "avg_ms": us(r, "Avg latency"),
+            "server_queue_ms": us(r, "Server Queue"),
+            "server_compute_ms": us(r, "Server Compute Input")
+            + us(r, "Server Compute Infer")
+            + us(r, "Server Compute Output"),
+        }
+        for r in rows
+    ]
 
 
 def markdown(summary: dict) -> str:
     meta = summary["meta"]
-    lines = [f"perf_analyzer {summary['version']} on {summary['url']}: variant {meta['variant']}, lipsync "
-             f"streams of {meta['frames_per_stream']} frames ({meta['frame_size'][1]}x{meta['frame_size'][0]}), "
-             f"{summary['steps']} steps.", "",
-             "| model | batch | concurrency | infer/s | p50 ms | p95 ms | p99 ms | server queue ms "
-             "| server compute ms | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"perf_analyzer {summary['version']} on {summary['url']}: variant {meta['variant']}, lipsync "
+        f"streams of {meta['frames_per_stream']} frames ({meta['frame_size'][1]}x{meta['frame_size'][0]}), "
+        f"{summary['steps']} steps.",
+        "",
+        "| model | batch | concurrency | infer/s | p50 ms | p95 ms | p99 ms | server queue ms "
+        "| server compute ms | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in summary["models"].items():
         if not r["rows"]:
             lines.append(f"| {name} | {r['batch'] or '-'} | - | - | - | - | - | - | - | {r['status']} |")
         for row in r["rows"]:
-            lines.append(f"| {name} | {r['batch'] or '-'} | {row['concurrency']} | {row['infer_per_s']:.3f} | "
-                         f"{row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
-                         f"{row['server_queue_ms']:.0f} | {row['server_compute_ms']:.0f} | {r['status']} |")
+            lines.append(
+                f"| {name} | {r['batch'] or '-'} | {row['concurrency']} | {row['infer_per_s']:.3f} | "
+                f"{row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
+                f"{row['server_queue_ms']:.0f} | {row['server_compute_ms']:.0f} | {r['status']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -98,8 +140,13 @@ def run(a, url: str) -> dict:
         except subprocess.TimeoutExpired as e:
             status = f"timeout after {a.timeout:g} s"
             log_path.write_text(str(e.stdout or "") + str(e.stderr or ""))
-        summary["models"][name] = {"batch": spec.get("batch"), "status": status, "rows": read_csv(csv_path),
-                                   "seconds": time.monotonic() - start, "command": cmd}
+        summary["models"][name] = {
+            "batch": spec.get("batch"),
+            "status": status,
+            "rows": read_csv(csv_path),
+            "seconds": time.monotonic() - start,
+            "command": cmd,
+        }
         print(f"{name}: {status} ({time.monotonic() - start:.0f} s)", flush=True)
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (a.out / "summary.md").write_text(markdown(summary))
@@ -107,9 +154,11 @@ def run(a, url: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--repo", type=Path, required=True, help="repository built by latentsync-export")
     p.add_argument("--clip", type=Path, required=True, help="a video with a face and an audio track")
     p.add_argument("--out", type=Path, required=True)
@@ -124,9 +173,12 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=1.2, help="audio seconds per lipsync stream")
     p.add_argument("--size", type=int, default=256, help="frames resized to this longer side")
     p.add_argument("--requests", type=int, default=3, help="requests per measurement window")
-    p.add_argument("--stability", type=int, default=1000,
-                   help="perf_analyzer -s: allowed spread of 3 windows in percent (a shared CPU needs a lot; "
-                        "use 10-20 on a GPU)")
+    p.add_argument(
+        "--stability",
+        type=int,
+        default=1000,
+        help="perf_analyzer -s: allowed spread of 3 windows in percent (a shared CPU needs a lot; use 10-20 on a GPU)",
+    )
     p.add_argument("--max-trials", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     a = p.parse_args(argv)
@@ -134,7 +186,6 @@ def main(argv=None) -> int:
     if a.url:
         summary = run(a, a.url)
     else:
-
         server = TritonServer(a.repo, log_path=a.out / "tritonserver.log")
         try:
             summary = run(a, server.start().wait_ready(600).grpc_url)

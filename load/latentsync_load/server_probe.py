@@ -9,6 +9,7 @@ less the file-backed pages (code, constant), without its cost: the kernel walks 
 quiet moments (idle, after). /dev/shm is counted in allocated blocks: a region's size is the pool's reserved
 size, its blocks the pages ever touched, which tmpfs keeps until the region is removed.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def process_group(pgid: int) -> list[int]:
         if entry.name.isdigit():
             try:
                 fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid:          # after the command: state, ppid, pgrp, ...
+                if int(fields[2]) == pgid:  # after the command: state, ppid, pgrp, ...
                     pids.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
@@ -63,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of the process (all its threads), in seconds; 0 once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS    # fields 14, 15 of stat(5)
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14, 15 of stat(5)
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -102,10 +103,10 @@ def shm_bytes(regions: list[Path]) -> int:
 @dataclass
 class MemorySample:
     t: float
-    anon: int                                    # private anonymous memory summed over the server's processes
-    shm: int                                     # /dev/shm of the server's regions
-    by_process: dict[str, int] = field(default_factory=dict)    # anonymous memory of each
-    pss: int | None = None                       # summed PSS, where read (exact=True)
+    anon: int  # private anonymous memory summed over the server's processes
+    shm: int  # /dev/shm of the server's regions
+    by_process: dict[str, int] = field(default_factory=dict)  # anonymous memory of each
+    pss: int | None = None  # summed PSS, where read (exact=True)
 
     @property
     def total(self) -> int:
@@ -154,7 +155,7 @@ class MemoryWatch:
         self.probe, self.period = probe, period
         self.peak: MemorySample | None = None
         self.peak_shm = 0
-        self.cpu_s = 0.0                     # this thread's own CPU time (the sampling's cost)
+        self.cpu_s = 0.0  # this thread's own CPU time (the sampling's cost)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="server-memory", daemon=True)
 
@@ -197,6 +198,8 @@ def read_metrics(url: str, prefixes: tuple[str, ...] = ("denoiser_", "lipsync_")
 
 def metric_delta(before: dict[tuple, float], after: dict[tuple, float], name: str, **labels: str) -> float:
     """Change of the summed series `name` whose labels include `labels`."""
+
     def total(values: dict[tuple, float]) -> float:
         return sum(v for (n, pairs), v in values.items() if n == name and set(labels.items()) <= set(pairs))
+
     return total(after) - total(before)

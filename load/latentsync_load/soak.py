@@ -14,6 +14,7 @@ growth must stay under --max-rss-growth-mb (samples every 5 s are printed too, t
 steady growth). The `lipsync_open_streams` gauge must be back to 0 at the end.
 Prints one JSON summary; exit 0 only if every check passed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,19 +42,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--server-pid", type=int, help="tritonserver pid (checks resident memory growth)")
     p.add_argument("--clip", required=True, help="video whose first --clip-frames frames are used")
     p.add_argument("--clip-frames", type=int, default=12)
-    p.add_argument("--face-frames", type=int, default=1,
-                   help="keep the first K frames of the clip, blank the rest: faceless frames pass through, "
-                        "so K sets the server work per sync (a stream needs one face to succeed)")
+    p.add_argument(
+        "--face-frames",
+        type=int,
+        default=1,
+        help="keep the first K frames of the clip, blank the rest: faceless frames pass through, "
+        "so K sets the server work per sync (a stream needs one face to succeed)",
+    )
     p.add_argument("--width", type=int, default=540, help="frame width in pixels (height keeps the aspect)")
     p.add_argument("--audio-seconds", type=float, default=0.5)
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--seconds", type=float, default=300.0)
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--max-rss-growth-mb", type=float, default=512.0,
-                   help="bound on server RSS growth after the warm-up (tiny CPU repository, 8 streams, "
-                        "MALLOC_ARENA_MAX=2 as latentsync-serve sets it: ~180 MB, then flat)")
-    p.add_argument("--warmup-seconds", type=float, default=20.0,
-                   help="seconds of full load after every stream's first sync before the memory baseline")
+    p.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=512.0,
+        help="bound on server RSS growth after the warm-up (tiny CPU repository, 8 streams, "
+        "MALLOC_ARENA_MAX=2 as latentsync-serve sets it: ~180 MB, then flat)",
+    )
+    p.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=20.0,
+        help="seconds of full load after every stream's first sync before the memory baseline",
+    )
     p.add_argument("--short", action="store_true", help="8 streams for 60 s (overrides --streams/--seconds)")
     a = p.parse_args(argv)
     if a.short:
@@ -62,7 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def make_inputs(clip: str, n_frames: int, face_frames: int, width: int, audio_seconds: float, folder: Path) -> tuple[Path, Path]:
+def make_inputs(
+    clip: str, n_frames: int, face_frames: int, width: int, audio_seconds: float, folder: Path
+) -> tuple[Path, Path]:
     """A small 25 fps h264 clip from `clip` and a 16 kHz tone wav (small: the server, not the codec, is tested)."""
     video, audio = folder / "clip.mp4", folder / "voice.wav"
     with av.open(clip) as src, av.open(str(video), "w") as dst:
@@ -107,8 +122,11 @@ def tree_rss_mb(pid: int) -> float:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            total += int(next(l for l in Path(f"/proc/{p}/status").read_text().splitlines()
-                              if l.startswith("VmRSS")).split()[1])
+            total += int(
+                next(ln for ln in Path(f"/proc/{p}/status").read_text().splitlines() if ln.startswith("VmRSS")).split()[
+                    1
+                ]
+            )
         except (OSError, StopIteration):
             pass
     return total / 1024
@@ -116,7 +134,7 @@ def tree_rss_mb(pid: int) -> float:
 
 def open_streams(metrics_url: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("lipsync_open_streams{"))
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("lipsync_open_streams{"))
 
 
 # ------------------------------------------------------------------------------------------------ soak
@@ -154,23 +172,23 @@ def soak(a: argparse.Namespace) -> dict:
     started = time.monotonic()
     for t in threads:
         t.start()
-    warm.wait()                              # every worker finished one sync: models loaded, buffers sized
+    warm.wait()  # every worker finished one sync: models loaded, buffers sized
     # The allocators (glibc arenas per thread, Triton's gRPC buffers, torch's caches) keep growing for a while
     # after the first round; the baseline is taken after --warmup-seconds more of full load, so the bound
     # is on growth under steady load, which is what a leak shows up as.
     warm_at, samples, after_warm = time.monotonic() + a.warmup_seconds, [], []
     while a.server_pid and any(t.is_alive() for t in threads):
         rss = tree_rss_mb(a.server_pid)
-        samples.append(round(rss))           # every 5 s: tells a one-off step from steady growth
+        samples.append(round(rss))  # every 5 s: tells a one-off step from steady growth
         if time.monotonic() >= warm_at:
-            after_warm.append(rss)           # the first one is the baseline
+            after_warm.append(rss)  # the first one is the baseline
         time.sleep(5.0)
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
     rss_end = tree_rss_mb(a.server_pid) if a.server_pid else None
     gauge = None
-    if a.metrics_url:                        # ended streams are freed at once; allow the reaper a moment
+    if a.metrics_url:  # ended streams are freed at once; allow the reaper a moment
         for _ in range(40):
             gauge = open_streams(a.metrics_url)
             if gauge == 0:
@@ -184,15 +202,30 @@ def soak(a: argparse.Namespace) -> dict:
     growth = None if rss_warm is None else max(after_warm + [rss_end]) - rss_warm
     if a.server_pid and rss_warm is None:
         stats["errors"].append(f"the run ended before the {a.warmup_seconds:g} s warm-up: no memory baseline")
-    ok = (not stats["errors"] and not stats["incomplete"] and stats["syncs"] >= a.streams
-          and (growth is None or growth <= a.max_rss_growth_mb) and gauge in (None, 0))
-    return {"ok": ok, "streams": a.streams, "seconds": round(elapsed, 1), "syncs": stats["syncs"],
-            "frames": stats["frames"], "frames_per_sync": expected, "errors": stats["errors"][:20],
-            "n_errors": len(stats["errors"]), "incomplete": stats["incomplete"][:20],
-            "server_rss_warm_mb": rss_warm and round(rss_warm, 1), "server_rss_end_mb": rss_end and round(rss_end, 1),
-            "server_rss_growth_mb": growth if growth is None else round(growth, 1),
-            "server_rss_samples_mb": samples[:: max(1, len(samples) // 30)],
-            "max_rss_growth_mb": a.max_rss_growth_mb, "open_streams_at_end": gauge}
+    ok = (
+        not stats["errors"]
+        and not stats["incomplete"]
+        and stats["syncs"] >= a.streams
+        and (growth is None or growth <= a.max_rss_growth_mb)
+        and gauge in (None, 0)
+    )
+    return {
+        "ok": ok,
+        "streams": a.streams,
+        "seconds": round(elapsed, 1),
+        "syncs": stats["syncs"],
+        "frames": stats["frames"],
+        "frames_per_sync": expected,
+        "errors": stats["errors"][:20],
+        "n_errors": len(stats["errors"]),
+        "incomplete": stats["incomplete"][:20],
+        "server_rss_warm_mb": rss_warm and round(rss_warm, 1),
+        "server_rss_end_mb": rss_end and round(rss_end, 1),
+        "server_rss_growth_mb": growth if growth is None else round(growth, 1),
+        "server_rss_samples_mb": samples[:: max(1, len(samples) // 30)],
+        "max_rss_growth_mb": a.max_rss_growth_mb,
+        "open_streams_at_end": gauge,
+    }
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ triton_python_backend_utils module) is passed in, so this module imports without
 on a GPU stay there: they cross between models through DLPack (Triton passes device memory, no host copy);
 only host tensors go through numpy.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,13 @@ class ModelContext:
             torch.set_num_threads(threads)
         if gpu:  # float32 work on a GPU may use TF32 tensor cores (half precision is the default there anyway)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        return cls(config["name"], Path(args["model_repository"]) / str(args["model_version"]), params, device,
-                   int(config.get("max_batch_size", 0)))
+        return cls(
+            config["name"],
+            Path(args["model_repository"]) / str(args["model_version"]),
+            params,
+            device,
+            int(config.get("max_batch_size", 0)),
+        )
 
     def path(self, key: str) -> Path:
         """A file parameter: absolute, or relative to the model's version folder (weights copied into it)."""
@@ -81,8 +87,14 @@ def from_torch(pb_utils, name: str, tensor: torch.Tensor):
     return pb_utils.Tensor(name, tensor.contiguous().numpy())
 
 
-def serve_batch(pb_utils, requests: Sequence, inputs: Sequence[str], outputs: Sequence[str],
-                run: Callable[..., Sequence[torch.Tensor]], device: torch.device) -> list:
+def serve_batch(
+    pb_utils,
+    requests: Sequence,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    run: Callable[..., Sequence[torch.Tensor]],
+    device: torch.device,
+) -> list:
     """Run one dynamic batch as few model calls as possible and answer every request.
 
     The requests of a batch are concatenated along dim 0 (on `device`) and run together; requests whose
@@ -97,8 +109,10 @@ def serve_batch(pb_utils, requests: Sequence, inputs: Sequence[str], outputs: Se
     for members in groups.values():
         sizes = [len(tensors[i][0]) for i in members]
         try:
-            batch = [torch.cat([tensors[i][k] for i in members]) if len(members) > 1 else tensors[members[0]][k]
-                     for k in range(len(inputs))]
+            batch = [
+                torch.cat([tensors[i][k] for i in members]) if len(members) > 1 else tensors[members[0]][k]
+                for k in range(len(inputs))
+            ]
             with torch.no_grad():
                 results = run(*batch)
             parts = [r.split(sizes) for r in results]

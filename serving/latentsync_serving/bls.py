@@ -9,6 +9,7 @@ Every call blocks its stream's thread only; the calls of concurrent streams meet
 most `CallSlots.per_model` at a time per callee. Each call's count and bytes are counted per callee
 (`lipsync_bls_*` metrics).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,11 @@ from latentsync_core.vae import Posterior
 from .backend import from_torch, to_torch
 from .metrics import Metrics
 
-TRAFFIC = {"lipsync_bls_requests": "BLS requests sent, by callee",
-           "lipsync_bls_input_bytes": "Bytes of the tensors sent to each callee",
-           "lipsync_bls_output_bytes": "Bytes of the tensors received from each callee"}
+TRAFFIC = {
+    "lipsync_bls_requests": "BLS requests sent, by callee",
+    "lipsync_bls_input_bytes": "Bytes of the tensors sent to each callee",
+    "lipsync_bls_output_bytes": "Bytes of the tensors received from each callee",
+}
 
 
 class ModelCallError(RuntimeError):
@@ -47,7 +50,7 @@ class ModelNames:
     vae_encoder: str = "vae_encoder"
     vae_decoder: str = "vae_decoder"
     restorer: str = "restorer"
-    enhancer: str = ""            # empty: the repository has no face enhancer
+    enhancer: str = ""  # empty: the repository has no face enhancer
 
 
 class CallSlots:
@@ -72,8 +75,17 @@ class CallSlots:
 class TritonModels:
     """ModelBackend over BLS; one per stream (it names that stream's denoiser variant)."""
 
-    def __init__(self, pb_utils, names: ModelNames, vae_scale: float, traffic: Metrics, device: torch.device,
-                 audio_max_batch: int = 8, track_faces: bool = False, slots: CallSlots | None = None):
+    def __init__(
+        self,
+        pb_utils,
+        names: ModelNames,
+        vae_scale: float,
+        traffic: Metrics,
+        device: torch.device,
+        audio_max_batch: int = 8,
+        track_faces: bool = False,
+        slots: CallSlots | None = None,
+    ):
         self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
         self.slots = slots or CallSlots(0)
         self.device, self.audio_max_batch = device, audio_max_batch
@@ -84,8 +96,14 @@ class TritonModels:
         self._memory = {} if memory is None else {"preferred_memory": memory(kind, device.index or 0)}
 
     # ------------------------------------------------------------------------------------------ transport
-    def call(self, model: str, inputs: dict[str, torch.Tensor | np.ndarray], outputs: list[str],
-             parameters: dict | None = None, decoupled: bool = False) -> list[torch.Tensor]:
+    def call(
+        self,
+        model: str,
+        inputs: dict[str, torch.Tensor | np.ndarray],
+        outputs: list[str],
+        parameters: dict | None = None,
+        decoupled: bool = False,
+    ) -> list[torch.Tensor]:
         # The denoiser holds a window for all its steps and batches up to its max_windows: not limited here.
         with contextlib.nullcontext() if decoupled else self.slots(model):
             found = self._call(model, inputs, outputs, parameters, decoupled)
@@ -94,13 +112,26 @@ class TritonModels:
         self.traffic.add("lipsync_bls_output_bytes", sum(_nbytes(v) for v in found.values()), callee=model)
         return [found[name] for name in outputs]
 
-    def _call(self, model: str, inputs: dict[str, torch.Tensor | np.ndarray], outputs: list[str],
-              parameters: dict | None, decoupled: bool) -> dict[str, torch.Tensor]:
+    def _call(
+        self,
+        model: str,
+        inputs: dict[str, torch.Tensor | np.ndarray],
+        outputs: list[str],
+        parameters: dict | None,
+        decoupled: bool,
+    ) -> dict[str, torch.Tensor]:
         pb = self.pb
-        tensors = [pb.Tensor(k, np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else from_torch(pb, k, v)
-                   for k, v in inputs.items()]
-        request = pb.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors,
-                                      **({"parameters": parameters} if parameters else {}), **self._memory)
+        tensors = [
+            pb.Tensor(k, np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else from_torch(pb, k, v)
+            for k, v in inputs.items()
+        ]
+        request = pb.InferenceRequest(
+            model_name=model,
+            requested_output_names=outputs,
+            inputs=tensors,
+            **({"parameters": parameters} if parameters else {}),
+            **self._memory,
+        )
         responses = request.exec(decoupled=True) if decoupled else [request.exec()]
         found: dict[str, torch.Tensor] = {}
         for response in responses:
@@ -133,19 +164,28 @@ class TritonModels:
 
     def encode_audio(self, mel_segments: torch.Tensor) -> torch.Tensor:
         mel = mel_segments.float()
-        return torch.cat([self.call(self.names.audio_encoder, {"MEL": mel[i:i + self.audio_max_batch]},
-                                    ["FEATURES"])[0].cpu() for i in range(0, len(mel), self.audio_max_batch)])
+        return torch.cat(
+            [
+                self.call(self.names.audio_encoder, {"MEL": mel[i : i + self.audio_max_batch]}, ["FEATURES"])[0].cpu()
+                for i in range(0, len(mel), self.audio_max_batch)
+            ]
+        )
 
     def vae_posterior(self, pixels: torch.Tensor) -> Posterior:
         mean, std = self.call(self.names.vae_encoder, {"PIXELS": pixels}, ["MEAN", "STD"])
         return Posterior(mean.to(self.device), std.to(self.device), self.vae_scale)
 
     def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor:
-        inputs = {"LATENTS": latents[0], "MASK": cond.mask[0], "MASKED": cond.masked[0],
-                  "REFERENCE": cond.reference[0], "AUDIO": cond.audio}
+        inputs = {
+            "LATENTS": latents[0],
+            "MASK": cond.mask[0],
+            "MASKED": cond.masked[0],
+            "REFERENCE": cond.reference[0],
+            "AUDIO": cond.audio,
+        }
         # One JSON parameter: BLS parameters take bool/int/str only, and a float's repr round-trips exactly.
         params = {"spec": json.dumps(dataclasses.asdict(spec))}
-        out, = self.call(self.names.denoiser, inputs, ["LATENTS"], params, decoupled=True)
+        (out,) = self.call(self.names.denoiser, inputs, ["LATENTS"], params, decoupled=True)
         return out.to(self.device)[None]
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -154,15 +194,26 @@ class TritonModels:
     def enhance(self, faces: torch.Tensor) -> torch.Tensor:
         return self.call(self.names.enhancer, {"FACES": faces}, ["RESTORED"])[0].to(self.device)
 
-    def paste_regions(self, regions: list[np.ndarray], faces: torch.Tensor, affines: np.ndarray,
-                      windows: list[Window], frame_hw: tuple[int, int]) -> list[np.ndarray]:
+    def paste_regions(
+        self,
+        regions: list[np.ndarray],
+        faces: torch.Tensor,
+        affines: np.ndarray,
+        windows: list[Window],
+        frame_hw: tuple[int, int],
+    ) -> list[np.ndarray]:
         """Only each face's paste window of its frame travels (padded to the largest), never whole frames."""
         sizes = [r.shape[:2] for r in regions]
         padded = np.zeros((len(regions), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
         for i, (region, (h, w)) in enumerate(zip(regions, sizes)):
             padded[i, :h, :w] = region
-        inputs = {"REGIONS": padded, "FACES": faces, "AFFINES": np.asarray(affines, np.float32),
-                  "WINDOWS": np.asarray(windows, np.int32), "FRAME_HW": np.tile(np.int32(frame_hw), (len(regions), 1))}
+        inputs = {
+            "REGIONS": padded,
+            "FACES": faces,
+            "AFFINES": np.asarray(affines, np.float32),
+            "WINDOWS": np.asarray(windows, np.int32),
+            "FRAME_HW": np.tile(np.int32(frame_hw), (len(regions), 1)),
+        }
         restored = self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
         return [restored[i, :h, :w] for i, (h, w) in enumerate(sizes)]
 

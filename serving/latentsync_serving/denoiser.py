@@ -9,6 +9,7 @@ while others denoise joins them at the next step, so the UNet's batch is every a
 whichever step each one is at. The decoupled response (the final latents) is sent when the window's last step
 is done.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ from .backend import ModelContext, from_torch, to_torch
 from .metrics import Metrics, log
 from .stand_ins import NullUNet
 
-INPUTS = ("LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO")   # (c, f, h, w) each; AUDIO (f, 50, 384)
+INPUTS = ("LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO")  # (c, f, h, w) each; AUDIO (f, 50, 384)
 
 
 @dataclass(eq=False)
@@ -38,16 +39,22 @@ class _Window:
 
 
 class DenoiserService:
-    def __init__(self, pb_utils, unet, device: torch.device, dtype: torch.dtype, max_windows: int,
-                 model: str = "denoiser"):
+    def __init__(
+        self, pb_utils, unet, device: torch.device, dtype: torch.dtype, max_windows: int, model: str = "denoiser"
+    ):
         self.pb, self.unet, self.device, self.dtype = pb_utils, unet, device, dtype
         self.max_windows = max_windows
-        self.metrics = Metrics(pb_utils, model, counters={
-            "denoiser_steps": "Iterations of the denoising loop (each advances every active window by one step)",
-            "denoiser_window_steps": "Window-steps done (mean windows per iteration = this / denoiser_steps)",
-            "denoiser_unet_forwards": "UNet forwards (windows of different frame counts need their own)",
-            "denoiser_windows": "Windows denoised to their last step"},
-            gauges={"denoiser_active_windows": "Windows being denoised now"})
+        self.metrics = Metrics(
+            pb_utils,
+            model,
+            counters={
+                "denoiser_steps": "Iterations of the denoising loop (each advances every active window by one step)",
+                "denoiser_window_steps": "Window-steps done (mean windows per iteration = this / denoiser_steps)",
+                "denoiser_unet_forwards": "UNet forwards (windows of different frame counts need their own)",
+                "denoiser_windows": "Windows denoised to their last step",
+            },
+            gauges={"denoiser_active_windows": "Windows being denoised now"},
+        )
         self._pending: deque[_Window] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -73,8 +80,10 @@ class DenoiserService:
         try:
             job = self._job(request)
         except Exception as e:  # noqa: BLE001 - the caller (lipsync) names this model in its error
-            sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")),
-                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender.send(
+                self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")),
+                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
             return
         with self._cond:
             self._pending.append(_Window(job, sender, time.monotonic()))
@@ -82,12 +91,15 @@ class DenoiserService:
 
     def _job(self, request) -> WindowJob:
         # Copies: the window outlives the request's own buffers (a decoupled model answers later).
-        t = {name: to_torch(self.pb.get_input_tensor_by_name(request, name), self.device).clone()
-             for name in INPUTS}
+        t = {name: to_torch(self.pb.get_input_tensor_by_name(request, name), self.device).clone() for name in INPUTS}
         spec = DenoiseSpec(**json.loads(json.loads(request.parameters() or "{}").get("spec", "{}")))
         dt = self.dtype
-        cond = WindowConditioning(mask=t["MASK"][None].to(dt), masked=t["MASKED"][None].to(dt),
-                                  reference=t["REFERENCE"][None].to(dt), audio=t["AUDIO"].to(dt))
+        cond = WindowConditioning(
+            mask=t["MASK"][None].to(dt),
+            masked=t["MASKED"][None].to(dt),
+            reference=t["REFERENCE"][None].to(dt),
+            audio=t["AUDIO"].to(dt),
+        )
         return spec.job(t["LATENTS"][None].float(), cond)
 
     # ------------------------------------------------------------------------------------------ the loop

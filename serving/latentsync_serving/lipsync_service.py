@@ -6,6 +6,7 @@ queue and returns, so the BLS calls of concurrent streams are in flight together
 dynamic batchers can merge them. Within a stream, requests are handled strictly in order. State is freed at
 sequence end, on the first error, on cancellation and after an idle timeout.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -46,7 +47,8 @@ from .metrics import Metrics, log
 from .serve import DRAIN_FILE_ENV
 
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
-RESPONSES = "<responses>"            # the CallSlots key of the window responses sent to clients
+CPU = torch.device("cpu")
+RESPONSES = "<responses>"  # the CallSlots key of the window responses sent to clients
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -54,29 +56,38 @@ RESPONSES = "<responses>"            # the CallSlots key of the window responses
 class ServiceSettings:
     """The lipsync model's config parameters (written by latentsync-export)."""
 
-    denoisers: dict[str, str]          # variant -> denoiser model name; the first is the default variant
+    denoisers: dict[str, str]  # variant -> denoiser model name; the first is the default variant
     names: ModelNames = field(default_factory=ModelNames)
     vae_scale: float = VAE_SCALING_FACTOR
     audio_max_batch: int = 8
     idle_timeout_s: float = 300.0
     random_weights: bool = False
-    track_faces: bool = False          # face_detector policy "track": send each stream's previous box
-    overlap: bool = True               # prepare a stream's next window while the current one denoises
-    calls_per_model: int = 2           # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
+    track_faces: bool = False  # face_detector policy "track": send each stream's previous box
+    overlap: bool = True  # prepare a stream's next window while the current one denoises
+    calls_per_model: int = 2  # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
         denoisers = dict(item.split("=", 1) for item in p["denoiser_models"].split(",") if item.strip())
-        names = ModelNames(**{k: p[f"{k}_model"] for k in ("face_detector", "audio_encoder", "vae_encoder",
-                                                           "vae_decoder", "restorer", "enhancer") if f"{k}_model" in p})
+        names = ModelNames(
+            **{
+                k: p[f"{k}_model"]
+                for k in ("face_detector", "audio_encoder", "vae_encoder", "vae_decoder", "restorer", "enhancer")
+                if f"{k}_model" in p
+            }
+        )
         flag = lambda key, default: p.get(key, default).strip().lower() == "true"  # noqa: E731
-        return cls({k.strip(): v.strip() for k, v in denoisers.items()}, names,
-                   vae_scale=float(p.get("vae_scaling_factor", VAE_SCALING_FACTOR)),
-                   audio_max_batch=int(p.get("audio_encoder_max_batch", 8)),
-                   idle_timeout_s=float(p.get("stream_idle_timeout_s", 300)),
-                   random_weights=flag("random_weights", "false"),
-                   track_faces=p.get("face_policy", "largest") == "track", overlap=flag("overlap_windows", "true"),
-                   calls_per_model=int(p.get("calls_per_model", 2)))
+        return cls(
+            {k.strip(): v.strip() for k, v in denoisers.items()},
+            names,
+            vae_scale=float(p.get("vae_scaling_factor", VAE_SCALING_FACTOR)),
+            audio_max_batch=int(p.get("audio_encoder_max_batch", 8)),
+            idle_timeout_s=float(p.get("stream_idle_timeout_s", 300)),
+            random_weights=flag("random_weights", "false"),
+            track_faces=p.get("face_policy", "largest") == "track",
+            overlap=flag("overlap_windows", "true"),
+            calls_per_model=int(p.get("calls_per_model", 2)),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -106,8 +117,9 @@ class _Incoming:
             tensor = pb.get_input_tensor_by_name(request, name)
             return None if tensor is None else np.array(tensor.as_numpy(), copy=True)
 
-        return cls(request.get_response_sender(), request.flags(), request.parameters() or "", owned(FRAMES),
-                   owned(AUDIO))
+        return cls(
+            request.get_response_sender(), request.flags(), request.parameters() or "", owned(FRAMES), owned(AUDIO)
+        )
 
 
 class Stream:
@@ -116,12 +128,12 @@ class Stream:
 
     def __init__(self, service: LipSyncService, stream_id, token: str | None = None):
         self.service, self.pb, self.id = service, service.pb, stream_id
-        self.token = token                           # its owner's STREAM_TOKEN (None: an old client sent none)
+        self.token = token  # its owner's STREAM_TOKEN (None: an old client sent none)
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.params: StreamParams | None = None
         self.audio: list[np.ndarray] = []
-        self.samples = 0                             # audio samples received
-        self.windows: WindowedStream | None = None   # once the first frames arrived
+        self.samples = 0  # audio samples received
+        self.windows: WindowedStream | None = None  # once the first frames arrived
         self.error: str | None = None
         self.busy = False
         self.last_active = time.monotonic()
@@ -149,7 +161,7 @@ class Stream:
                 self.busy, self.last_active = False, time.monotonic()
         if self.windows is not None:
             done = threading.Event()
-            self.windows.after(done.set)          # the windows still in flight, then this stream is finished
+            self.windows.after(done.set)  # the windows still in flight, then this stream is finished
             self.windows.close()
             done.wait()
         self.windows, self.audio = None, []
@@ -164,8 +176,11 @@ class Stream:
         try:
             if self.params is None:
                 settings = self.service.settings
-                self.params = StreamParams.parse(json.loads(incoming.parameters or "{}"), list(settings.denoisers),
-                                                 enhancer=bool(settings.names.enhancer))
+                self.params = StreamParams.parse(
+                    json.loads(incoming.parameters or "{}"),
+                    list(settings.denoisers),
+                    enhancer=bool(settings.names.enhancer),
+                )
             self._consume(incoming, req)
         except Exception as e:  # noqa: BLE001 - every failure ends the stream with a message to the client
             self._fail(e, req)
@@ -179,19 +194,22 @@ class Stream:
         audio, frames = incoming.audio, incoming.frames
         if audio is not None and audio.size:
             if self.windows is not None:
-                raise ContractError("AUDIO arrived after FRAMES: send the whole audio track first "
-                                    "(upstream normalises the log-mel over the whole track)")
-            check_audio_shape(audio.shape, self.samples)            # the 300 s limit over the whole stream
+                raise ContractError(
+                    "AUDIO arrived after FRAMES: send the whole audio track first "
+                    "(upstream normalises the log-mel over the whole track)"
+                )
+            check_audio_shape(audio.shape, self.samples)  # the 300 s limit over the whole stream
             check_audio_range(float(audio.min()), float(audio.max()))
-            self.audio.append(audio)                                 # owned: copied out in execute
+            self.audio.append(audio)  # owned: copied out in execute
             self.samples += audio.size
         if frames is not None and len(frames):
             check_frames_shape(frames.shape)
             if self.windows is None:
-                self.windows = WindowedStream(self._start(), self._deliver, self._fail,
-                                              overlap=self.service.settings.overlap)
+                self.windows = WindowedStream(
+                    self._start(), self._deliver, self._fail, overlap=self.service.settings.overlap
+                )
             self._check_cancelled(req)
-            incoming.frames = None          # the windows hold what they need of them
+            incoming.frames = None  # the windows hold what they need of them
             self.windows.push(frames, req, owned=True)
         if incoming.flags & SEQUENCE_END and self.windows is not None:
             self._check_cancelled(req)
@@ -202,9 +220,18 @@ class Stream:
             raise ContractError("FRAMES before AUDIO: send the whole 16 kHz audio track first")
         p = self.params
         enhance = EnhanceSpec(p.enhance_blend, p.enhance_min_sharpness) if p.enhance else None
-        lipsync = LipSyncStream(self.service.backend(p.variant), p.variant, p.steps, p.guidance, p.seed,
-                                device=self.service.device, sampler=p.sampler, deepcache=p.deepcache, enhance=enhance,
-                                max_yaw=p.max_yaw)
+        lipsync = LipSyncStream(
+            self.service.backend(p.variant),
+            p.variant,
+            p.steps,
+            p.guidance,
+            p.seed,
+            device=self.service.device,
+            sampler=p.sampler,
+            deepcache=p.deepcache,
+            enhance=enhance,
+            max_yaw=p.max_yaw,
+        )
         samples, self.audio = np.concatenate(self.audio), []
         try:
             lipsync.set_audio(samples)
@@ -219,7 +246,7 @@ class Stream:
 
     # ------------------------------------------------------------------------------------------ responses
     def _deliver(self, result: WindowResult, req: _Request) -> None:
-        with self.service.slots(RESPONSES):   # the frames are copied into the pool until the response is sent
+        with self.service.slots(RESPONSES):  # the frames are copied into the pool until the response is sent
             self._send(req, self._response(result))
 
     def _close(self, req: _Request) -> None:
@@ -251,10 +278,13 @@ class Stream:
 
     def _response(self, r: WindowResult):
         pb = self.pb
-        return pb.InferenceResponse(output_tensors=[
-            pb.Tensor(FRAMES, np.ascontiguousarray(r.frames)),
-            pb.Tensor(FRAME_INDEX, r.indices.astype(np.int64)),
-            pb.Tensor(FACE_FOUND, r.face_found.astype(bool))])
+        return pb.InferenceResponse(
+            output_tensors=[
+                pb.Tensor(FRAMES, np.ascontiguousarray(r.frames)),
+                pb.Tensor(FRAME_INDEX, r.indices.astype(np.int64)),
+                pb.Tensor(FACE_FOUND, r.face_found.astype(bool)),
+            ]
+        )
 
     def _error(self, message: str):
         return self.pb.InferenceResponse(error=self.pb.TritonError(message))
@@ -268,18 +298,23 @@ class LipSyncService:
     (or none, if its START had none), and a START on a live id is refused unless it carries that token. While
     latentsync-serve drains (its flag file exists) new streams are refused and open ones finish."""
 
-    def __init__(self, pb_utils, settings: ServiceSettings, model: str = "lipsync",
-                 device: torch.device = torch.device("cpu")):
+    def __init__(self, pb_utils, settings: ServiceSettings, model: str = "lipsync", device: torch.device = CPU):
         self.pb, self.settings, self.device = pb_utils, settings, device
         self.streams: dict[Any, Stream] = {}
-        self.dropped: dict[Any, float] = {}          # stream id -> when it was dropped as idle (for the message)
+        self.dropped: dict[Any, float] = {}  # stream id -> when it was dropped as idle (for the message)
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
         self.lock = threading.Lock()
-        self.running: set[Stream] = set()             # streams whose thread has not finished
-        self.slots = CallSlots(settings.calls_per_model)     # shared by the streams: bounds the pools' growth
-        self.metrics = Metrics(pb_utils, model, counters=TRAFFIC, gauges={
-            "lipsync_open_streams": "Streams started and not yet finished (last response sent), failed-and-ended "
-                                    "or dropped as idle"})
+        self.running: set[Stream] = set()  # streams whose thread has not finished
+        self.slots = CallSlots(settings.calls_per_model)  # shared by the streams: bounds the pools' growth
+        self.metrics = Metrics(
+            pb_utils,
+            model,
+            counters=TRAFFIC,
+            gauges={
+                "lipsync_open_streams": "Streams started and not yet finished (last response sent), failed-and-ended "
+                "or dropped as idle"
+            },
+        )
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_idle, name="lipsync-reaper", daemon=True)
         self._reaper.start()
@@ -295,8 +330,16 @@ class LipSyncService:
     def backend(self, variant: str) -> TritonModels:
         """A stream's model calls: its variant's denoiser, on this instance's device."""
         names = ModelNames(**{**self.settings.names.__dict__, "denoiser": self.settings.denoisers[variant]})
-        return TritonModels(self.pb, names, self.settings.vae_scale, self.metrics, self.device,
-                            self.settings.audio_max_batch, self.settings.track_faces, self.slots)
+        return TritonModels(
+            self.pb,
+            names,
+            self.settings.vae_scale,
+            self.metrics,
+            self.device,
+            self.settings.audio_max_batch,
+            self.settings.track_faces,
+            self.slots,
+        )
 
     def submit(self, request) -> None:
         stream_id, flags = request.correlation_id(), request.flags()
@@ -317,9 +360,11 @@ class LipSyncService:
                 if flags & SEQUENCE_END:
                     del self.streams[stream_id]
                 self._count()
-        if refusal is not None:             # the stream of this id, if any, is left as it was
-            request.get_response_sender().send(self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
-                                               flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if refusal is not None:  # the stream of this id, if any, is left as it was
+            request.get_response_sender().send(
+                self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
+                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
             return
         stream.put(_Incoming.take(self.pb, request))
         if flags & SEQUENCE_END:
@@ -331,16 +376,20 @@ class LipSyncService:
             if self.drain_file and os.path.exists(self.drain_file):
                 return draining_message(stream_id)
             if stream is not None and not (stream.token is not None and _same_token(stream.token, token)):
-                return (f"sequence_id {stream_id} is in use by another stream: a new stream needs an id of its own "
-                        "(or end the open one first)")
+                return (
+                    f"sequence_id {stream_id} is in use by another stream: a new stream needs an id of its own "
+                    "(or end the open one first)"
+                )
             return None
         if stream is None:
             if stream_id in self.dropped:
                 return idle_drop_message(stream_id, self.settings.idle_timeout_s)
             return f"unknown stream {stream_id}: its first request must set sequence_start"
         if not _same_token(stream.token, token):
-            return (f"sequence_id {stream_id} is in use by another client: this request's '{STREAM_TOKEN}' is not the "
-                    "one its stream was started with")
+            return (
+                f"sequence_id {stream_id} is in use by another client: this request's '{STREAM_TOKEN}' is not the "
+                "one its stream was started with"
+            )
         return None
 
     def _reap_idle(self) -> None:
@@ -387,5 +436,5 @@ def _return_free_memory() -> None:
     300 s stream left ~90 MB resident in this process for good)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc
+    except (OSError, AttributeError):  # not glibc
         pass

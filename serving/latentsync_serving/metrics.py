@@ -4,6 +4,7 @@ Every metric carries the label model=<model name>, plus any labels given when it
 (pb_utils without MetricFamily) the values are kept in `values` only, so the code that updates them runs
 unchanged in tests.
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,12 +12,13 @@ from typing import Mapping
 
 
 class Metrics:
-    def __init__(self, pb_utils, model: str, counters: Mapping[str, str] | None = None,
-                 gauges: Mapping[str, str] | None = None):
+    def __init__(
+        self, pb_utils, model: str, counters: Mapping[str, str] | None = None, gauges: Mapping[str, str] | None = None
+    ):
         self.model = model
         self.values: dict[tuple, float] = {}
         self._lock = threading.Lock()
-        self._families: dict[str, object] = {}   # a family must outlive its metrics
+        self._families: dict[str, object] = {}  # a family must outlive its metrics
         self._metrics: dict[tuple, object] = {}
         family = getattr(pb_utils, "MetricFamily", None)
         if family is not None:

@@ -20,6 +20,7 @@ whose path the model gets in DRAIN_FILE_ENV) and waits until its open streams en
 gauge is 0) or the drain timeout passed, then stops tritonserver. Triton itself marks the server not ready
 at once on a signal, and then refuses every new request, the BLS calls of open streams included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,10 @@ def triton_home(explicit: str | os.PathLike | None = None) -> Path:
     try:
         import pytriton
     except ImportError as e:
-        raise RuntimeError("no Triton server found: install nvidia-pytriton (the [server] extra) "
-                           "or set TRITON_HOME to a folder with bin/tritonserver") from e
+        raise RuntimeError(
+            "no Triton server found: install nvidia-pytriton (the [server] extra) "
+            "or set TRITON_HOME to a folder with bin/tritonserver"
+        ) from e
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
@@ -221,20 +224,26 @@ __attribute__((constructor)) static void start_heap_trim(void) {
 }
 """
 
+
 def build_argv_shim(out: str | os.PathLike) -> Path:
     """Compile ARGV_SHIM_SOURCE and HEAP_TRIM_SOURCE into the shared library `out` with the C compiler ($CC, cc,
     gcc or clang)."""
     out = Path(out)
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if compiler is None:
-        raise RuntimeError("latentsync-serve needs a C compiler (cc, gcc or clang) to build the library that keeps "
-                           "the admin key off the process list, or env LATENTSYNC_ARGV_SHIM naming a prebuilt one")
+        raise RuntimeError(
+            "latentsync-serve needs a C compiler (cc, gcc or clang) to build the library that keeps "
+            "the admin key off the process list, or env LATENTSYNC_ARGV_SHIM naming a prebuilt one"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         source, built = Path(tmp) / "argv_secret.c", Path(tmp) / "argv_secret.so"
         source.write_text(ARGV_SHIM_SOURCE + HEAP_TRIM_SOURCE)
-        r = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-Wall", "-pthread", "-o", str(built), str(source)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-pthread", "-o", str(built), str(source)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"building the argv library with {compiler} failed:\n{r.stderr}")
         os.replace(built, out)
@@ -257,8 +266,11 @@ def key_folder() -> Path:
     """Where generated admin keys go: $XDG_RUNTIME_DIR/latentsync, else <tmp>/latentsync-<uid>; a folder only its
     owner can enter (an existing one that is a link, someone else's or open to others is refused)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    folder = (Path(runtime) / "latentsync" if runtime and Path(runtime).is_dir()
-              else Path(tempfile.gettempdir()) / f"latentsync-{os.getuid()}")
+    folder = (
+        Path(runtime) / "latentsync"
+        if runtime and Path(runtime).is_dir()
+        else Path(tempfile.gettempdir()) / f"latentsync-{os.getuid()}"
+    )
     folder.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(folder)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -269,7 +281,7 @@ def key_folder() -> Path:
 def write_private(path: Path, text: str) -> Path:
     """Write `text` to `path` with mode 0600 (a new file renamed into place, never through a link)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)                 # left by a killed run with this pid
+    tmp.unlink(missing_ok=True)  # left by a killed run with this pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
@@ -278,12 +290,22 @@ def write_private(path: Path, text: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- flags
-def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_port: int, metrics_port: int,
-                address: str = "127.0.0.1", model_control_mode: str = "none",
-                load_models: Sequence[str] = (), max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
-                exit_timeout_s: int = 30, options: frozenset[str] = frozenset(),
-                shm_prefix: str | None = None, open_apis: Sequence[str] = (),
-                allow_shared_memory: bool = False) -> list[str]:
+def server_args(
+    model_repository: str | os.PathLike,
+    *,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    address: str = "127.0.0.1",
+    model_control_mode: str = "none",
+    load_models: Sequence[str] = (),
+    max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
+    exit_timeout_s: int = 30,
+    options: frozenset[str] = frozenset(),
+    shm_prefix: str | None = None,
+    open_apis: Sequence[str] = (),
+    allow_shared_memory: bool = False,
+) -> list[str]:
     """tritonserver command-line flags (without the binary and backend directory).
 
     The restrictions carry secret markers: the admin APIs (RESTRICTED_APIS less `open_apis`) take the key of
@@ -294,34 +316,42 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
     removed after it was killed (a SIGKILLed server leaves them behind, 16+ MB per model instance)."""
     if model_control_mode not in ("none", "explicit"):
         raise ValueError("model_control_mode must be 'none' (load everything, fixed) or 'explicit'")
-    args = [f"--model-repository={Path(model_repository).resolve()}",
-            f"--grpc-address={address}", f"--grpc-port={grpc_port}",
-            f"--http-address={address}", f"--http-port={http_port}",
-            f"--metrics-address={address}", f"--metrics-port={metrics_port}",
-            f"--model-control-mode={model_control_mode}",
-            "--strict-readiness=true",          # /v2/health/ready only once every model loaded
-            f"--exit-timeout-secs={exit_timeout_s}",  # drain in-flight windows (and idle HTTP keep-alives)
-            # gRPC request objects are not pooled for reuse: a pooled one keeps the buffers of the largest message
-            # it ever held (a 256 MiB request left 256 MiB in tritonserver for good, measured on 2.51)
-            "--grpc-infer-allocation-pool-size=0",
-            f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
-            # gRPC request/response objects are not kept for reuse: a kept one holds its largest message (a whole
-            # window of frames, ~100 MB at 1080p) for good; freeing them costs page faults, not copies
-            "--grpc-infer-allocation-pool-size=0"]
+    args = [
+        f"--model-repository={Path(model_repository).resolve()}",
+        f"--grpc-address={address}",
+        f"--grpc-port={grpc_port}",
+        f"--http-address={address}",
+        f"--http-port={http_port}",
+        f"--metrics-address={address}",
+        f"--metrics-port={metrics_port}",
+        f"--model-control-mode={model_control_mode}",
+        "--strict-readiness=true",  # /v2/health/ready only once every model loaded
+        f"--exit-timeout-secs={exit_timeout_s}",  # drain in-flight windows (and idle HTTP keep-alives)
+        # gRPC request objects are not pooled for reuse: a pooled one keeps the buffers of the largest message
+        # it ever held (a 256 MiB request left 256 MiB in tritonserver for good, measured on 2.51)
+        "--grpc-infer-allocation-pool-size=0",
+        f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
+        f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
+        # gRPC request/response objects are not kept for reuse: a kept one holds its largest message (a whole
+        # window of frames, ~100 MB at 1080p) for good; freeing them costs page faults, not copies
+        "--grpc-infer-allocation-pool-size=0",
+    ]
     if shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
     if model_control_mode == "explicit":
         args += [f"--load-model={m}" for m in (load_models or ["*"])]
     if not set(open_apis) <= set(OPENABLE_APIS):
         raise ValueError(f"only {', '.join(OPENABLE_APIS)} may be open to everyone, not {', '.join(open_apis)}")
-    groups = {"ADMIN": [a for a in RESTRICTED_APIS if a not in open_apis
-                        and (allow_shared_memory or a != "shared-memory")],
-              "SEALED": [] if allow_shared_memory else ["shared-memory"]}
+    groups = {
+        "ADMIN": [a for a in RESTRICTED_APIS if a not in open_apis and (allow_shared_memory or a != "shared-memory")],
+        "SEALED": [] if allow_shared_memory else ["shared-memory"],
+    }
     for secret, apis in groups.items():
         if apis:
-            args += [f"--grpc-restricted-protocol={','.join(apis)}{secret_marker(secret)}",
-                     f"--http-restricted-api={','.join(apis)}{secret_marker(secret)}"]
+            args += [
+                f"--grpc-restricted-protocol={','.join(apis)}{secret_marker(secret)}",
+                f"--http-restricted-api={','.join(apis)}{secret_marker(secret)}",
+            ]
     if max_input_bytes and "--http-max-input-size" in options:
         args.append(f"--http-max-input-size={max_input_bytes}")
     return args
@@ -329,8 +359,10 @@ def server_args(model_repository: str | os.PathLike, *, grpc_port: int, http_por
 
 def secret_env(admin_key: str) -> dict[str, str]:
     """The values of the markers in `server_args`: the admin key, and a random one sealing shared memory."""
-    return {f"{SECRET_ENV_PREFIX}ADMIN": f":{ADMIN_HEADER}={admin_key}",
-            f"{SECRET_ENV_PREFIX}SEALED": f":{ADMIN_HEADER}={secrets.token_hex(32)}"}
+    return {
+        f"{SECRET_ENV_PREFIX}ADMIN": f":{ADMIN_HEADER}={admin_key}",
+        f"{SECRET_ENV_PREFIX}SEALED": f":{ADMIN_HEADER}={secrets.token_hex(32)}",
+    }
 
 
 def allocator_env(env: dict[str, str]) -> dict[str, str]:
@@ -349,21 +381,33 @@ class TritonServer:
     this run and written to `admin_key_file` (default <key_folder()>/admin-key.<grpc port>, removed by stop()).
     """
 
-    def __init__(self, model_repository: str | os.PathLike, grpc_port: int | None = None,
-                 http_port: int | None = None, metrics_port: int | None = None, extra_args: Sequence[str] = (),
-                 log_path: str | os.PathLike | None = None, *, admin_key: str | None = None,
-                 admin_key_file: str | os.PathLike | None = None, open_apis: Sequence[str] = (),
-                 allow_shared_memory: bool = False,
-                 model_control_mode: str = "none", load_models: Sequence[str] = (), address: str = "127.0.0.1",
-                 max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES, exit_timeout_s: int = 30,
-                 home: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: str | os.PathLike | None = None,
+        *,
+        admin_key: str | None = None,
+        admin_key_file: str | os.PathLike | None = None,
+        open_apis: Sequence[str] = (),
+        allow_shared_memory: bool = False,
+        model_control_mode: str = "none",
+        load_models: Sequence[str] = (),
+        address: str = "127.0.0.1",
+        max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
+        exit_timeout_s: int = 30,
+        home: str | os.PathLike | None = None,
+    ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} is not a folder")
         self.home = triton_home(home)
         self.host = "127.0.0.1" if address in ("0.0.0.0", "::") else address
         ports = [p if p is not None else 0 for p in (grpc_port, http_port, metrics_port)]
-        while 0 in ports:                       # automatic ports: free now and distinct from each other
+        while 0 in ports:  # automatic ports: free now and distinct from each other
             p = free_port(self.host)
             if p not in ports:
                 ports[ports.index(0)] = p
@@ -378,7 +422,7 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen | None = None
         self._work_dir: Path | None = None
-        self.shm_prefix = f"latentsync_{uuid.uuid4().hex[:12]}_"   # this server's /dev/shm regions
+        self.shm_prefix = f"latentsync_{uuid.uuid4().hex[:12]}_"  # this server's /dev/shm regions
 
     grpc_url = property(lambda self: f"{self.host}:{self.grpc_port}")
     http_url = property(lambda self: f"{self.host}:{self.http_port}")
@@ -387,8 +431,11 @@ class TritonServer:
     grpc_admin_headers = property(lambda self: {GRPC_ADMIN_HEADER: self.admin_key})
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()      # keys reach the server only through secret_env()
-               if not k.startswith(("LATENTSYNC_ADMIN_KEY", SECRET_ENV_PREFIX))}
+        env = {
+            k: v
+            for k, v in os.environ.items()  # keys reach the server only through secret_env()
+            if not k.startswith(("LATENTSYNC_ADMIN_KEY", SECRET_ENV_PREFIX))
+        }
         libs = [str(p) for p in _pytriton_libs(self.home)] + [sysconfig.get_config_var("LIBDIR") or ""]
         env["LD_LIBRARY_PATH"] = ":".join(filter(None, libs + [env.get("LD_LIBRARY_PATH", "")]))
         # The stub's embedded interpreter finds its prefix through `python3` on PATH: put this venv's bin/
@@ -403,14 +450,26 @@ class TritonServer:
         env = self._env()
         binary = str(self.home / "bin" / "tritonserver")
         options = supported_options(binary, env["LD_LIBRARY_PATH"])
-        return [binary, f"--backend-directory={prepare_backends(self.home, self._work_dir)}",
-                *server_args(self.model_repository, grpc_port=self.grpc_port, http_port=self.http_port,
-                             metrics_port=self.metrics_port, address=self.address,
-                             model_control_mode=self.model_control_mode, load_models=self.load_models,
-                             max_input_bytes=self.max_input_bytes, exit_timeout_s=self.exit_timeout_s,
-                             options=options, shm_prefix=self.shm_prefix, open_apis=self.open_apis,
-                             allow_shared_memory=self.allow_shared_memory),
-                *self.extra_args]
+        return [
+            binary,
+            f"--backend-directory={prepare_backends(self.home, self._work_dir)}",
+            *server_args(
+                self.model_repository,
+                grpc_port=self.grpc_port,
+                http_port=self.http_port,
+                metrics_port=self.metrics_port,
+                address=self.address,
+                model_control_mode=self.model_control_mode,
+                load_models=self.load_models,
+                max_input_bytes=self.max_input_bytes,
+                exit_timeout_s=self.exit_timeout_s,
+                options=options,
+                shm_prefix=self.shm_prefix,
+                open_apis=self.open_apis,
+                allow_shared_memory=self.allow_shared_memory,
+            ),
+            *self.extra_args,
+        ]
 
     def _launch_env(self) -> dict[str, str]:
         """The server's environment: the secrets for the argv markers, and the library that fills them."""
@@ -429,7 +488,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
-        if self.log_path is None:               # kept after stop() for post-mortems
+        if self.log_path is None:  # kept after stop() for post-mortems
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
@@ -440,9 +499,15 @@ class TritonServer:
         sys.stdout.flush()
         with nullcontext() if to_stdout else open(self.log_path, "ab") as log:
             # Own process group: stop() can signal the server and its backend stubs, nothing else.
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=self._launch_env(), start_new_session=True,
-                                          preexec_fn=_die_with_parent)
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._launch_env(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         return self
 
     def poll(self) -> int | None:
@@ -470,7 +535,7 @@ class TritonServer:
     def log_tail(self, n_chars: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n_chars:]
-        except (OSError, AttributeError):       # no file (or the log went to stdout)
+        except (OSError, AttributeError):  # no file (or the log went to stdout)
             return ""
 
     # ------------------------------------------------------------------------------------------ drain
@@ -481,8 +546,9 @@ class TritonServer:
         metrics endpoint does not answer)."""
         with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
             text = r.read().decode()
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("lipsync_open_streams{")]
+        values = [
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("lipsync_open_streams{")
+        ]
         return sum(values) if values else None
 
     def drain(self, timeout: float, stop_now=lambda: False) -> bool:
@@ -494,7 +560,7 @@ class TritonServer:
             try:
                 if not self.open_streams():
                     return True
-            except OSError:                     # a busy server may answer late: ask again
+            except OSError:  # a busy server may answer late: ask again
                 pass
             if time.monotonic() >= deadline:
                 return False
@@ -514,14 +580,14 @@ class TritonServer:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
                     pass
-            _kill_group(proc.pid)               # stubs that outlived the server, or the server itself
+            _kill_group(proc.pid)  # stubs that outlived the server, or the server itself
             code = proc.wait()
-            for region in self.shm_regions():   # left behind when the server or a stub was killed
+            for region in self.shm_regions():  # left behind when the server or a stub was killed
                 region.unlink(missing_ok=True)
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
-        if self.admin_key_file is not None:     # this run's key dies with it
+        if self.admin_key_file is not None:  # this run's key dies with it
             self.admin_key_file.unlink(missing_ok=True)
         return code
 
@@ -530,7 +596,7 @@ class TritonServer:
         return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
 
     def __enter__(self) -> TritonServer:
-        if self._proc is not None:              # `with server.start():` manages an already started one
+        if self._proc is not None:  # `with server.start():` manages an already started one
             return self
         try:
             return self.start().wait_ready()
@@ -545,14 +611,14 @@ class TritonServer:
         if getattr(self, "_proc", None) is not None:
             try:
                 self.stop(timeout=5)
-            except Exception:                   # interpreter shutdown: the parent-death signal still applies
+            except Exception:  # interpreter shutdown: the parent-death signal still applies
                 pass
 
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the parent dies (even by SIGKILL), so no server is orphaned."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG (Linux)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
 
@@ -566,59 +632,106 @@ def _kill_group(pgid: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------- cli
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="latentsync-serve", description=__doc__.split("\n\n")[0],
-                                epilog="Flags after a lone -- go to tritonserver unchanged.")
+    p = argparse.ArgumentParser(
+        prog="latentsync-serve",
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags after a lone -- go to tritonserver unchanged.",
+    )
     p.add_argument("repository", help="model repository folder")
     p.add_argument("--grpc-port", type=int, default=8001, help="0: any free port (also --http/--metrics-port)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
-    p.add_argument("--admin-key-file", default=os.environ.get("LATENTSYNC_ADMIN_KEY_FILE"),
-                   help=f"file holding the key that header '{ADMIN_HEADER}: KEY' must carry for "
-                        f"{', '.join(RESTRICTED_APIS)} (default: env LATENTSYNC_ADMIN_KEY_FILE, env "
-                        "LATENTSYNC_ADMIN_KEY, else a key generated for this run, written to a file only you can "
-                        "read: its path is printed)")
-    p.add_argument("--admin-key", help=argparse.SUPPRESS)     # refused: other users would see it in `ps`
-    p.add_argument("--open-api", action="append", choices=OPENABLE_APIS, default=[],
-                   help="open this admin API to everyone (perf_analyzer reads configs and statistics over gRPC, "
-                        "where it sends no headers)")
-    p.add_argument("--allow-shared-memory", action="store_true",
-                   help="allow shared-memory registration with the admin key (default: refused even with it; "
-                        "a key holder could crash the server through another process's /dev/shm region)")
-    p.add_argument("--model-control-mode", choices=("none", "explicit"), default="none",
-                   help="none: load all models at start, repository fixed (production); "
-                        "explicit: load/unload through the (restricted) repository API")
+    p.add_argument(
+        "--admin-key-file",
+        default=os.environ.get("LATENTSYNC_ADMIN_KEY_FILE"),
+        help=f"file holding the key that header '{ADMIN_HEADER}: KEY' must carry for "
+        f"{', '.join(RESTRICTED_APIS)} (default: env LATENTSYNC_ADMIN_KEY_FILE, env "
+        "LATENTSYNC_ADMIN_KEY, else a key generated for this run, written to a file only you can "
+        "read: its path is printed)",
+    )
+    p.add_argument("--admin-key", help=argparse.SUPPRESS)  # refused: other users would see it in `ps`
+    p.add_argument(
+        "--open-api",
+        action="append",
+        choices=OPENABLE_APIS,
+        default=[],
+        help="open this admin API to everyone (perf_analyzer reads configs and statistics over gRPC, "
+        "where it sends no headers)",
+    )
+    p.add_argument(
+        "--allow-shared-memory",
+        action="store_true",
+        help="allow shared-memory registration with the admin key (default: refused even with it; "
+        "a key holder could crash the server through another process's /dev/shm region)",
+    )
+    p.add_argument(
+        "--model-control-mode",
+        choices=("none", "explicit"),
+        default="none",
+        help="none: load all models at start, repository fixed (production); "
+        "explicit: load/unload through the (restricted) repository API",
+    )
     p.add_argument("--load-model", action="append", default=[], help="with explicit mode (default: all)")
-    p.add_argument("--max-input-bytes", type=int, default=DEFAULT_MAX_INPUT_BYTES,
-                   help="largest HTTP request body, where this Triton build supports it")
-    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
-                   help="on SIGINT/SIGTERM, new streams are refused and open ones get this long to finish before "
-                        "tritonserver is stopped (a second signal stops at once)")
-    p.add_argument("--exit-timeout-secs", type=int, default=30,
-                   help="tritonserver's own wait for in-flight requests once it is stopped")
-    p.add_argument("--log", help="server log file, '-' for this process's stdout (default: a temporary file, "
-                                 "printed at start)")
+    p.add_argument(
+        "--max-input-bytes",
+        type=int,
+        default=DEFAULT_MAX_INPUT_BYTES,
+        help="largest HTTP request body, where this Triton build supports it",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="on SIGINT/SIGTERM, new streams are refused and open ones get this long to finish before "
+        "tritonserver is stopped (a second signal stops at once)",
+    )
+    p.add_argument(
+        "--exit-timeout-secs",
+        type=int,
+        default=30,
+        help="tritonserver's own wait for in-flight requests once it is stopped",
+    )
+    p.add_argument(
+        "--log", help="server log file, '-' for this process's stdout (default: a temporary file, printed at start)"
+    )
     p.add_argument("--triton-home", help="folder with bin/tritonserver (default: /opt/tritonserver or pytriton)")
-    p.add_argument("--exit-when-ready", action="store_true",
-                   help="start, wait until every model loaded (builds engine caches), stop; exit 0 if it was ready")
+    p.add_argument(
+        "--exit-when-ready",
+        action="store_true",
+        help="start, wait until every model loaded (builds engine caches), stop; exit 0 if it was ready",
+    )
     p.add_argument("--ready-timeout", type=float, default=3600.0, help="seconds, with --exit-when-ready")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    a, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
+    a, extra = p.parse_args(argv[:cut]), argv[cut + 1 :]
     if a.admin_key is not None:
-        p.error("--admin-key puts the key on the command line, where every local user sees it (ps): "
-                "use --admin-key-file FILE or env LATENTSYNC_ADMIN_KEY")
+        p.error(
+            "--admin-key puts the key on the command line, where every local user sees it (ps): "
+            "use --admin-key-file FILE or env LATENTSYNC_ADMIN_KEY"
+        )
     try:
         key = Path(a.admin_key_file).read_text() if a.admin_key_file else os.environ.get("LATENTSYNC_ADMIN_KEY")
         key = check_admin_key(key) if key is not None else None
     except (OSError, ValueError) as e:
         p.error(f"admin key ({a.admin_key_file or 'LATENTSYNC_ADMIN_KEY'}): {e}")
 
-    ports = [port or None for port in (a.grpc_port, a.http_port, a.metrics_port)]   # 0 -> automatic
-    server = TritonServer(a.repository, *ports, extra, a.log, admin_key=key, open_apis=a.open_api,
-                          allow_shared_memory=a.allow_shared_memory, model_control_mode=a.model_control_mode,
-                          load_models=a.load_model, address=a.address, max_input_bytes=a.max_input_bytes,
-                          exit_timeout_s=a.exit_timeout_secs, home=a.triton_home)
+    ports = [port or None for port in (a.grpc_port, a.http_port, a.metrics_port)]  # 0 -> automatic
+    server = TritonServer(
+        a.repository,
+        *ports,
+        extra,
+        a.log,
+        admin_key=key,
+        open_apis=a.open_api,
+        allow_shared_memory=a.allow_shared_memory,
+        model_control_mode=a.model_control_mode,
+        load_models=a.load_model,
+        address=a.address,
+        max_input_bytes=a.max_input_bytes,
+        exit_timeout_s=a.exit_timeout_secs,
+        home=a.triton_home,
+    )
     if a.exit_when_ready:
         with server.start():
             try:
@@ -655,8 +768,11 @@ def serve_foreground(server: TritonServer, drain_timeout_s: float = DEFAULT_DRAI
             print(f"tritonserver exited with {died}:\n{server.log_tail()}", file=sys.stderr)
             return died or 1
         if ready:
-            print(f"draining: new streams are refused, open streams get up to {drain_timeout_s:g} s to finish "
-                  "(signal again to stop now)", flush=True)
+            print(
+                f"draining: new streams are refused, open streams get up to {drain_timeout_s:g} s to finish "
+                "(signal again to stop now)",
+                flush=True,
+            )
             drained = server.drain(drain_timeout_s, stop_now=lambda: len(signals) > 1)
             print("drained" if drained else "stopping with streams still open", flush=True)
         code = server.stop()

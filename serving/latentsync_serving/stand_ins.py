@@ -4,13 +4,14 @@ A repository built with `latentsync-export --stand-ins` serves them instead of t
 measures the serving path's own ceiling: everything but the networks (transport, orchestration, the denoising
 loop's bookkeeping, detection, alignment, paste-back). No GPU can make the product faster than that.
 """
+
 from __future__ import annotations
 
 import torch
 
 from latentsync_core.vae import Posterior
 
-WHISPER_LAYERS, WHISPER_DIM, WHISPER_STEPS = 5, 384, 1500   # whisper-tiny: 4 blocks + the embedding
+WHISPER_LAYERS, WHISPER_DIM, WHISPER_STEPS = 5, 384, 1500  # whisper-tiny: 4 blocks + the embedding
 
 
 class NullUNet(torch.nn.Module):

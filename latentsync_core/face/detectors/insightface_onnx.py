@@ -12,6 +12,7 @@ Upstream passes RGB frames where InsightFace expects BGR, so the detectors see R
 takes the same RGB frames and applies the same swap, which reproduces upstream's boxes and landmarks.
 The weights are for non-commercial research use only (insightface README) and are never downloaded here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,8 +54,10 @@ def find_models(model_dir: Path) -> tuple[Path, Path]:
         elif landmark is None and inputs[0][2:] == [192, 192] and outputs[0][-1] == LANDMARK_OUTPUTS:
             landmark = path
     if detector is None or landmark is None:
-        raise FileNotFoundError(f"{model_dir} lacks an SCRFD detector (det_*.onnx) or the 2d106det landmark "
-                                "model; point model_dir at an unpacked buffalo_l or buffalo_s folder")
+        raise FileNotFoundError(
+            f"{model_dir} lacks an SCRFD detector (det_*.onnx) or the 2d106det landmark "
+            "model; point model_dir at an unpacked buffalo_l or buffalo_s folder"
+        )
     return detector, landmark
 
 
@@ -88,7 +91,7 @@ class OnnxModel:
         """Flattened outputs per sample, [sample][output]. Batched outputs are sample-major whether or not the
         export kept the batch dim (SCRFD's (N*K, c) or (N, K, c); the landmark model's (N, 212))."""
         if self.fixed_batch:
-            runs = [self.session.run(None, {self.input_name: blob[i:i + 1]}) for i in range(len(blob))]
+            runs = [self.session.run(None, {self.input_name: blob[i : i + 1]}) for i in range(len(blob))]
             return [[o.reshape(-1) for o in outputs] for outputs in runs]
         outputs = self.session.run(None, {self.input_name: blob})
         return [[o.reshape(len(blob), -1)[i] for o in outputs] for i in range(len(blob))]
@@ -97,8 +100,17 @@ class OnnxModel:
 class InsightFaceDetector(FaceDetector):
     num_keypoints = 5  # SCRFD-kps: eyes, nose, mouth corners (zeros for models without keypoints)
 
-    def __init__(self, model_dir: str | Path, *, det_size: int = 512, det_thresh: float = 0.5, nms_thresh: float = 0.4,
-                 providers: list[str] | None = None, face_filter: FaceFilter | None = None, policy: str = "largest"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        det_size: int = 512,
+        det_thresh: float = 0.5,
+        nms_thresh: float = 0.4,
+        providers: list[str] | None = None,
+        face_filter: FaceFilter | None = None,
+        policy: str = "largest",
+    ):
         super().__init__(face_filter, policy)
         detector_path, landmark_path = find_models(Path(model_dir))
         self.det_size, self.det_thresh, self.nms_thresh = det_size, det_thresh, nms_thresh
@@ -107,7 +119,7 @@ class InsightFaceDetector(FaceDetector):
         # SCRFD variant from its output count, as insightface.model_zoo.scrfd.SCRFD does
         num_outputs = len(self.detector.session.get_outputs())
         self.levels = 3 if num_outputs in (6, 9) else 5
-        self.strides = (8, 16, 32, 64, 128)[:self.levels]
+        self.strides = (8, 16, 32, 64, 128)[: self.levels]
         self.anchors_per_cell = 2 if self.levels == 3 else 1
         self.has_keypoints = num_outputs in (9, 15)
         self.landmark_size = self.landmark.session.get_inputs()[0].shape[2]
@@ -124,7 +136,7 @@ class InsightFaceDetector(FaceDetector):
         return (0.0, 1.0) if sub and mul else (127.5, 128.0)
 
     def _anchor_centres(self, height: int, width: int, stride: int) -> np.ndarray:
-        y, x = np.mgrid[:height // stride, :width // stride]
+        y, x = np.mgrid[: height // stride, : width // stride]
         centres = (np.stack([x, y], -1).reshape(-1, 2) * stride).astype(np.float32)
         return np.repeat(centres, self.anchors_per_cell, axis=0)
 
@@ -164,8 +176,11 @@ class InsightFaceDetector(FaceDetector):
             order = np.argsort(scores, kind="stable")[::-1]
             boxes, scores, kps = boxes[order], scores[order], kps[order]
             keep = nms(boxes, scores, self.nms_thresh)
-            candidates.append(Candidates(boxes[keep].astype(np.float32), scores[keep].astype(np.float32),
-                                         kps[keep].astype(np.float32)))
+            candidates.append(
+                Candidates(
+                    boxes[keep].astype(np.float32), scores[keep].astype(np.float32), kps[keep].astype(np.float32)
+                )
+            )
         return candidates
 
     # --- stage 2: 2d106det -----------------------------------------------------------------------------------
@@ -174,8 +189,13 @@ class InsightFaceDetector(FaceDetector):
         w, h = box[2] - box[0], box[3] - box[1]
         centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
         scale = self.landmark_size / (max(w, h) * 1.5)
-        return np.array([[scale, 0, self.landmark_size / 2 - centre[0] * scale],
-                         [0, scale, self.landmark_size / 2 - centre[1] * scale]], np.float64)
+        return np.array(
+            [
+                [scale, 0, self.landmark_size / 2 - centre[0] * scale],
+                [0, scale, self.landmark_size / 2 - centre[1] * scale],
+            ],
+            np.float64,
+        )
 
     def landmarks_106(self, frames: list[np.ndarray], boxes: np.ndarray) -> np.ndarray:
         """(m, 106, 2) float landmarks in frame pixels (face.landmark_2d_106)."""

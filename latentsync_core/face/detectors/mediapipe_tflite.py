@@ -13,6 +13,7 @@ eyebrow: its outer end and upper edge, = ibug-68 points 17-21), [101..105] (imag
 MediaPipe -> ibug-68 correspondence) are below; like upstream, landmarks are rounded before the means and the
 means are rounded again.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,9 +25,9 @@ import numpy as np
 
 from ..detect import Candidates, FaceDetector, FaceFilter
 
-MESH_LEFT_BROW = [70, 63, 105, 66, 107]      # image-left eyebrow upper edge, outer -> inner (ibug 17-21)
+MESH_LEFT_BROW = [70, 63, 105, 66, 107]  # image-left eyebrow upper edge, outer -> inner (ibug 17-21)
 MESH_RIGHT_BROW = [336, 296, 334, 293, 300]  # image-right eyebrow upper edge, inner -> outer (ibug 22-26)
-MESH_NOSE = [5, 4, 98, 327]                  # nose: bridge (ibug 29), tip (30), alar base left/right (31, 35)
+MESH_NOSE = [5, 4, 98, 327]  # nose: bridge (ibug 29), tip (30), alar base left/right (31, 35)
 MESH_FILE = "face_landmark.tflite"
 MESH_SIZE = 192
 ROI_SCALE = 1.5  # mesh crop side / longer detector box side
@@ -38,7 +39,7 @@ class BlazeFaceSpec:
 
     file: str
     input_size: int
-    strides: tuple[int, ...]           # one entry per output head (layers with equal strides are merged)
+    strides: tuple[int, ...]  # one entry per output head (layers with equal strides are merged)
     anchors_per_cell: tuple[int, ...]
     min_score: float
     nms_iou: float = 0.3
@@ -55,8 +56,10 @@ def mediapipe_model_dir() -> Path:
     """The modules/ folder of the installed mediapipe wheel (found without importing mediapipe)."""
     spec = importlib.util.find_spec("mediapipe")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mediapipe==0.10.21 is not installed; install it (pip install --no-deps "
-                                "mediapipe==0.10.21) or pass model_dir with its .tflite files")
+        raise FileNotFoundError(
+            "mediapipe==0.10.21 is not installed; install it (pip install --no-deps "
+            "mediapipe==0.10.21) or pass model_dir with its .tflite files"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "modules"
 
 
@@ -112,8 +115,10 @@ class TFLiteModel:
         chunks, start = [], 0
         for size in self._chunks(len(batch)):
             interpreter = self._interpreter(size)
-            interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
-                                   np.ascontiguousarray(batch[start:start + size], np.float32))
+            interpreter.set_tensor(
+                interpreter.get_input_details()[0]["index"],
+                np.ascontiguousarray(batch[start : start + size], np.float32),
+            )
             interpreter.invoke()
             chunks.append(unbatch([interpreter.get_tensor(o["index"]) for o in interpreter.get_output_details()], size))
             start += size
@@ -143,23 +148,32 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray, keypoints: np.ndarray, i
 class MediaPipeDetector(FaceDetector):
     num_keypoints = 6  # right eye, left eye, nose tip, mouth, right ear, left ear (subject's sides)
 
-    def __init__(self, model_dir: str | Path | None = None, *, detector: str = "full_range",
-                 num_threads: int | None = None, max_batch: int = 32, face_filter: FaceFilter | None = None,
-                 policy: str = "largest"):
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        detector: str = "full_range",
+        num_threads: int | None = None,
+        max_batch: int = 32,
+        face_filter: FaceFilter | None = None,
+        policy: str = "largest",
+    ):
         super().__init__(face_filter, policy)
         if detector not in BLAZEFACE:
             raise ValueError(f"mediapipe detector must be one of {sorted(BLAZEFACE)}, got {detector!r}")
         if importlib.util.find_spec("ai_edge_litert") is None:
-            raise ImportError("the mediapipe face detector runs its .tflite files with LiteRT: "
-                              "pip install ai-edge-litert")
+            raise ImportError(
+                "the mediapipe face detector runs its .tflite files with LiteRT: pip install ai-edge-litert"
+            )
         model_dir = Path(model_dir) if model_dir is not None else mediapipe_model_dir()
         self.spec = BLAZEFACE[detector]
         self.detector = TFLiteModel(find_model_file(model_dir, self.spec.file), num_threads, max_batch)
         self.mesh = TFLiteModel(find_model_file(model_dir, MESH_FILE), num_threads, max_batch)
         self.anchors = ssd_anchor_centres(self.spec)
         # per-head anchor counts: a batched run flattens each head to (1, batch * count, c) before concatenation
-        self.head_sizes = [(-(-self.spec.input_size // s)) ** 2 * k
-                           for s, k in zip(self.spec.strides, self.spec.anchors_per_cell)]
+        self.head_sizes = [
+            (-(-self.spec.input_size // s)) ** 2 * k for s, k in zip(self.spec.strides, self.spec.anchors_per_cell)
+        ]
 
     # --- stage 1: BlazeFace ---------------------------------------------------------------------------------
     def _letterbox(self, frame: np.ndarray) -> tuple[np.ndarray, float, float, float]:
@@ -169,7 +183,7 @@ class MediaPipeDetector(FaceDetector):
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         top, left = (size - nh) // 2, (size - nw) // 2
         canvas = np.zeros((size, size, 3), np.uint8)  # black bars, like mediapipe's zero border
-        canvas[top:top + nh, left:left + nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
+        canvas[top : top + nh, left : left + nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
         return canvas, scale, left, top
 
     def _unbatch(self, outputs: list[np.ndarray], n: int) -> list[np.ndarray]:
@@ -178,7 +192,7 @@ class MediaPipeDetector(FaceDetector):
         for out in outputs:
             flat, heads, start = out.reshape(-1, out.shape[-1]), [], 0
             for count in self.head_sizes:
-                heads.append(flat[start:start + n * count].reshape(n, count, -1))
+                heads.append(flat[start : start + n * count].reshape(n, count, -1))
                 start += n * count
             split.append(np.concatenate(heads, axis=1))
         return split
@@ -204,8 +218,9 @@ class MediaPipeDetector(FaceDetector):
             boxes, s, kps = weighted_nms(boxes, score[keep], kps, self.spec.nms_iou)
             offset = np.array([left, top], np.float32)
             boxes = ((boxes.reshape(-1, 2, 2) - offset) / scale).reshape(-1, 4)  # undo the letterbox
-            candidates.append(Candidates(boxes.astype(np.float32), s.astype(np.float32),
-                                         ((kps - offset) / scale).astype(np.float32)))
+            candidates.append(
+                Candidates(boxes.astype(np.float32), s.astype(np.float32), ((kps - offset) / scale).astype(np.float32))
+            )
         return candidates
 
     # --- stage 2: face mesh -----------------------------------------------------------------------------------
@@ -216,7 +231,7 @@ class MediaPipeDetector(FaceDetector):
         centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
         side = max(x1 - x0, y1 - y0) * ROI_SCALE
         angle = np.arctan2(left_eye[1] - right_eye[1], left_eye[0] - right_eye[0])
-        ax = np.array([np.cos(angle), np.sin(angle)]) * side / 2   # half the ROI's x axis
+        ax = np.array([np.cos(angle), np.sin(angle)]) * side / 2  # half the ROI's x axis
         ay = np.array([-np.sin(angle), np.cos(angle)]) * side / 2  # half its y axis (image y points down)
         corners = np.float32([centre - ax - ay, centre + ax - ay, centre - ax + ay])  # TL, TR, BL
         return cv2.getAffineTransform(corners, np.float32([[0, 0], [MESH_SIZE, 0], [0, MESH_SIZE]]))
@@ -224,8 +239,12 @@ class MediaPipeDetector(FaceDetector):
     def mesh_landmarks(self, frames: list[np.ndarray], boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
         """(m, 468, 2) mesh landmarks in frame pixels."""
         affines = [self.roi_affine(b, k) for b, k in zip(boxes, keypoints)]
-        crops = np.stack([cv2.warpAffine(f, m, (MESH_SIZE, MESH_SIZE), flags=cv2.INTER_LINEAR,
-                                         borderMode=cv2.BORDER_REPLICATE) for f, m in zip(frames, affines)])
+        crops = np.stack(
+            [
+                cv2.warpAffine(f, m, (MESH_SIZE, MESH_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                for f, m in zip(frames, affines)
+            ]
+        )
         outputs = self.mesh(crops.astype(np.float32) / 255.0)  # (m, 1, 1, 1404) mesh, (m, 1, 1, 1) face logit
         mesh = max(outputs, key=lambda o: o.shape[-1]).reshape(len(frames), -1, 3)[..., :2]
         inverse = np.stack([cv2.invertAffineTransform(m) for m in affines])  # (m, 2, 3)

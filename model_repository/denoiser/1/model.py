@@ -1,4 +1,5 @@
 """denoiser_<variant>: each window's whole DDIM + guidance loop; the steps of all windows in flight batched."""
+
 import triton_python_backend_utils as pb_utils
 
 from latentsync_serving.denoiser import DenoiserService

@@ -1,19 +1,9 @@
 """face_detector: FRAMES (n, H, W, 3) uint8 RGB [+ REFERENCE_BOX] -> BOX, SCORE, POINTS, FOUND per frame."""
+
 import triton_python_backend_utils as pb_utils
 
-from latentsync_core.face.detect import create_detector
+from latentsync_core.face.detect import create_detector, detector_options
 from latentsync_serving.backend import ModelContext
-
-
-def detector_options(kind: str, params: dict) -> dict:
-    """The config parameters that apply to one weight set, as create_detector keyword arguments."""
-    if kind == "mediapipe":
-        threads = int(params.get("num_threads") or 0)
-        return {"detector": params.get("detector") or "full_range", "num_threads": threads or None}
-    if kind == "insightface":
-        providers = [p.strip() for p in (params.get("providers") or "").split(",") if p.strip()]
-        return {"det_size": int(params.get("det_size") or 512), "providers": providers or None}
-    return {}
 
 
 class TritonPythonModel:
@@ -21,8 +11,9 @@ class TritonPythonModel:
         ctx = ModelContext.from_args(args)
         kind = ctx.params.get("kind") or "mediapipe"
         model_dir = ctx.path("model_dir") if ctx.params.get("model_dir") else None
-        self.detector = create_detector(kind, model_dir, policy=ctx.params.get("policy") or "largest",
-                                        **detector_options(kind, ctx.params))
+        self.detector = create_detector(
+            kind, model_dir, policy=ctx.params.get("policy") or "largest", **detector_options(kind, ctx.params)
+        )
 
     def execute(self, requests):
         frames, references = [], []
@@ -35,6 +26,14 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - reported to every caller of the batch
             error = pb_utils.TritonError(f"face_detector: {type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        return [pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("BOX", r.boxes), pb_utils.Tensor("SCORE", r.scores[:, None]),
-            pb_utils.Tensor("POINTS", r.points), pb_utils.Tensor("FOUND", r.found[:, None])]) for r in results]
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("BOX", r.boxes),
+                    pb_utils.Tensor("SCORE", r.scores[:, None]),
+                    pb_utils.Tensor("POINTS", r.points),
+                    pb_utils.Tensor("FOUND", r.found[:, None]),
+                ]
+            )
+            for r in results
+        ]

@@ -1,4 +1,5 @@
 """lipsync: decoupled, sequence-batched orchestrator; all logic lives in latentsync_serving.lipsync_service."""
+
 import triton_python_backend_utils as pb_utils
 
 from latentsync_serving.lipsync_service import LipSyncService

@@ -1,4 +1,5 @@
 """restorer: paste generated FACES back into the paste windows (REGIONS) of their frames -> RESTORED regions."""
+
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -16,10 +17,21 @@ class TritonPythonModel:
         for i, (y0, y1, x0, x1) in enumerate(windows):  # a region fills the top left of its padded slot
             window = (int(y0), int(y1), int(x0), int(x1))
             h, w = y1 - y0, x1 - x0
-            out[i, :h, :w] = paste_faces([regions[i, :h, :w]], faces[i:i + 1], affines[i:i + 1].cpu().numpy(),
-                                         [window], tuple(int(v) for v in frame_hw[i]))[0]
+            out[i, :h, :w] = paste_faces(
+                [regions[i, :h, :w]],
+                faces[i : i + 1],
+                affines[i : i + 1].cpu().numpy(),
+                [window],
+                tuple(int(v) for v in frame_hw[i]),
+            )[0]
         return [torch.from_numpy(out)]
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["REGIONS", "FACES", "AFFINES", "WINDOWS", "FRAME_HW"], ["RESTORED"],
-                           self.run, self.ctx.device)
+        return serve_batch(
+            pb_utils,
+            requests,
+            ["REGIONS", "FACES", "AFFINES", "WINDOWS", "FRAME_HW"],
+            ["RESTORED"],
+            self.run,
+            self.ctx.device,
+        )

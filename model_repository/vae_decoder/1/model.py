@@ -1,4 +1,5 @@
 """vae_decoder: scaled LATENTS (n, 4, h, w) -> PIXELS (n, 3, 8h, 8w)."""
+
 import triton_python_backend_utils as pb_utils
 
 from latentsync_core.loaders import load_vae
@@ -9,9 +10,18 @@ from latentsync_serving.stand_ins import NullCodec
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext.from_args(args)
-        self.codec = NullCodec() if self.ctx.stand_in else \
-            load_vae(self.ctx.path("vae"), dtype=self.ctx.dtype(), device=self.ctx.device)
+        self.codec = (
+            NullCodec()
+            if self.ctx.stand_in
+            else load_vae(self.ctx.path("vae"), dtype=self.ctx.dtype(), device=self.ctx.device)
+        )
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["LATENTS"], ["PIXELS"],
-                           lambda latents: [self.codec.decode(latents.to(self.codec.dtype))], self.ctx.device)
+        return serve_batch(
+            pb_utils,
+            requests,
+            ["LATENTS"],
+            ["PIXELS"],
+            lambda latents: [self.codec.decode(latents.to(self.codec.dtype))],
+            self.ctx.device,
+        )

@@ -1,4 +1,5 @@
 """vae_encoder: PIXELS (n, 3, R, R) -> unscaled posterior MEAN, STD (n, 4, R/8, R/8)."""
+
 import triton_python_backend_utils as pb_utils
 
 from latentsync_core.loaders import load_vae
@@ -9,8 +10,11 @@ from latentsync_serving.stand_ins import NullCodec
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext.from_args(args)
-        self.codec = NullCodec() if self.ctx.stand_in else \
-            load_vae(self.ctx.path("vae"), dtype=self.ctx.dtype(), device=self.ctx.device)
+        self.codec = (
+            NullCodec()
+            if self.ctx.stand_in
+            else load_vae(self.ctx.path("vae"), dtype=self.ctx.dtype(), device=self.ctx.device)
+        )
 
     def run(self, pixels):
         post = self.codec.posterior(pixels.to(self.codec.dtype))

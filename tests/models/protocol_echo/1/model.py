@@ -5,6 +5,7 @@ unchanged, one response per 16-frame window, with FRAME_INDEX; a uniform frame (
 reported as FACE_FOUND=false, and a stream in which no frame had a "face" ends with the `no face found` error
 after its frames came back.
 """
+
 import json
 import time
 
@@ -24,7 +25,7 @@ from latentsync_contract import (
     num_frames_for_audio,
 )
 
-SEQUENCE_START, SEQUENCE_END = 1, 2        # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
+SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -70,8 +71,10 @@ class Stream:
             self.with_face += int(face.sum())
             yield window, index, face
         if end and self.next_index != num_frames_for_audio(self.n_samples):
-            raise ProtocolViolation(f"FRAMES: the audio calls for {num_frames_for_audio(self.n_samples)} "
-                                    f"frames, the stream ended after {self.next_index}")
+            raise ProtocolViolation(
+                f"FRAMES: the audio calls for {num_frames_for_audio(self.n_samples)} "
+                f"frames, the stream ended after {self.next_index}"
+            )
         if end and self.next_index and not self.with_face:
             raise ProtocolViolation(no_face_message(self.next_index))
 
@@ -104,7 +107,7 @@ class TritonPythonModel:
         if flags & SEQUENCE_START:
             self.failed.discard(sid)
             self.streams[sid] = Stream(json.loads(request.parameters() or "{}"), self.variants)
-        if sid in self.failed:                  # the error was reported; ignore the rest of the stream
+        if sid in self.failed:  # the error was reported; ignore the rest of the stream
             return
         if sid not in self.streams:
             raise ProtocolViolation("sequence_start: the first request of a stream must start the sequence")
@@ -114,6 +117,12 @@ class TritonPythonModel:
         stream.add(frames, audio)
         for window, index, face in stream.windows(end=bool(flags & SEQUENCE_END)):
             time.sleep(self.delay)
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(FRAMES, window),
-                                                    pb_utils.Tensor(FRAME_INDEX, index),
-                                                    pb_utils.Tensor(FACE_FOUND, face)]))
+            sender.send(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor(FRAMES, window),
+                        pb_utils.Tensor(FRAME_INDEX, index),
+                        pb_utils.Tensor(FACE_FOUND, face),
+                    ]
+                )
+            )
