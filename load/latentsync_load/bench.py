@@ -663,7 +663,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | Ceilin
         action="append",
         default=[],
         metavar="FLAG",
-        help="extra latentsync-export flag for --tiny (repeat; e.g. --export-arg=--unet-max-batch=8)",
+        help="extra latentsync-export flag for --tiny (repeat; e.g. --export-arg=--max-windows=4)",
     )
     p.add_argument("--video", type=Path, required=True, help="a video with a face (real clip)")
     p.add_argument("--audio", type=Path, help="voice track (default: the video's audio)")

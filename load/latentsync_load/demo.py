@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         banner([f"{a.weights} holds RANDOM test weights (TINY_RANDOM_WEIGHTS marker): output is not lip-synced."])
 
     print("[2/3] starting Triton (loads every model; a minute on a small CPU) ...", flush=True)
-    with TritonServer(repo, log_path=a.work / "tritonserver.log") as server:
+    server = TritonServer(repo, log_path=a.work / "tritonserver.log").start()
+    with server:  # stopped on the way out, also when it never became ready
+        server.wait_ready(timeout=900)  # a minute on an idle 2-core machine, several on a busy one
         print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}", flush=True)
         print(f"[3/3] lip-syncing {image} to {audio} ({steps} steps, variant {a.variant}) ...", flush=True)
         started = time.monotonic()

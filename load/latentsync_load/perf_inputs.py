@@ -7,10 +7,11 @@ Writes DIR/<model>.json, tensors base64-encoded with explicit shapes:
                    clip's audio first (FRAMES left out), then its frames, 16 per request (AUDIO left out),
                    exactly as many as the audio needs (docs/PROTOCOL.md); run with --streaming
   face_detector    real frames of the clip                       (batch 1 entries; send -b 16)
-  restorer         real frames, synthetic faces and a plausible crop affine   (-b 16)
+  restorer         the paste window of a real frame, a synthetic face and a plausible crop affine   (-b 16)
   vae_encoder      faces in [-1, 1] at the variant's resolution  (-b 16: one window)
   vae_decoder      latents                                       (-b 16)
-  unet_<variant>   one guided window: 13-channel latents, a timestep, whisper chunks   (-b 2)
+  denoiser_<variant> one window's latents and conditioning (decoupled: run with --streaming; the whole DDIM
+                   loop of the window per request, upstream's 20 steps and guidance 1.5 by default)
   audio_encoder    a log-mel segment of the clip's audio         (-b 1)
 and DIR/models.json: for each model the perf_analyzer flags that go with its file (batch, streaming).
 Sizes, counts and the variant come from the command line and the repository, not from this file.
@@ -71,6 +72,23 @@ def crop_affine(h: int, w: int, resolution: int) -> np.ndarray:
     )
 
 
+def restorer_entry(frame: np.ndarray, resolution: int, rng: np.random.Generator) -> dict:
+    """The restorer's inputs as lipsync sends them: only the face's paste window of the frame travels."""
+    from latentsync_core.face.align import box_hw
+    from latentsync_core.face.restore import paste_window
+
+    h, w = frame.shape[:2]
+    affine = crop_affine(h, w, resolution)
+    y0, y1, x0, x1 = window = paste_window(affine, box_hw(resolution), (h, w))
+    return {
+        "REGIONS": tensor(frame[y0:y1, x0:x1]),
+        "FACES": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32)),
+        "AFFINES": tensor(affine),
+        "WINDOWS": tensor(np.array(window, np.int32)),
+        "FRAME_HW": tensor(np.array([h, w], np.int32)),
+    }
+
+
 def generate(
     repo: Path,
     clip: Path,
@@ -98,17 +116,7 @@ def generate(
     models = {
         "lipsync": (lipsync_streams(frames, audio, streams), {"streaming": True, "batch": None}),
         "face_detector": ([{"FRAMES": tensor(frames[i])} for i in picks], {"batch": WINDOW}),
-        "restorer": (
-            [
-                {
-                    "FRAMES": tensor(frames[i]),
-                    "FACES": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32)),
-                    "AFFINES": tensor(crop_affine(h, w, resolution)),
-                }
-                for i in picks
-            ],
-            {"batch": WINDOW},
-        ),
+        "restorer": ([restorer_entry(frames[i], resolution, rng) for i in picks], {"batch": WINDOW}),
         "vae_encoder": (
             [
                 {"PIXELS": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32))}
@@ -120,16 +128,17 @@ def generate(
             [{"LATENTS": tensor(rng.standard_normal((4, latent, latent)).astype(np.float32))} for _ in range(entries)],
             {"batch": WINDOW},
         ),
-        f"unet_{variant}": (
+        f"denoiser_{variant}": (
             [
                 {
-                    "SAMPLE": tensor(rng.standard_normal((13, WINDOW, latent, latent)).astype(np.float32)),
-                    "TIMESTEP": tensor(np.array([t], np.int64)),
+                    "LATENTS": tensor(rng.standard_normal((4, WINDOW, latent, latent)).astype(np.float32)),
+                    "MASK": tensor((rng.uniform(size=(1, WINDOW, latent, latent)) > 0.5).astype(np.float32)),
+                    "MASKED": tensor(rng.standard_normal((4, WINDOW, latent, latent)).astype(np.float32)),
+                    "REFERENCE": tensor(rng.standard_normal((4, WINDOW, latent, latent)).astype(np.float32)),
                     "AUDIO": tensor(0.1 * rng.standard_normal((WINDOW, 50, 384)).astype(np.float32)),
                 }
-                for t in (951, 501)
             ],
-            {"batch": 2},
+            {"streaming": True, "batch": None},
         ),
         "audio_encoder": ([{"MEL": tensor(mel)}], {"batch": 1}),
     }

@@ -60,11 +60,12 @@ def command(binary: str, model: str, spec: dict, url: str, a, csv_path: Path) ->
     ]
     if spec.get("batch"):
         cmd += ["-b", str(spec["batch"])]
-    if spec.get("streaming"):
+    if spec.get("streaming"):  # decoupled models: lipsync, and the denoisers (their default spec: 20 DDIM steps)
+        cmd += ["--streaming"]
+    if model == "lipsync":
         # (--bls-composing-models is left out: with it perf_analyzer 2.60 sends sequence requests without a
         # correlation id; latentsync-bench reports the composing models from the server statistics instead)
         cmd += [
-            "--streaming",
             "--request-parameter",
             f"steps:{a.steps}:int",
             "--request-parameter",
