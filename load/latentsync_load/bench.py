@@ -289,7 +289,7 @@ class TimedBackend:
         "vae_posterior": "vae_encode",
         "denoise": "unet",
         "vae_decode": "vae_decode",
-        "paste_back": "paste_back",
+        "paste_regions": "paste_back",  # the paste windows of a window's frames
     }
 
     def __init__(self, backend):

@@ -101,6 +101,31 @@ class StreamRun:
     error: str | None = None
 
 
+def send_request(client, i: int, total: int, frames: np.ndarray, audio: np.ndarray, sequence_id: int, params):
+    """Request i of `total` of a stream on a started tritonclient gRPC stream (docs/PROTOCOL.md): FRAMES and AUDIO
+    (either may be empty), the sequence flags, and the stream's parameters with the first request."""
+    import tritonclient.grpc as grpcclient
+
+    from latentsync_contract import AUDIO, FRAMES, MODEL_NAME
+
+    inputs = [
+        grpcclient.InferInput(FRAMES, list(frames.shape), "UINT8"),
+        grpcclient.InferInput(AUDIO, list(audio.shape), "FP32"),
+    ]
+    inputs[0].set_data_from_numpy(np.ascontiguousarray(frames))
+    inputs[1].set_data_from_numpy(audio)
+    client.async_stream_infer(
+        MODEL_NAME,
+        inputs,
+        request_id=str(i),
+        sequence_id=sequence_id,
+        sequence_start=i == 0,
+        sequence_end=i == total - 1,
+        enable_empty_final_response=True,
+        parameters=params if i == 0 else None,
+    )
+
+
 def raw_stream(
     url: str,
     clip: Clip,
@@ -115,7 +140,7 @@ def raw_stream(
     from the response's shapes, not decoded."""
     import tritonclient.grpc as grpcclient
 
-    from latentsync_contract import AUDIO, FRAMES, MODEL_NAME, WINDOW
+    from latentsync_contract import FRAMES, WINDOW
 
     if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
         raise ValueError(f"ahead must be 0 or >= {WINDOW + per_request}")
@@ -147,22 +172,7 @@ def raw_stream(
         for i, (frames, audio) in enumerate(requests):
             while ahead and sent - run.frames + len(frames) > ahead:
                 take()
-            inputs = [
-                grpcclient.InferInput(FRAMES, list(frames.shape), "UINT8"),
-                grpcclient.InferInput(AUDIO, list(audio.shape), "FP32"),
-            ]
-            inputs[0].set_data_from_numpy(np.ascontiguousarray(frames))
-            inputs[1].set_data_from_numpy(audio)
-            client.async_stream_infer(
-                MODEL_NAME,
-                inputs,
-                request_id=str(i),
-                sequence_id=sequence_id,
-                sequence_start=i == 0,
-                sequence_end=i == len(requests) - 1,
-                enable_empty_final_response=True,
-                parameters=params if i == 0 else None,
-            )
+            send_request(client, i, len(requests), frames, audio, sequence_id, params)
             sent += len(frames)
         while counts["finals"] < len(requests):
             take()

@@ -28,16 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from latentsync_contract import (
-    AUDIO,
     FRAME_INDEX,
-    FRAMES,
-    MODEL_NAME,
     SAMPLE_RATE,
     WINDOW,
     StreamParams,
     min_audio_samples,
     num_frames_for_audio,
 )
+
+from .ceiling import send_request
 
 # The Python backend's GPU tensors cross processes through Triton's CUDA memory pool (default 64 MB per GPU);
 # a window's faces at 512 px are 100 MB as float32.
@@ -118,22 +117,7 @@ def run_stream(
     began = time.perf_counter()
     try:
         for i, (f, a) in enumerate(requests):
-            inputs = [
-                grpcclient.InferInput(FRAMES, list(f.shape), "UINT8"),
-                grpcclient.InferInput(AUDIO, list(a.shape), "FP32"),
-            ]
-            inputs[0].set_data_from_numpy(np.ascontiguousarray(f))
-            inputs[1].set_data_from_numpy(a)
-            client.async_stream_infer(
-                MODEL_NAME,
-                inputs,
-                request_id=str(i),
-                sequence_id=sequence_id,
-                sequence_start=i == 0,
-                sequence_end=i == len(requests) - 1,
-                enable_empty_final_response=True,
-                parameters=params.as_parameters() if i == 0 else None,
-            )
+            send_request(client, i, len(requests), f, a, sequence_id, params.as_parameters())
         finals = 0
         while finals < len(requests):
             reply, error = replies.get(timeout=timeout)
