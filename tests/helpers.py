@@ -6,6 +6,7 @@ Fixtures live in conftest.py; this module holds plain functions the tests import
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import re
@@ -317,3 +318,14 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.25)
+
+
+def run_gpu_script(tmp_path: Path, shared_dir: Path, *args: str, timeout: float = 900) -> dict:
+    """latentsync-gpu-bench --tiny (the CPU dry run) on 2 real face frames; its JSON report."""
+    from latentsync_load.gpu_bundle import write_face_frames
+
+    frames = tmp_path / "frames"
+    write_face_frames(shared_dir / "media" / "demo1_video.mp4", frames, count=2)
+    cmd = [sys.executable, "-m", "latentsync_load.gpu_bench", "--tiny", "--frames", str(frames)]
+    subprocess.run([*cmd, "--out", str(tmp_path / "out"), *args], check=True, timeout=timeout, capture_output=True)
+    return json.loads((tmp_path / "out" / "gpu_bench.json").read_text())

@@ -2,14 +2,12 @@
 and a CPU dry run of the GPU script (latentsync-gpu-bench) so it is known to work when a GPU is lent."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from latentsync_load.bench import BenchOptions, markdown, run
-from latentsync_load.gpu_bundle import write_face_frames
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_WINDOWS_AT_4 = 3.0  # mean 16-frame windows per UNet step at 4 concurrent streams
@@ -79,22 +77,7 @@ def test_report_covers_stages_and_memory(report):
 
 
 def run_gpu_script(tmp_path, shared_dir, *args) -> dict:
-    """latentsync-gpu-bench --tiny (the CPU dry run) on 2 real face frames; its JSON report."""
-    frames = tmp_path / "frames"
-    write_face_frames(shared_dir / "media" / "demo1_video.mp4", frames, count=2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "latentsync_load.gpu_bench",
-        "--tiny",
-        "--frames",
-        str(frames),
-        "--out",
-        str(tmp_path / "out"),
-        *args,
-    ]
-    subprocess.run(cmd, check=True, timeout=900, capture_output=True)
-    result = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    result = helpers.run_gpu_script(tmp_path, shared_dir, *args)
     assert not [n for n in result["notes"] if "failed" in n], result["notes"]
     return result
 

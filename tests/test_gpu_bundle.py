@@ -1,7 +1,6 @@
 """The pieces of the prepared GPU run that need no GPU: the bundle's contents and environment, the served path's
 measurements (Prometheus counters, streams against a real CPU server), torch.compile timing."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_gpu_script
 
 from latentsync_contract import num_frames_for_audio
 from latentsync_load.gpu_bundle import (
@@ -138,29 +138,8 @@ def test_compiled_time_reports_compile_and_step_seconds():
 def test_gpu_script_served_path(tmp_path, shared_dir):
     """(b) end to end on the CPU: a tiny cpu repository from the script's own weights, a real Triton server, 1 and
     2 raw gRPC streams of a real face; frames back, the denoiser's counters read from the metrics endpoint."""
-    frames = tmp_path / "frames"
-    write_face_frames(shared_dir / "media" / "demo1_video.mp4", frames, count=2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "latentsync_load.gpu_bench",
-        "--tiny",
-        "--parts",
-        "served",
-        "--serve",
-        "--served-streams",
-        "1,2",
-        "--served-frames",
-        "16",
-        "--frames",
-        str(frames),
-        "--out",
-        str(tmp_path / "out"),
-        "--budget-s",
-        "1500",
-    ]
-    subprocess.run(cmd, check=True, timeout=1800, capture_output=True)
-    result = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    args = ["--parts", "served", "--serve", "--served-streams", "1,2", "--served-frames", "16", "--budget-s", "1500"]
+    result = run_gpu_script(tmp_path, shared_dir, *args, timeout=1800)
     assert [(r["streams"], r["frames"], r["errors"]) for r in result["served"]] == [(1, 16, []), (2, 32, [])]
     for row in result["served"]:
         assert row["fps"] > 0 and row["first_frame_s"] > 0
