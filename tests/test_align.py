@@ -329,7 +329,10 @@ def test_align_and_paste_are_bit_exact_on_golden(golden):
     src = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
     for res in resolutions(golden):
         p = f"r{res}_"
-        aligned = FaceAligner(res).align(frame, landmarks_to_points(inputs["landmark_2d_106"]))
+        # The similarity fit is an SVD: another CPU's LAPACK may round its last bit differently from the machine that
+        # made the data (the affine test allows that), which moves a few truncations. Warp and resize are pinned
+        # here from upstream's own affine; that the fit reproduces it is test_affine_crop_and_face's part.
+        aligned = FaceAligner(res).align_affine(frame, outputs[p + "affine_matrix"][0])
         affine = torch.from_numpy(aligned.affine)[None]
         grid = sampling_grid(affine, frame.shape[:2], box_hw(res))
         assert torch.equal(grid, reference_grid(affine, frame.shape[:2], box_hw(res)))

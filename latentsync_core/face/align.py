@@ -9,12 +9,15 @@ converts to float only the frame pixels it samples (source_window), at exactly t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .lanczos import lanczos4_resizer
 
 # Template (x, y) at ratio 1: left eyebrow centre, right eyebrow centre, nose centre; box is 75 wide x 100 high.
 FACE_TEMPLATE = np.array([[17.0, 20.0], [58.0, 20.0], [37.5, 40.0]])
@@ -89,6 +92,16 @@ def invert_affine(affine: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(_homogeneous(affine))[..., :2, :]
 
 
+@functools.lru_cache(maxsize=64)
+def _grid_constants(src_hw: tuple[int, int], dst_hw: tuple[int, int], device: str) -> tuple[torch.Tensor, ...]:
+    """What sampling_grid needs besides the affine, per size pair: the source's inverse normaliser, the
+    destination's normaliser and its normalised row and column positions (shared, never written)."""
+    ys = torch.linspace(-1.0, 1.0, dst_hw[0]) if dst_hw[0] > 1 else torch.zeros(1)
+    xs = torch.linspace(-1.0, 1.0, dst_hw[1]) if dst_hw[1] > 1 else torch.zeros(1)
+    constants = _inverse_3x3(_normaliser(*src_hw)), _normaliser(*dst_hw), ys, xs
+    return tuple(c.to(device) for c in constants)
+
+
 def sampling_grid(
     affine: torch.Tensor,
     src_hw: tuple[int, int],
@@ -102,11 +115,10 @@ def sampling_grid(
     that part of the destination with the values of the full grid there.
     """
     dev = affine.device
-    norm_src, norm_dst = _normaliser(*src_hw).to(dev), _normaliser(*dst_hw).to(dev)
-    theta = _inverse_3x3(norm_dst @ (_homogeneous(affine.float()) @ _inverse_3x3(norm_src)))
+    src_from_norm, norm_dst, ys, xs = _grid_constants(src_hw, dst_hw, str(dev))
+    theta = _inverse_3x3(norm_dst @ (_homogeneous(affine.float()) @ src_from_norm))
     y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
-    ys = (torch.linspace(-1.0, 1.0, dst_hw[0], device=dev) if dst_hw[0] > 1 else torch.zeros(1, device=dev))[y0:y1]
-    xs = (torch.linspace(-1.0, 1.0, dst_hw[1], device=dev) if dst_hw[1] > 1 else torch.zeros(1, device=dev))[x0:x1]
+    ys, xs = ys[y0:y1], xs[x0:x1]
     planes = torch.empty(len(theta), 2, len(ys), len(xs), device=dev)
     for i, t in enumerate(theta[:, :2, :, None].unbind(1)):  # t: (B, 3, 1)
         # (t0 * x + t1 * y) + t2 as kornia sums it; the products depend on one axis only, so they are taken per
@@ -122,7 +134,7 @@ def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int
     corners; positions are unnormalised as grid_sample does, (g + 1) * ((size - 1) / 2) in float32, also monotone.
     One pixel of slack on each side costs nothing and keeps the reads inside whatever the rounding. (The 8 corner
     values go through numpy: a torch reduction, even that small, can wait milliseconds for a busy OpenMP thread.)"""
-    (H, W), corners = src_hw, grid[:, [0, -1]][:, :, [0, -1]].reshape(-1, 2).cpu().numpy()
+    (H, W), corners = src_hw, grid.cpu().numpy()[:, [0, -1]][:, :, [0, -1]].reshape(-1, 2)
     if not np.isfinite(corners).all():  # a degenerate affine: grid_sample reads no pixel at NaN
         return 0, 0, 0, 0
     scale = np.array([(W - 1) / 2, (H - 1) / 2], np.float32)
@@ -175,8 +187,13 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 @dataclass
 class AlignedFace:
     face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
-    crop: np.ndarray  # (h_box, w_box, 3) uint8 RGB, HWC: the frame-space crop (before the resize)
+    crop_planes: torch.Tensor  # (3, h_box, w_box) uint8 RGB: the frame-space crop (before the resize)
     affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
+
+    @property
+    def crop(self) -> np.ndarray:
+        """(h_box, w_box, 3) uint8 RGB, HWC; made on demand, as the pipeline needs only `face`."""
+        return planes_to_hwc(self.crop_planes)
 
 
 class FaceAligner:
@@ -203,8 +220,8 @@ class FaceAligner:
             matrix[:, 2] = matrix[:, 2] + bias
         return matrix.numpy()
 
-    def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 frame -> (h_box, w_box, 3) uint8 crop (fill 127, float -> uint8 by truncation).
+    def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop planes (fill 127, float -> uint8 by truncation).
         Only the part of the frame that the crop samples is read and converted to float."""
         frame = torch.as_tensor(frame_rgb)
         frame_hw = tuple(frame.shape[:2])
@@ -212,10 +229,18 @@ class FaceAligner:
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
         src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw)
         warped, _ = grid_warp(src, grid, fill=FILL_VALUE)
-        return planes_to_hwc(warped[0].to(torch.uint8))
+        return warped[0].to(torch.uint8).cpu()
+
+    def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
+        """The (h_box, w_box, 3) uint8 HWC crop (upstream's face crop before the resize)."""
+        return planes_to_hwc(self.warp_planes(frame_rgb, affine))
 
     def align(self, frame_rgb: np.ndarray, points3: np.ndarray, smooth: bool = True) -> AlignedFace:
-        affine = self.transform(points3, smooth)
-        crop = self.warp(frame_rgb, affine)
-        face = cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
-        return AlignedFace(face=face, crop=crop, affine=affine)
+        return self.align_affine(frame_rgb, self.transform(points3, smooth))
+
+    def align_affine(self, frame_rgb: np.ndarray, affine: np.ndarray) -> AlignedFace:
+        """The face that a known frame -> crop affine cuts out (align without the landmark fit)."""
+        crop = self.warp_planes(frame_rgb, affine)
+        # cv2.resize(crop, (R, R), interpolation=cv2.INTER_LANCZOS4), bit for bit, from the planes
+        face = lanczos4_resizer(self.box_hw, (self.resolution, self.resolution))(crop)
+        return AlignedFace(face=face, crop_planes=crop, affine=np.asarray(affine, np.float32))
