@@ -17,16 +17,16 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from latentsync_contract import ContractError, no_face_message
+from latentsync_contract import ContractError, apply_regions, no_face_message
 
 from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
 from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
-from .face.align import FaceAligner
+from .face.align import FaceAligner, box_hw
 from .face.enhance import EnhanceSpec, enhance_mouths
 from .face.mask import masked_face_inputs, mouth_mask
 from .face.pose import too_turned
-from .face.restore import Window, paste_faces, paste_into
+from .face.restore import Window, paste_faces, paste_window
 from .vae import Posterior, sample_latents
 
 
@@ -58,17 +58,37 @@ class ModelBackend(Protocol):
 
 @dataclass
 class WindowResult:
-    frames: np.ndarray  # (n, H, W, 3) uint8
+    """A window's synced frames as what changed in them: each frame's paste region and its new pixels (a server
+    keeps no whole frame once a window is aligned; the client pastes the regions into the frames it sent)."""
+
     indices: np.ndarray  # (n,) int64 frame index in the stream
     face_found: np.ndarray  # (n,) bool: synced; False = passed through (no face, or one turned past max_yaw)
+    boxes: np.ndarray  # (n, 4) int32 (y0, y1, x0, x1) of each frame's region; empty where nothing changed
+    regions: list[np.ndarray]  # n (y1 - y0, x1 - x0, 3) uint8 arrays: the new pixels there
     turned: int = 0  # frames passed through because their face was turned past max_yaw
+    frames: np.ndarray | None = None  # (n, H, W, 3) uint8 whole synced frames, where the caller kept the inputs
+
+    def packed_regions(self) -> np.ndarray:
+        """The REGIONS response tensor: every region's bytes, in frame order."""
+        parts = [r.reshape(-1) for r in self.regions if r.size]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    def apply(self, frames: np.ndarray) -> np.ndarray:
+        """Paste the regions into `frames` (the window's input frames, (n, H, W, 3)) IN PLACE; sets and returns
+        `self.frames`."""
+        apply_regions(frames, self.boxes, self.packed_regions())
+        self.frames = frames
+        return frames
 
 
 @dataclass
 class PreparedWindow:
-    """A window after the stream-ordered phase (detection, alignment, VAE encoding, the stream's RNG draws)."""
+    """A window after the stream-ordered phase (detection, alignment, VAE encoding, the stream's RNG draws). It
+    holds no whole frame: only each synced frame's paste region (paste_window), all that paste-back reads."""
 
-    frames: np.ndarray  # (n, H, W, 3) uint8, owned
+    frame_hw: tuple[int, int]
+    regions: list[np.ndarray]  # n (h, w, 3) uint8 copies of the frames' paste regions ((0, 0, 3): no face)
+    boxes: np.ndarray  # (n, 4) int32 (y0, y1, x0, x1) of those regions
     indices: np.ndarray  # (n,) int64
     detections: Detections
     found: np.ndarray  # (n,) bool: the frames that are synced
@@ -130,13 +150,14 @@ class LipSyncStream:
         return self.num_frames
 
     def process(self, frames: np.ndarray) -> WindowResult:
-        """Synced frames for the next window (n <= 16 frames, RGB uint8). Frames without a face pass through."""
-        window = self.prepare(np.array(frames, copy=True))  # finish pastes into the window's own frames
-        return self.finish(window, self.denoise(window))
+        """Synced frames for the next window (n <= 16 frames, RGB uint8); the result's `frames` are new arrays.
+        Frames without a face pass through."""
+        window = self.prepare(frames)
+        return self.finish(window, self.denoise(window)).apply(np.array(frames, copy=True))
 
     def prepare(self, frames: np.ndarray) -> PreparedWindow:
-        """Detect and align the faces of the next window and build its conditioning (in window order).
-        The window takes `frames` over: `finish` pastes the synced faces into them in place."""
+        """Detect and align the faces of the next window and build its conditioning (in window order). The
+        window keeps copies of the paste regions only: `frames` may be dropped (or reused) once this returns."""
         if self.chunks is None:
             raise RuntimeError("set_audio() must be called before process()")
         n = len(frames)
@@ -151,8 +172,11 @@ class LipSyncStream:
         turned = too_turned(det.points, self.max_yaw) & found if self.max_yaw else np.zeros_like(found)
         found &= ~turned  # a frontal template does not fit a face turned that far: pass it through, counted
         rows = np.flatnonzero(found)
+        frame_hw = tuple(frames.shape[1:3])
         window = PreparedWindow(
-            frames,
+            frame_hw,
+            [np.zeros((0, 0, 3), np.uint8)] * n,
+            np.zeros((n, 4), np.int32),
             indices,
             det,
             found,
@@ -168,6 +192,10 @@ class LipSyncStream:
         aligned = [self.aligner.align(frames[i], det.points[i]) for i in rows]
         faces = torch.from_numpy(np.stack([a.face for a in aligned])).to(self.device)
         window.affines = np.stack([a.affine for a in aligned])
+        box = box_hw(self.variant.resolution)
+        for r, affine in zip(rows, window.affines):
+            y0, y1, x0, x1 = window.boxes[r] = paste_window(affine, box, frame_hw)
+            window.regions[r] = frames[r, y0:y1, x0:x1].copy()
         ref, masked, masks = masked_face_inputs(faces, self.mask)
         dt = self.dtype
         # One encoder call for both; the stream's generator then draws the masked faces' sample first, as upstream.
@@ -190,8 +218,8 @@ class LipSyncStream:
         return None if window.cond is None else self.backend.denoise(window.latents, window.cond, self.spec)
 
     def finish(self, window: PreparedWindow, latents: torch.Tensor | None) -> WindowResult:
-        """Decode, keep only the mouth region from the diffusion output, paste the faces back (in place)."""
-        out = window.frames
+        """Decode, keep only the mouth region from the diffusion output, paste the faces into their regions."""
+        regions = list(window.regions)
         if latents is not None:
             decoded = self.backend.vae_decode(latents[0].transpose(0, 1))
             # mask 1 = keep the original pixels; only the masked mouth region comes from the diffusion output
@@ -200,9 +228,15 @@ class LipSyncStream:
             if self.enhance is not None:
                 e = self.enhance
                 synced = enhance_mouths(self.backend.enhance, synced, self.mask, e.blend, e.feather, e.min_sharpness)
-            paste_into(out, np.flatnonzero(window.found), synced, window.affines, self.backend.paste_regions)
+            rows = np.flatnonzero(window.found)
+            boxes = [tuple(int(v) for v in window.boxes[r]) for r in rows]
+            pasted = self.backend.paste_regions(
+                [regions[r] for r in rows], synced, window.affines, boxes, window.frame_hw
+            )
+            for r, region in zip(rows, pasted):
+                regions[r] = region
             window.synced = synced
-        return WindowResult(out, window.indices, window.found, window.turned)
+        return WindowResult(window.indices, window.found, window.boxes, regions, window.turned)
 
 
 class LocalModels:
@@ -263,12 +297,13 @@ class WindowedStream:
     """A stream's frames, in any chunking, cut into windows of 16 in order, with the stream-level rules: one
     frame size, at most the audio's frame count, and (at `end`) at least one frame with a face.
 
-    Each window's frames are copied once, into that window's own buffer, and its result is pasted in place.
-    Results go to `deliver(result, tag)` in window order, with the `tag` of the `push` or `end` call that
-    completed the window. With `overlap`, a window's denoising, decoding and
-    paste-back run on a worker thread while the caller fills and prepares the next window (detection,
-    alignment and VAE encoding, in window order, so the results are the same); at most two windows are in
-    flight, and the frames of a third wait for a slot, which bounds memory at two windows of frames. An error
+    Each window's frames are copied once, into that window's own buffer, which is dropped once the window is
+    prepared (it then holds only its paste regions). Results (regions, WindowResult) go to `deliver(result,
+    tag)` in window order, with the `tag` of the `push` or `end` call that completed the window. With `overlap`,
+    a window's denoising, decoding and paste-back run on a worker thread while the caller fills and prepares
+    the next window (detection, alignment and VAE encoding, in window order, so the results are the same); at
+    most two windows are in flight, and the frames of a third wait for a slot, which bounds memory at one
+    window of whole frames (the one being filled) plus the regions of two. An error
     on the worker goes to `fail(error, tag)`, and no later window is computed; `after(fn)` runs fn once every
     earlier window is delivered or skipped (the server sends a request's final response that way).
     """
@@ -354,7 +389,7 @@ class WindowedStream:
 
     def _complete(self, prepared: PreparedWindow, tag: Any) -> None:
         result = self.stream.finish(prepared, self.stream.denoise(prepared))
-        self.done += len(result.frames)
+        self.done += len(result.indices)
         self.with_face += int(result.face_found.sum())
         self.turned += result.turned
         self.deliver(result, tag)
@@ -405,15 +440,23 @@ class LipSyncPipeline:
         return LipSyncStream(self.models, self.variant, steps, guidance, seed, **kw)
 
     def __call__(self, frames: Iterable[np.ndarray], samples: np.ndarray, **params) -> Iterator[WindowResult]:
-        """Frames beyond the audio's frame count are dropped (the caller loops a short video, as upstream).
-        Raises NoFaceInStream at the end if no frame had a face, as the server does."""
+        """Windows with whole synced frames (`.frames`). Frames beyond the audio's frame count are dropped (the
+        caller loops a short video, as upstream). Raises NoFaceInStream at the end if no frame had a face, as the
+        server does."""
         stream = self.stream(**params)
         results: list[WindowResult] = []
-        windows = WindowedStream(stream, lambda result, _: results.append(result))
+        sent: dict[int, np.ndarray] = {}  # the input frames of windows not yet answered, as a client keeps them
+
+        def deliver(result: WindowResult, _) -> None:
+            result.apply(np.stack([sent.pop(int(i)) for i in result.indices]))
+            results.append(result)
+
+        windows = WindowedStream(stream, deliver)
         total = stream.set_audio(samples)
         for i, frame in enumerate(frames):
             if i >= total:
                 break
+            sent[i] = np.array(frame, copy=True)  # the caller may reuse its buffer
             windows.push(frame[None])
             yield from results
             results.clear()

@@ -24,7 +24,17 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from latentsync_client import audio_chunks, num_frames_for_audio
-from latentsync_contract import AUDIO, FACE_FOUND, FRAME_INDEX, FRAMES, MODEL_NAME, WINDOW
+from latentsync_contract import (
+    AUDIO,
+    FACE_FOUND,
+    FRAME_INDEX,
+    FRAMES,
+    MODEL_NAME,
+    REGION_BOX,
+    REGIONS,
+    WINDOW,
+    apply_regions,
+)
 from latentsync_export.manifest import load_reference
 
 _ids = itertools.count(1000)
@@ -179,12 +189,14 @@ DTYPES = {np.uint8: "UINT8", np.float32: "FP32", np.float64: "FP64", np.int32: "
 
 class OpenStream:
     """One gRPC stream to `lipsync`, open until closed: `send` puts any request on it (no client checks), `collect`
-    waits for final responses; the frames that came back gather in `result`."""
+    waits for final responses; the synced frames (the regions that came back pasted into copies of the frames
+    that were sent) gather in `result`."""
 
     def __init__(self, url: str):
         self.client, self.replies = grpcclient.InferenceServerClient(url), queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)))
         self.result, self.sent = StreamResult(), 0
+        self.sent_frames: list[np.ndarray] = []  # every frame sent, by stream index
 
     def send(
         self,
@@ -198,6 +210,8 @@ class OpenStream:
         for name, array in tensors.items():
             inputs.append(grpcclient.InferInput(name, list(array.shape), DTYPES[array.dtype.type]))
             inputs[-1].set_data_from_numpy(array)
+        if FRAMES in tensors and tensors[FRAMES].ndim == 4:
+            self.sent_frames.extend(tensors[FRAMES])
         self.client.async_stream_infer(
             MODEL_NAME,
             inputs,
@@ -223,8 +237,11 @@ class OpenStream:
             response = reply.get_response()
             final = response.parameters["triton_final_response"].bool_param
             if response.outputs:
-                self.result.frames.append(reply.as_numpy(FRAMES))
-                self.result.indices.append(reply.as_numpy(FRAME_INDEX))
+                index = reply.as_numpy(FRAME_INDEX)
+                frames = np.stack([self.sent_frames[i] for i in index])  # copies
+                apply_regions(frames, reply.as_numpy(REGION_BOX), reply.as_numpy(REGIONS))
+                self.result.frames.append(frames)
+                self.result.indices.append(index)
                 self.result.found.append(reply.as_numpy(FACE_FOUND))
             got.append("final" if final else "data")
             finals += final

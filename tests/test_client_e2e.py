@@ -489,7 +489,7 @@ def idle_server(triton_server, tmp_path_factory):
 
 
 def test_waiting_for_slow_windows_keeps_the_stream_alive(idle_server, media_dir, tmp_path):
-    """The CLI holds back frames (48 in flight) while windows take longer than the server's idle timeout: its
+    """The CLI holds back frames (36 in flight) while windows take longer than the server's idle timeout: its
     keep-alive requests keep the sequence open. Without them the stream is dropped, and the error says so."""
     audio = cut_audio(media_dir / "demo1_audio.wav", tmp_path / "voice.wav", 2.2)
     n = num_frames_for_audio(audio_samples(audio))

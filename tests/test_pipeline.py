@@ -121,9 +121,11 @@ def test_taesd_roundtrip_on_a_real_face(clip):
     assert psnr > 20, psnr
 
 
-def run_windows(pipeline, audio, pushes, overlap: bool, owned: bool = False) -> list:
-    """The results of a WindowedStream fed `pushes` (arrays of frames) in order."""
-    stream = pipeline.stream(steps=1, seed=11)
+def run_windows(pipeline, audio, pushes, overlap: bool, owned: bool = False, stream=None) -> list:
+    """The results of a WindowedStream fed `pushes` (arrays of frames) in order, their regions pasted into copies
+    of the frames (as a client does)."""
+    video = np.concatenate(pushes)  # before an owned push is handed over
+    stream = stream or pipeline.stream(steps=1, seed=11)
     stream.set_audio(audio)
     results, errors = [], []
     windows = WindowedStream(stream, lambda r, _: results.append(r), lambda e, _: errors.append(e), overlap=overlap)
@@ -135,6 +137,8 @@ def run_windows(pipeline, audio, pushes, overlap: bool, owned: bool = False) -> 
     assert done.wait(300)
     windows.close()
     assert not errors, errors
+    for result in results:
+        result.apply(video[result.indices].copy())
     return results
 
 
@@ -153,14 +157,38 @@ def test_overlapped_windows_give_the_same_frames(pipeline, clip):
 
 def test_an_owned_whole_window_becomes_the_window_without_a_copy(pipeline, clip):
     """The server copies a request's frames out of Triton's shared memory once: a whole window of such an owned
-    copy is that window's buffer (synced in place), the rest is copied as usual; the frames are the same."""
+    copy is the window that is prepared, the rest is copied as usual; the frames are the same."""
     frames, audio = clip
     video = np.stack(frames[:18])
     given = video.copy()
-    owned = run_windows(pipeline, audio, [given], overlap=True, owned=True)
-    assert np.shares_memory(owned[0].frames, given) and not np.shares_memory(owned[1].frames, given)
+    stream = pipeline.stream(steps=1, seed=11)
+    prepared = []
+    prepare = stream.prepare
+    stream.prepare = lambda f: prepared.append(f) or prepare(f)
+    owned = run_windows(pipeline, audio, [given], overlap=True, owned=True, stream=stream)
+    assert np.shares_memory(prepared[0], given) and not np.shares_memory(prepared[1], given)
     copied = run_windows(pipeline, audio, [video[:10], video[10:]], overlap=True)
     np.testing.assert_array_equal(np.concatenate([r.frames for r in owned]), np.concatenate([r.frames for r in copied]))
+
+
+def test_a_prepared_window_keeps_only_its_paste_regions(pipeline, clip):
+    """After alignment a window holds no whole frame, only copies of its faces' paste regions (all paste-back
+    reads), and its result is what changed: boxes and regions that rebuild the synced frames."""
+    frames, audio = clip
+    video = np.stack(frames[:16])
+    stream = pipeline.stream(steps=1, seed=2)
+    stream.set_audio(audio)
+    window = stream.prepare(video.copy())
+    assert not any(np.shares_memory(r, video) for r in window.regions)
+    held = sum(r.nbytes for r in window.regions)
+    assert 0 < held < video.nbytes / 8, (held, video.nbytes)  # a face region of a 540x960 talking head
+    result = stream.finish(window, stream.denoise(window))
+    assert result.frames is None and len(result.regions) == len(video) == len(result.boxes)
+    for region, (y0, y1, x0, x1), found in zip(result.regions, result.boxes, result.face_found):
+        assert region.shape == ((y1 - y0, x1 - x0, 3) if found else (0, 0, 3))
+    synced = result.apply(video.copy())
+    changed = np.flatnonzero((synced != video).any(axis=(1, 2, 3)))
+    assert set(changed) <= set(np.flatnonzero(result.face_found)) and len(changed)
 
 
 def test_no_face_in_the_whole_stream_is_an_error_at_its_end(pipeline, clip):

@@ -1,7 +1,9 @@
 """One gRPC bidirectional stream to the `lipsync` model: audio first, then frames; synced frames back.
 
-The sender keeps at most `max_inflight_frames` frames between "sent" and "handed to the caller", so a fast
-decoder never queues the video in memory and a slow consumer (the encoder) slows the upload down. Audio
+The server answers with what changed in each frame (its face region, REGION_BOX and REGIONS): the client keeps the
+frames it sent until they are answered and pastes the regions into them. It keeps at most `max_inflight_frames`
+frames between "sent" and "handed to the caller", so a fast decoder never queues the video in memory and a slow
+consumer (the encoder) slows the upload down. Audio
 requests are paced by their (empty) final responses, so a long track is never queued whole either.
 
 While it holds back (waiting for windows, or while the caller is busy with a frame), a keep-alive thread sends an
@@ -11,6 +13,7 @@ request arrives, and a stream idle for the server's timeout is dropped.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import secrets
@@ -32,10 +35,14 @@ from latentsync_contract import (
     MAX_AUDIO_SECONDS,
     MAX_FRAMES_PER_REQUEST,
     MODEL_NAME,
+    REGION_BOX,
+    REGIONS,
     SAMPLE_RATE,
     STREAM_TOKEN,
     WINDOW,
+    ContractError,
     StreamParams,
+    apply_regions,
     is_no_face_error,
     is_stream_dropped_error,
     min_audio_samples,
@@ -53,7 +60,7 @@ _NO_AUDIO = np.zeros((0,), np.float32)  # AUDIO of a frames request
 @dataclass(frozen=True)
 class SyncedFrame:
     index: int  # 0-based position in the stream
-    frame: np.ndarray  # RGB uint8 (H, W, 3), read-only view of the response
+    frame: np.ndarray  # RGB uint8 (H, W, 3), read-only: the frame that was sent, with the synced region pasted
     face_found: bool  # False: no face, the frame came back unchanged
 
 
@@ -68,7 +75,7 @@ class LipsyncClient:
         url: str = "localhost:8001",
         model: str = MODEL_NAME,
         *,
-        max_inflight_frames: int = 3 * WINDOW,
+        max_inflight_frames: int = 2 * WINDOW + 4,  # two windows: the server works on two at once
         frames_per_request: int = 4,
         audio_chunk_samples: int = 10 * SAMPLE_RATE,
         response_timeout: float | None = 600.0,
@@ -191,7 +198,7 @@ class LipsyncClient:
                     )
                 if chunk.size:
                     while len(audio_requests) >= self.max_inflight_audio_requests:  # wait for acks
-                        audio_requests.discard(self._next_response(responses, 0)[1])
+                        audio_requests.discard(self._next_response(responses, 0, collections.deque())[1])
                     audio_requests.add(send(_NO_SHAPE_FRAMES, chunk, start=n_samples == 0))
                     n_samples += chunk.size
             if n_samples < min_audio_samples():
@@ -200,30 +207,33 @@ class LipsyncClient:
             source = iter(frames(n_frames) if callable(frames) else frames)
 
             received, sent, filled, batch, last_request = 0, 0, 0, None, None
+            held: collections.deque[np.ndarray] = collections.deque()  # sent, not yet answered: pasted into
             for position, frame in enumerate(itertools.islice(source, n_frames)):
                 if batch is None:
                     if frame.ndim != 3 or frame.shape[2] != 3:
                         raise InputError(f"frames must be RGB (H, W, 3), got shape {frame.shape}")
-                    batch = np.empty((self.frames_per_request, *frame.shape), np.uint8)  # reused
-                elif frame.shape != batch.shape[1:]:
-                    raise InputError(f"frame {position} is {frame.shape}, the first one {batch.shape[1:]}")
+                    shape = frame.shape
+                    batch = np.empty((self.frames_per_request, *shape), np.uint8)  # kept until answered
+                elif frame.shape != shape:
+                    raise InputError(f"frame {position} is {frame.shape}, the first one {shape}")
                 batch[filled] = frame
                 filled += 1
                 is_last = position + 1 == n_frames
                 if filled < self.frames_per_request and not is_last:
                     continue
                 while sent + filled - received > self.max_inflight_frames:  # backpressure
-                    synced, _ = self._next_response(responses, received)
+                    synced, _ = self._next_response(responses, received, held)
                     received += len(synced)
                     yield from synced
                 last_request = send(batch[:filled], _NO_AUDIO, end=is_last)
-                sent, filled = sent + filled, 0
+                held.extend(batch[:filled])
+                sent, filled, batch = sent + filled, 0, None
             if sent < n_frames:
                 raise InputError(f"the video gave {sent} frames, the audio needs {n_frames}")
 
             finished = None
             while finished != last_request:
-                synced, finished = self._next_response(responses, received)
+                synced, finished = self._next_response(responses, received, held)
                 received += len(synced)
                 yield from synced
             if received != n_frames:
@@ -264,8 +274,11 @@ class LipsyncClient:
             for start in range(0, len(chunk), self.audio_chunk_samples):
                 yield np.ascontiguousarray(chunk[start : start + self.audio_chunk_samples])
 
-    def _next_response(self, responses: queue.Queue, received: int) -> tuple[list[SyncedFrame], str | None]:
-        """The synced frames of the next response, and the id of the request it completed (None if none)."""
+    def _next_response(
+        self, responses: queue.Queue, received: int, held: collections.deque
+    ) -> tuple[list[SyncedFrame], str | None]:
+        """The synced frames of the next response (its regions pasted into the `held` frames it answers, taken
+        from the left), and the id of the request it completed (None if none)."""
         try:
             result, error = responses.get(timeout=self.response_timeout)
         except queue.Empty:
@@ -273,13 +286,20 @@ class LipsyncClient:
         if error is not None:
             raise _classify(error, self.url)
         synced = []
-        frames = result.as_numpy(FRAMES)
-        if frames is not None and len(frames):
-            index, faces = result.as_numpy(FRAME_INDEX), result.as_numpy(FACE_FOUND)
-            if index is None or faces is None or len(index) != len(frames) or len(faces) != len(frames):
-                raise ServerError("malformed response: FRAMES, FRAME_INDEX and FACE_FOUND differ in length")
-            if not np.array_equal(index, np.arange(received, received + len(frames))):
+        index = result.as_numpy(FRAME_INDEX)
+        if index is not None and len(index):
+            faces, boxes, regions = (result.as_numpy(name) for name in (FACE_FOUND, REGION_BOX, REGIONS))
+            if faces is None or boxes is None or regions is None or len(faces) != len(index) or len(held) < len(index):
+                raise ServerError("malformed response: FRAME_INDEX, FACE_FOUND and REGION_BOX differ in length")
+            if not np.array_equal(index, np.arange(received, received + len(index))):
                 raise ServerError(f"frames came back out of order: expected index {received}, got {index[0]}")
+            frames = [held.popleft() for _ in index]
+            try:
+                apply_regions(frames, boxes, regions)
+            except ContractError as e:
+                raise ServerError(f"malformed response: {e}") from None
+            for frame in frames:
+                frame.flags.writeable = False
             synced = [SyncedFrame(int(i), frame, bool(face)) for i, frame, face in zip(index, frames, faces)]
         response = result.get_response()
         final = response.parameters.get("triton_final_response")

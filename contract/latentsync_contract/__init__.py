@@ -13,8 +13,11 @@ from typing import Any, Mapping, Sequence
 
 MODEL_NAME = "lipsync"
 
-# Tensors: requests carry FRAMES and/or AUDIO; responses FRAMES, FRAME_INDEX and FACE_FOUND.
+# Tensors: requests carry FRAMES and/or AUDIO. Responses carry FRAME_INDEX and FACE_FOUND, and only what changed
+# in those frames: REGION_BOX (where) and REGIONS (the pixels). The client already has the frames it sent; the
+# server keeps no whole frame past a window's alignment and sends none back (docs/PROTOCOL.md).
 FRAMES, AUDIO, FRAME_INDEX, FACE_FOUND = "FRAMES", "AUDIO", "FRAME_INDEX", "FACE_FOUND"
+REGION_BOX, REGIONS = "REGION_BOX", "REGIONS"
 
 FPS = 25  # frames are sent and returned at 25 fps
 SAMPLE_RATE = 16_000  # audio is 16 kHz mono float32
@@ -138,6 +141,32 @@ def check_stream_token(token) -> str | None:
             f"parameter '{STREAM_TOKEN}' must be a string of 1..{MAX_TOKEN_LENGTH} printable characters"
         )
     return token
+
+
+# ---------------------------------------------------------------------------------------------------- responses
+def region_sizes(boxes: Sequence[Sequence[int]]) -> list[int]:
+    """Bytes of each frame's region in REGIONS: REGION_BOX rows (y0, y1, x0, x1), RGB; 0 for an empty box."""
+    return [max(int(y1) - int(y0), 0) * max(int(x1) - int(x0), 0) * 3 for y0, y1, x0, x1 in boxes]
+
+
+def apply_regions(frames, boxes, regions) -> None:
+    """Write a response's regions into the frames it answers, IN PLACE: frames[i][y0:y1, x0:x1] = region i.
+
+    frames: (H, W, 3) uint8 arrays (numpy), one per response row; boxes: REGION_BOX (m, 4); regions: REGIONS,
+    the regions' RGB bytes in row order. A frame with an empty box (no face) is the one that was sent.
+    """
+    if len(frames) != len(boxes):
+        raise ContractError(f"REGION_BOX has {len(boxes)} rows for {len(frames)} frames")
+    sizes = region_sizes(boxes)
+    if sum(sizes) != len(regions):
+        raise ContractError(f"REGIONS holds {len(regions)} bytes; REGION_BOX describes {sum(sizes)}")
+    offset = 0
+    for frame, (y0, y1, x0, x1), size in zip(frames, boxes, sizes):
+        if size:
+            if not (0 <= y0 < y1 <= frame.shape[0] and 0 <= x0 < x1 <= frame.shape[1]):
+                raise ContractError(f"REGION_BOX {[int(v) for v in (y0, y1, x0, x1)]} lies outside the frame")
+            frame[y0:y1, x0:x1] = regions[offset : offset + size].reshape(y1 - y0, x1 - x0, 3)
+        offset += size
 
 
 # ---------------------------------------------------------------------------------------------------- parameters

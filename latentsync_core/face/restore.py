@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
 
 import numpy as np
 import torch
@@ -157,23 +156,6 @@ def paste_faces(
     faces = torch.as_tensor(faces)
     boxed = resize_face_to_box(faces.float(), box_hw(faces.shape[-1]))
     return [paste_region(r, f, a, w, frame_hw) for r, f, a, w in zip(regions, boxed, np.asarray(affines), windows)]
-
-
-PasteRegions = Callable[[list[np.ndarray], torch.Tensor, np.ndarray, list[Window], tuple[int, int]], list[np.ndarray]]
-
-
-def paste_into(
-    frames: np.ndarray, rows: np.ndarray, faces: torch.Tensor, affines: np.ndarray, paste: PasteRegions = paste_faces
-) -> None:
-    """Paste faces (k, 3, R, R) into frames[rows] (n, H, W, 3) IN PLACE, reading and writing only each face's
-    paste window; `paste(regions, faces, affines, windows, frame_hw)` blends (paste_faces, or a served model
-    that receives only those regions)."""
-    frame_hw = tuple(frames.shape[1:3])
-    box = box_hw(faces.shape[-1])
-    windows = [paste_window(a, box, frame_hw) for a in np.asarray(affines)]
-    regions = [frames[r, y0:y1, x0:x1] for r, (y0, y1, x0, x1) in zip(rows, windows)]
-    for r, (y0, y1, x0, x1), region in zip(rows, windows, paste(regions, faces, affines, windows, frame_hw)):
-        frames[r, y0:y1, x0:x1] = region
 
 
 def paste_back(frame: np.ndarray, face: torch.Tensor | np.ndarray, affine: np.ndarray) -> np.ndarray:

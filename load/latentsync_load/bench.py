@@ -693,8 +693,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | Ceilin
         "stand-ins: the serving path's own throughput, CPU and memory per stream (ceiling.py)",
     )
     stand.add_argument("--frames", type=int, default=64, help="frames per stream")
-    stand.add_argument("--per-request", type=int, default=16, help="frames per request")
-    stand.add_argument("--ahead", type=int, default=32, help="frames a stream keeps unanswered (0: all at once)")
+    stand.add_argument("--per-request", type=int, default=4, help="frames per request (latentsync-client's default)")
+    stand.add_argument(
+        "--ahead", type=int, default=36, help="frames a stream keeps unanswered, as latentsync-client (0: all at once)"
+    )
     a = p.parse_args(argv)
     ints = lambda text, default: [int(x) for x in (text or default).split(",") if x]  # noqa: E731
     if a.stand_ins:

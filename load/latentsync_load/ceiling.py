@@ -52,8 +52,8 @@ class CeilingOptions:
     streams: Sequence[int] = (1, 8, 16)
     steps: Sequence[int] = (20, 1)
     frames: int = 64  # per stream
-    per_request: int = 16  # frames per request
-    ahead: int = 32  # frames a stream keeps unanswered; 0: all at once
+    per_request: int = 4  # frames per request (latentsync-client's default)
+    ahead: int = 36  # frames a stream keeps unanswered, as latentsync-client; 0: all at once
     guidance: float = 1.5
     seed: int = 1247
     warmup_side: int = 960  # longer side of the warm-up stream's frames (a face must be found)
@@ -130,17 +130,17 @@ def raw_stream(
     url: str,
     clip: Clip,
     params: dict,
-    per_request: int = 16,
-    ahead: int = 32,
+    per_request: int = 4,
+    ahead: int = 36,
     timeout: float = 900.0,
     start: threading.Barrier | None = None,
 ) -> StreamRun:
     """One stream as docs/PROTOCOL.md says, over tritonclient's gRPC stream: the audio, then the frames
     `per_request` at a time with at most `ahead` unanswered (0: no limit). Frames that come back are counted
-    from the response's shapes, not decoded."""
+    from the response's FRAME_INDEX, their regions not pasted."""
     import tritonclient.grpc as grpcclient
 
-    from latentsync_contract import FRAMES, WINDOW
+    from latentsync_contract import FRAME_INDEX, WINDOW
 
     if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
         raise ValueError(f"ahead must be 0 or >= {WINDOW + per_request}")
@@ -159,7 +159,7 @@ def raw_stream(
         if error is not None:
             raise RuntimeError(str(error))
         response = result.get_response()
-        run.frames += sum(int(o.shape[0]) for o in response.outputs if o.name == FRAMES)
+        run.frames += sum(int(o.shape[0]) for o in response.outputs if o.name == FRAME_INDEX)
         if run.first_s is None and run.frames:
             run.first_s = time.perf_counter() - t0
         counts["finals"] += response.parameters["triton_final_response"].bool_param

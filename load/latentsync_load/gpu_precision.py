@@ -50,9 +50,10 @@ def run_window(
     stream.set_audio(audio)
     start = time.perf_counter()
     with torch.no_grad():
-        window = stream.prepare(np.array(frames, copy=True))  # the window pastes into its own frames
+        window = stream.prepare(frames)
         latents = stream.denoise(window)
         result = stream.finish(window, latents)
+        result.apply(np.array(frames, copy=True))  # the regions into copies of the window's frames
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     latents = None if latents is None else latents.float().cpu()

@@ -31,11 +31,12 @@ def stage_picture(stream: LipSyncStream, frames: Sequence[np.ndarray], frame: in
     """Run `stream` (audio set) window by window up to the window holding `frame`; its stages as one picture."""
     start = frame // WINDOW * WINDOW
     for i in range(0, start + 1, WINDOW):
-        window = stream.prepare(np.stack(frames[i : i + WINDOW]))
+        source = np.stack(frames[i : i + WINDOW])
+        window = stream.prepare(source)
         if i < start:  # earlier windows: for the aligner's smoothing and the RNG's draws
             continue
-        source = window.frames.copy()
         result = stream.finish(window, stream.denoise(window))
+        result.apply(source.copy())
         j = frame - start
         if not window.found[j]:
             why = "its face is turned past max_yaw" if window.detections.found[j] else "no face was found"

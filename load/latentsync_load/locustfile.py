@@ -54,7 +54,7 @@ def _options(parser):
     g.add_argument("--guidance", type=float, default=1.5)
     g.add_argument("--variant", default="1.5")
     g.add_argument("--frames-per-request", type=int, default=4)
-    g.add_argument("--max-inflight", type=int, default=48, help="frames sent but not yet answered")
+    g.add_argument("--max-inflight", type=int, default=36, help="frames sent but not yet answered")
     g.add_argument("--realtime", action="store_true", help="send frames at 25 fps, like a live source")
     g.add_argument("--streams-per-user", type=int, default=1)
     g.add_argument("--max-run-seconds", type=float, default=600.0)

@@ -27,6 +27,8 @@ from latentsync_contract import (
     FACE_FOUND,
     FRAME_INDEX,
     FRAMES,
+    REGION_BOX,
+    REGIONS,
     STREAM_TOKEN,
     ContractError,
     StreamParams,
@@ -246,7 +248,7 @@ class Stream:
 
     # ------------------------------------------------------------------------------------------ responses
     def _deliver(self, result: WindowResult, req: _Request) -> None:
-        with self.service.slots(RESPONSES):  # the frames are copied into the pool until the response is sent
+        with self.service.slots(RESPONSES):  # the regions are copied into the pool until the response is sent
             self._send(req, self._response(result))
 
     def _close(self, req: _Request) -> None:
@@ -280,9 +282,10 @@ class Stream:
         pb = self.pb
         return pb.InferenceResponse(
             output_tensors=[
-                pb.Tensor(FRAMES, np.ascontiguousarray(r.frames)),
                 pb.Tensor(FRAME_INDEX, r.indices.astype(np.int64)),
                 pb.Tensor(FACE_FOUND, r.face_found.astype(bool)),
+                pb.Tensor(REGION_BOX, np.ascontiguousarray(r.boxes, np.int32)),
+                pb.Tensor(REGIONS, r.packed_regions()),
             ]
         )
 

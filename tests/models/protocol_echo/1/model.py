@@ -1,7 +1,8 @@
 """PROTOCOL CONFORMANCE DOUBLE for client tests, NOT the product: implements the `lipsync` streaming contract
 (docs/PROTOCOL.md, latentsync_contract) without any model. It checks what a client sends (audio first, frame
 count from the audio length, one frame size, parameters, sequence flags) and echoes every frame back
-unchanged, one response per 16-frame window, with FRAME_INDEX; a uniform frame (all pixels equal) is
+unchanged, one response per 16-frame window, with FRAME_INDEX: as the product answers, as regions (REGION_BOX,
+REGIONS), here each "face" frame's central half with its own pixels; a uniform frame (all pixels equal) is
 reported as FACE_FOUND=false, and a stream in which no frame had a "face" ends with the `no face found` error
 after its frames came back.
 """
@@ -17,6 +18,8 @@ from latentsync_contract import (
     FACE_FOUND,
     FRAME_INDEX,
     FRAMES,
+    REGION_BOX,
+    REGIONS,
     WINDOW,
     ContractError,
     StreamParams,
@@ -117,12 +120,17 @@ class TritonPythonModel:
         stream.add(frames, audio)
         for window, index, face in stream.windows(end=bool(flags & SEQUENCE_END)):
             time.sleep(self.delay)
+            h, w = window.shape[1:3]
+            box = np.array([h // 4, h - h // 4, w // 4, w - w // 4], np.int32)
+            boxes = np.where(face[:, None], box, 0).astype(np.int32)
+            regions = [f[box[0] : box[1], box[2] : box[3]].reshape(-1) for f, found in zip(window, face) if found]
             sender.send(
                 pb_utils.InferenceResponse(
                     [
-                        pb_utils.Tensor(FRAMES, window),
                         pb_utils.Tensor(FRAME_INDEX, index),
                         pb_utils.Tensor(FACE_FOUND, face),
+                        pb_utils.Tensor(REGION_BOX, boxes),
+                        pb_utils.Tensor(REGIONS, np.concatenate(regions) if regions else np.zeros(0, np.uint8)),
                     ]
                 )
             )
