@@ -330,9 +330,10 @@ class WindowedStream:
         if self._worker is not None:
             self._worker.start()
 
-    def push(self, frames: np.ndarray, tag: Any = None, owned: bool = False) -> None:
-        """Add (n, H, W, 3) RGB frames; every window they complete is prepared and scheduled. `owned`: the caller
-        gives `frames` away (a copy of its own), so a whole window of them becomes that window's buffer as it is."""
+    def push(self, frames: np.ndarray, tag: Any = None, owned: bool = False) -> int:
+        """Add (n, H, W, 3) RGB frames; every window they complete is prepared and scheduled (the number of them
+        is returned). `owned`: the caller gives `frames` away (a copy of its own), so a whole window of them
+        becomes that window's buffer as it is."""
         if self.frame_shape is None:
             self.frame_shape = frames.shape[1:]
         elif frames.shape[1:] != self.frame_shape:
@@ -346,6 +347,7 @@ class WindowedStream:
                 f"{total} frames (send num_frames_for_audio(len(audio)) frames)"
             )
         self.received += len(frames)
+        scheduled = 0
         while len(frames):
             if self.buffer is None:
                 if self._slots is not None:
@@ -353,6 +355,7 @@ class WindowedStream:
                 if owned and len(frames) >= NUM_FRAMES:
                     self.buffer, self.filled, frames = frames[:NUM_FRAMES], NUM_FRAMES, frames[NUM_FRAMES:]
                     self._schedule_window(tag)
+                    scheduled += 1
                     continue
                 self.buffer = np.empty((NUM_FRAMES, *self.frame_shape), np.uint8)  # pages touched as filled
             take = min(len(frames), NUM_FRAMES - self.filled)
@@ -360,6 +363,8 @@ class WindowedStream:
             self.filled, frames = self.filled + take, frames[take:]
             if self.filled == NUM_FRAMES:
                 self._schedule_window(tag)
+                scheduled += 1
+        return scheduled
 
     def end(self, tag: Any = None) -> None:
         """The last, shorter window; then NoFaceInStream if no frame of the stream had a face."""

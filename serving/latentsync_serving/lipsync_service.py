@@ -183,16 +183,18 @@ class Stream:
                     list(settings.denoisers),
                     enhancer=bool(settings.names.enhancer),
                 )
-            self._consume(incoming, req)
+            answers = self._consume(incoming, req)
         except Exception as e:  # noqa: BLE001 - every failure ends the stream with a message to the client
             self._fail(e, req)
             return
-        if self.windows is None:
-            self._close(req)
-        else:
+        if answers:
             self.windows.after(lambda: self._close(req))
+        else:  # nothing more will go to this request: final now, which releases it and its inputs in Triton
+            self._close(req)
 
-    def _consume(self, incoming: _Incoming, req: _Request) -> None:
+    def _consume(self, incoming: _Incoming, req: _Request) -> bool:
+        """Take a request's audio and frames; True if it completed a window or ended the stream (its final response
+        then waits for those windows, which are sent to it)."""
         audio, frames = incoming.audio, incoming.frames
         if audio is not None and audio.size:
             if self.windows is not None:
@@ -212,10 +214,14 @@ class Stream:
                 )
             self._check_cancelled(req)
             incoming.frames = None  # the windows hold what they need of them
-            self.windows.push(frames, req, owned=True)
+            answers = self.windows.push(frames, req, owned=True) > 0
+        else:
+            answers = False
         if incoming.flags & SEQUENCE_END and self.windows is not None:
             self._check_cancelled(req)
             self.windows.end(req)
+            answers = True
+        return answers
 
     def _start(self) -> LipSyncStream:
         if not self.audio:
