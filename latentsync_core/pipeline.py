@@ -9,6 +9,7 @@ through a `ModelBackend`; `LocalModels` implements it with torch modules in this
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass
@@ -79,6 +80,22 @@ class WindowResult:
         apply_regions(frames, self.boxes, self.packed_regions())
         self.frames = frames
         return frames
+
+
+@dataclass
+class AlignedFrame:
+    """One frame after the stream-ordered, per-frame phase (LipSyncStream.ingest): no whole frame is kept."""
+
+    index: int  # in the stream
+    frame_hw: tuple[int, int]
+    points: np.ndarray  # (3, 2) float32 detected alignment points (zeros without a face)
+    box: np.ndarray | None  # (4,) float32 detected face box, if the detector gives one
+    detected: bool  # a face was found
+    turned: bool  # ... but turned past max_yaw: passed through
+    face: np.ndarray | None = None  # (R, R, 3) uint8 aligned face; None: the frame passes through
+    affine: np.ndarray | None = None  # (2, 3) float32 frame -> crop
+    paste_box: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4, np.int32))  # y0, y1, x0, x1
+    region: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))  # its pixels
 
 
 @dataclass
@@ -158,44 +175,75 @@ class LipSyncStream:
     def prepare(self, frames: np.ndarray) -> PreparedWindow:
         """Detect and align the faces of the next window and build its conditioning (in window order). The
         window keeps copies of the paste regions only: `frames` may be dropped (or reused) once this returns."""
+        return self.prepare_window(self.ingest(frames))
+
+    def ingest(self, frames: np.ndarray) -> list[AlignedFrame]:
+        """The next frames of the stream (any number, in order) -> what their window will need of each: detection,
+        alignment (the stream's smoothing runs in frame order) and a copy of the paste region. Nothing refers to
+        `frames` afterwards, so a server holds whole frames only while they are ingested."""
         if self.chunks is None:
             raise RuntimeError("set_audio() must be called before process()")
         n = len(frames)
+        if not n:
+            return []
+        if self.next_index + n > self.num_frames:
+            raise ValueError(f"frame {self.next_index + n - 1} is past the audio's {self.num_frames} frames")
+        det = self.backend.detect(frames)
+        detected = det.found.astype(bool)
+        turned = too_turned(det.points, self.max_yaw) & detected if self.max_yaw else np.zeros_like(detected)
+        synced = detected & ~turned  # a frontal template does not fit a face turned that far: pass it through
+        frame_hw, box = tuple(frames.shape[1:3]), box_hw(self.variant.resolution)
+        records = []
+        for i in range(n):
+            record = AlignedFrame(
+                self.next_index + i,
+                frame_hw,
+                det.points[i],
+                None if det.boxes is None else det.boxes[i],
+                bool(detected[i]),
+                bool(turned[i]),
+            )
+            if synced[i]:
+                aligned = self.aligner.align(frames[i], det.points[i])
+                y0, y1, x0, x1 = record.paste_box = paste_window(aligned.affine, box, frame_hw)
+                record.face, record.affine, record.region = aligned.face, aligned.affine, frames[i, y0:y1, x0:x1].copy()
+            records.append(record)
+        self.next_index += n
+        return records
+
+    def prepare_window(self, records: list[AlignedFrame]) -> PreparedWindow:
+        """A window of ingested frames (1..16, in order) -> its conditioning: masks, one VAE encoder call, the
+        stream's RNG draws (in window order)."""
+        n = len(records)
         if not 0 < n <= NUM_FRAMES:
             raise ValueError(f"a window holds 1..{NUM_FRAMES} frames, got {n}")
-        indices = np.arange(self.next_index, self.next_index + n, dtype=np.int64)
-        if indices[-1] >= self.num_frames:
-            raise ValueError(f"frame {indices[-1]} is past the audio's {self.num_frames} frames")
-        self.next_index += n
-        det = self.backend.detect(frames)
-        found = det.found.astype(bool)
-        turned = too_turned(det.points, self.max_yaw) & found if self.max_yaw else np.zeros_like(found)
-        found &= ~turned  # a frontal template does not fit a face turned that far: pass it through, counted
-        rows = np.flatnonzero(found)
-        frame_hw = tuple(frames.shape[1:3])
+        found = np.array([r.face is not None for r in records])
+        boxes = [r.box for r in records]
+        detections = Detections(
+            np.stack([r.points for r in records]).astype(np.float32),
+            np.array([r.detected for r in records]),
+            None if any(b is None for b in boxes) else np.stack(boxes).astype(np.float32),
+        )
         window = PreparedWindow(
-            frame_hw,
-            [np.zeros((0, 0, 3), np.uint8)] * n,
-            np.zeros((n, 4), np.int32),
-            indices,
-            det,
+            records[0].frame_hw,
+            [r.region for r in records],
+            np.stack([r.paste_box for r in records]).astype(np.int32),
+            np.array([r.index for r in records], np.int64),
+            detections,
             found,
             np.zeros((0, 2, 3), np.float32),
             None,
             None,
             None,
             None,
-            turned=int(turned.sum()),
+            turned=sum(r.turned for r in records),
         )
+        rows = np.flatnonzero(found)
         if not len(rows):
             return window
-        aligned = [self.aligner.align(frames[i], det.points[i]) for i in rows]
-        faces = torch.from_numpy(np.stack([a.face for a in aligned])).to(self.device)
-        window.affines = np.stack([a.affine for a in aligned])
-        box = box_hw(self.variant.resolution)
-        for r, affine in zip(rows, window.affines):
-            y0, y1, x0, x1 = window.boxes[r] = paste_window(affine, box, frame_hw)
-            window.regions[r] = frames[r, y0:y1, x0:x1].copy()
+        indices = window.indices
+        faces = torch.from_numpy(np.stack([records[i].face for i in rows])).to(self.device)
+        window.affines = np.stack([records[i].affine for i in rows])
         ref, masked, masks = masked_face_inputs(faces, self.mask)
         dt = self.dtype
         # One encoder call for both; the stream's generator then draws the masked faces' sample first, as upstream.
@@ -297,13 +345,12 @@ class WindowedStream:
     """A stream's frames, in any chunking, cut into windows of 16 in order, with the stream-level rules: one
     frame size, at most the audio's frame count, and (at `end`) at least one frame with a face.
 
-    Each window's frames are copied once, into that window's own buffer, which is dropped once the window is
-    prepared (it then holds only its paste regions). Results (regions, WindowResult) go to `deliver(result,
-    tag)` in window order, with the `tag` of the `push` or `end` call that completed the window. With `overlap`,
-    a window's denoising, decoding and paste-back run on a worker thread while the caller fills and prepares
-    the next window (detection, alignment and VAE encoding, in window order, so the results are the same); at
-    most two windows are in flight, and the frames of a third wait for a slot, which bounds memory at one
-    window of whole frames (the one being filled) plus the regions of two. An error
+    Frames are ingested as they are pushed (detection and alignment, LipSyncStream.ingest): no whole frame is
+    kept past its `push`, only each synced face and its paste region. Results (regions, WindowResult) go to
+    `deliver(result, tag)` in window order, with the `tag` of the `push` or `end` call that completed the window.
+    With `overlap`, a window's denoising, decoding and paste-back run on a worker thread while the caller goes on
+    with the next frames (ingestion and the window's VAE encoding, in order, so the results are the same); at
+    most two windows are in flight, and a third waits for a slot. An error
     on the worker goes to `fail(error, tag)`, and no later window is computed; `after(fn)` runs fn once every
     earlier window is delivered or skipped (the server sends a request's final response that way).
     """
@@ -318,9 +365,8 @@ class WindowedStream:
         overlap: bool = False,
     ):
         self.stream, self.deliver, self.fail = stream, deliver, fail
-        self.buffer: np.ndarray | None = None  # the window being filled: (16, H, W, 3)
+        self.pending: list[AlignedFrame] = []  # ingested frames of the window being filled
         self.frame_shape: tuple | None = None
-        self.filled = 0
         self.received = self.done = self.with_face = self.turned = 0
         self.failed: BaseException | None = None  # set on the first error: later windows are skipped
         self.in_flight = 0  # windows scheduled and not yet delivered
@@ -330,10 +376,9 @@ class WindowedStream:
         if self._worker is not None:
             self._worker.start()
 
-    def push(self, frames: np.ndarray, tag: Any = None, owned: bool = False) -> int:
-        """Add (n, H, W, 3) RGB frames; every window they complete is prepared and scheduled (the number of them
-        is returned). `owned`: the caller gives `frames` away (a copy of its own), so a whole window of them
-        becomes that window's buffer as it is."""
+    def push(self, frames: np.ndarray, tag: Any = None) -> int:
+        """Add (n, H, W, 3) RGB frames: they are ingested at once (the caller may drop or reuse them when this
+        returns), and every window they complete is prepared and scheduled; returns the number of those."""
         if self.frame_shape is None:
             self.frame_shape = frames.shape[1:]
         elif frames.shape[1:] != self.frame_shape:
@@ -347,28 +392,16 @@ class WindowedStream:
                 f"{total} frames (send num_frames_for_audio(len(audio)) frames)"
             )
         self.received += len(frames)
+        self.pending += self.stream.ingest(frames)
         scheduled = 0
-        while len(frames):
-            if self.buffer is None:
-                if self._slots is not None:
-                    self._slots.acquire()  # released when a window in flight is delivered
-                if owned and len(frames) >= NUM_FRAMES:
-                    self.buffer, self.filled, frames = frames[:NUM_FRAMES], NUM_FRAMES, frames[NUM_FRAMES:]
-                    self._schedule_window(tag)
-                    scheduled += 1
-                    continue
-                self.buffer = np.empty((NUM_FRAMES, *self.frame_shape), np.uint8)  # pages touched as filled
-            take = min(len(frames), NUM_FRAMES - self.filled)
-            self.buffer[self.filled : self.filled + take] = frames[:take]
-            self.filled, frames = self.filled + take, frames[take:]
-            if self.filled == NUM_FRAMES:
-                self._schedule_window(tag)
-                scheduled += 1
+        while len(self.pending) >= NUM_FRAMES:
+            self._schedule_window(tag)
+            scheduled += 1
         return scheduled
 
     def end(self, tag: Any = None) -> None:
         """The last, shorter window; then NoFaceInStream if no frame of the stream had a face."""
-        if self.filled:
+        if self.pending:
             self._schedule_window(tag)
         self._schedule(self._check_faces, tag)
 
@@ -383,10 +416,12 @@ class WindowedStream:
 
     # ------------------------------------------------------------------------------------------ internals
     def _schedule_window(self, tag: Any) -> None:
-        frames, self.buffer, self.filled = self.buffer[: self.filled], None, 0
+        records, self.pending = self.pending[:NUM_FRAMES], self.pending[NUM_FRAMES:]
+        if self._slots is not None:
+            self._slots.acquire()  # released when a window in flight is delivered
         self.in_flight += 1
         try:
-            prepared = self.stream.prepare(frames)  # the caller's thread: stream order
+            prepared = self.stream.prepare_window(records)  # the caller's thread: stream order
         except BaseException:
             self._window_done()
             raise
@@ -458,14 +493,20 @@ class LipSyncPipeline:
 
         windows = WindowedStream(stream, deliver)
         total = stream.set_audio(samples)
+        batch: list[np.ndarray] = []  # pushed a window at a time: one detector call per window, as a server's
         for i, frame in enumerate(frames):
             if i >= total:
                 break
             sent[i] = np.array(frame, copy=True)  # the caller may reuse its buffer
-            windows.push(frame[None])
+            batch.append(sent[i])
+            if len(batch) == NUM_FRAMES:
+                windows.push(np.stack(batch))
+                batch.clear()
             yield from results
             results.clear()
         try:
+            if batch:
+                windows.push(np.stack(batch))
             windows.end()
         except NoFaceInStream:
             yield from results  # the frames first, then the stream's error, as the server sends them

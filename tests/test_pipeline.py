@@ -121,16 +121,16 @@ def test_taesd_roundtrip_on_a_real_face(clip):
     assert psnr > 20, psnr
 
 
-def run_windows(pipeline, audio, pushes, overlap: bool, owned: bool = False, stream=None) -> list:
+def run_windows(pipeline, audio, pushes, overlap: bool, stream=None) -> list:
     """The results of a WindowedStream fed `pushes` (arrays of frames) in order, their regions pasted into copies
     of the frames (as a client does)."""
-    video = np.concatenate(pushes)  # before an owned push is handed over
+    video = np.concatenate(pushes)
     stream = stream or pipeline.stream(steps=1, seed=11)
     stream.set_audio(audio)
     results, errors = [], []
     windows = WindowedStream(stream, lambda r, _: results.append(r), lambda e, _: errors.append(e), overlap=overlap)
     for frames in pushes:
-        windows.push(frames, owned=owned)
+        windows.push(frames)
     windows.end()
     done = threading.Event()
     windows.after(done.set)
@@ -155,20 +155,23 @@ def test_overlapped_windows_give_the_same_frames(pipeline, clip):
     )
 
 
-def test_an_owned_whole_window_becomes_the_window_without_a_copy(pipeline, clip):
-    """The server copies a request's frames out of Triton's shared memory once: a whole window of such an owned
-    copy is the window that is prepared, the rest is copied as usual; the frames are the same."""
+def test_pushed_frames_are_not_kept(pipeline, clip):
+    """A server copies each request's frames out of Triton's shared memory once, and a push ingests them at once
+    (detection, alignment, paste regions): nothing the windows keep refers to them, in any chunking, and the
+    frames are the same whatever the chunking."""
     frames, audio = clip
     video = np.stack(frames[:18])
-    given = video.copy()
     stream = pipeline.stream(steps=1, seed=11)
-    prepared = []
-    prepare = stream.prepare
-    stream.prepare = lambda f: prepared.append(f) or prepare(f)
-    owned = run_windows(pipeline, audio, [given], overlap=True, owned=True, stream=stream)
-    assert np.shares_memory(prepared[0], given) and not np.shares_memory(prepared[1], given)
-    copied = run_windows(pipeline, audio, [video[:10], video[10:]], overlap=True)
-    np.testing.assert_array_equal(np.concatenate([r.frames for r in owned]), np.concatenate([r.frames for r in copied]))
+    stream.set_audio(audio)
+    windows = WindowedStream(stream, lambda r, _: None, overlap=False)
+    given = video[:10].copy()
+    windows.push(given)
+    kept = [a for r in windows.pending for a in (r.region, r.face) if a is not None]
+    assert len(kept) > 10 and not any(np.shares_memory(a, given) for a in kept)
+    assert sum(a.nbytes for a in kept) < given.nbytes / 4  # a talking head fills much of a 540x960 frame
+    whole = run_windows(pipeline, audio, [video], overlap=True)
+    ones = run_windows(pipeline, audio, [video[i : i + 1] for i in range(len(video))], overlap=True)
+    np.testing.assert_array_equal(np.concatenate([r.frames for r in whole]), np.concatenate([r.frames for r in ones]))
 
 
 def test_a_prepared_window_keeps_only_its_paste_regions(pipeline, clip):

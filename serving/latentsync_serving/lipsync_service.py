@@ -30,6 +30,7 @@ from latentsync_contract import (
     REGION_BOX,
     REGIONS,
     STREAM_TOKEN,
+    WINDOW,
     ContractError,
     StreamParams,
     check_audio_range,
@@ -38,6 +39,7 @@ from latentsync_contract import (
     check_stream_token,
     draining_message,
     idle_drop_message,
+    num_frames_for_audio,
 )
 from latentsync_core.configs import VAE_SCALING_FACTOR
 from latentsync_core.face.enhance import EnhanceSpec
@@ -112,6 +114,7 @@ class _Incoming:
     parameters: str
     frames: np.ndarray | None
     audio: np.ndarray | None
+    request: _Request | None = None  # its responses' state, made when it arrives
 
     @classmethod
     def take(cls, pb, request) -> _Incoming:
@@ -139,13 +142,44 @@ class Stream:
         self.error: str | None = None
         self.busy = False
         self.last_active = time.monotonic()
+        self.arrived_samples = self.arrived_frames = 0  # counted in execute, as requests arrive
+        self.arrived_shape: tuple | None = None
         self._send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"lipsync-stream-{stream_id}", daemon=True)
         self.thread.start()
 
     def put(self, incoming: _Incoming) -> None:
         self.last_active = time.monotonic()
+        incoming.request = _Request(incoming.sender)
+        if self._answered_on_arrival(incoming):
+            self._send(incoming.request, None, final=True)  # Triton frees the request and its gRPC message now
         self.requests.put(incoming)
+
+    def _answered_on_arrival(self, incoming: _Incoming) -> bool:
+        """Called in arrival order, in execute. A request of frames that completes no window, does not end the
+        stream and passes every check that can fail on its own (shape, audio first, one frame size, within the
+        audio's frame count) will get nothing but its final response: it is sent now. Otherwise the request
+        stays open until the stream thread has handled it (errors) and its windows are sent to it."""
+        frames, audio, before = incoming.frames, incoming.audio, self.arrived_frames
+        if audio is not None and audio.size:
+            self.arrived_samples += audio.size
+        if frames is None or not len(frames):
+            return False
+        self.arrived_frames += len(frames)
+        shape, self.arrived_shape = self.arrived_shape, self.arrived_shape or frames.shape[1:]
+        try:
+            check_frames_shape(frames.shape)
+        except ContractError:
+            return False
+        return (
+            self.error is None
+            and not incoming.flags & SEQUENCE_END
+            and (audio is None or not audio.size)
+            and self.arrived_samples > 0
+            and (shape is None or frames.shape[1:] == shape)
+            and self.arrived_frames <= num_frames_for_audio(self.arrived_samples)
+            and before // WINDOW == self.arrived_frames // WINDOW  # completes no window
+        )
 
     def close(self) -> None:
         self.requests.put(None)  # after the requests already queued
@@ -158,7 +192,7 @@ class Stream:
         while (incoming := self.requests.get()) is not None:
             self.busy = True
             try:
-                self._handle(_Request(incoming.sender), incoming)
+                self._handle(incoming.request or _Request(incoming.sender), incoming)
             finally:
                 self.busy, self.last_active = False, time.monotonic()
         if self.windows is not None:
@@ -214,7 +248,7 @@ class Stream:
                 )
             self._check_cancelled(req)
             incoming.frames = None  # the windows hold what they need of them
-            answers = self.windows.push(frames, req, owned=True) > 0
+            answers = self.windows.push(frames, req) > 0
         else:
             answers = False
         if incoming.flags & SEQUENCE_END and self.windows is not None:
@@ -249,7 +283,7 @@ class Stream:
 
     @staticmethod
     def _check_cancelled(req: _Request) -> None:
-        if req.sender.is_cancelled():
+        if not req.closed and req.sender.is_cancelled():
             raise ContractError("the client cancelled the stream")
 
     # ------------------------------------------------------------------------------------------ responses
