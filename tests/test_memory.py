@@ -17,8 +17,12 @@ from latentsync_load.server_probe import MemoryWatch, ServerProbe
 
 STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight (the server overlaps two)
 CALLS_PER_MODEL = 2  # the cpu target's frame_max_batch (32) / 16: bls.CallSlots
-MAX_PER_STREAM = 1.0e9  # bytes at the peak per open 1080p stream (docs/OPERATIONS.md "Memory")
+# Bytes at the peak per open 1080p stream, sent as latentsync-client sends (4 frames per request, at most 36
+# unanswered). Target 300 MB; measured 250-265 MB at 4 and 8 streams (RESULTS.md). The bound leaves room for a
+# slower machine, where more requests wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
+MAX_PER_STREAM = 350e6
 MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
+MAX_TOTAL_RETURN = 0.20  # anonymous + shared-memory pools within 20% of idle (measured +10-14%; before: +38%)
 SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
 
@@ -66,4 +70,5 @@ def test_memory_per_1080p_stream_is_bounded_and_given_back(server, clip):
     )
     assert per_stream <= MAX_PER_STREAM
     assert after.anon <= idle.anon * (1 + MAX_ANON_RETURN)
+    assert after.total <= idle.total * (1 + MAX_TOTAL_RETURN)
     assert after.shm - idle.shm <= pool_bound(clip.frames[:WINDOW].nbytes)
