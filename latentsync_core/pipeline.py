@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from latentsync_contract import ContractError, apply_regions, no_face_message
+from latentsync_contract import ContractError, apply_regions, check_stream_frames, no_face_message
 
 from . import audio as audio_features
 from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, Variant, get_variant
@@ -60,7 +60,7 @@ class ModelBackend(Protocol):
 @dataclass
 class WindowResult:
     """A window's synced frames as what changed in them: each frame's paste region and its new pixels (a server
-    keeps no whole frame once a window is aligned; the client pastes the regions into the frames it sent)."""
+    keeps no whole frame past its request; the client pastes the regions into the frames it sent)."""
 
     indices: np.ndarray  # (n,) int64 frame index in the stream
     face_found: np.ndarray  # (n,) bool: synced; False = passed through (no face, or one turned past max_yaw)
@@ -379,18 +379,8 @@ class WindowedStream:
     def push(self, frames: np.ndarray, tag: Any = None) -> int:
         """Add (n, H, W, 3) RGB frames: they are ingested at once (the caller may drop or reuse them when this
         returns), and every window they complete is prepared and scheduled; returns the number of those."""
-        if self.frame_shape is None:
-            self.frame_shape = frames.shape[1:]
-        elif frames.shape[1:] != self.frame_shape:
-            raise ContractError(
-                f"FRAMES size changed from {list(self.frame_shape[:2])} to {list(frames.shape[1:3])} within the stream"
-            )
-        total = self.stream.num_frames
-        if self.received + len(frames) > total:
-            raise ContractError(
-                f"FRAMES: frame {total} and later are past the end of the audio, which covers "
-                f"{total} frames (send num_frames_for_audio(len(audio)) frames)"
-            )
+        check_stream_frames(self.frame_shape, frames.shape, self.received, self.stream.num_frames)
+        self.frame_shape = self.frame_shape or frames.shape[1:]
         self.received += len(frames)
         self.pending += self.stream.ingest(frames)
         scheduled = 0

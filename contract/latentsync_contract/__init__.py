@@ -101,6 +101,18 @@ def check_frames_shape(shape: Sequence[int]) -> None:
         check_frame_size(shape[1], shape[2])
 
 
+def check_stream_frames(first_shape: Sequence[int] | None, shape: Sequence[int], received: int, total: int) -> None:
+    """A FRAMES tensor `shape` within its stream: the size of the stream's first frames (`first_shape`, None for
+    the first request of frames), and at most `total` frames in all (the audio's count) after `received`."""
+    if first_shape is not None and tuple(shape[1:]) != tuple(first_shape):
+        raise ContractError(f"FRAMES size changed from {list(first_shape[:2])} to {list(shape[1:3])} within the stream")
+    if received + shape[0] > total:
+        raise ContractError(
+            f"FRAMES: frame {total} and later are past the end of the audio, which covers "
+            f"{total} frames (send num_frames_for_audio(len(audio)) frames)"
+        )
+
+
 def check_frame_size(height: int, width: int) -> None:
     if max(height, width) > MAX_FRAME_SIDE:
         raise ContractError(

@@ -36,6 +36,7 @@ from latentsync_contract import (
     check_audio_range,
     check_audio_shape,
     check_frames_shape,
+    check_stream_frames,
     check_stream_token,
     draining_message,
     idle_drop_message,
@@ -167,8 +168,9 @@ class Stream:
             return False
         self.arrived_frames += len(frames)
         shape, self.arrived_shape = self.arrived_shape, self.arrived_shape or frames.shape[1:]
-        try:
+        try:  # the rules the stream thread applies (_consume, WindowedStream.push), on the counts so far
             check_frames_shape(frames.shape)
+            check_stream_frames(shape, frames.shape, before, num_frames_for_audio(self.arrived_samples))
         except ContractError:
             return False
         return (
@@ -176,8 +178,6 @@ class Stream:
             and not incoming.flags & SEQUENCE_END
             and (audio is None or not audio.size)
             and self.arrived_samples > 0
-            and (shape is None or frames.shape[1:] == shape)
-            and self.arrived_frames <= num_frames_for_audio(self.arrived_samples)
             and before // WINDOW == self.arrived_frames // WINDOW  # completes no window
         )
 
