@@ -13,8 +13,9 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import StreamResult, audio_for, metric, reference_video, run_stream, wait_for
+from helpers import OpenStream, StreamResult, audio_for, metric, reference_video, run_stream, wait_for
 
+from latentsync_contract import AUDIO, FRAMES
 from latentsync_contract import WINDOW as NUM_FRAMES
 from latentsync_export.export import ExportOptions, build_repository
 
@@ -182,3 +183,37 @@ def test_stream_state_is_freed_at_end_after_error_and_when_idle(server, clip):
     assert not open_stream.errors
     assert gauge() == 1
     wait_for(lambda: gauge() == 0, IDLE_TIMEOUT_S * 4, "the idle stream to be dropped")
+
+
+NO_AUDIO = np.zeros(0, np.float32)
+
+
+def test_a_request_that_completes_no_window_is_final_on_arrival(server, clip):
+    """Window-less requests of frames are answered final when they arrive, not after the window in flight
+    (Triton then frees them and their gRPC messages: docs/OPERATIONS.md "Memory"); the window's response goes
+    to the request that completed it."""
+    frames, audio = clip
+    audio = audio_for(audio, NUM_FRAMES + 8)
+    stream = OpenStream(server.grpc_url)
+    try:
+        sid, params = 7_654_321, {"steps": 20}
+        stream.send({FRAMES: np.zeros((0, *frames.shape[1:]), np.uint8), AUDIO: audio}, sid, True, False, params)
+
+        def part(a, b):
+            return {FRAMES: np.ascontiguousarray(frames[a:b]), AUDIO: NO_AUDIO}
+
+        stream.send(part(0, NUM_FRAMES), sid)  # request 1 completes a window
+        stream.send(part(NUM_FRAMES, NUM_FRAMES + 4), sid)  # request 2 completes none
+        stream.send(part(NUM_FRAMES + 4, NUM_FRAMES + 8), sid, end=True)  # request 3 ends the stream
+        order = []
+        while len([e for e in order if e[1] == "final"]) < 4:
+            reply, error = stream.replies.get(timeout=600)
+            assert error is None, error
+            response = reply.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            order.append((response.id, "final" if final else "data"))
+    finally:
+        stream.close()
+    assert order.index(("2", "final")) < order.index(("1", "data")), order  # request 2 did not wait for window 1
+    assert order.index(("1", "data")) < order.index(("1", "final")), order
+    assert order.index(("3", "data")) < order.index(("3", "final")), order  # the last window goes to the last
