@@ -40,6 +40,7 @@ def test_equals_cv2_resize(src_hw, dst_hw):
     for image in images(src_hw, rng):
         expected = cv2.resize(image, dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
         np.testing.assert_array_equal(resize(planes(image)), expected)
+        np.testing.assert_array_equal(resize(planes(image).float()), expected)  # a warp's float planes
 
 
 def test_rounding_boundaries_are_recomputed_exactly():
@@ -72,6 +73,7 @@ def test_falls_back_to_cv2_when_tables_differ(monkeypatch):
     image = np.random.default_rng(4).integers(0, 256, (100, 75, 3), dtype=np.uint8)
     expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4)
     np.testing.assert_array_equal(resize(planes(image)), expected)
+    np.testing.assert_array_equal(resize(planes(image).float()), expected)
 
 
 def test_reduced_precision_matmul_falls_back(monkeypatch):

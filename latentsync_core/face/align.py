@@ -147,18 +147,26 @@ def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int
     )
 
 
-def region_as_source(region: torch.Tensor, window: tuple[int, int, int, int], src_hw: tuple[int, int]) -> torch.Tensor:
+def region_as_source(
+    region: torch.Tensor, window: tuple[int, int, int, int], src_hw: tuple[int, int], ones: bool = False
+) -> torch.Tensor:
     """(h, w, C) `region` = src[y0:y1, x0:x1] -> (1, C, H, W) float32 tensor that grid_sample can take for the whole
     (H, W) source: a buffer holding only the region, addressed with a full source's strides (pixel (y, x) at
     C * (y * w + x)). grid_sample then computes exactly the full-source sample positions; elements outside the
-    window alias other rows or unset memory, so it may only be sampled where source_window says."""
+    window alias other rows or unset memory, so it may only be sampled where source_window says. With `ones`, a
+    last channel of 1.0 is added: its warp is grid_coverage, from the same grid_sample call (each channel is
+    interpolated alone with the same weights, so every channel equals its own call's result bit for bit)."""
     (H, W), (h, w, C), (y0, _, x0, _) = src_hw, region.shape, window
+    C_out = C + ones
     if h == 0 or w == 0:  # nothing is sampled (all reads are masked): zeros of any layout will do
-        return torch.zeros(1, 1, 1, 1, device=region.device).expand(1, C, H, W)
-    buffer = torch.empty(C * ((H - 1) * w + W), device=region.device)
-    start = C * (y0 * w + x0)
-    buffer[start : start + h * w * C].view(h, w, C).copy_(region)
-    return buffer.as_strided((1, C, H, W), (0, 1, C * w, C))
+        return torch.zeros(1, 1, 1, 1, device=region.device).expand(1, C_out, H, W)
+    buffer = torch.empty(C_out * ((H - 1) * w + W), device=region.device)
+    start = C_out * (y0 * w + x0)
+    pixels = buffer[start : start + h * w * C_out].view(h, w, C_out)
+    pixels[..., :C].copy_(region)
+    if ones:
+        pixels[..., C].fill_(1.0)
+    return buffer.as_strided((1, C_out, H, W), (0, 1, C_out * w, C_out))
 
 
 def grid_coverage(src_hw: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
@@ -187,13 +195,13 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 @dataclass
 class AlignedFace:
     face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
-    crop_planes: torch.Tensor  # (3, h_box, w_box) uint8 RGB: the frame-space crop (before the resize)
+    crop_pixels: torch.Tensor  # (3, h_box, w_box) RGB uint8 values (FaceAligner.warp_pixels): the frame-space crop
     affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
 
     @property
     def crop(self) -> np.ndarray:
         """(h_box, w_box, 3) uint8 RGB, HWC; made on demand, as the pipeline needs only `face`."""
-        return planes_to_hwc(self.crop_planes)
+        return planes_to_hwc(self.crop_pixels.to(torch.uint8))
 
 
 class FaceAligner:
@@ -220,16 +228,25 @@ class FaceAligner:
             matrix[:, 2] = matrix[:, 2] + bias
         return matrix.numpy()
 
-    def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop planes (fill 127, float -> uint8 by truncation).
-        Only the part of the frame that the crop samples is read and converted to float."""
+    def warp_pixels(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 frame -> (3, h_box, w_box) float32 crop holding its uint8 values (fill 127, truncated
+        toward zero as the float -> uint8 cast; uint8 itself when warped off the CPU). Only the part of the frame
+        that the crop samples is read and converted to float, and one grid_sample gives the pixels and their
+        coverage."""
         frame = torch.as_tensor(frame_rgb)
         frame_hw = tuple(frame.shape[:2])
         grid = sampling_grid(torch.as_tensor(affine, device=self.device)[None], frame_hw, self.box_hw)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
-        src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw)
-        warped, _ = grid_warp(src, grid, fill=FILL_VALUE)
-        return warped[0].to(torch.uint8).cpu()
+        src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
+        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        pixels, coverage = sampled[:3], sampled[3:]
+        # kornia's fill, then the cast's truncation (values lie in (-1, 256): trunc equals the uint8 cast)
+        pixels = pixels.add_((1 - coverage).mul_(FILL_VALUE)).trunc_()
+        return pixels if pixels.device.type == "cpu" else pixels.to(torch.uint8).cpu()  # a quarter of the bytes
+
+    def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop planes."""
+        return self.warp_pixels(frame_rgb, affine).to(torch.uint8)
 
     def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
         """The (h_box, w_box, 3) uint8 HWC crop (upstream's face crop before the resize)."""
@@ -240,7 +257,7 @@ class FaceAligner:
 
     def align_affine(self, frame_rgb: np.ndarray, affine: np.ndarray) -> AlignedFace:
         """The face that a known frame -> crop affine cuts out (align without the landmark fit)."""
-        crop = self.warp_planes(frame_rgb, affine)
+        crop = self.warp_pixels(frame_rgb, affine)
         # cv2.resize(crop, (R, R), interpolation=cv2.INTER_LANCZOS4), bit for bit, from the planes
         face = lanczos4_resizer(self.box_hw, (self.resolution, self.resolution))(crop)
-        return AlignedFace(face=face, crop_planes=crop, affine=np.asarray(affine, np.float32))
+        return AlignedFace(face=face, crop_pixels=crop, affine=np.asarray(affine, np.float32))

@@ -91,7 +91,8 @@ def _ieee_float32_matmul() -> bool:
 
 
 class Lanczos4Resize:
-    """Resize (C, H, W) uint8 planes to an (h, w, C) uint8 image exactly as cv2.resize(INTER_LANCZOS4) on HWC.
+    """Resize (C, H, W) uint8 planes (or float32 ones of uint8 values) to an (h, w, C) uint8 image exactly as
+    cv2.resize(INTER_LANCZOS4) on HWC.
 
     OpenCV sums x then y in int32; integer sums commute, so this sums y first: V = sum beta * src is exact in
     float32 (|V| <= 255 * sum|beta| < 2**24). T = sum alpha * V needs ~31 bits, so it is taken in float32 with a
@@ -125,9 +126,10 @@ class Lanczos4Resize:
         return np.array_equal(self._resize(torch.from_numpy(image).permute(2, 0, 1)), expected)
 
     def __call__(self, planes: torch.Tensor) -> np.ndarray:
+        """(C, H, W) uint8 planes, or float32 planes holding uint8 values (a warp's output, no cast needed)."""
         if self.exact and _ieee_float32_matmul():
             return self._resize(planes)
-        hwc = cv2.merge(list(planes.numpy()))
+        hwc = cv2.merge(list(planes.to(torch.uint8).numpy()))
         return cv2.resize(hwc, (self.w, self.h), interpolation=cv2.INTER_LANCZOS4).reshape(self.h, self.w, -1)
 
     def _buffers(self, C: int) -> dict[str, np.ndarray | torch.Tensor]:
