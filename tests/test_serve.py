@@ -23,8 +23,10 @@ from latentsync_export.export import ExportOptions, build_repository
 from latentsync_serving.serve import (
     ADMIN_HEADER,
     GRPC_ADMIN_HEADER,
+    MALLOC_SETTINGS,
     RESTRICTED_APIS,
     TritonServer,
+    allocator_env,
     free_port,
     port_is_free,
     secret_env,
@@ -117,6 +119,21 @@ def test_python_backend_runs_in_this_venv(admin_server):
         prefix, torch_version = (v.decode() for v in client.infer("environment", [inp]).as_numpy("Y"))
     assert Path(prefix).resolve() == Path(sys.prefix).resolve()
     assert torch_version == importlib.metadata.version("torch")
+
+
+def test_every_server_process_runs_with_the_malloc_settings(admin_server):
+    """tritonserver and each Python stub get serve.MALLOC_SETTINGS (frames unmapped when freed, per-face tensors
+    reused from the arenas); an environment that chose its own allocator keeps it."""
+    pids = {admin_server.pid} | children_of(admin_server.pid)
+    assert len(pids) >= 2  # the server and at least one stub
+    for pid in pids:
+        env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        assert {k: env.get(k.encode()) for k in MALLOC_SETTINGS} == {
+            k: str(v).encode() for k, v in MALLOC_SETTINGS.items()
+        }
+    assert allocator_env({"MALLOC_ARENA_MAX": "4"}) == {"MALLOC_ARENA_MAX": "4"}
+    assert allocator_env({"LD_PRELOAD": "/lib/libjemalloc.so.2"}) == {"LD_PRELOAD": "/lib/libjemalloc.so.2"}
+    assert allocator_env({"MALLOC_TOP_PAD_": "0"})["MALLOC_TOP_PAD_"] == "0"
 
 
 def test_admin_endpoints_refused_without_key_and_inference_still_works(admin_server):

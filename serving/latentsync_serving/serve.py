@@ -365,17 +365,23 @@ def secret_env(admin_key: str) -> dict[str, str]:
     }
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks are mapped on their own and unmapped when freed
+# glibc malloc settings of every server process (allocator_env). Blocks from the mmap threshold up are mapped on
+# their own and unmapped when freed: a 1080p frame (6.2 MB) and a request's frames go back to the system at once.
+# Smaller blocks (the per-face tensors of alignment and paste-back, up to ~4 MB at 512 px) come from the arenas,
+# which keep the top pad when they shrink: reused pages, not fresh ones that fault in on every frame (a 1 MB
+# threshold without a pad cost ~3 ms of page faults per 512 px align + paste, +35 %; docs/PERFORMANCE.md). The
+# preload library's malloc_trim every 2 s gives the arenas' other free pages back (LATENTSYNC_HEAP_TRIM_MS).
+MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": 2, "MALLOC_MMAP_THRESHOLD_": 4 << 20, "MALLOC_TOP_PAD_": 16 << 20}
 
 
 def allocator_env(env: dict[str, str]) -> dict[str, str]:
-    """`env` with two glibc malloc arenas and a fixed mmap threshold, unless it already chose (MALLOC_ARENA_MAX,
-    or jemalloc preloaded). glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MB),
-    after which a stream's 6 MB frames and 25 MB requests come from the arenas and stay there until trimmed:
-    fixed at 1 MB, they go back to the system when freed (peak per 1080p stream: ~400 -> ~300 MB, RESULTS.md)."""
+    """`env` with MALLOC_SETTINGS, unless it already chose (MALLOC_ARENA_MAX, or jemalloc preloaded). Fixed values
+    also stop glibc's dynamic threshold, which rises to the size of each mapped block freed (up to 32 MB): a
+    stream's 6 MB frames and 25 MB requests would then come from the arenas and stay there until trimmed (peak
+    per 1080p stream: ~400 -> ~300 MB, RESULTS.md)."""
     if "MALLOC_ARENA_MAX" not in env and "jemalloc" not in env.get("LD_PRELOAD", ""):
-        env["MALLOC_ARENA_MAX"] = "2"
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+        for name, value in MALLOC_SETTINGS.items():
+            env.setdefault(name, str(value))
     return env
 
 
