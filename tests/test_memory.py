@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import metric
 
 from latentsync_contract import WINDOW
 from latentsync_export.export import ExportOptions, build_repository
@@ -17,6 +18,7 @@ from latentsync_load.server_probe import MemoryWatch, ServerProbe
 
 STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight (the server overlaps two)
 CALLS_PER_MODEL = 2  # the cpu target's frame_max_batch (32) / 16: bls.CallSlots
+PER_REQUEST, PER_DETECTOR_CALL = 4, 2  # raw_stream's frames per request; two 1080p frames fit detector_call_bytes
 # Bytes at the peak per open 1080p stream, sent as latentsync-client sends (4 frames per request, at most 36
 # unanswered). Target 300 MB; measured 250-265 MB at 4 and 8 streams (RESULTS.md). The bound leaves room for a
 # slower machine, where more requests wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
@@ -28,9 +30,11 @@ SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
 def pool_bound(window_bytes: int, k: int = CALLS_PER_MODEL) -> int:
     """Most the shared-memory pools can grow by, in 16-frame windows of frames: lipsync holds one request, k face
-    detector calls, k restorer calls (frames in, frames out) and k responses; the face detector k windows, the
-    restorer k in and k out; the VAE's and audio encoder's tensors are under half a window per call."""
-    return int(window_bytes * ((1 + 4 * k) + k + 2 * k + k / 2))
+    detector calls (an eighth of a window each), k restorer calls (regions in and out) and k responses; the face
+    detector k calls, the restorer k in and k out; the VAE's and audio encoder's tensors are under half a window
+    per call."""
+    detector_call = PER_DETECTOR_CALL / WINDOW
+    return int(window_bytes * ((1 + k * detector_call + 3 * k) + k * detector_call + 2 * k + k / 2))
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +59,16 @@ def test_memory_per_1080p_stream_is_bounded_and_given_back(server, clip):
     time.sleep(SETTLE_S)
     idle = probe.memory()
 
+    detector_calls = metric(server, "lipsync_bls_requests", 0.0, callee="face_detector")
     with MemoryWatch(probe) as watch, ThreadPoolExecutor(STREAMS) as pool:
-        runs = list(pool.map(lambda _: raw_stream(server.grpc_url, clip, {"steps": 1}), range(STREAMS)))
+        runs = list(pool.map(lambda _: raw_stream(server.grpc_url, clip, {"steps": 1}, PER_REQUEST), range(STREAMS)))
+    detector_calls = metric(server, "lipsync_bls_requests", callee="face_detector") - detector_calls
     time.sleep(SETTLE_S)
     after = probe.memory()
 
     assert [r.error for r in runs] == [None] * STREAMS
     assert [r.frames for r in runs] == [FRAMES] * STREAMS
+    assert detector_calls == STREAMS * FRAMES / PER_DETECTOR_CALL  # a request's frames in calls of 16 MiB at most
     per_stream = (watch.peak.total - idle.total) / STREAMS
     mb = lambda x: f"{x / 1e6:,.0f} MB"  # noqa: E731
     print(

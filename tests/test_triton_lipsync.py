@@ -41,13 +41,19 @@ def server(triton_server, tiny_repo):
 # ---------------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("variant,n_frames,steps", [("1.5", NUM_FRAMES + 2, 2), ("1.6", 3, 1)])
 def test_triton_equals_in_process_pipeline(server, tiny_repo, clip, variant, n_frames, steps):
-    """1.5: two windows (16 + a short one), 2 DDIM steps; 1.6 (4x the pixels): one short window, 1 step."""
+    """1.5: two windows (16 + a short one), 2 DDIM steps, the 16 frames detected in two calls; 1.6 (4x the
+    pixels): one short window, 1 step."""
     frames, samples = clip
     frames = frames[:n_frames]
     audio = audio_for(samples, n_frames)
     params = {"steps": steps, "guidance": 1.5, "seed": 4321, "variant": variant}
+    detector_calls = metric(server, "lipsync_bls_requests", 0.0, callee="face_detector")
     got = run_stream(server.grpc_url, frames, audio, params)
     assert not got.errors, got.errors
+    # a request's frames reach the detector in calls of at most 16 MiB (detector_call_bytes): 10 of these frames
+    per_call = (16 << 20) // frames[0].nbytes
+    calls = sum(-(-len(frames[i : i + NUM_FRAMES]) // per_call) for i in range(0, n_frames, NUM_FRAMES))
+    assert metric(server, "lipsync_bls_requests", callee="face_detector") - detector_calls == calls
     assert [len(f) for f in got.frames] == [len(frames[i : i + NUM_FRAMES]) for i in range(0, n_frames, NUM_FRAMES)]
     np.testing.assert_array_equal(np.concatenate(got.indices), np.arange(n_frames))
     assert np.concatenate(got.found).all(), "the face of the real clip must be found in every frame"

@@ -85,9 +85,11 @@ class TritonModels:
         audio_max_batch: int = 8,
         track_faces: bool = False,
         slots: CallSlots | None = None,
+        detector_call_bytes: int = 16 << 20,
     ):
         self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
         self.slots = slots or CallSlots(0)
+        self.detector_call_bytes = detector_call_bytes
         self.device, self.audio_max_batch = device, audio_max_batch
         # With the detector's "track" policy the stream's last face box is its reference for the next window.
         self.last_box = np.full(4, np.nan, np.float32) if track_faces else None
@@ -153,6 +155,22 @@ class TritonModels:
 
     # ------------------------------------------------------------------------------------------ ModelBackend
     def detect(self, frames: np.ndarray) -> Detections:
+        """Detections of a request's frames, in calls of at most `detector_call_bytes` of frames (at least one
+        frame): a call's frames sit in two shared-memory pools until it returns, and with `calls_per_model` calls
+        in flight the pools would otherwise grow with the client's request size (16 1080p frames: 100 MB per
+        call). With the "track" policy a request goes in one call: within a call the detector chains its own
+        stage-1 boxes, across calls the reported box."""
+        per_call = max(1, self.detector_call_bytes // max(1, frames[0].nbytes)) if len(frames) else 1
+        if self.last_box is not None or len(frames) <= per_call:
+            return self._detect(frames)
+        parts = [self._detect(frames[i : i + per_call]) for i in range(0, len(frames), per_call)]
+        return Detections(
+            np.concatenate([d.points for d in parts]),
+            np.concatenate([d.found for d in parts]),
+            np.concatenate([d.boxes for d in parts]),
+        )
+
+    def _detect(self, frames: np.ndarray) -> Detections:
         inputs = {"FRAMES": frames}
         if self.last_box is not None:
             inputs["REFERENCE_BOX"] = np.repeat(self.last_box[None], len(frames), axis=0)  # row 0 is used

@@ -70,6 +70,7 @@ class ServiceSettings:
     track_faces: bool = False  # face_detector policy "track": send each stream's previous box
     overlap: bool = True  # prepare a stream's next window while the current one denoises
     calls_per_model: int = 2  # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
+    detector_call_bytes: int = 16 << 20  # frames per face_detector call, at most (TritonModels.detect)
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
@@ -92,6 +93,7 @@ class ServiceSettings:
             track_faces=p.get("face_policy", "largest") == "track",
             overlap=flag("overlap_windows", "true"),
             calls_per_model=int(p.get("calls_per_model", 2)),
+            detector_call_bytes=int(p.get("detector_call_bytes", 16 << 20)),
         )
 
 
@@ -382,6 +384,7 @@ class LipSyncService:
             self.settings.audio_max_batch,
             self.settings.track_faces,
             self.slots,
+            self.settings.detector_call_bytes,
         )
 
     def submit(self, request) -> None:
