@@ -105,6 +105,9 @@ def test_cpu_repository(cpu_repo):
     p = {k: v.string_value for k, v in ls.parameters.items()}
     assert p["denoiser_models"] == "1.5=denoiser_1.5,1.6=denoiser_1.6" and p["random_weights"] == "true"
     assert p["stream_idle_timeout_s"] == "30" and float(p["vae_scaling_factor"]) == pytest.approx(0.18215)
+    assert p["detector_call_bytes"] == str(16 << 20)
+    # the per-frame Python work runs on one torch thread per instance (OpenMP's spinning threads cost more)
+    assert p["torch_threads"] == cfg["restorer"].parameters["torch_threads"].string_value == "1"
     # --tiny copies the weights into the version folders, referenced relative to them
     unet_ckpt = cfg["denoiser_1.6"].parameters["checkpoint"].string_value
     assert not unet_ckpt.startswith("/") and (cpu_repo / "denoiser_1.6" / "1" / unet_ckpt).is_file()
