@@ -20,11 +20,11 @@ STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight 
 CALLS_PER_MODEL = 2  # the cpu target's frame_max_batch (32) / 16: bls.CallSlots
 PER_REQUEST, PER_DETECTOR_CALL = 4, 2  # raw_stream's frames per request; two 1080p frames fit detector_call_bytes
 # Bytes at the peak per open 1080p stream, sent as latentsync-client sends (4 frames per request, at most 36
-# unanswered). Target 300 MB; measured 250-265 MB at 4 and 8 streams (RESULTS.md). The bound leaves room for a
+# unanswered). Target 300 MB; measured 252-316 MB at 4, 8 and 16 streams (RESULTS.md). The bound leaves room for a
 # slower machine, where more requests wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
 MAX_PER_STREAM = 350e6
 MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
-MAX_TOTAL_RETURN = 0.20  # anonymous + shared-memory pools within 20% of idle (measured +10-14%; before: +38%)
+MAX_TOTAL_RETURN = 0.20  # anonymous + shared-memory pools within 20% of idle (measured +11-15%; before: +38%)
 SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
 
