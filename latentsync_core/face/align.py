@@ -169,10 +169,19 @@ def region_as_source(
     return buffer.as_strided((1, C_out, H, W), (0, 1, C_out * w, C_out))
 
 
+def bilinear_sample(src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """grid_sample as kornia's warp_affine calls it: bilinear, zeros outside the source, align_corners=True."""
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def fill_uncovered(warped: torch.Tensor, coverage: torch.Tensor, fill: float) -> torch.Tensor:
+    """kornia's constant fill, in place: the weight a sample lost outside the source goes to `fill`."""
+    return warped.add_((1 - coverage).mul_(fill))
+
+
 def grid_coverage(src_hw: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w) bilinear warp at `grid` of an all-ones (H, W) image, zero outside it (a stride-0 view of one 1)."""
-    ones = grid.new_ones(1, 1, 1, 1).expand(grid.shape[0], 1, *src_hw)
-    return F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return bilinear_sample(grid.new_ones(1, 1, 1, 1).expand(grid.shape[0], 1, *src_hw), grid)
 
 
 def grid_warp(
@@ -181,9 +190,9 @@ def grid_warp(
     """Bilinear sample (B, C, H, W) float at `grid`; returns (warped, coverage) where coverage is grid_coverage (pass
     it when it is at hand). With `fill`, uncovered weight is filled with that value (kornia)."""
     coverage = grid_coverage(tuple(src.shape[2:]), grid) if coverage is None else coverage
-    warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    warped = bilinear_sample(src, grid)
     if fill is not None:
-        warped = warped.add_((1 - coverage).mul_(fill))
+        warped = fill_uncovered(warped, coverage, fill)
     return warped, coverage
 
 
@@ -238,10 +247,9 @@ class FaceAligner:
         grid = sampling_grid(torch.as_tensor(affine, device=self.device)[None], frame_hw, self.box_hw)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
         src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
-        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-        pixels, coverage = sampled[:3], sampled[3:]
-        # kornia's fill, then the cast's truncation (values lie in (-1, 256): trunc equals the uint8 cast)
-        pixels = pixels.add_((1 - coverage).mul_(FILL_VALUE)).trunc_()
+        sampled = bilinear_sample(src, grid)[0]
+        # the fill, then the cast's truncation (values lie in (-1, 256): trunc equals the uint8 cast)
+        pixels = fill_uncovered(sampled[:3], sampled[3:], FILL_VALUE).trunc_()
         return pixels if pixels.device.type == "cpu" else pixels.to(torch.uint8).cpu()  # a quarter of the bytes
 
     def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:

@@ -160,7 +160,7 @@ class TritonModels:
         in flight the pools would otherwise grow with the client's request size (16 1080p frames: 100 MB per
         call). With the "track" policy a request goes in one call: within a call the detector chains its own
         stage-1 boxes, across calls the reported box."""
-        per_call = max(1, self.detector_call_bytes // max(1, frames[0].nbytes)) if len(frames) else 1
+        per_call = max(1, self.detector_call_bytes // max(1, frames[:1].nbytes))
         if self.last_box is not None or len(frames) <= per_call:
             return self._detect(frames)
         parts = [self._detect(frames[i : i + per_call]) for i in range(0, len(frames), per_call)]
