@@ -193,19 +193,32 @@ HEAP_TRIM_SOURCE = r"""
    LD_PRELOAD): a thread that gives the free pages inside glibc's malloc arenas back to the system every
    LATENTSYNC_HEAP_TRIM_MS milliseconds (default 2000, 0 = never) with malloc_trim(0). Freed gRPC message slices
    and frame buffers otherwise stay in the arenas, fragmented: ~250 MB in tritonserver and ~100 MB per stub after
-   a few 1080p streams (docs/OPERATIONS.md "Memory"). A trim walks the free chunks: well under 1 ms when idle. */
+   a few 1080p streams (docs/OPERATIONS.md "Memory"). Only a process that was idle over the last period (under
+   a tenth of a core) is trimmed: a busy one reuses those pages at once, and trimming it made every page it
+   touched fault in again (the served UNet loop ran measurably slower than in-process). A trim walks the free
+   chunks: well under 1 ms when idle. */
 #include <malloc.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 static unsigned trim_ms = 2000;
 
+static double cpu_seconds(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 static void *trim_heap(void *unused) {
+  double last = cpu_seconds(), now;
   (void)unused;
   for (;;) {
     usleep(trim_ms * 1000);
-    malloc_trim(0);
+    now = cpu_seconds();
+    if (now - last < 1e-4 * trim_ms) malloc_trim(0); /* idle: under 0.1 core over the period */
+    last = cpu_seconds();
   }
   return NULL;
 }
@@ -327,13 +340,11 @@ def server_args(
         f"--model-control-mode={model_control_mode}",
         "--strict-readiness=true",  # /v2/health/ready only once every model loaded
         f"--exit-timeout-secs={exit_timeout_s}",  # drain in-flight windows (and idle HTTP keep-alives)
-        # gRPC request objects are not pooled for reuse: a pooled one keeps the buffers of the largest message
-        # it ever held (a 256 MiB request left 256 MiB in tritonserver for good, measured on 2.51)
-        "--grpc-infer-allocation-pool-size=0",
         f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
         f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
-        # gRPC request/response objects are not kept for reuse: a kept one holds its largest message (a whole
-        # window of frames, ~100 MB at 1080p) for good; freeing them costs page faults, not copies
+        # gRPC request/response objects are not kept for reuse: a kept one holds the buffers of the largest
+        # message it ever held (a whole window of frames, ~100 MB at 1080p; a 256 MiB request left 256 MiB in
+        # tritonserver for good, measured on 2.51); freeing them costs page faults, not copies
         "--grpc-infer-allocation-pool-size=0",
     ]
     if shm_prefix:
@@ -528,9 +539,16 @@ class TritonServer:
         return self._proc.poll() if self._proc else None
 
     def is_ready(self) -> bool:
+        """Every model loaded (/v2/health/ready) and every endpoint listening: tritonserver opens its endpoints
+        one after another, so a ready answer over HTTP alone does not mean the gRPC and metrics ports listen yet
+        (a client, or /metrics read at once, then found the port closed)."""
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
+                if r.status != 200:
+                    return False
+            for port in (self.grpc_port, self.metrics_port):
+                socket.create_connection((self.host, port), timeout=2).close()
+            return True
         except (urllib.error.URLError, OSError):
             return False
 
