@@ -25,7 +25,7 @@ from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, 
 from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
 from .face.align import FaceAligner, box_hw
 from .face.enhance import EnhanceSpec, enhance_mouths
-from .face.mask import masked_face_inputs, mouth_mask
+from .face.mask import channels_first, keep_levels, masked_face_inputs, mouth_mask
 from .face.pose import too_turned
 from .face.restore import Window, paste_faces, paste_window
 from .vae import Posterior, sample_latents
@@ -43,7 +43,8 @@ class ModelBackend(Protocol):
 
     def detect(self, frames: np.ndarray) -> Detections: ...
     def encode_audio(self, mel_segments: torch.Tensor) -> torch.Tensor: ...  # (s,80,3000) -> (s,1500,L+1,C)
-    def vae_posterior(self, pixels: torch.Tensor) -> Posterior: ...
+    # uint8 faces (n, 3, R, R) and keep levels (n, 1, R, R) -> posterior of face.mask.encoder_pixels
+    def vae_posterior(self, faces: torch.Tensor, keep: torch.Tensor) -> Posterior: ...
     def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor: ...
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
     def enhance(self, faces: torch.Tensor) -> torch.Tensor: ...  # the face restorer at its native size and back
@@ -148,6 +149,7 @@ class LipSyncStream:
         self.dtype, self.device = dtype, torch.device(device)
         self.aligner = FaceAligner(self.variant.resolution)
         self.mask = mouth_mask(self.variant.resolution) if mask is None else mask
+        self.keep = keep_levels(self.mask).to(self.device)[None, None]  # (1, 1, R, R) as the encoder receives it
         self.generator = torch.Generator().manual_seed(int(seed))
         self.latent_hw = (self.variant.latent_size, self.variant.latent_size)
         # Drawn first, as upstream's prepare_latents runs before any VAE posterior sample.
@@ -244,11 +246,13 @@ class LipSyncStream:
         indices = window.indices
         faces = torch.from_numpy(np.stack([records[i].face for i in rows])).to(self.device)
         window.affines = np.stack([records[i].affine for i in rows])
-        ref, masked, masks = masked_face_inputs(faces, self.mask)
-        dt = self.dtype
-        # One encoder call for both; the stream's generator then draws the masked faces' sample first, as upstream.
-        post = self.backend.vae_posterior(torch.cat([masked, ref]).to(dt))
-        k = len(rows)
+        ref, _, masks = masked_face_inputs(faces, self.mask)
+        dt, k = self.dtype, len(rows)
+        # One encoder call for both, in uint8 (the encoder masks and normalises): the masked faces, then the
+        # reference faces (keep 255 everywhere). The stream's generator draws the masked sample first, as upstream.
+        both = channels_first(faces).repeat(2, 1, 1, 1)
+        keep = torch.cat([self.keep.expand(k, -1, -1, -1), torch.full_like(self.keep, 255).expand(k, -1, -1, -1)])
+        post = self.backend.vae_posterior(both, keep)
         post_masked = Posterior(post.mean[:k], post.std[:k], post.scale)
         post_ref = Posterior(post.mean[k:], post.std[k:], post.scale)
         window.cond = WindowConditioning(
@@ -305,10 +309,10 @@ class LocalModels:
         return self.whisper(mel_segments.to(self.device, self._dtype(self.whisper))).float().cpu()
 
     @torch.no_grad()
-    def vae_posterior(self, pixels):
-        # contiguous, as a server receives every tensor: oneDNN's result depends on the memory layout (~1e-3
-        # on a VAE posterior), and the Triton deployment must reproduce this oracle exactly.
-        post = self.codec.posterior(pixels.to(self.device, self.codec.dtype).contiguous())
+    def vae_posterior(self, faces, keep):
+        # encode_faces computes on contiguous pixels, as a server does: oneDNN's result depends on the memory
+        # layout (~1e-3 on a VAE posterior), and the Triton deployment must reproduce this oracle exactly.
+        post = self.codec.encode_faces(faces.to(self.device), keep.to(self.device))
         # float32, as a served encoder answers: the stream's noise is then drawn the same way at any precision
         return Posterior(post.mean.float(), post.std.float(), post.scale)
 

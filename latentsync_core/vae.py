@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import VAE_SCALING_FACTOR
+from .face.mask import encoder_pixels
 
 
 @dataclass
@@ -55,6 +56,11 @@ class LatentCodec(torch.nn.Module):
             return Posterior(dist.mean, dist.std, self.scaling_factor)
         mean = self.vae.encode(pixels).latents
         return Posterior(mean, torch.zeros_like(mean), self.scaling_factor)
+
+    def encode_faces(self, faces: torch.Tensor, keep: torch.Tensor) -> Posterior:
+        """uint8 faces (n, 3, R, R) and keep levels (n, 1, R, R) -> the posterior of the masked faces
+        (face.mask.encoder_pixels): what a served encoder receives is uint8, a quarter of the float bytes."""
+        return self.posterior(encoder_pixels(faces, keep).to(self.dtype))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (n, 4, h, w) -> pixels (n, 3, 8h, 8w), roughly in [-1, 1] (not clamped, as upstream)."""

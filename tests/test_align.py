@@ -23,7 +23,7 @@ from latentsync_core.face.align import (
     sampling_grid,
     source_window,
 )
-from latentsync_core.face.mask import masked_face_inputs, mouth_mask
+from latentsync_core.face.mask import encoder_pixels, keep_levels, masked_face_inputs, mouth_mask
 from latentsync_core.face.restore import (
     erode,
     gaussian_blur,
@@ -250,6 +250,26 @@ def test_masked_face_inputs():
     np.testing.assert_allclose(masked.numpy(), expected * mask, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(masks.numpy(), np.broadcast_to(mask, (3, 1, res, res)))
     assert (masked[:, :, mask == 0] == 0).all() and (masked[:, :, mask == 1] == ref[:, :, mask == 1]).all()
+
+
+@pytest.mark.parametrize("res", [256, 512])
+def test_encoder_pixels_from_uint8_equal_the_float_masked_faces(res):
+    """The VAE encoder receives uint8 faces and keep levels; what it encodes is bit-identical to the float masked
+    and reference pixels (masked_face_inputs) that upstream's ImageProcessor makes."""
+    faces = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, res, res, 3), dtype=np.uint8))
+    mask = mouth_mask(res)
+    ref, masked, _ = masked_face_inputs(faces, mask)
+    keep = keep_levels(mask)
+    assert keep.dtype == torch.uint8 and torch.equal(keep.float() / 255, torch.from_numpy(mask))
+    chw = faces.permute(0, 3, 1, 2)
+    assert torch.equal(encoder_pixels(chw, keep.expand(2, 1, -1, -1)), masked)
+    assert torch.equal(encoder_pixels(chw, torch.full((2, 1, res, res), 255, dtype=torch.uint8)), ref)
+    assert encoder_pixels(chw, keep.expand(2, 1, -1, -1)).is_contiguous()
+
+
+def test_keep_levels_refuse_a_mask_that_uint8_cannot_carry():
+    with pytest.raises(ValueError, match="1/255"):
+        keep_levels(np.full((4, 4), 0.3, np.float32))
 
 
 def test_feather_ops_match_opencv_at_borders():

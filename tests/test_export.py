@@ -196,7 +196,11 @@ def test_tensorrt_repository_configs(tensorrt_repo):
             }
     # the encoder's optimisation profile is at the served batch: one window's masked + reference faces
     (trt,) = cfg["vae_encoder"].optimization.execution_accelerators.gpu_execution_accelerator
-    assert trt.parameters["trt_profile_opt_shapes"].startswith("PIXELS:32x3x")
+    assert trt.parameters["trt_profile_opt_shapes"].startswith("FACES:32x3x")
+    assert {i.name: i.data_type for i in cfg["vae_encoder"].input} == {
+        "FACES": mc.TYPE_UINT8,
+        "KEEP": mc.TYPE_UINT8,
+    }
     assert cfg["denoiser_1.5"].backend == "python"
 
 
@@ -224,7 +228,8 @@ def test_tensorrt_repository_onnx_graphs(tensorrt_repo):
         for i in c.input:  # batch dim + config dims = graph rank
             assert len(graph_inputs[i.name].type.tensor_type.shape.dim) == 1 + len(i.dims), i.name
         elem = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-        assert elem.get("MEL", elem.get("PIXELS", elem.get("LATENTS"))) == onnx.TensorProto.FLOAT
+        onnx_type = {mc.TYPE_FP32: onnx.TensorProto.FLOAT, mc.TYPE_UINT8: onnx.TensorProto.UINT8}
+        assert elem == {i.name: onnx_type[i.data_type] for i in c.input}, name  # float32 / uint8 as configured
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
         ort.InferenceSession(str(tensorrt_repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
 

@@ -134,6 +134,8 @@ def test_a_window_crosses_once_whatever_its_steps(server, clip):
     # what the denoiser receives once per window: latents, mask, masked and reference latents, audio chunks
     latent, frames_n = 32 * 32, 3
     assert one[("lipsync_bls_input_bytes", "denoiser_1.5")] == 4 * frames_n * (13 * latent + 50 * 384)
+    # the encoder's masked and reference faces go as uint8 faces plus uint8 keep levels, not float pixels
+    assert one[("lipsync_bls_input_bytes", "vae_encoder")] == 2 * frames_n * (3 + 1) * 256 * 256
 
 
 # ---------------------------------------------------------------------------------------------------- contract

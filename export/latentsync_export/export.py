@@ -333,7 +333,10 @@ class _Builder:
             # optimisation profiles at the served batch: one window's masked + reference faces, or its 16 latents
             if model == "vae_encoder":
                 spec = vae_encoder_spec(self.codec, self.resolutions)
-                profiles = {"PIXELS": (f"1x3x{lo}x{lo}", f"{2 * MIN_FRAME_BATCH}x3x{hi}x{hi}", f"{mb}x3x{hi}x{hi}")}
+                profiles = {
+                    name: (f"1x{c}x{lo}x{lo}", f"{2 * MIN_FRAME_BATCH}x{c}x{hi}x{hi}", f"{mb}x{c}x{hi}x{hi}")
+                    for name, c in (("FACES", 3), ("KEEP", 1))
+                }
             else:
                 spec = vae_decoder_spec(self.codec, [r // 8 for r in self.resolutions])
                 lo, hi = lo // 8, hi // 8

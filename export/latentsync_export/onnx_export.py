@@ -45,8 +45,8 @@ class PosteriorGraph(torch.nn.Module):
         super().__init__()
         self.codec = codec
 
-    def forward(self, pixels):
-        post = self.codec.posterior(pixels)
+    def forward(self, faces, keep):
+        post = self.codec.encode_faces(faces, keep)
         return post.mean, post.std
 
 
@@ -74,15 +74,16 @@ class Float16(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------------- specs
 def vae_encoder_spec(codec, resolutions: list[int], seed: int = 0) -> GraphSpec:
     g = torch.Generator().manual_seed(seed)
-    px = lambda n, r: torch.rand(n, 3, r, r, generator=g) * 2 - 1  # noqa: E731
+    u8 = lambda n, c, r: torch.randint(0, 256, (n, c, r, r), generator=g, dtype=torch.uint8)  # noqa: E731
+    inputs = lambda n, r: {"FACES": u8(n, 3, r), "KEEP": u8(n, 1, r)}  # noqa: E731
     axes = {0: "batch", 2: "height", 3: "width"}
-    traced = px(2, resolutions[0])
+    traced = inputs(2, resolutions[0])
     return GraphSpec(
         PosteriorGraph(codec),
-        {"PIXELS": lambda: traced},
+        {k: (lambda v=v: v) for k, v in traced.items()},
         ["MEAN", "STD"],
-        {"PIXELS": axes, "MEAN": axes, "STD": axes},
-        [{"PIXELS": px(3, r)} for r in resolutions],
+        {"FACES": axes, "KEEP": axes, "MEAN": axes, "STD": axes},
+        [inputs(3, r) for r in resolutions],
     )
 
 

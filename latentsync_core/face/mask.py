@@ -28,15 +28,41 @@ def mouth_mask(resolution: int) -> np.ndarray:
     return (resized / 255.0).astype(np.float32)
 
 
+def keep_levels(mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An (R, R) mask in [0, 1] -> its uint8 levels (R, R), 255 = keep: what the VAE encoder receives, a quarter
+    of the float bytes. Exact only for masks of k/255 values (upstream's mask image is one); others are refused."""
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    levels = (mask * 255).round().clamp(0, 255).to(torch.uint8)
+    if not torch.equal(levels.float() / 255.0, mask):
+        raise ValueError("the mouth mask must hold multiples of 1/255 (an 8-bit mask image divided by 255)")
+    return levels
+
+
+def normalized_faces(faces: torch.Tensor) -> torch.Tensor:
+    """uint8 faces -> float32 in [-1, 1], upstream's normalize(image / 255)."""
+    return (faces.float() / 255.0 - 0.5) / 0.5
+
+
+def encoder_pixels(faces: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's input from uint8 faces (n, 3, R, R) and uint8 keep levels (n, 1, R, R): the faces in
+    [-1, 1] times keep / 255 (255 = the reference face as is). Bit-identical to `masked_face_inputs`' masked and
+    reference pixels: k / 255 in float32 is the mask's float32 value for every k. Contiguous, as a served model
+    receives it (oneDNN's result depends on the layout)."""
+    return (normalized_faces(faces) * (keep.float() / 255.0)).contiguous()
+
+
 def masked_face_inputs(
     faces: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Aligned uint8 faces (n, R, R, 3) or (n, 3, R, R) and an (R, R) mask ->
     (ref_pixels (n, 3, R, R) in [-1, 1], masked_pixels = ref * mask, masks (n, 1, R, R)), float32 on the faces'
     device (upstream's are float64 because its mask is; values agree to float32 rounding)."""
-    faces = torch.as_tensor(faces)
-    if faces.shape[3] == 3:  # channels last, the same test as upstream
-        faces = faces.permute(0, 3, 1, 2)
-    ref = (faces.float() / 255.0 - 0.5) / 0.5
+    faces = channels_first(torch.as_tensor(faces))
+    ref = normalized_faces(faces)
     mask = torch.as_tensor(mask, dtype=torch.float32, device=faces.device).reshape(1, 1, *ref.shape[-2:])
     return ref, ref * mask, mask.expand(len(ref), -1, -1, -1).contiguous()
+
+
+def channels_first(faces: torch.Tensor) -> torch.Tensor:
+    """(n, R, R, 3) -> (n, 3, R, R) as a view; (n, 3, R, R) as is (the same test as upstream)."""
+    return faces.permute(0, 3, 1, 2) if faces.shape[3] == 3 else faces

@@ -8,7 +8,7 @@ Writes DIR/<model>.json, tensors base64-encoded with explicit shapes:
                    exactly as many as the audio needs (docs/PROTOCOL.md); run with --streaming
   face_detector    real frames of the clip                       (batch 1 entries; send -b 16)
   restorer         the paste window of a real frame, a synthetic face and a plausible crop affine   (-b 16)
-  vae_encoder      faces in [-1, 1] at the variant's resolution  (-b 16: one window)
+  vae_encoder      uint8 faces and the mouth mask's keep levels   (-b 16: one window)
   vae_decoder      latents                                       (-b 16)
   denoiser_<variant> one window's latents and conditioning (decoupled: run with --streaming; the whole DDIM
                    loop of the window per request, upstream's 20 steps and guidance 1.5 by default)
@@ -101,6 +101,7 @@ def generate(
 ) -> dict:
     from latentsync_core.audio import log_mel_spectrogram, mel_segments
     from latentsync_core.configs import get_variant
+    from latentsync_core.face.mask import keep_levels, mouth_mask
 
     manifest = json.loads((repo / "repository.json").read_text())
     variant = variant or manifest["variants"][0]
@@ -119,7 +120,10 @@ def generate(
         "restorer": ([restorer_entry(frames[i], resolution, rng) for i in picks], {"batch": WINDOW}),
         "vae_encoder": (
             [
-                {"PIXELS": tensor(rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32))}
+                {
+                    "FACES": tensor(rng.integers(0, 256, (3, resolution, resolution), np.uint8)),
+                    "KEEP": tensor(keep_levels(mouth_mask(resolution)).numpy()[None]),
+                }
                 for _ in range(entries)
             ],
             {"batch": WINDOW},

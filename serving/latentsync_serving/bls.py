@@ -189,8 +189,8 @@ class TritonModels:
             ]
         )
 
-    def vae_posterior(self, pixels: torch.Tensor) -> Posterior:
-        mean, std = self.call(self.names.vae_encoder, {"PIXELS": pixels}, ["MEAN", "STD"])
+    def vae_posterior(self, faces: torch.Tensor, keep: torch.Tensor) -> Posterior:
+        mean, std = self.call(self.names.vae_encoder, {"FACES": faces, "KEEP": keep}, ["MEAN", "STD"])
         return Posterior(mean.to(self.device), std.to(self.device), self.vae_scale)
 
     def denoise(self, latents: torch.Tensor, cond: WindowConditioning, spec: DenoiseSpec) -> torch.Tensor:

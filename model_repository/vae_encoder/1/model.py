@@ -1,4 +1,4 @@
-"""vae_encoder: PIXELS (n, 3, R, R) -> unscaled posterior MEAN, STD (n, 4, R/8, R/8)."""
+"""vae_encoder: uint8 FACES (n, 3, R, R) and KEEP (n, 1, R, R) -> unscaled posterior MEAN, STD (n, 4, R/8, R/8)."""
 
 import triton_python_backend_utils as pb_utils
 
@@ -16,9 +16,9 @@ class TritonPythonModel:
             else load_vae(self.ctx.path("vae"), dtype=self.ctx.dtype(), device=self.ctx.device)
         )
 
-    def run(self, pixels):
-        post = self.codec.posterior(pixels.to(self.codec.dtype))
+    def run(self, faces, keep):
+        post = self.codec.encode_faces(faces, keep)
         return [post.mean, post.std]
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["PIXELS"], ["MEAN", "STD"], self.run, self.ctx.device)
+        return serve_batch(pb_utils, requests, ["FACES", "KEEP"], ["MEAN", "STD"], self.run, self.ctx.device)
