@@ -24,7 +24,7 @@ PER_REQUEST, PER_DETECTOR_CALL = 4, 2  # raw_stream's frames per request; two 10
 # slower machine, where more requests wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
 MAX_PER_STREAM = 350e6
 MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
-MAX_TOTAL_RETURN = 0.20  # anonymous + shared-memory pools within 20% of idle (measured +11-15%; before: +38%)
+MAX_TOTAL_RETURN = 0.20  # anonymous + shared-memory pools within 20% of idle (measured +8.7-15%; before: +38%)
 SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
 
