@@ -59,7 +59,7 @@ class LatentCodec(torch.nn.Module):
 
     def encode_faces(self, faces: torch.Tensor, keep: torch.Tensor) -> Posterior:
         """uint8 faces (n, 3, R, R) and keep levels (n, 1, R, R) -> the posterior of the masked faces
-        (face.mask.encoder_pixels): what a served encoder receives is uint8, a quarter of the float bytes."""
+        (face.mask.encoder_pixels): a served encoder receives uint8, a third of the bytes of float pixels."""
         return self.posterior(encoder_pixels(faces, keep).to(self.dtype))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
