@@ -25,7 +25,7 @@ from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, 
 from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
 from .face.align import FaceAligner, box_hw
 from .face.enhance import EnhanceSpec, enhance_mouths
-from .face.mask import channels_first, keep_levels, masked_face_inputs, mouth_mask
+from .face.mask import channels_first, keep_levels, mouth_mask, normalized_faces
 from .face.pose import too_turned
 from .face.restore import Window, paste_faces, paste_window
 from .vae import Posterior, sample_latents
@@ -246,11 +246,14 @@ class LipSyncStream:
         indices = window.indices
         faces = torch.from_numpy(np.stack([records[i].face for i in rows])).to(self.device)
         window.affines = np.stack([records[i].affine for i in rows])
-        ref, _, masks = masked_face_inputs(faces, self.mask)
-        dt, k = self.dtype, len(rows)
+        dt, k, faces = self.dtype, len(rows), channels_first(faces)
+        # The paste blends with these (the masked pixels exist only inside the encoder); keep / 255 is the float
+        # mask bit for bit (keep_levels refuses any other mask).
+        ref = normalized_faces(faces)
+        masks = (self.keep.float() / 255.0).expand(k, -1, -1, -1).contiguous()
         # One encoder call for both, in uint8 (the encoder masks and normalises): the masked faces, then the
         # reference faces (keep 255 everywhere). The stream's generator draws the masked sample first, as upstream.
-        both = channels_first(faces).repeat(2, 1, 1, 1)
+        both = faces.repeat(2, 1, 1, 1)
         keep = torch.cat([self.keep.expand(k, -1, -1, -1), torch.full_like(self.keep, 255).expand(k, -1, -1, -1)])
         post = self.backend.vae_posterior(both, keep)
         post_masked = Posterior(post.mean[:k], post.std[:k], post.scale)
