@@ -208,6 +208,38 @@ def test_shared_memory_with_allow_shared_memory_needs_the_key(admin_server, tmp_
         region.unlink()
 
 
+def test_ready_only_when_health_answers_and_grpc_and_metrics_listen(tmp_path):
+    """tritonserver opens HTTP, gRPC and metrics one after another: ready over HTTP alone is not ready (a client
+    connecting at once found the gRPC port closed). Loopback sockets stand in for the three endpoints."""
+    import http.server
+    import socket
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    listeners = []
+    try:
+        server = TritonServer(tmp_path, http_port=http_server.server_address[1], admin_key=ADMIN_KEY)
+        for port in (server.grpc_port, server.metrics_port):  # health answers; gRPC, then metrics, closed
+            assert not server.is_ready()
+            listeners.append(socket.create_server(("127.0.0.1", port)))
+        assert server.is_ready()
+        http_server.shutdown()
+        http_server.server_close()
+        assert not server.is_ready()  # health gone
+    finally:
+        http_server.server_close()
+        for sock in listeners:
+            sock.close()
+
+
 def test_restriction_and_size_flags():
     args = server_args(
         "/repo",
