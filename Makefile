@@ -28,7 +28,7 @@ setup: $(BIN)/python
 
 # The whole suite: golden parity, numerics, real Triton servers on loopback, the client, ops files, benchmarks.
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20  # the slowest tests, for CI's time budget
 
 # The inner loop: everything that starts no Triton server and is not slow (a few minutes on 2 cores).
 test-fast:
