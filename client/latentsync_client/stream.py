@@ -47,6 +47,7 @@ from latentsync_contract import (
     is_stream_dropped_error,
     min_audio_samples,
     num_frames_for_audio,
+    request_spans,
 )
 
 from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable, StreamExpired
@@ -206,20 +207,23 @@ class LipsyncClient:
             n_frames = num_frames_for_audio(n_samples)
             source = iter(frames(n_frames) if callable(frames) else frames)
 
-            received, sent, filled, batch, last_request = 0, 0, 0, None, None
+            received, sent, filled, batch, last_request, shape = 0, 0, 0, None, None, None
             held: collections.deque[np.ndarray] = collections.deque()  # sent, not yet answered: pasted into
+            # Requests end at each window's end, its last frame alone: the server holds only that one open.
+            sizes = iter([stop - start for start, stop in request_spans(n_frames, self.frames_per_request)])
             for position, frame in enumerate(itertools.islice(source, n_frames)):
-                if batch is None:
+                if shape is None:
                     if frame.ndim != 3 or frame.shape[2] != 3:
                         raise InputError(f"frames must be RGB (H, W, 3), got shape {frame.shape}")
                     shape = frame.shape
-                    batch = np.empty((self.frames_per_request, *shape), np.uint8)  # kept until answered
                 elif frame.shape != shape:
                     raise InputError(f"frame {position} is {frame.shape}, the first one {shape}")
+                if batch is None:
+                    batch = np.empty((next(sizes), *shape), np.uint8)  # kept until answered
                 batch[filled] = frame
                 filled += 1
                 is_last = position + 1 == n_frames
-                if filled < self.frames_per_request and not is_last:
+                if filled < len(batch):
                     continue
                 while sent + filled - received > self.max_inflight_frames:  # backpressure
                     synced, _ = self._next_response(responses, received, held)

@@ -62,6 +62,23 @@ def window_sizes(n_frames: int) -> list[int]:
     return [WINDOW] * (n_frames // WINDOW) + ([n_frames % WINDOW] if n_frames % WINDOW else [])
 
 
+def request_spans(n_frames: int, per_request: int) -> list[tuple[int, int]]:
+    """How a client cuts a stream's frames into requests, as (start, stop): at most `per_request` frames each,
+    never across a window's end, and the frame that completes a window (or the stream) in a request of its own.
+    The server keeps a request that completes a window open, with its frames in Triton, until the window is
+    answered; every other request of frames is final on arrival (docs/PROTOCOL.md). So a window in flight holds
+    one whole frame there, not `per_request` (4 per window: [4, 4, 4, 3, 1])."""
+    if per_request < 1:
+        raise ValueError("per_request must be at least 1")
+    spans, start = [], 0
+    while start < n_frames:
+        last = min((start // WINDOW + 1) * WINDOW, n_frames) - 1  # the frame that completes this window
+        stop = start + 1 if start == last else min(start + per_request, last)
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
 def no_face_message(n_frames: int, turned: int = 0) -> str:
     """The error that ends a stream in which no frame had a (frontal enough) face."""
     more = f"; {turned} had a face turned further than max_yaw" if turned else ""

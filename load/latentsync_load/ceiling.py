@@ -135,19 +135,20 @@ def raw_stream(
     timeout: float = 900.0,
     start: threading.Barrier | None = None,
 ) -> StreamRun:
-    """One stream as docs/PROTOCOL.md says, over tritonclient's gRPC stream: the audio, then the frames
-    `per_request` at a time with at most `ahead` unanswered (0: no limit). Frames that come back are counted
-    from the response's FRAME_INDEX, their regions not pasted."""
+    """One stream as docs/PROTOCOL.md says, over tritonclient's gRPC stream: the audio, then the frames in
+    requests as latentsync-client cuts them (`request_spans`), with at most `ahead` unanswered (0: no limit).
+    Frames that come back are counted from the response's FRAME_INDEX, their regions not pasted."""
     import tritonclient.grpc as grpcclient
 
-    from latentsync_contract import FRAME_INDEX, WINDOW
+    from latentsync_contract import FRAME_INDEX, WINDOW, request_spans
 
     if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
         raise ValueError(f"ahead must be 0 or >= {WINDOW + per_request}")
     h, w = clip.frames.shape[1:3]
     requests = [(np.zeros((0, h, w, 3), np.uint8), clip.audio)]
     requests += [
-        (clip.frames[i : i + per_request], np.zeros(0, np.float32)) for i in range(0, len(clip.frames), per_request)
+        (clip.frames[start:stop], np.zeros(0, np.float32))
+        for start, stop in request_spans(len(clip.frames), per_request)
     ]
     run, replies, counts = StreamRun(), queue.SimpleQueue(), {"finals": 0}
     client = grpcclient.InferenceServerClient(url)

@@ -6,7 +6,8 @@
 
 Each user opens one raw gRPC bidirectional stream per iteration (GRPCInferenceServiceStub.ModelStreamInfer;
 grpc is made gevent-friendly with init_gevent(), tritonclient's threaded stream helper is not used), sends the
-clip's whole audio, then its frames (`--frames-per-request`, at most `--max-inflight` frames not yet answered,
+clip's whole audio, then its frames (at most `--frames-per-request` per request, cut as latentsync-client cuts
+them, at most `--max-inflight` frames not yet answered,
 or paced at 25 fps with `--realtime`), and reads one response per finished window. Locust records:
   first_frame   time from opening the stream to the first synced frame (ms)
   window        time between consecutive window responses (ms; response_length = frames)
@@ -36,6 +37,8 @@ from gevent.queue import Queue
 from locust import User, events, task
 from locust.exception import StopUser
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+
+from latentsync_contract import request_spans
 
 grpc_gevent.init_gevent()
 
@@ -226,16 +229,15 @@ class LipsyncUser(User):
                     f"{sequence_id}-a", sequence_id, no_frames, clip.audio, start=True, end=False, params=params
                 )
             )
-            step = opts.frames_per_request
             t0 = time.perf_counter()
-            for i in range(0, n, step):
-                batch = clip.frames[i : i + step]
+            for i, stop in request_spans(n, opts.frames_per_request):  # as latentsync-client cuts them
+                batch = clip.frames[i:stop]
                 for _ in range(len(batch)):
                     credit.acquire()
                 if opts.realtime:
                     gevent.sleep(max(0.0, t0 + i / 25 - time.perf_counter()))
                 outbox.put(
-                    infer_request(f"{sequence_id}-{i}", sequence_id, batch, no_audio, start=False, end=i + step >= n)
+                    infer_request(f"{sequence_id}-{i}", sequence_id, batch, no_audio, start=False, end=stop == n)
                 )
             outbox.put(None)
 
