@@ -16,6 +16,7 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 import av
 import numpy as np
 import pytest
+from helpers import start_ready
 
 from latentsync_contract import WINDOW
 from latentsync_core.audio import load_audio
@@ -43,9 +44,12 @@ def triton_server(tmp_path_factory):
 
     def start(model_repository, timeout: float = 180.0, **kwargs) -> TritonServer:
         kwargs.setdefault("log_path", tmp_path_factory.mktemp("triton") / "tritonserver.log")
-        server = TritonServer(model_repository, **kwargs)
-        started.append(server)
-        return server.start().wait_ready(timeout)
+
+        def new_server() -> TritonServer:
+            started.append(TritonServer(model_repository, **kwargs))
+            return started[-1]
+
+        return start_ready(new_server, timeout)
 
     yield start
     for server in started:

@@ -10,13 +10,25 @@ import textwrap
 import threading
 import time
 import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import CLI, FAST, assert_synced_output, audio_for, children_of, cut_audio, metric, run_stream, wait_for
+from helpers import (
+    CLI,
+    FAST,
+    assert_synced_output,
+    audio_for,
+    children_of,
+    cut_audio,
+    metric,
+    run_stream,
+    start_ready,
+    wait_for,
+)
 from tritonclient.utils import InferenceServerException
 
 from latentsync_export.export import ExportOptions, build_repository
@@ -545,3 +557,50 @@ def test_server_dies_with_its_parent(tiny_repo, tmp_path):
     if orphaned:
         os.killpg(server_pid, signal.SIGKILL)
     assert not orphaned
+
+
+class _FakeStart:
+    """Stands in for TritonServer in start_ready: dies before ready with `log`, or becomes ready."""
+
+    def __init__(self, log: str | None):
+        self.log, self.stopped = log, False
+
+    def start(self):
+        return self
+
+    def wait_ready(self, timeout):
+        if self.log is not None:
+            raise RuntimeError(f"tritonserver exited (-6):\n{self.log}")
+        return self
+
+    def log_tail(self):
+        return self.log or ""
+
+    def stop(self):
+        self.stopped = True
+
+
+@pytest.mark.parametrize(
+    ("logs", "ready_at"),
+    [
+        (["terminate called ... boost::interprocess::lock_exception", None], 1),  # the upstream abort: once more
+        (["terminate called ... boost::interprocess::lock_exception"] * 2, None),  # twice: fails
+        (["failed to load 'vae_encoder'", None], None),  # our own failure: no second start
+    ],
+)
+def test_start_ready_restarts_only_after_the_upstream_load_abort(logs, ready_at):
+    made = []
+
+    def new_server():
+        made.append(_FakeStart(logs[len(made)]))
+        return made[-1]
+
+    if ready_at is None:
+        with pytest.raises(RuntimeError):
+            with pytest.warns(UserWarning) if "lock_exception" in logs[0] else nullcontext():
+                start_ready(new_server, 1)
+        assert len(made) == (2 if "lock_exception" in logs[0] else 1)
+    else:
+        with pytest.warns(UserWarning, match="started once more"):
+            assert start_ready(new_server, 1) is made[ready_at]
+        assert made[0].stopped and len(made) == 2
