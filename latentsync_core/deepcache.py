@@ -27,11 +27,12 @@ concatenate them per item along dim 0. `deepcache_step` serves a batch whose ite
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .models.unet3d import UNet3DConditionModel
+if TYPE_CHECKING:  # type hints only: the orchestrator imports this module (through denoise) without the UNet
+    from .models.unet3d import UNet3DConditionModel
 
 
 def deepcache_plan(step_index: int, interval: int) -> bool:

@@ -18,9 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 from .deepcache import deepcache_plan, deepcache_step
-from .samplers import SAMPLERS, make_sampler
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Any  # DDIMScheduler or samplers.MultistepSampler: timesteps, scale_model_input, step
@@ -47,6 +46,8 @@ class DenoiseSpec:
 
     def sampler_for_window(self):
         """A fresh sampler: every window starts from noise, and a multistep sampler's history with it."""
+        from .samplers import make_sampler  # diffusers' schedulers: only where windows are denoised
+
         return make_sampler(self.sampler, self.steps)
 
     def job(self, latents: torch.Tensor, cond: WindowConditioning, **kw) -> WindowJob:
