@@ -106,6 +106,9 @@ def test_cpu_repository(cpu_repo):
     assert p["denoiser_models"] == "1.5=denoiser_1.5,1.6=denoiser_1.6" and p["random_weights"] == "true"
     assert p["stream_idle_timeout_s"] == "30" and float(p["vae_scaling_factor"]) == pytest.approx(0.18215)
     assert p["detector_call_bytes"] == str(16 << 20)
+    # the cpu target: one BLS call in flight per callee (--frame-max-batch 16 / 16), which bounds the pools' growth
+    # (docs/OPERATIONS.md "Memory")
+    assert p["calls_per_model"] == "1"
     # the per-frame Python work runs on one torch thread per instance (OpenMP's spinning threads cost more)
     assert p["torch_threads"] == cfg["restorer"].parameters["torch_threads"].string_value == "1"
     # --tiny copies the weights into the version folders, referenced relative to them

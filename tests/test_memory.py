@@ -17,15 +17,17 @@ from latentsync_load.ceiling import load_clip, raw_stream, smaller
 from latentsync_load.server_probe import MemoryWatch, ServerProbe
 
 STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight (the server overlaps two)
-CALLS_PER_MODEL = 2  # the cpu target's frame_max_batch (32) / 16: bls.CallSlots
+CALLS_PER_MODEL = 1  # the cpu target's frame_max_batch (16) / 16: bls.CallSlots
 PER_REQUEST, PER_DETECTOR_CALL = 4, 2  # raw_stream's frames per request; two 1080p frames fit detector_call_bytes
 # Bytes at the peak per open 1080p stream, sent as latentsync-client sends (at most 4 frames per request, a window's
-# last frame alone, at most 36 unanswered). Target 300 MB; measured 263-298 MB at 4 streams with that cutting,
-# 276-336 MB with plain 4-frame requests (RESULTS.md). The bound leaves room for a slower machine, where more
-# requests wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
-MAX_PER_STREAM = 350e6
+# last frame alone, at most 36 unanswered: 224 MB of frames, most of a stream's peak on a saturated host). Target
+# 300 MB; measured 252-294 MB at 4 streams (RESULTS.md, sixth round). The bound leaves room for a slower machine,
+# where more of those frames wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
+MAX_PER_STREAM = 330e6
 MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
-MAX_TOTAL_RETURN = 0.20  # anonymous + shared-memory pools within 20% of idle (measured +8.7-15%; before: +38%)
+# Anonymous + shared-memory pools: target 10 % of idle; measured +4.8 to +8.0 % at 4 streams with one call per callee
+# (with two: +8.5 % here, +11 to +15 % at 8 and 16 streams). Before: +38 %.
+MAX_TOTAL_RETURN = 0.12
 SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
 

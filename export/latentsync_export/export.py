@@ -84,7 +84,7 @@ class TargetDefaults:
     frame_max_batch: int
 
 
-TARGETS = {"cpu": TargetDefaults("float32", 8, 8, 32), "gpu": TargetDefaults("bfloat16", 16, 24, 64)}
+TARGETS = {"cpu": TargetDefaults("float32", 8, 8, 16), "gpu": TargetDefaults("bfloat16", 16, 24, 64)}
 
 
 @dataclass
@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "guidance (default: cpu 8, gpu 16; see Sizing above)",
     )
     p.add_argument("--max-streams", type=int, help="concurrent streams per lipsync instance (default: cpu 8, gpu 24)")
-    p.add_argument("--frame-max-batch", type=int, help="batch of the per-frame models, >= 16 (default: cpu 32, gpu 64)")
+    p.add_argument("--frame-max-batch", type=int, help="batch of the per-frame models, >= 16 (default: cpu 16, gpu 64)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay of every model")
     p.add_argument(
         "--idle-timeout-s",
