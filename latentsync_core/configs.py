@@ -112,3 +112,6 @@ def unet_config(**overrides) -> dict:
     cfg = copy.deepcopy(UNET_STAGE2)
     cfg.update(overrides)
     return cfg
+
+
+TINY_MARKER = "TINY_RANDOM_WEIGHTS"  # a weights folder holding this file has random weights (latentsync_core.tiny)

@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from .configs import UNET_STAGE2, WHISPER_TINY_DIMS, unet_config
+from .configs import TINY_MARKER, UNET_STAGE2, WHISPER_TINY_DIMS, unet_config
 from .models.unet3d import UNet3DConditionModel
 from .models.whisper import whisper_state_dict_shapes
-
-TINY_MARKER = "TINY_RANDOM_WEIGHTS"  # a weights folder holding this file has random weights
 
 # Full architecture (block types, motion modules, 13 input channels, 384-d audio) with narrow channels.
 TINY_UNET = unet_config(block_out_channels=[32, 64, 64, 64], sample_size=8)
