@@ -26,10 +26,13 @@ def report(clip) -> dict:
     # every BLS call. 10 steps (the recipe has 20): the streams reach their first UNet step at different times
     # (the first step may run as up to 4 groups), after that they step together; at 2 steps that transient
     # alone decided the mean batch, which is not what a served stream sees.
-    # The overhead is the best of 4 runs of each path, in turns; while it is at or above the gate, up to 4 more
-    # pairs. On CI's shared 2-core machine identical runs have differed by up to 45 % (one failed run: Triton
-    # 98-147 s, in-process 81-102 s; steal time reached 18 % here in a slow run); a real overhead stays when
-    # pairs are added, since the best of each path only falls toward its time on a quiet machine.
+    # The overhead gate is on CPU time: the serving path's (every server process and the client) against the
+    # in-process pipeline's process. On CI's shared 2-core VM identical runs' wall times differed up to 2.3x
+    # (Triton 39.6-91.4 s in one run here, steal time up to 31 %) while their CPU times stayed within 9 %
+    # (67.9-73.5 s; in a slow hour 164.5 and 164.7 s at 108.8 and 141.1 s of wall), so wall time could only be
+    # gated by many pairs: 8 pairs ran past the 30-minute timeout in CI. Best of 2 pairs; while the CPU
+    # overhead is at or above the gate, more, up to 4 and none started after 10 minutes (a pair took 3.5-4
+    # minutes in a slow hour here), so the module stays inside its timeout.
     opts = BenchOptions(
         video=clip,
         tiny=True,
@@ -37,29 +40,33 @@ def report(clip) -> dict:
         seconds=0.56,
         steps=10,
         streams=[4],
-        repeats=4,
+        repeats=2,
         overhead_goal=MAX_OVERHEAD,
-        max_repeats=8,
+        max_repeats=4,
+        overhead_budget_s=600,
     )
     return run(opts)
 
 
-def _overhead(report: dict, runs: int) -> float:
-    """The overhead from the first `runs` pairs."""
-    return min(report["triton"]["runs_s"][:runs]) / min(report["reference"]["runs_s"][:runs]) - 1.0
+def _cpu_overhead(report: dict, runs: int) -> float:
+    """The CPU overhead from the first `runs` pairs."""
+    return min(report["triton"]["cpu_runs_s"][:runs]) / min(report["reference"]["cpu_runs_s"][:runs]) - 1.0
 
 
 @pytest.mark.server
 @pytest.mark.slow
 def test_serving_overhead_under_10_percent(report):
-    """Triton path vs the in-process pipeline on the same weights and frames, best of 4 to 8 interleaved
-    runs each (so background load hits both; both with the server's malloc settings), must cost under 10 % more."""
+    """Triton path vs the in-process pipeline on the same weights and frames, best of 2 to 4 interleaved runs
+    each (both with the server's malloc settings): the serving path (server processes and client) must cost
+    under 10 % more CPU time. Wall time is reported, not gated (see the fixture)."""
     print(markdown(report))
     assert report["faces_found"].split("/")[0] == report["faces_found"].split("/")[1]
     runs = len(report["triton"]["runs_s"])
-    assert runs == len(report["reference"]["runs_s"]) and 4 <= runs <= 8
-    assert runs == 4 or _overhead(report, runs - 1) >= MAX_OVERHEAD  # more pairs only while over the gate
-    assert report["overhead"] < MAX_OVERHEAD, (report["triton"]["runs_s"], report["reference"]["runs_s"])
+    assert runs == len(report["reference"]["cpu_runs_s"]) and 2 <= runs <= 4
+    assert all(x > 0 for x in report["triton"]["cpu_runs_s"] + report["reference"]["cpu_runs_s"])
+    assert runs == 2 or _cpu_overhead(report, runs - 1) >= MAX_OVERHEAD  # another pair only while over the gate
+    assert report["cpu_overhead"] == _cpu_overhead(report, runs)
+    assert report["cpu_overhead"] < MAX_OVERHEAD, (report["triton"]["cpu_runs_s"], report["reference"]["cpu_runs_s"])
 
 
 @pytest.mark.server
