@@ -7,7 +7,7 @@ from pathlib import Path
 import helpers
 import pytest
 
-from latentsync_load.bench import BenchOptions, markdown, run
+from latentsync_load.bench import BenchOptions, another_pair, markdown, run
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_WINDOWS_AT_4 = 3.0  # mean 16-frame windows per UNet step at 4 concurrent streams
@@ -67,6 +67,17 @@ def test_serving_overhead_under_10_percent(report):
     assert runs == 2 or _cpu_overhead(report, runs - 1) >= MAX_OVERHEAD  # another pair only while over the gate
     assert report["cpu_overhead"] == _cpu_overhead(report, runs)
     assert report["cpu_overhead"] < MAX_OVERHEAD, (report["triton"]["cpu_runs_s"], report["reference"]["cpu_runs_s"])
+
+
+def test_another_pair_only_while_over_the_goal_below_max_and_within_budget():
+    opts = BenchOptions(video=Path("x"), repeats=2, overhead_goal=0.1, max_repeats=4, overhead_budget_s=600)
+    assert another_pair(opts, 2, 0.1, 0.0)  # at the goal: not met
+    assert not another_pair(opts, 2, 0.09, 0.0)  # met
+    assert another_pair(opts, 3, 0.5, 599.0)
+    assert not another_pair(opts, 4, 0.5, 0.0)  # max_repeats
+    assert not another_pair(opts, 3, 0.5, 600.0)  # budget spent
+    assert another_pair(BenchOptions(video=Path("x"), overhead_goal=0.1, max_repeats=3), 2, 0.5, 1e9)  # no budget
+    assert not another_pair(BenchOptions(video=Path("x"), max_repeats=8), 2, 0.5, 0.0)  # no goal
 
 
 @pytest.mark.server

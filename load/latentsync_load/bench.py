@@ -531,14 +531,9 @@ def run(opts: BenchOptions) -> dict:
             cpu = cpu_overhead()
             return wall_overhead() if cpu is None else cpu
 
-        limit = max(opts.repeats, opts.max_repeats or 0)
         singles_start = time.perf_counter()
         while len(singles) < opts.repeats or (
-            reference is not None
-            and opts.overhead_goal is not None
-            and len(singles) < limit
-            and gated() >= opts.overhead_goal
-            and (opts.overhead_budget_s is None or time.perf_counter() - singles_start < opts.overhead_budget_s)
+            reference is not None and another_pair(opts, len(singles), gated(), time.perf_counter() - singles_start)
         ):
             cpu_start = serving_cpu_s()
             singles.append(run_stream(url, media, params))
@@ -593,6 +588,17 @@ def run(opts: BenchOptions) -> dict:
         per_frame["unet_step"] = per_frame["unet"] / opts.steps
     report["stage_ms_per_frame"] = per_frame
     return report
+
+
+def another_pair(opts: BenchOptions, pairs: int, overhead: float, elapsed_s: float) -> bool:
+    """After `repeats` pairs, whether to run one more: only with a goal the overhead has not met yet, below
+    max_repeats, and within the budget."""
+    return (
+        opts.overhead_goal is not None
+        and overhead >= opts.overhead_goal
+        and pairs < max(opts.repeats, opts.max_repeats or 0)
+        and (opts.overhead_budget_s is None or elapsed_s < opts.overhead_budget_s)
+    )
 
 
 def machine() -> dict:
