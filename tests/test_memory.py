@@ -15,18 +15,19 @@ from latentsync_contract import WINDOW, request_spans
 from latentsync_export.export import ExportOptions, build_repository
 from latentsync_load.ceiling import load_clip, raw_stream, smaller
 from latentsync_load.server_probe import MemoryWatch, ServerProbe
+from latentsync_serving.bls import FRAME_CALL_BYTES, call_spans
 
 STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight (the server overlaps two)
 CALLS_PER_MODEL = 1  # the cpu target's frame_max_batch (16) / 16: bls.CallSlots
-PER_REQUEST, PER_DETECTOR_CALL = 4, 2  # raw_stream's frames per request; two 1080p frames fit detector_call_bytes
+PER_REQUEST = 4  # raw_stream's frames per request
 # Bytes at the peak per open 1080p stream, sent as latentsync-client sends (at most 4 frames per request, a window's
 # last frame alone, at most 36 unanswered: 224 MB of frames, most of a stream's peak on a saturated host). Target
-# 300 MB; measured 252-294 MB at 4 streams (RESULTS.md, sixth round). The bound leaves room for a slower machine,
+# 300 MB; measured 246-297 MB at 4 streams (RESULTS.md, eighth round). The bound leaves room for a slower machine,
 # where more of those frames wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
 MAX_PER_STREAM = 330e6
 MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
-# Anonymous + shared-memory pools: target 10 % of idle; measured +4.8 to +8.0 % at 4 streams with one call per callee
-# (with two: +8.5 % here, +11 to +15 % at 8 and 16 streams). Before: +38 %.
+# Anonymous + shared-memory pools: target 10 % of idle; measured +4.0 to +9.0 % at 4 streams with frames and faces in
+# calls of FRAME_CALL_BYTES (+5.9, +6.3 % at 8 streams of 64 frames, 20 steps; RESULTS.md, eighth round). Before: +38 %.
 MAX_TOTAL_RETURN = 0.12
 SETTLE_S = 6.0  # the preload library trims every heap every 2 s
 
@@ -36,7 +37,7 @@ def pool_bound(window_bytes: int, k: int = CALLS_PER_MODEL) -> int:
     detector calls (an eighth of a window each), k restorer calls (regions in and out) and k responses; the face
     detector k calls, the restorer k in and k out; the VAE's and audio encoder's tensors are under half a window
     per call."""
-    detector_call = PER_DETECTOR_CALL / WINDOW
+    detector_call = min(FRAME_CALL_BYTES, window_bytes) / window_bytes
     return int(window_bytes * ((1 + k * detector_call + 3 * k) + k * detector_call + 2 * k + k / 2))
 
 
@@ -71,10 +72,10 @@ def test_memory_per_1080p_stream_is_bounded_and_given_back(server, clip):
 
     assert [r.error for r in runs] == [None] * STREAMS
     assert [r.frames for r in runs] == [FRAMES] * STREAMS
-    per_stream_calls = sum(
-        -(-(stop - start) // PER_DETECTOR_CALL) for start, stop in request_spans(FRAMES, PER_REQUEST)
-    )
-    assert detector_calls == STREAMS * per_stream_calls  # a request's frames in calls of 16 MiB at most
+    calls = lambda n: len(call_spans(n, clip.frames[0].nbytes, FRAME_CALL_BYTES))  # noqa: E731
+    per_stream_calls = sum(calls(stop - start) for start, stop in request_spans(FRAMES, PER_REQUEST))
+    assert per_stream_calls == FRAMES  # one 1080p frame per call (FRAME_CALL_BYTES)
+    assert detector_calls == STREAMS * per_stream_calls
     per_stream = (watch.peak.total - idle.total) / STREAMS
     mb = lambda x: f"{x / 1e6:,.0f} MB"  # noqa: E731
     print(
@@ -85,3 +86,18 @@ def test_memory_per_1080p_stream_is_bounded_and_given_back(server, clip):
     assert after.anon <= idle.anon * (1 + MAX_ANON_RETURN)
     assert after.total <= idle.total * (1 + MAX_TOTAL_RETURN)
     assert after.shm - idle.shm <= pool_bound(clip.frames[:WINDOW].nbytes)
+
+
+def test_calls_carry_at_most_frame_call_bytes_split_evenly():
+    mb = 1 << 20
+    one_1080p_frame, face_256_with_region = 1920 * 1080 * 3, 3 * 256 * 256 * 4 + 350_000
+    assert call_spans(4, one_1080p_frame, FRAME_CALL_BYTES) == [slice(i, i + 1) for i in range(4)]
+    # a window's 16 faces at 256 px: two calls of 8 (not 9 + 7)
+    assert call_spans(16, face_256_with_region, FRAME_CALL_BYTES) == [slice(0, 8), slice(8, 16)]
+    assert call_spans(5, 2 * mb, 10 * mb) == [slice(0, 5)]  # what fits goes in one call
+    assert call_spans(3, 40 * mb, 10 * mb) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least one item per call
+    assert call_spans(0, mb, 10 * mb) == []
+    for n, item in ((16, 1_130_000), (7, 3 * mb), (33, 700_000)):
+        spans = call_spans(n, item, FRAME_CALL_BYTES)
+        assert [i for s in spans for i in range(n)[s]] == list(range(n))  # every item once, in order
+        assert all((s.stop - s.start) * item <= FRAME_CALL_BYTES for s in spans)

@@ -18,6 +18,7 @@ from helpers import OpenStream, StreamResult, audio_for, metric, reference_video
 from latentsync_contract import AUDIO, FRAMES
 from latentsync_contract import WINDOW as NUM_FRAMES
 from latentsync_export.export import ExportOptions, build_repository
+from latentsync_serving.bls import FRAME_CALL_BYTES, call_spans
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -48,11 +49,16 @@ def test_triton_equals_in_process_pipeline(server, tiny_repo, clip, variant, n_f
     audio = audio_for(samples, n_frames)
     params = {"steps": steps, "guidance": 1.5, "seed": 4321, "variant": variant}
     detector_calls = metric(server, "lipsync_bls_requests", 0.0, callee="face_detector")
+    restorer_calls = metric(server, "lipsync_bls_requests", 0.0, callee="restorer")
     got = run_stream(server.grpc_url, frames, audio, params)
     assert not got.errors, got.errors
-    # a request's frames reach the detector in calls of at most 16 MiB (detector_call_bytes): 10 of these frames
-    per_call = (16 << 20) // frames[0].nbytes
-    calls = sum(-(-len(frames[i : i + NUM_FRAMES]) // per_call) for i in range(0, n_frames, NUM_FRAMES))
+    if variant == "1.5":  # a window's 16 faces at 256 px (0.79 MB each, with their regions) in calls of 10 MiB
+        assert metric(server, "lipsync_bls_requests", callee="restorer") - restorer_calls >= 3
+    # a request's frames reach the detector in calls of at most FRAME_CALL_BYTES: 6 of these frames, 3 calls for 16
+    calls = sum(
+        len(call_spans(len(frames[i : i + NUM_FRAMES]), frames[0].nbytes, FRAME_CALL_BYTES))
+        for i in range(0, n_frames, NUM_FRAMES)
+    )
     assert metric(server, "lipsync_bls_requests", callee="face_detector") - detector_calls == calls
     assert [len(f) for f in got.frames] == [len(frames[i : i + NUM_FRAMES]) for i in range(0, n_frames, NUM_FRAMES)]
     np.testing.assert_array_equal(np.concatenate(got.indices), np.arange(n_frames))

@@ -4,7 +4,9 @@ The per-stream numerics (alignment, masks, posterior sampling with the stream's 
 latentsync_core.pipeline.LipSyncStream; only the model calls cross the process boundary, so a Triton stream
 computes exactly what LocalModels computes in-process. Tensors cross as torch tensors of the stream's device:
 on a GPU through DLPack in device memory (the callee answers in device memory too), on the CPU through numpy.
-Per window a stream makes one call to each model; the denoising loop's steps all run inside the denoiser.
+Per window a stream makes one call to each model, except that frames (detector) and paste regions with their
+faces (restorer) go in calls of at most `frame_call_bytes`; the denoising loop's steps all run inside the
+denoiser.
 Every call blocks its stream's thread only; the calls of concurrent streams meet in the callees' batchers, at
 most `CallSlots.per_model` at a time per callee. Each call's count and bytes are counted per callee
 (`lipsync_bls_*` metrics).
@@ -28,6 +30,9 @@ from latentsync_core.vae import Posterior
 
 from .backend import from_torch, to_torch
 from .metrics import Metrics
+
+# Bytes of frame data per call to the face detector or the restorer, at most (call_spans): one 1080p frame.
+FRAME_CALL_BYTES = 10 << 20
 
 TRAFFIC = {
     "lipsync_bls_requests": "BLS requests sent, by callee",
@@ -85,11 +90,11 @@ class TritonModels:
         audio_max_batch: int = 8,
         track_faces: bool = False,
         slots: CallSlots | None = None,
-        detector_call_bytes: int = 16 << 20,
+        frame_call_bytes: int = FRAME_CALL_BYTES,
     ):
         self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
         self.slots = slots or CallSlots(0)
-        self.detector_call_bytes = detector_call_bytes
+        self.frame_call_bytes = frame_call_bytes
         self.device, self.audio_max_batch = device, audio_max_batch
         # With the detector's "track" policy the stream's last face box is its reference for the next window.
         self.last_box = np.full(4, np.nan, np.float32) if track_faces else None
@@ -155,15 +160,13 @@ class TritonModels:
 
     # ------------------------------------------------------------------------------------------ ModelBackend
     def detect(self, frames: np.ndarray) -> Detections:
-        """Detections of a request's frames, in calls of at most `detector_call_bytes` of frames (at least one
-        frame): a call's frames sit in two shared-memory pools until it returns, and with `calls_per_model` calls
-        in flight the pools would otherwise grow with the client's request size (16 1080p frames: 100 MB per
-        call). With the "track" policy a request goes in one call: within a call the detector chains its own
-        stage-1 boxes, across calls the reported box."""
-        per_call = max(1, self.detector_call_bytes // max(1, frames[:1].nbytes))
-        if self.last_box is not None or len(frames) <= per_call:
+        """Detections of a request's frames, in calls of at most `frame_call_bytes` (`call_spans`). With the
+        "track" policy a request goes in one call: within a call the detector chains its own stage-1 boxes,
+        across calls the reported box."""
+        spans = call_spans(len(frames), frames[:1].nbytes, self.frame_call_bytes)
+        if self.last_box is not None or len(spans) <= 1:
             return self._detect(frames)
-        parts = [self._detect(frames[i : i + per_call]) for i in range(0, len(frames), per_call)]
+        parts = [self._detect(frames[span]) for span in spans]
         return Detections(
             np.concatenate([d.points for d in parts]),
             np.concatenate([d.found for d in parts]),
@@ -220,7 +223,16 @@ class TritonModels:
         windows: list[Window],
         frame_hw: tuple[int, int],
     ) -> list[np.ndarray]:
-        """Only each face's paste window of its frame travels (padded to the largest), never whole frames."""
+        """Only each face's paste window of its frame travels (padded to the largest of a call), never whole
+        frames; in calls of at most `frame_call_bytes` of regions and faces (`call_spans`)."""
+        per_face = max(r.nbytes for r in regions) + faces[:1].numel() * faces.element_size() if regions else 1
+        spans = call_spans(len(regions), per_face, self.frame_call_bytes)
+        if len(spans) > 1:
+            return [
+                region
+                for span in spans
+                for region in self.paste_regions(regions[span], faces[span], affines[span], windows[span], frame_hw)
+            ]
         sizes = [r.shape[:2] for r in regions]
         padded = np.zeros((len(regions), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
         for i, (region, (h, w)) in enumerate(zip(regions, sizes)):
@@ -234,6 +246,18 @@ class TritonModels:
         }
         restored = self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
         return [restored[i, :h, :w] for i, (h, w) in enumerate(sizes)]
+
+
+def call_spans(n: int, item_bytes: int, limit: int) -> list[slice]:
+    """n items (frames, or faces with their paste regions) in as few calls as keep each under `limit` bytes (at
+    least one item per call), split evenly. A call's tensors sit in the caller's and the callee's shared-memory
+    pools until it returns, and those pools never shrink: under the 16 MiB a pool starts with (serve.py
+    PYTHON_SHM_BYTES), a call fits the callee's pool with its outputs, and does not grow with the client's request
+    size or the window (16 1080p frames are 100 MB; 16 faces at 256 px with their regions ~18 MB)."""
+    per_call = max(1, limit // max(1, item_bytes))
+    calls = -(-n // per_call)  # an even split of n into this many calls puts at most per_call in each
+    bounds = np.linspace(0, n, calls + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _nbytes(x: torch.Tensor | np.ndarray) -> int:

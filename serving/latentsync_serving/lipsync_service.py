@@ -47,7 +47,7 @@ from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
 from .backend import ModelContext
-from .bls import TRAFFIC, CallSlots, ModelNames, TritonModels
+from .bls import FRAME_CALL_BYTES, TRAFFIC, CallSlots, ModelNames, TritonModels
 from .metrics import Metrics, log
 from .serve import DRAIN_FILE_ENV
 
@@ -70,7 +70,7 @@ class ServiceSettings:
     track_faces: bool = False  # face_detector policy "track": send each stream's previous box
     overlap: bool = True  # prepare a stream's next window while the current one denoises
     calls_per_model: int = 2  # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
-    detector_call_bytes: int = 16 << 20  # frames per face_detector call, at most (TritonModels.detect)
+    frame_call_bytes: int = FRAME_CALL_BYTES  # frames or faces per face_detector / restorer call (bls.call_spans)
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
@@ -93,7 +93,8 @@ class ServiceSettings:
             track_faces=p.get("face_policy", "largest") == "track",
             overlap=flag("overlap_windows", "true"),
             calls_per_model=int(p.get("calls_per_model", 2)),
-            detector_call_bytes=int(p.get("detector_call_bytes", 16 << 20)),
+            # repositories built before the restorer's calls were split name it detector_call_bytes
+            frame_call_bytes=int(p.get("frame_call_bytes", p.get("detector_call_bytes", FRAME_CALL_BYTES))),
         )
 
 
@@ -384,7 +385,7 @@ class LipSyncService:
             self.settings.audio_max_batch,
             self.settings.track_faces,
             self.slots,
-            self.settings.detector_call_bytes,
+            self.settings.frame_call_bytes,
         )
 
     def submit(self, request) -> None:
