@@ -224,8 +224,10 @@ class TritonModels:
         frame_hw: tuple[int, int],
     ) -> list[np.ndarray]:
         """Only each face's paste window of its frame travels (padded to the largest of a call), never whole
-        frames; in calls of at most `frame_call_bytes` of regions and faces (`call_spans`)."""
-        per_face = max(r.nbytes for r in regions) + faces[:1].numel() * faces.element_size() if regions else 1
+        frames; in calls of at most `frame_call_bytes` of regions and host-memory faces (`call_spans`: faces on a
+        GPU travel in device memory, not through the shared-memory pools)."""
+        face_bytes = faces[:1].numel() * faces.element_size() if faces.device.type == "cpu" else 0
+        per_face = max(r.nbytes for r in regions) + face_bytes if regions else 1
         spans = call_spans(len(regions), per_face, self.frame_call_bytes)
         if len(spans) > 1:
             return [
