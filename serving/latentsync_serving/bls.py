@@ -227,14 +227,22 @@ class TritonModels:
         frames; in calls of at most `frame_call_bytes` of regions and host-memory faces (`call_spans`: faces on a
         GPU travel in device memory, not through the shared-memory pools)."""
         face_bytes = faces[:1].numel() * faces.element_size() if faces.device.type == "cpu" else 0
-        per_face = max(r.nbytes for r in regions) + face_bytes if regions else 1
+        per_face = max((r.nbytes for r in regions), default=0) + face_bytes
         spans = call_spans(len(regions), per_face, self.frame_call_bytes)
-        if len(spans) > 1:
-            return [
-                region
-                for span in spans
-                for region in self.paste_regions(regions[span], faces[span], affines[span], windows[span], frame_hw)
-            ]
+        return [
+            region
+            for span in spans
+            for region in self._paste(regions[span], faces[span], affines[span], windows[span], frame_hw)
+        ]
+
+    def _paste(
+        self,
+        regions: list[np.ndarray],
+        faces: torch.Tensor,
+        affines: np.ndarray,
+        windows: list[Window],
+        frame_hw: tuple[int, int],
+    ) -> list[np.ndarray]:
         sizes = [r.shape[:2] for r in regions]
         padded = np.zeros((len(regions), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
         for i, (region, (h, w)) in enumerate(zip(regions, sizes)):
