@@ -11,6 +11,7 @@ from latentsync_export.export import ExportConfigError, ExportOptions, build_rep
 from latentsync_export.manifest import read_manifest
 from latentsync_export.model_config import InstanceSpec, parse_model_config, templates_dir
 from latentsync_serving.bls import FRAME_CALL_BYTES
+from latentsync_serving.lipsync_service import INGEST_BACKLOG_FRAMES
 
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -107,6 +108,7 @@ def test_cpu_repository(cpu_repo):
     assert p["denoiser_models"] == "1.5=denoiser_1.5,1.6=denoiser_1.6" and p["random_weights"] == "true"
     assert p["stream_idle_timeout_s"] == "30" and float(p["vae_scaling_factor"]) == pytest.approx(0.18215)
     assert int(p["frame_call_bytes"]) == FRAME_CALL_BYTES  # the template and the service agree
+    assert int(p["ingest_backlog_frames"]) == INGEST_BACKLOG_FRAMES
     # the cpu target: one BLS call in flight per callee (--frame-max-batch 16 / 16), which bounds the pools' growth
     # (docs/OPERATIONS.md "Memory")
     assert p["calls_per_model"] == "1"

@@ -21,10 +21,10 @@ STREAMS, FRAMES = 4, 2 * WINDOW  # each stream keeps both its windows in flight 
 CALLS_PER_MODEL = 1  # the cpu target's frame_max_batch (16) / 16: bls.CallSlots
 PER_REQUEST = 4  # raw_stream's frames per request
 # Bytes at the peak per open 1080p stream, sent as latentsync-client sends (at most 4 frames per request, a window's
-# last frame alone, at most 36 unanswered: 224 MB of frames, most of a stream's peak on a saturated host). Target
-# 300 MB; measured 246-297 MB at 4 streams (RESULTS.md, eighth round). The bound leaves room for a slower machine,
-# where more of those frames wait to be ingested (docs/OPERATIONS.md "Memory"). Before: 1 GB.
-MAX_PER_STREAM = 330e6
+# last frame alone, at most 36 unanswered, at most 2 window-less requests unacknowledged: a stream's queue of whole
+# frames waiting for ingestion stays ~16 frames where the server falls behind, instead of the 36). The target:
+# measured 209 MB at 4 streams (RESULTS.md, ninth round; 246-297 MB before the acknowledgement rule, 1 GB at first).
+MAX_PER_STREAM = 300e6
 MAX_ANON_RETURN = 0.10  # anonymous memory back within 10% of idle
 # Anonymous + shared-memory pools: target 10 % of idle; measured +4.0 to +9.0 % at 4 streams with frames and faces in
 # calls of FRAME_CALL_BYTES (+5.9, +6.3 % at 8 streams of 64 frames, 20 steps; RESULTS.md, eighth round). Before: +38 %.

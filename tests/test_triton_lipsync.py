@@ -202,27 +202,37 @@ def test_stream_state_is_freed_at_end_after_error_and_when_idle(server, clip):
 NO_AUDIO = np.zeros(0, np.float32)
 
 
-def test_a_request_that_completes_no_window_is_final_on_arrival(server, clip):
+def test_a_request_that_completes_no_window_is_final_on_arrival_unless_frames_queue_up(server, clip):
     """Window-less requests of frames are answered final when they arrive, not after the window in flight
-    (Triton then frees them and their gRPC messages: docs/OPERATIONS.md "Memory"); the window's response goes
-    to the request that completed it."""
+    (Triton then frees them and their gRPC messages: docs/OPERATIONS.md "Memory"), unless frames of the stream
+    already wait in its queue (ingest_backlog_frames): then when the stream takes it in, which holds back a
+    client that waits for them. A window's response goes to the request that completed it."""
     frames, audio = clip
-    audio = audio_for(audio, NUM_FRAMES + 8)
+    n = 3 * NUM_FRAMES + 12
+    frames = frames[np.arange(n) % len(frames)]
+    audio = audio_for(audio, n)
     stream = OpenStream(server.grpc_url)
     try:
-        # Window 1 must still denoise when request 2 arrives: 5 steps are seconds of tiny UNet on 2 cores against
-        # milliseconds between the sends (20 steps cost CI 294 s here).
+        # Window 1 must still denoise when requests 2 and 6 arrive: 5 steps are seconds of tiny UNet on 2 cores
+        # against milliseconds between the sends (20 steps cost CI 294 s here).
         sid, params = 7_654_321, {"steps": 5}
         stream.send({FRAMES: np.zeros((0, *frames.shape[1:]), np.uint8), AUDIO: audio}, sid, True, False, params)
 
         def part(a, b):
             return {FRAMES: np.ascontiguousarray(frames[a:b]), AUDIO: NO_AUDIO}
 
-        stream.send(part(0, NUM_FRAMES), sid)  # request 1 completes a window
-        stream.send(part(NUM_FRAMES, NUM_FRAMES + 4), sid)  # request 2 completes none
-        stream.send(part(NUM_FRAMES + 4, NUM_FRAMES + 8), sid, end=True)  # request 3 ends the stream
+        w = NUM_FRAMES
+        stream.send(part(0, w), sid)  # request 1 completes window 1
+        stream.send(part(w, w + 4), sid)  # request 2 completes none, with no frames queued before it
+        stream.send(part(w + 4, 2 * w), sid)  # request 3 completes window 2
+        # Request 4 completes window 3, which waits for window 1 to be answered (two windows in flight at most):
+        # the stream thread takes nothing more meanwhile, so request 5's frames are still queued when 6 arrives.
+        stream.send(part(2 * w, 3 * w), sid)
+        stream.send(part(3 * w, 3 * w + 4), sid)  # request 5 completes none
+        stream.send(part(3 * w + 4, 3 * w + 8), sid)  # request 6 completes none, behind request 5's frames
+        stream.send(part(3 * w + 8, n), sid, end=True)  # request 7 ends the stream
         order = []
-        while len([e for e in order if e[1] == "final"]) < 4:
+        while len([e for e in order if e[1] == "final"]) < 8:
             reply, error = stream.replies.get(timeout=600)
             assert error is None, error
             response = reply.get_response()
@@ -231,5 +241,6 @@ def test_a_request_that_completes_no_window_is_final_on_arrival(server, clip):
     finally:
         stream.close()
     assert order.index(("2", "final")) < order.index(("1", "data")), order  # request 2 did not wait for window 1
-    assert order.index(("1", "data")) < order.index(("1", "final")), order
-    assert order.index(("3", "data")) < order.index(("3", "final")), order  # the last window goes to the last
+    assert order.index(("6", "final")) > order.index(("1", "data")), order  # request 6 waited in the queue
+    for request in ("1", "3", "4", "7"):  # each window goes to the request that completed it, then its final
+        assert order.index((request, "data")) < order.index((request, "final")), order

@@ -3,8 +3,10 @@
 The server answers with what changed in each frame (its face region, REGION_BOX and REGIONS): the client keeps the
 frames it sent until they are answered and pastes the regions into them. It keeps at most `max_inflight_frames`
 frames between "sent" and "handed to the caller", so a fast decoder never queues the video in memory and a slow
-consumer (the encoder) slows the upload down. Audio
-requests are paced by their (empty) final responses, so a long track is never queued whole either.
+consumer (the encoder) slows the upload down. Audio requests, and requests of frames that complete no window, are
+paced by their (empty) final responses, at most UNANSWERED_REQUESTS of them unanswered: a long track is never
+queued whole, and a server that falls behind (it then acknowledges frames as it takes them in, not on arrival) holds
+a few requests of whole frames for the stream, not all of `max_inflight_frames`.
 
 While it holds back (waiting for windows, or while the caller is busy with a frame), a keep-alive thread sends an
 empty request whenever nothing was sent for `keepalive_s`: Triton's sequence idle clock restarts only when a
@@ -39,10 +41,12 @@ from latentsync_contract import (
     REGIONS,
     SAMPLE_RATE,
     STREAM_TOKEN,
+    UNANSWERED_REQUESTS,
     WINDOW,
     ContractError,
     StreamParams,
     apply_regions,
+    completes_window,
     is_no_face_error,
     is_stream_dropped_error,
     min_audio_samples,
@@ -91,7 +95,7 @@ class LipsyncClient:
         self.max_inflight_frames, self.frames_per_request = max_inflight_frames, frames_per_request
         self.response_timeout, self.connect_timeout = response_timeout, connect_timeout
         self.audio_chunk_samples = audio_chunk_samples
-        self.max_inflight_audio_requests = 2  # audio is acknowledged by each request's final response
+        self.max_unanswered_requests = UNANSWERED_REQUESTS
         self.keepalive_s = keepalive_s  # None: never (the server's idle timeout then applies)
 
     def _connect(self) -> grpcclient.InferenceServerClient:
@@ -190,25 +194,37 @@ class LipsyncClient:
         if self.keepalive_s:
             keeper.start()
 
+        received = 0  # frames answered
+        held: collections.deque[np.ndarray] = collections.deque()  # sent, not yet answered: pasted into
+        unanswered: set[str] = set()  # audio and frame requests waiting for their final response, except those
+        # that complete a window: the server acknowledges them as it takes them in (UNANSWERED_REQUESTS)
+
+        def take() -> tuple[list[SyncedFrame], str | None]:
+            """The next response's synced frames, and the request it completed (None if none)."""
+            nonlocal received
+            synced, finished = self._next_response(responses, received, held)
+            received += len(synced)
+            unanswered.discard(finished)
+            return synced, finished
+
         try:
-            n_samples, audio_requests = 0, set()
+            n_samples = 0
             for chunk in self._audio_pieces(audio):
                 if n_samples + chunk.size > MAX_AUDIO_SAMPLES:
                     raise InputError(
                         f"the audio is longer than the server's limit of {MAX_AUDIO_SECONDS} s: sync it in parts"
                     )
                 if chunk.size:
-                    while len(audio_requests) >= self.max_inflight_audio_requests:  # wait for acks
-                        audio_requests.discard(self._next_response(responses, 0, collections.deque())[1])
-                    audio_requests.add(send(_NO_SHAPE_FRAMES, chunk, start=n_samples == 0))
+                    while len(unanswered) >= self.max_unanswered_requests:
+                        take()  # no frames yet: an audio request's final response
+                    unanswered.add(send(_NO_SHAPE_FRAMES, chunk, start=n_samples == 0))
                     n_samples += chunk.size
             if n_samples < min_audio_samples():
                 raise InputError(f"the audio is too short ({n_samples / SAMPLE_RATE * 1000:.0f} ms)")
             n_frames = num_frames_for_audio(n_samples)
             source = iter(frames(n_frames) if callable(frames) else frames)
 
-            received, sent, filled, batch, last_request, shape = 0, 0, 0, None, None, None
-            held: collections.deque[np.ndarray] = collections.deque()  # sent, not yet answered: pasted into
+            sent, filled, batch, last_request, shape = 0, 0, None, None, None
             # Requests end at each window's end, its last frame alone: the server holds only that one open.
             sizes = iter([stop - start for start, stop in request_spans(n_frames, self.frames_per_request)])
             for position, frame in enumerate(itertools.islice(source, n_frames)):
@@ -225,11 +241,14 @@ class LipsyncClient:
                 is_last = position + 1 == n_frames
                 if filled < len(batch):
                     continue
-                while sent + filled - received > self.max_inflight_frames:  # backpressure
-                    synced, _ = self._next_response(responses, received, held)
-                    received += len(synced)
-                    yield from synced
+                acknowledged = not completes_window(sent + filled, n_frames)  # else answered with its window
+                while sent + filled - received > self.max_inflight_frames or (  # backpressure
+                    acknowledged and len(unanswered) >= self.max_unanswered_requests
+                ):
+                    yield from take()[0]
                 last_request = send(batch[:filled], _NO_AUDIO, end=is_last)
+                if acknowledged:
+                    unanswered.add(last_request)
                 held.extend(batch[:filled])
                 sent, filled, batch = sent + filled, 0, None
             if sent < n_frames:
@@ -237,8 +256,7 @@ class LipsyncClient:
 
             finished = None
             while finished != last_request:
-                synced, finished = self._next_response(responses, received, held)
-                received += len(synced)
+                synced, finished = take()
                 yield from synced
             if received != n_frames:
                 raise ServerError(f"the server ended the stream after {received} of {n_frames} frames")

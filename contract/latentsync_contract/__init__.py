@@ -24,6 +24,11 @@ SAMPLE_RATE = 16_000  # audio is 16 kHz mono float32
 HOP_LENGTH = 160  # audio samples per log-mel frame (whisper)
 WINDOW = 16  # frames per window: the server answers window by window
 MAX_FRAMES_PER_REQUEST = WINDOW
+# Requests a client keeps without their final response, not counting those that complete a window: audio, and
+# frames, which the server acknowledges on arrival while it keeps up and as it takes them in when it falls behind;
+# so a client that waits for them never has more than a few requests of whole frames queued there
+# (docs/PROTOCOL.md).
+UNANSWERED_REQUESTS = 2
 MAX_FRAME_SIDE = 4096  # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
 MIN_FRAME_SIDE = 2  # pixels per side: an h264 (yuv420p) video needs even sizes >= 2
 MAX_AUDIO_SECONDS = 300  # per stream: the server keeps ~1.9 MB of whisper features per second (PROTOCOL.md)
@@ -62,12 +67,18 @@ def window_sizes(n_frames: int) -> list[int]:
     return [WINDOW] * (n_frames // WINDOW) + ([n_frames % WINDOW] if n_frames % WINDOW else [])
 
 
+def completes_window(stop: int, n_frames: int) -> bool:
+    """Whether a request of frames ending at frame `stop` (exclusive) of `n_frames` completes a window or the
+    stream: the server keeps it open until that window is answered (its final response then comes last)."""
+    return stop % WINDOW == 0 or stop == n_frames
+
+
 def request_spans(n_frames: int, per_request: int) -> list[tuple[int, int]]:
     """How a client cuts a stream's frames into requests, as (start, stop): at most `per_request` frames each,
     never across a window's end, and the frame that completes a window (or the stream) in a request of its own.
     The server keeps a request that completes a window open, with its frames in Triton, until the window is
-    answered; every other request of frames is final on arrival (docs/PROTOCOL.md). So a window in flight holds
-    one whole frame there, not `per_request` (4 per window: [4, 4, 4, 3, 1])."""
+    answered; every other request of frames is final on arrival, or as the server takes it in (docs/PROTOCOL.md).
+    So a window in flight holds one whole frame there, not `per_request` (4 per window: [4, 4, 4, 3, 1])."""
     if per_request < 1:
         raise ValueError("per_request must be at least 1")
     spans, start = [], 0

@@ -14,9 +14,10 @@ and each step count:
   - server memory (server_probe.py): PSS summed over tritonserver and its stubs, and /dev/shm of its Python
     backend regions, at idle (after load, and after a small warm-up stream that initialises what models load
     lazily), at the peak (sampled every 0.5 s) and a few seconds after the streams ended.
-A stream keeps at most `ahead` frames sent and not yet answered (the two windows the server overlaps), as
-latentsync-client does; `--ahead 0` sends everything at once, as a raw client may (then the server holds what
-the client sent ahead: it reads a gRPC stream as fast as it arrives).
+A stream keeps at most `ahead` frames sent and not yet answered (the two windows the server overlaps), and at most
+UNANSWERED_REQUESTS requests waiting to be acknowledged, as latentsync-client does; `--ahead 0` sends everything
+at once, as a raw client may (then the server holds what the client sent ahead: it reads a gRPC stream as fast
+as it arrives).
 """
 
 from __future__ import annotations
@@ -134,23 +135,28 @@ def raw_stream(
     ahead: int = 36,
     timeout: float = 900.0,
     start: threading.Barrier | None = None,
+    unanswered: int | None = None,
 ) -> StreamRun:
     """One stream as docs/PROTOCOL.md says, over tritonclient's gRPC stream: the audio, then the frames in
-    requests as latentsync-client cuts them (`request_spans`), with at most `ahead` unanswered (0: no limit).
-    Frames that come back are counted from the response's FRAME_INDEX, their regions not pasted."""
+    requests as latentsync-client cuts them (`request_spans`), with at most `ahead` frames unanswered (0: no
+    limit) and, as latentsync-client, at most `unanswered` requests that complete no window waiting for their
+    final response (default UNANSWERED_REQUESTS; 0: no limit). Frames that come back are counted from the
+    response's FRAME_INDEX, their regions not pasted."""
     import tritonclient.grpc as grpcclient
 
-    from latentsync_contract import FRAME_INDEX, WINDOW, request_spans
+    from latentsync_contract import FRAME_INDEX, UNANSWERED_REQUESTS, WINDOW, completes_window, request_spans
 
     if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
         raise ValueError(f"ahead must be 0 or >= {WINDOW + per_request}")
-    h, w = clip.frames.shape[1:3]
-    requests = [(np.zeros((0, h, w, 3), np.uint8), clip.audio)]
+    unanswered = UNANSWERED_REQUESTS if unanswered is None else unanswered
+    n, (h, w) = len(clip.frames), clip.frames.shape[1:3]
+    requests = [(np.zeros((0, h, w, 3), np.uint8), clip.audio, True)]
     requests += [
-        (clip.frames[start:stop], np.zeros(0, np.float32))
-        for start, stop in request_spans(len(clip.frames), per_request)
+        (clip.frames[start:stop], np.zeros(0, np.float32), not completes_window(stop, n))
+        for start, stop in request_spans(n, per_request)
     ]
     run, replies, counts = StreamRun(), queue.SimpleQueue(), {"finals": 0}
+    waiting: set[str] = set()  # acknowledged requests without their final response
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: replies.put((result, error)))
     sequence_id = secrets.randbits(62) | 1
@@ -163,18 +169,24 @@ def raw_stream(
         run.frames += sum(int(o.shape[0]) for o in response.outputs if o.name == FRAME_INDEX)
         if run.first_s is None and run.frames:
             run.first_s = time.perf_counter() - t0
-        counts["finals"] += response.parameters["triton_final_response"].bool_param
+        if response.parameters["triton_final_response"].bool_param:
+            counts["finals"] += 1
+            waiting.discard(response.id)
 
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
     try:
         sent = 0
-        for i, (frames, audio) in enumerate(requests):
-            while ahead and sent - run.frames + len(frames) > ahead:
+        for i, (frames, audio, acknowledged) in enumerate(requests):
+            while (ahead and sent - run.frames + len(frames) > ahead) or (
+                acknowledged and unanswered and len(waiting) >= unanswered
+            ):
                 take()
             send_request(client, i, len(requests), frames, audio, sequence_id, params)
             sent += len(frames)
+            if acknowledged:
+                waiting.add(str(i))
         while counts["finals"] < len(requests):
             take()
     except (RuntimeError, queue.Empty) as e:
@@ -210,7 +222,14 @@ def run_level(
             runs = list(
                 pool.map(
                     lambda _: raw_stream(
-                        server.grpc_url, clip, params, opts.per_request, opts.ahead, opts.timeout, start
+                        server.grpc_url,
+                        clip,
+                        params,
+                        opts.per_request,
+                        opts.ahead,
+                        opts.timeout,
+                        start,
+                        unanswered=None if opts.ahead else 0,  # --ahead 0: a raw client that paces nothing
                     ),
                     range(n),
                 )

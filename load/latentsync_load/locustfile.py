@@ -38,7 +38,7 @@ from locust import User, events, task
 from locust.exception import StopUser
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
-from latentsync_contract import request_spans
+from latentsync_contract import UNANSWERED_REQUESTS, completes_window, request_spans
 
 grpc_gevent.init_gevent()
 
@@ -219,16 +219,21 @@ class LipsyncUser(User):
         params = {"steps": opts.steps, "guidance": float(opts.guidance), "variant": opts.variant}
         outbox: Queue = Queue()
         credit = Semaphore(opts.max_inflight)
+        acks, acknowledged = Semaphore(UNANSWERED_REQUESTS), set()  # as latentsync-client: docs/PROTOCOL.md
         n = len(clip.frames)
+
+        def put(request_id: str, frames: np.ndarray, audio: np.ndarray, paced: bool, **flags) -> None:
+            """Queue a request; a `paced` one (audio, or frames completing no window) waits for an ack slot."""
+            if paced:
+                acks.acquire()
+                acknowledged.add(request_id)
+            outbox.put(infer_request(request_id, sequence_id, frames, audio, **flags))
+
         no_frames = np.zeros((0, *clip.frames.shape[1:]), np.uint8)
         no_audio = np.zeros((0,), np.float32)
 
         def produce():
-            outbox.put(
-                infer_request(
-                    f"{sequence_id}-a", sequence_id, no_frames, clip.audio, start=True, end=False, params=params
-                )
-            )
+            put(f"{sequence_id}-a", no_frames, clip.audio, True, start=True, end=False, params=params)
             t0 = time.perf_counter()
             for i, stop in request_spans(n, opts.frames_per_request):  # as latentsync-client cuts them
                 batch = clip.frames[i:stop]
@@ -236,9 +241,7 @@ class LipsyncUser(User):
                     credit.acquire()
                 if opts.realtime:
                     gevent.sleep(max(0.0, t0 + i / 25 - time.perf_counter()))
-                outbox.put(
-                    infer_request(f"{sequence_id}-{i}", sequence_id, batch, no_audio, start=False, end=stop == n)
-                )
+                put(f"{sequence_id}-{i}", batch, no_audio, not completes_window(stop, n), start=False, end=stop == n)
             outbox.put(None)
 
         start = last = time.perf_counter()
@@ -251,6 +254,10 @@ class LipsyncUser(User):
             for response in call:
                 if response.error_message:
                     raise RuntimeError(response.error_message)
+                reply, key = response.infer_response, "triton_final_response"
+                if key in reply.parameters and reply.parameters[key].bool_param and reply.id in acknowledged:
+                    acknowledged.discard(reply.id)
+                    acks.release()
                 indices = InferResult(response.infer_response).as_numpy("FRAME_INDEX")
                 got = 0 if indices is None else len(indices)
                 if not got:

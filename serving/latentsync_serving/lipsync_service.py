@@ -54,6 +54,7 @@ from .serve import DRAIN_FILE_ENV
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
 CPU = torch.device("cpu")
 RESPONSES = "<responses>"  # the CallSlots key of the window responses sent to clients
+INGEST_BACKLOG_FRAMES = 4  # queued frames of a stream past which a request's final waits for its ingestion
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -71,6 +72,7 @@ class ServiceSettings:
     overlap: bool = True  # prepare a stream's next window while the current one denoises
     calls_per_model: int = 2  # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
     frame_call_bytes: int = FRAME_CALL_BYTES  # frames or faces per face_detector / restorer call (bls.call_spans)
+    ingest_backlog_frames: int = INGEST_BACKLOG_FRAMES  # see Stream._answered_on_arrival
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
@@ -95,6 +97,7 @@ class ServiceSettings:
             calls_per_model=int(p.get("calls_per_model", 2)),
             # repositories built before the restorer's calls were split name it detector_call_bytes
             frame_call_bytes=int(p.get("frame_call_bytes", p.get("detector_call_bytes", FRAME_CALL_BYTES))),
+            ingest_backlog_frames=int(p.get("ingest_backlog_frames", INGEST_BACKLOG_FRAMES)),
         )
 
 
@@ -119,6 +122,7 @@ class _Incoming:
     frames: np.ndarray | None
     audio: np.ndarray | None
     request: _Request | None = None  # its responses' state, made when it arrives
+    acknowledge_when_taken: bool = False  # its final response waits until the stream thread takes it
 
     @classmethod
     def take(cls, pb, request) -> _Incoming:
@@ -148,6 +152,7 @@ class Stream:
         self.last_active = time.monotonic()
         self.arrived_samples = self.arrived_frames = 0  # counted in execute, as requests arrive
         self.arrived_shape: tuple | None = None
+        self.taken_frames = 0  # frames of requests the stream thread took from its queue (written by it alone)
         self._send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"lipsync-stream-{stream_id}", daemon=True)
         self.thread.start()
@@ -155,15 +160,24 @@ class Stream:
     def put(self, incoming: _Incoming) -> None:
         self.last_active = time.monotonic()
         incoming.request = _Request(incoming.sender)
-        if self._answered_on_arrival(incoming):
-            self._send(incoming.request, None, final=True)  # Triton frees the request and its gRPC message now
+        queued = self.arrived_frames - self.taken_frames  # frames waiting in the queue, before this request
+        if self._acknowledgeable(incoming):
+            if queued < self.service.settings.ingest_backlog_frames:
+                self._send(incoming.request, None, final=True)  # Triton frees the request and its gRPC message now
+            else:
+                incoming.acknowledge_when_taken = True
         self.requests.put(incoming)
 
-    def _answered_on_arrival(self, incoming: _Incoming) -> bool:
+    def _acknowledgeable(self, incoming: _Incoming) -> bool:
         """Called in arrival order, in execute. A request of frames that completes no window, does not end the
         stream and passes every check that can fail on its own (shape, audio first, one frame size, within the
-        audio's frame count) will get nothing but its final response: it is sent now. Otherwise the request
-        stays open until the stream thread has handled it (errors) and its windows are sent to it."""
+        audio's frame count) will get nothing but its final response, its acknowledgement. It is sent at once if
+        fewer than `ingest_backlog_frames` of the stream's frames wait in its queue, else when the stream thread
+        takes the request from the queue. A client that keeps at most two such requests unanswered
+        (latentsync_contract.UNANSWERED_REQUESTS) is so held back while the server falls behind: whole frames
+        waiting for ingestion stay a few requests, not all that the client may send ahead (docs/OPERATIONS.md
+        "Memory"). Other requests stay open until the stream thread has handled them (errors) and their windows are
+        sent to them."""
         frames, audio, before = incoming.frames, incoming.audio, self.arrived_frames
         if audio is not None and audio.size:
             self.arrived_samples += audio.size
@@ -194,6 +208,9 @@ class Stream:
     def _run(self) -> None:
         while (incoming := self.requests.get()) is not None:
             self.busy = True
+            self.taken_frames += 0 if incoming.frames is None else len(incoming.frames)
+            if incoming.acknowledge_when_taken and self.error is None:  # out of the queue: the client may send more
+                self._send(incoming.request, None, final=True)
             try:
                 self._handle(incoming.request or _Request(incoming.sender), incoming)
             finally:
