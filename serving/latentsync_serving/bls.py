@@ -226,36 +226,30 @@ class TritonModels:
         """Only each face's paste window of its frame travels (padded to the largest of a call), never whole
         frames; in calls of at most `frame_call_bytes` of regions and host-memory faces (`call_spans`: faces on a
         GPU travel in device memory, not through the shared-memory pools)."""
-        face_bytes = faces[:1].numel() * faces.element_size() if faces.device.type == "cpu" else 0
+        face_bytes = _nbytes(faces[:1]) if faces.device.type == "cpu" else 0
         per_face = max((r.nbytes for r in regions), default=0) + face_bytes
-        spans = call_spans(len(regions), per_face, self.frame_call_bytes)
-        return [
-            region
-            for span in spans
-            for region in self._paste(regions[span], faces[span], affines[span], windows[span], frame_hw)
-        ]
+        pasted = []
+        for span in call_spans(len(regions), per_face, self.frame_call_bytes):
+            padded, sizes = _pad_regions(regions[span])
+            inputs = {
+                "REGIONS": padded,
+                "FACES": faces[span],
+                "AFFINES": np.asarray(affines[span], np.float32),
+                "WINDOWS": np.asarray(windows[span], np.int32),
+                "FRAME_HW": np.tile(np.int32(frame_hw), (len(sizes), 1)),
+            }
+            restored = self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
+            pasted += [restored[i, :h, :w] for i, (h, w) in enumerate(sizes)]
+        return pasted
 
-    def _paste(
-        self,
-        regions: list[np.ndarray],
-        faces: torch.Tensor,
-        affines: np.ndarray,
-        windows: list[Window],
-        frame_hw: tuple[int, int],
-    ) -> list[np.ndarray]:
-        sizes = [r.shape[:2] for r in regions]
-        padded = np.zeros((len(regions), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
-        for i, (region, (h, w)) in enumerate(zip(regions, sizes)):
-            padded[i, :h, :w] = region
-        inputs = {
-            "REGIONS": padded,
-            "FACES": faces,
-            "AFFINES": np.asarray(affines, np.float32),
-            "WINDOWS": np.asarray(windows, np.int32),
-            "FRAME_HW": np.tile(np.int32(frame_hw), (len(regions), 1)),
-        }
-        restored = self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
-        return [restored[i, :h, :w] for i, (h, w) in enumerate(sizes)]
+
+def _pad_regions(regions: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(h, w, 3) regions -> one zero-padded (n, max h, max w, 3) batch, and each region's (h, w)."""
+    sizes = [r.shape[:2] for r in regions]
+    padded = np.zeros((len(regions), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
+    for i, (region, (h, w)) in enumerate(zip(regions, sizes)):
+        padded[i, :h, :w] = region
+    return padded, sizes
 
 
 def call_spans(n: int, item_bytes: int, limit: int) -> list[slice]:
