@@ -433,11 +433,28 @@ def precision(run: Run) -> None:
 
 
 def served(run: Run) -> None:
+    """(b); on a GPU, if the served path fails with the orchestrator on the GPU (device tensors between the
+    models through CUDA IPC), once more with `lipsync` on the CPU (host tensors between it and the models)."""
+    target = "gpu" if run.device.type == "cuda" else "cpu"
+    layouts = [("", {})] + ([("lipsync on the CPU", {"lipsync": "cpu"})] if target == "gpu" else [])
+    for i, (label, instances) in enumerate(layouts):
+        try:
+            serve_layout(run, target, instances, label)
+            return
+        except Exception as e:  # noqa: BLE001 - the next layout, else section() reports it
+            if i + 1 == len(layouts) or run.deadline.left() < run.settings.served_min_s / 2:
+                raise
+            traceback.print_exc()
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            run.report.note(f"(b) failed: {type(e).__name__}: {first}; again with {layouts[i + 1][0]}")
+
+
+def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -> None:
+    from latentsync_export.model_config import InstanceSpec
     from latentsync_load import gpu_serving as g
     from latentsync_serving.serve import TritonServer
 
     s = run.settings
-    target = "gpu" if run.device.type == "cuda" else "cpu"
     repo = run.work / "repository"
     g.export_repository(
         run.weights,
@@ -446,8 +463,9 @@ def served(run: Run) -> None:
         target,
         run.env.detector_dir if run.env else None,
         max(24, max(s.served_streams)),
+        {model: InstanceSpec.parse(spec) for model, spec in instances.items()},
     )
-    print(f"built {repo} (target {target})", flush=True)
+    print(f"built {repo} (target {target}{', ' + label if label else ''})", flush=True)
     if not s.serve:
         run.report.note("(b) served path: repository built, no server started (a CPU dry run; --serve starts one)")
         return
@@ -458,14 +476,16 @@ def served(run: Run) -> None:
     audio = g.synthetic_audio(len(frames))
     server = TritonServer(
         repo,
-        log_path=run.report.out / "tritonserver.log",
-        extra_args=g.server_args(target),
+        log_path=run.report.out / f"tritonserver{'-' + '-'.join(instances) if instances else ''}.log",
+        extra_args=g.server_args(run.device.type),
         home=run.env.triton_home if run.env else None,
     )
     started = time.perf_counter()
     with server.start():
         server.wait_ready(timeout=max(60.0, run.deadline.left() - 60))
-        run.report.note(f"(b) Triton ready in {time.perf_counter() - started:.0f} s")
+        run.report.note(
+            f"(b) Triton ready in {time.perf_counter() - started:.0f} s{' (' + label + ')' if label else ''}"
+        )
         next_id = 1
         for variant in s.served_variants:  # warm-up: one window, first CUDA kernels and allocations
             params = g.StreamParams(steps=s.run_steps, seed=s.seed, variant=variant)
@@ -484,7 +504,7 @@ def served(run: Run) -> None:
         run.report.gpu_source = g.GpuSampler().source
         for variant in s.served_variants:
             for n in s.served_streams:
-                row = g.ServedRow(variant, n)
+                row = g.ServedRow(variant, n, note=label)
                 run.report.served.append(row)
                 if run.deadline.left() < 20:
                     row.note = "skipped: time budget"

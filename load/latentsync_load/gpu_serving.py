@@ -271,9 +271,16 @@ def measure_level(
 
 
 def export_repository(
-    weights: Path, out: Path, variants: list[str], target: str, detector_dir: Path | None, max_streams: int
+    weights: Path,
+    out: Path,
+    variants: list[str],
+    target: str,
+    detector_dir: Path | None,
+    max_streams: int,
+    instances: dict | None = None,
 ) -> dict:
-    """latentsync-export of one weights folder for every variant (they share the architecture)."""
+    """latentsync-export of one weights folder for every variant (they share the architecture); `instances`:
+    model name -> InstanceSpec, where one differs from the target's default."""
     from latentsync_export.export import ExportOptions, build_repository
 
     opts = ExportOptions(
@@ -282,6 +289,7 @@ def export_repository(
         weights={v: weights for v in variants},
         detector_dir=detector_dir,
         max_streams=max_streams,
+        instances=instances or {},
         force=True,
     )
     return build_repository(opts)

@@ -98,9 +98,12 @@ class TritonModels:
         self.device, self.audio_max_batch = device, audio_max_batch
         # With the detector's "track" policy the stream's last face box is its reference for the next window.
         self.last_box = np.full(4, np.nan, np.float32) if track_faces else None
+        # Where callees answer: in the stream's device memory, except outputs the stream reads on the host
+        # (detections, pasted regions, audio features): asked for in host memory, a GPU callee's copied there.
         memory = getattr(pb_utils, "PreferredMemory", None)
         kind = pb_utils.TRITONSERVER_MEMORY_GPU if device.type == "cuda" else pb_utils.TRITONSERVER_MEMORY_CPU
         self._memory = {} if memory is None else {"preferred_memory": memory(kind, device.index or 0)}
+        self._host_memory = {} if memory is None else {"preferred_memory": memory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)}
 
     # ------------------------------------------------------------------------------------------ transport
     def call(
@@ -110,10 +113,12 @@ class TritonModels:
         outputs: list[str],
         parameters: dict | None = None,
         decoupled: bool = False,
+        on_host: bool = False,
     ) -> list[torch.Tensor]:
+        """The outputs of one request to `model`, in the stream's device memory (`on_host`: host memory)."""
         # The denoiser holds a window for all its steps and batches up to its max_windows: not limited here.
         with contextlib.nullcontext() if decoupled else self.slots(model):
-            found = self._call(model, inputs, outputs, parameters, decoupled)
+            found = self._call(model, inputs, outputs, parameters, decoupled, on_host)
         self.traffic.add("lipsync_bls_requests", callee=model)
         self.traffic.add("lipsync_bls_input_bytes", sum(_nbytes(v) for v in inputs.values()), callee=model)
         self.traffic.add("lipsync_bls_output_bytes", sum(_nbytes(v) for v in found.values()), callee=model)
@@ -126,6 +131,7 @@ class TritonModels:
         outputs: list[str],
         parameters: dict | None,
         decoupled: bool,
+        on_host: bool = False,
     ) -> dict[str, torch.Tensor]:
         pb = self.pb
         tensors = [
@@ -137,7 +143,7 @@ class TritonModels:
             requested_output_names=outputs,
             inputs=tensors,
             **({"parameters": parameters} if parameters else {}),
-            **self._memory,
+            **(self._host_memory if on_host else self._memory),
         )
         responses = request.exec(decoupled=True) if decoupled else [request.exec()]
         found: dict[str, torch.Tensor] = {}
@@ -177,7 +183,7 @@ class TritonModels:
         inputs = {"FRAMES": frames}
         if self.last_box is not None:
             inputs["REFERENCE_BOX"] = np.repeat(self.last_box[None], len(frames), axis=0)  # row 0 is used
-        box, points, found = self.call(self.names.face_detector, inputs, ["BOX", "POINTS", "FOUND"])
+        box, points, found = self.call(self.names.face_detector, inputs, ["BOX", "POINTS", "FOUND"], on_host=True)
         found = found.reshape(len(frames)).numpy().astype(bool)
         if self.last_box is not None and found.any():
             self.last_box = box[np.flatnonzero(found)[-1]].numpy().astype(np.float32)
@@ -187,7 +193,9 @@ class TritonModels:
         mel = mel_segments.float()
         return torch.cat(
             [
-                self.call(self.names.audio_encoder, {"MEL": mel[i : i + self.audio_max_batch]}, ["FEATURES"])[0].cpu()
+                self.call(
+                    self.names.audio_encoder, {"MEL": mel[i : i + self.audio_max_batch]}, ["FEATURES"], on_host=True
+                )[0]
                 for i in range(0, len(mel), self.audio_max_batch)
             ]
         )
@@ -238,7 +246,7 @@ class TritonModels:
                 "WINDOWS": np.asarray(windows[span], np.int32),
                 "FRAME_HW": np.tile(np.int32(frame_hw), (len(sizes), 1)),
             }
-            restored = self.call(self.names.restorer, inputs, ["RESTORED"])[0].numpy()
+            restored = self.call(self.names.restorer, inputs, ["RESTORED"], on_host=True)[0].numpy()
             pasted += [restored[i, :h, :w] for i, (h, w) in enumerate(sizes)]
         return pasted
 

@@ -1,0 +1,78 @@
+"""Where BLS callees answer a stream on a GPU: tensors the stream computes on stay in device memory, outputs it
+reads on the host (detections, pasted regions, audio features) are asked for in host memory. On a GPU the Python
+backend allocates every output where the request prefers (request_executor.cc ResponseAlloc), so a detector's
+boxes asked for in device memory would reach `.numpy()` as CUDA tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from latentsync_serving.bls import ModelNames, TritonModels
+from latentsync_serving.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class PreferredMemory:
+    kind: str
+    device_id: int = 0
+
+
+class FakePbUtils:
+    """The part of triton_python_backend_utils that TritonModels uses; records each request's preferred memory
+    and answers with host outputs of the shapes the callers read."""
+
+    TRITONSERVER_MEMORY_CPU, TRITONSERVER_MEMORY_GPU = "cpu", "gpu"
+    PreferredMemory = PreferredMemory
+
+    def __init__(self, answers):
+        self.answers, self.preferred = answers, {}
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self.array = name, np.asarray(array)
+
+        def is_cpu(self):
+            return True
+
+        def as_numpy(self):
+            return self.array
+
+    def InferenceRequest(self, model_name, requested_output_names, inputs, preferred_memory=None, **_):  # noqa: N802
+        self.preferred[model_name] = preferred_memory
+        outputs = self.answers[model_name]({t._name: t.array for t in inputs})
+        response = type("Response", (), {"has_error": lambda self: False, "outputs": outputs})()
+        return type("Request", (), {"exec": lambda self, decoupled=False: response})()
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        return FakePbUtils.Tensor(name, response.outputs[name])
+
+
+def test_outputs_read_on_the_host_are_asked_for_in_host_memory_the_rest_in_the_streams_device_memory():
+    pb = FakePbUtils(
+        {
+            "face_detector": lambda x: {
+                "BOX": np.zeros((len(x["FRAMES"]), 4), np.float32),
+                "POINTS": np.zeros((len(x["FRAMES"]), 3, 2), np.float32),
+                "FOUND": np.ones((len(x["FRAMES"]), 1), bool),
+            },
+            "audio_encoder": lambda x: {"FEATURES": np.zeros((len(x["MEL"]), 1500, 1, 384), np.float32)},
+            "restorer": lambda x: {"RESTORED": x["REGIONS"]},
+            "vae_decoder": lambda x: {"PIXELS": np.zeros((len(x["LATENTS"]), 3, 8, 8), np.float32)},
+        }
+    )
+    models = TritonModels(pb, ModelNames(), 0.18215, Metrics(pb, "lipsync"), torch.device("cuda:1"))
+
+    detections = models.detect(np.zeros((2, 8, 8, 3), np.uint8))
+    features = models.encode_audio(torch.zeros(3, 80, 3000))
+    regions = [np.full((4, 5, 3), 7, np.uint8), np.full((3, 6, 3), 9, np.uint8)]
+    pasted = models.paste_regions(regions, torch.zeros(2, 3, 8, 8), np.zeros((2, 2, 3)), [(0, 4, 0, 5)] * 2, (8, 8))
+    (pixels,) = models.call("vae_decoder", {"LATENTS": torch.zeros(1, 4, 1, 1)}, ["PIXELS"])
+
+    host, device = PreferredMemory("cpu", 0), PreferredMemory("gpu", 1)
+    assert pb.preferred == {"face_detector": host, "audio_encoder": host, "restorer": host, "vae_decoder": device}
+    assert detections.found.tolist() == [True, True] and features.shape == (3, 1500, 1, 384)
+    assert [p.tolist() for p in pasted] == [r.tolist() for r in regions] and pixels.shape == (1, 3, 8, 8)
