@@ -276,7 +276,8 @@ class LipSyncStream:
         """Decode, keep only the mouth region from the diffusion output, paste the faces into their regions."""
         regions = list(window.regions)
         if latents is not None:
-            decoded = self.backend.vae_decode(latents[0].transpose(0, 1))
+            # on the stream's device, where its masks and reference faces are (LocalModels answers on the host)
+            decoded = self.backend.vae_decode(latents[0].transpose(0, 1)).to(self.device)
             # mask 1 = keep the original pixels; only the masked mouth region comes from the diffusion output
             masks = window.masks.to(decoded.dtype)
             synced = decoded * (1 - masks) + window.reference.to(decoded.dtype) * masks

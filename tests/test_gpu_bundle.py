@@ -67,8 +67,11 @@ def test_bundle_environment_sees_bundle_first_then_machine_and_project_without_p
     dest = tmp_path / "dest"
     (dest / "site" / "numpy").mkdir(parents=True)
     (dest / "site" / "numpy" / "__init__.py").write_text("__version__ = 'bundled'\n")
+    (dest / "site" / "peft").mkdir()  # an installed package that must stay invisible (HIDDEN_PACKAGES)
+    (dest / "site" / "peft" / "__init__.py").write_text("raise ImportError('the machine peft')\n")
     code = (
-        "import numpy, tritonclient, latentsync_contract, latentsync_serving.serve as s; "
+        "import importlib.util, numpy, tritonclient, latentsync_contract, latentsync_serving.serve as s; "
+        "assert importlib.util.find_spec('peft') is None; "
         "print(numpy.__version__); print(latentsync_contract.__file__); print(s.__file__)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -86,9 +89,10 @@ def test_pth_lines_order():
     project = [str((REPO / d).resolve()) for d in PACKAGE_DIRS]
     host = "import site; site.addsitedir('/host/site-packages')"
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=True).splitlines()
-    assert lines == ["import sys; sys.path.insert(0, '/b/site')", *project, host]
+    hide = "import sys; [sys.modules.setdefault(m, None) for m in ('peft',)]"
+    assert lines == [f"{hide}; sys.path.insert(0, '/b/site')", *project, host]
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=False).splitlines()
-    assert lines == [*project, host, "/b/site"]
+    assert lines == [hide, *project, host, "/b/site"]
 
 
 def test_find_libpython_finds_this_interpreters_library_or_says_none():

@@ -307,15 +307,23 @@ def unpack(bundle: Path, dest: Path) -> None:
     (dest / "bundle.json").write_text(manifest)
 
 
+# Installed on the GPU machine, unused by the project, and fatal to it there: diffusers imports peft when it is
+# installed (diffusers.loaders.peft, on importing AutoencoderKL), and the machine's peft, through transformers,
+# fails under the bundle's numpy 1.26 ("Could not import module 'AutoModel'"). A None entry in sys.modules makes
+# importlib.util.find_spec answer None, so diffusers sees the package as absent.
+HIDDEN_PACKAGES = ("peft",)
+
+
 def pth_lines(site: Path, host_sites: list[str], repo: Path, numpy1: bool) -> str:
     """The environment's .pth: import lines run at start-up, other lines are appended to sys.path. The project's
     folders come before the machine's site-packages, so an installed copy of the project (an editable install's
-    path hooks, say) never shadows the checkout."""
+    path hooks, say) never shadows the checkout; HIDDEN_PACKAGES are hidden."""
     project = [str((repo / d).resolve()) for d in PACKAGE_DIRS]
     host = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in host_sites)  # one line: exec()'d
+    hide = f"import sys; [sys.modules.setdefault(m, None) for m in {HIDDEN_PACKAGES!r}]"
     if numpy1:  # ahead of the machine's numpy 2 (stub and benchmark alike: one environment, one numpy)
-        return "\n".join([f"import sys; sys.path.insert(0, {str(site)!r})", *project, host]) + "\n"
-    return "\n".join([*project, host, str(site)]) + "\n"
+        return "\n".join([f"{hide}; sys.path.insert(0, {str(site)!r})", *project, host]) + "\n"
+    return "\n".join([hide, *project, host, str(site)]) + "\n"
 
 
 def make_env(dest: Path, repo: Path, numpy1: bool) -> Path:
@@ -366,7 +374,7 @@ def prepare(bundle: Path, dest: Path, repo: Path = REPO) -> BundleEnv:
     ok, detail = check_imports(env.python)
     if not ok:  # numpy 1.26 does not suit this machine's packages: measure what runs without the served path
         env.notes.append(
-            f"imports fail with the bundle's numpy 1.26 ({detail.splitlines()[-1]}); using the "
+            f"imports fail with the bundle's numpy 1.26 ({' / '.join(detail.splitlines()[-3:])}); using the "
             "machine's numpy: the Triton stub would read tensors wrongly, so no served path"
         )
         env.numpy1 = False
