@@ -14,6 +14,7 @@ from helpers import run_gpu_script
 
 from latentsync_contract import num_frames_for_audio
 from latentsync_load.gpu_bundle import (
+    DIFFUSERS_WITHOUT_TRANSFORMERS,
     LITERT_FILES,
     PACKAGE_DIRS,
     find_libpython,
@@ -90,9 +91,9 @@ def test_pth_lines_order():
     host = "import site; site.addsitedir('/host/site-packages')"
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=True).splitlines()
     hide = "import sys; [sys.modules.setdefault(m, None) for m in ('peft',)]"
-    assert lines == [f"{hide}; sys.path.insert(0, '/b/site')", *project, host]
+    assert lines == [f"{hide}; sys.path.insert(0, '/b/site')", *project, host, DIFFUSERS_WITHOUT_TRANSFORMERS]
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=False).splitlines()
-    assert lines == [hide, *project, host, "/b/site"]
+    assert lines == [hide, *project, host, "/b/site", DIFFUSERS_WITHOUT_TRANSFORMERS]
 
 
 def test_find_libpython_finds_this_interpreters_library_or_says_none():

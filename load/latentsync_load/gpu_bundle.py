@@ -307,23 +307,26 @@ def unpack(bundle: Path, dest: Path) -> None:
     (dest / "bundle.json").write_text(manifest)
 
 
-# Installed on the GPU machine, unused by the project, and fatal to it there: diffusers imports peft when it is
-# installed (diffusers.loaders.peft, on importing AutoencoderKL), and the machine's peft, through transformers,
-# fails under the bundle's numpy 1.26 ("Could not import module 'AutoModel'"). A None entry in sys.modules makes
-# importlib.util.find_spec answer None, so diffusers sees the package as absent.
+# The GPU machine's transformers and peft fail to import under the bundle's numpy 1.26 ("Could not import module
+# 'PreTrainedModel'" / "'AutoModel'"), and diffusers imports both when installed (diffusers.loaders, on importing
+# AutoencoderKL). The project needs neither (only transformers.audio_utils, which imports): a None entry in
+# sys.modules hides peft (importlib.util.find_spec answers None), and diffusers is told transformers is absent.
 HIDDEN_PACKAGES = ("peft",)
+DIFFUSERS_WITHOUT_TRANSFORMERS = "import diffusers.utils.import_utils as u; u._transformers_available = False"
 
 
 def pth_lines(site: Path, host_sites: list[str], repo: Path, numpy1: bool) -> str:
     """The environment's .pth: import lines run at start-up, other lines are appended to sys.path. The project's
     folders come before the machine's site-packages, so an installed copy of the project (an editable install's
-    path hooks, say) never shadows the checkout; HIDDEN_PACKAGES are hidden."""
+    path hooks, say) never shadows the checkout; HIDDEN_PACKAGES are hidden, and from diffusers transformers."""
     project = [str((repo / d).resolve()) for d in PACKAGE_DIRS]
     host = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in host_sites)  # one line: exec()'d
     hide = f"import sys; [sys.modules.setdefault(m, None) for m in {HIDDEN_PACKAGES!r}]"
     if numpy1:  # ahead of the machine's numpy 2 (stub and benchmark alike: one environment, one numpy)
-        return "\n".join([f"{hide}; sys.path.insert(0, {str(site)!r})", *project, host]) + "\n"
-    return "\n".join([hide, *project, host, str(site)]) + "\n"
+        lines = [f"{hide}; sys.path.insert(0, {str(site)!r})", *project, host]
+    else:
+        lines = [hide, *project, host, str(site)]
+    return "\n".join([*lines, DIFFUSERS_WITHOUT_TRANSFORMERS]) + "\n"
 
 
 def make_env(dest: Path, repo: Path, numpy1: bool) -> Path:
