@@ -15,6 +15,7 @@ from helpers import run_gpu_script
 from latentsync_contract import num_frames_for_audio
 from latentsync_load.gpu_bundle import (
     DIFFUSERS_WITHOUT_TRANSFORMERS,
+    HIDDEN_PACKAGES,
     LITERT_FILES,
     PACKAGE_DIRS,
     find_libpython,
@@ -90,7 +91,7 @@ def test_pth_lines_order():
     project = [str((REPO / d).resolve()) for d in PACKAGE_DIRS]
     host = "import site; site.addsitedir('/host/site-packages')"
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=True).splitlines()
-    hide = "import sys; [sys.modules.setdefault(m, None) for m in ('peft',)]"
+    hide = f"import sys; [sys.modules.setdefault(m, None) for m in {HIDDEN_PACKAGES!r}]"
     assert lines == [f"{hide}; sys.path.insert(0, '/b/site')", *project, host, DIFFUSERS_WITHOUT_TRANSFORMERS]
     lines = pth_lines(Path("/b/site"), ["/host/site-packages"], REPO, numpy1=False).splitlines()
     assert lines == [hide, *project, host, "/b/site", DIFFUSERS_WITHOUT_TRANSFORMERS]

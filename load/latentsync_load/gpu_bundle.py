@@ -311,7 +311,7 @@ def unpack(bundle: Path, dest: Path) -> None:
 # 'PreTrainedModel'" / "'AutoModel'"), and diffusers imports both when installed (diffusers.loaders, on importing
 # AutoencoderKL). The project needs neither (only transformers.audio_utils, which imports): a None entry in
 # sys.modules hides peft (importlib.util.find_spec answers None), and diffusers is told transformers is absent.
-HIDDEN_PACKAGES = ("peft",)
+HIDDEN_PACKAGES = ("peft", "scipy")
 DIFFUSERS_WITHOUT_TRANSFORMERS = "import diffusers.utils.import_utils as u; u._transformers_available = False"
 
 
