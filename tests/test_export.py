@@ -176,6 +176,8 @@ def test_gpu_repository_configs(gpu_repo):
     for name in ("denoiser_1.5", "vae_encoder", "vae_decoder"):
         assert cfg[name].parameters["dtype"].string_value == "bfloat16"
     assert cfg["denoiser_1.5"].parameters["max_windows"].string_value == "16"
+    assert cfg["denoiser_1.5"].parameters["compile_unet"].string_value == ""  # eager unless asked
+    assert cfg["denoiser_1.5"].parameters["latent_size"].string_value == "32"
     assert cfg["lipsync"].sequence_batching.oldest.max_candidate_sequences == 24
     assert cfg["vae_encoder"].max_batch_size >= 32 and cfg["face_detector"].max_batch_size >= 64
     # GPU tensors of the orchestrator reach the models in device memory
@@ -257,6 +259,7 @@ def test_stand_in_repository(tmp_path):
         (["--tiny", "--instances", "denoiser"], "MODEL=KIND"),
         (["--tiny", "--instances", "denoiser=tpu:1"], "KIND"),
         (["--tiny", "--max-windows", "0"], ">= 1"),
+        (["--tiny", "--compile-unet", "fast"], "invalid choice"),
         (["--tiny", "--dtype", "bfloat16"], "float32"),
         (["--tiny", "--tensorrt"], "--target gpu"),
         (["--tiny", "--detector", "insightface"], "--detector-dir"),
@@ -271,6 +274,13 @@ def test_cli_errors_say_what_is_wrong(tmp_path, capsys, argv, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+
+
+def test_compiled_unet_repository(tmp_path):
+    out = tmp_path / "repo"
+    build_repository(ExportOptions(out=out, tiny=True, variants=("1.6",), target="gpu", compile_unet="reduce-overhead"))
+    params = configs(out)["denoiser_1.6"].parameters
+    assert params["compile_unet"].string_value == "reduce-overhead" and params["latent_size"].string_value == "64"
 
 
 def test_instance_spec():

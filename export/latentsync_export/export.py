@@ -87,6 +87,10 @@ class TargetDefaults:
 TARGETS = {"cpu": TargetDefaults("float32", 8, 8, 16), "gpu": TargetDefaults("bfloat16", 16, 24, 64)}
 
 
+# torch.compile's modes, for the denoiser's UNet (serving/latentsync_serving/compiled_unet.py)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class ExportOptions:
     out: Path
@@ -102,6 +106,7 @@ class ExportOptions:
     instances: dict[str, InstanceSpec] = field(default_factory=dict)  # template or model name -> spec
     dtype: str | None = None  # denoiser and VAE; None: the target's default
     max_windows: int | None = None  # windows the denoiser advances together
+    compile_unet: str = ""  # torch.compile mode of the denoiser's UNet ("": eager), one of COMPILE_MODES
     max_streams: int | None = None  # streams per lipsync instance
     frame_max_batch: int | None = None  # per-frame models' batch
     max_queue_delay_us: int = 2000
@@ -134,6 +139,10 @@ class ExportOptions:
             raise ExportConfigError("--dtype: the cpu target computes in float32 (half precision is for GPUs)")
         if self.tensorrt and self.target != "gpu":
             raise ExportConfigError("--tensorrt needs --target gpu")
+        if self.compile_unet not in ("", *COMPILE_MODES):
+            raise ValueError(
+                f"compile_unet must be one of {', '.join(COMPILE_MODES)} (or empty), not {self.compile_unet!r}"
+            )
         if self.max_windows < 1:
             raise ExportConfigError("--max-windows must be >= 1")
         if self.frame_max_batch < MIN_FRAME_BATCH:
@@ -302,6 +311,8 @@ class _Builder:
                 "checkpoint": ckpt,
                 "unet_config": json.dumps(paths.unet_config),
                 "max_windows": self.opts.max_windows,
+                "compile_unet": self.opts.compile_unet,
+                "latent_size": get_variant(variant).latent_size,
                 **self.networks("denoiser", model, config),
             },
         )
@@ -495,6 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="windows the denoiser advances together, 2 UNet items each under "
         "guidance (default: cpu 8, gpu 16; see Sizing above)",
     )
+    p.add_argument(
+        "--compile-unet",
+        default="",
+        choices=COMPILE_MODES,
+        help="run the denoiser's UNet under torch.compile in this mode (e.g. reduce-overhead on a GPU: 1.6-1.7x "
+        "the eager bf16 step on an H200, RESULTS.md); each batch size compiles at start-up (minutes); default eager",
+    )
     p.add_argument("--max-streams", type=int, help="concurrent streams per lipsync instance (default: cpu 8, gpu 24)")
     p.add_argument("--frame-max-batch", type=int, help="batch of the per-frame models, >= 16 (default: cpu 16, gpu 64)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay of every model")
@@ -544,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             instances=parse_instances(a.instances),
             dtype=a.dtype,
             max_windows=a.max_windows,
+            compile_unet=a.compile_unet,
             frame_max_batch=a.frame_max_batch,
             max_queue_delay_us=a.max_queue_delay_us,
             max_streams=a.max_streams,

@@ -55,6 +55,7 @@ class Settings:
     served_variants: list[str] = field(default_factory=lambda: ["1.5"])
     served_streams: list[int] = field(default_factory=lambda: [1, 8, 16])
     served_frames: int = 48  # per stream: 3 windows
+    served_compile: str = ""  # (b): the denoiser's UNet under torch.compile in this mode ("": eager)
     frame_side: int = 0  # resize face frames to this longer side (0: as bundled, 1080x1920)
     serve: bool = True  # start a server for (b); else only build its repository
     budget_s: float = 420.0
@@ -464,6 +465,7 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         run.env.detector_dir if run.env else None,
         max(24, max(s.served_streams)),
         {model: InstanceSpec.parse(spec) for model, spec in instances.items()},
+        s.served_compile,
     )
     print(f"built {repo} (target {target}{', ' + label if label else ''})", flush=True)
     if not s.serve:
@@ -504,7 +506,8 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         run.report.gpu_source = g.GpuSampler().source
         for variant in s.served_variants:
             for n in s.served_streams:
-                row = g.ServedRow(variant, n, note=label)
+                compiled = f"UNet compiled ({s.served_compile})" if s.served_compile else ""
+                row = g.ServedRow(variant, n, note="; ".join(filter(None, [label, compiled])))
                 run.report.served.append(row)
                 if run.deadline.left() < 20:
                     row.note = "skipped: time budget"
@@ -570,6 +573,13 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--served-variants", default="1.5", help="(b)")
     p.add_argument("--served-streams", default="1,8,16", help="(b): concurrent streams")
     p.add_argument("--served-frames", type=int, default=48, help="(b): frames per stream")
+    p.add_argument(
+        "--served-compile",
+        default="",
+        metavar="MODE",
+        help="(b): the denoiser's UNet under torch.compile (latentsync-export --compile-unet MODE; every batch size "
+        "compiles while the server starts, about a minute each on an H200: run --parts served alone)",
+    )
     p.add_argument("--frame-side", type=int, default=0, help="resize face frames to this longer side (0: keep)")
     serve = p.add_mutually_exclusive_group()
     serve.add_argument("--serve", action="store_true", help="start a server for (b) also on the CPU")
@@ -591,6 +601,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         served_variants=_list(a.served_variants),
         served_streams=_list(a.served_streams, int),
         served_frames=a.served_frames,
+        served_compile=a.served_compile,
         frame_side=a.frame_side,
         steps=a.steps,
         run_steps=a.steps,

@@ -278,6 +278,7 @@ def export_repository(
     detector_dir: Path | None,
     max_streams: int,
     instances: dict | None = None,
+    compile_unet: str = "",
 ) -> dict:
     """latentsync-export of one weights folder for every variant (they share the architecture); `instances`:
     model name -> InstanceSpec, where one differs from the target's default."""
@@ -290,6 +291,7 @@ def export_repository(
         detector_dir=detector_dir,
         max_streams=max_streams,
         instances=instances or {},
+        compile_unet=compile_unet,
         force=True,
     )
     return build_repository(opts)

@@ -25,6 +25,7 @@ from latentsync_core.denoise import DenoiseSpec, WindowConditioning, WindowJob, 
 from latentsync_core.loaders import load_unet
 
 from .backend import ModelContext, from_torch, to_torch
+from .compiled_unet import CompiledUNet
 from .metrics import Metrics, log
 from .stand_ins import NullUNet
 
@@ -40,10 +41,18 @@ class _Window:
 
 class DenoiserService:
     def __init__(
-        self, pb_utils, unet, device: torch.device, dtype: torch.dtype, max_windows: int, model: str = "denoiser"
+        self,
+        pb_utils,
+        unet,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_windows: int,
+        model: str = "denoiser",
+        latent_size: int = 32,
     ):
         self.pb, self.unet, self.device, self.dtype = pb_utils, unet, device, dtype
-        self.max_windows = max_windows
+        self.max_windows, self.latent_size, self.model = max_windows, latent_size, model
+        self.ready, self.startup_error = threading.Event(), None
         self.metrics = Metrics(
             pb_utils,
             model,
@@ -70,8 +79,17 @@ class DenoiserService:
         else:
             config = json.loads(ctx.params.get("unet_config") or "null")  # null -> stage2.yaml
             unet = load_unet(ctx.path("checkpoint"), config, device=ctx.device, dtype=dtype)
-        log(pb_utils, "info", f"{ctx.name}: UNet on {ctx.device} in {dtype}")
-        return cls(pb_utils, unet, ctx.device, dtype, int(ctx.params.get("max_windows") or 16), ctx.name)
+        max_windows, mode = int(ctx.params.get("max_windows") or 16), ctx.params.get("compile_unet", "").strip()
+        if mode and not ctx.stand_in:
+            unet = CompiledUNet(unet, mode, 2 * max_windows)
+        log(pb_utils, "info", f"{ctx.name}: UNet on {ctx.device} in {dtype}{f', compiled ({mode})' if mode else ''}")
+        service = cls(
+            pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, int(ctx.params.get("latent_size") or 32)
+        )
+        service.ready.wait()  # the model is ready once its loop thread compiled the UNet
+        if service.startup_error is not None:
+            raise RuntimeError(f"{ctx.name}: compiling the UNet failed: {service.startup_error}")
+        return service
 
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, request) -> None:
@@ -103,7 +121,19 @@ class DenoiserService:
         return spec.job(t["LATENTS"][None].float(), cond)
 
     # ------------------------------------------------------------------------------------------ the loop
+    def _warm_up(self) -> None:
+        try:
+            if isinstance(self.unet, CompiledUNet):
+                log_info = lambda text: log(self.pb, "info", f"{self.model}: {text}")  # noqa: E731
+                self.unet.warm_up(self.latent_size, self.device, self.dtype, log_info)
+        except Exception as e:  # noqa: BLE001 - reported by from_args: the model does not load
+            self.startup_error = f"{type(e).__name__}: {e}"
+            self._stop = True
+        finally:
+            self.ready.set()
+
     def _run(self) -> None:
+        self._warm_up()  # on this thread: the one that calls the UNet
         active: list[_Window] = []
         while True:
             with self._cond:
