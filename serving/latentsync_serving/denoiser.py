@@ -79,6 +79,8 @@ class DenoiserService:
         else:
             config = json.loads(ctx.params.get("unet_config") or "null")  # null -> stage2.yaml
             unet = load_unet(ctx.path("checkpoint"), config, device=ctx.device, dtype=dtype)
+            if ctx.device.type == "cuda":  # cuDNN's NHWC kernels: the layout the prepared GPU run measured
+                unet = unet.to(memory_format=torch.channels_last)
         max_windows, mode = int(ctx.params.get("max_windows") or 16), ctx.params.get("compile_unet", "").strip()
         if mode and not ctx.stand_in:
             unet = CompiledUNet(unet, mode, 2 * max_windows)
