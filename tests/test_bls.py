@@ -1,10 +1,13 @@
-"""Where BLS callees answer a stream on a GPU: tensors the stream computes on stay in device memory, outputs it
+"""The stubs' process set-up (UTF-8 files), and where BLS callees answer a stream on a GPU: tensors the stream computes on stay in device memory, outputs it
 reads on the host (detections, pasted regions, audio features) are asked for in host memory. On a GPU the Python
 backend allocates every output where the request prefers (request_executor.cc ResponseAlloc), so a detector's
 boxes asked for in device memory would reach `.numpy()` as CUDA tensors."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,3 +79,16 @@ def test_outputs_read_on_the_host_are_asked_for_in_host_memory_the_rest_in_the_s
     assert pb.preferred == {"face_detector": host, "audio_encoder": host, "restorer": host, "vae_decoder": device}
     assert detections.found.tolist() == [True, True] and features.shape == (3, 1500, 1, 384)
     assert [p.tolist() for p in pasted] == [r.tolist() for r in regions] and pixels.shape == (1, 3, 8, 8)
+
+
+def test_a_process_started_in_the_c_locale_reads_files_as_utf8_after_utf8_locale():
+    """Triton's stub starts Python as here: C locale, no coercion, no UTF-8 mode (files decode as ASCII)."""
+    code = (
+        "import locale; before = locale.getpreferredencoding(False); "
+        "from latentsync_serving.backend import utf8_locale; ok = utf8_locale(); "
+        "print(before, ok, open('/dev/null').encoding)"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    before, ok, after = out.split()
+    assert before != "UTF-8" and ok == "True" and after == "UTF-8"

@@ -10,6 +10,7 @@ only host tensors go through numpy.
 from __future__ import annotations
 
 import json
+import locale
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ class ModelContext:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> ModelContext:
+        utf8_locale()
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         # KIND_GPU is only advisory for Python models: the instance places itself on its device.
@@ -67,6 +69,25 @@ class ModelContext:
         if name not in DTYPES:
             raise ValueError(f"model {self.name}: dtype must be one of {sorted(DTYPES)}, got {name!r}")
         return DTYPES[name]
+
+
+def utf8_locale() -> bool:
+    """Make files opened without an encoding read as UTF-8 in this process; whether they do. Triton's stub starts
+    Python embedded, without setting the process locale or honouring PYTHONUTF8, so they decode as ASCII (in a
+    stub torch.compile failed on its UTF-8 templates): the environment's character set if it is UTF-8, else the
+    C locale's UTF-8 variant."""
+    for name in ("", "C.UTF-8"):
+        if _utf8():
+            return True
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+    return _utf8()
+
+
+def _utf8() -> bool:
+    return locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
 
 
 def to_torch(tensor, device: torch.device | None = None) -> torch.Tensor:
