@@ -1,7 +1,8 @@
-"""The stubs' process set-up (UTF-8 files), and where BLS callees answer a stream on a GPU: tensors the stream computes on stay in device memory, outputs it
-reads on the host (detections, pasted regions, audio features) are asked for in host memory. On a GPU the Python
-backend allocates every output where the request prefers (request_executor.cc ResponseAlloc), so a detector's
-boxes asked for in device memory would reach `.numpy()` as CUDA tensors."""
+"""The stubs' process set-up (files read as UTF-8), and where BLS callees answer a stream on a GPU: tensors the
+stream computes on stay in device memory, outputs it reads on the host (detections, pasted regions, audio features)
+are asked for in host memory. On a GPU the Python backend allocates every output where the request prefers
+(request_executor.cc ResponseAlloc), so a detector's boxes asked for in device memory would reach `.numpy()` as
+CUDA tensors."""
 
 from __future__ import annotations
 
