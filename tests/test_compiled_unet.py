@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,28 @@ def test_the_denoiser_compiles_every_bucket_on_its_loop_thread_before_it_is_read
     broken = CompiledUNet(torch.nn.Identity(), "default", 2, backend="eager")  # no config: warm-up fails
     failed = DenoiserService(NoMetricsPb(), broken, torch.device("cpu"), torch.float32, 1, "denoiser_b", 8)
     assert failed.ready.wait(60) and "AttributeError" in failed.startup_error
+
+
+@pytest.mark.slow  # ~4 min on 2 cores: inductor compiles the tiny UNet inside the denoiser's stub
+def test_a_repository_with_compile_unet_loads_compiled_and_serves_what_the_eager_pipeline_gives(
+    triton_server, clip, tmp_path
+):
+    """A real server: the denoiser compiles its one batch size (max_windows 1: 2 items) in its stub before it is
+    ready (which needs the stub's files read as UTF-8, backend.utf8_locale), then serves a window through it."""
+    from helpers import audio_for, reference_video, run_stream
+
+    from latentsync_export.export import ExportOptions, build_repository
+
+    repo = tmp_path / "repo"
+    build_repository(ExportOptions(out=repo, tiny=True, variants=("1.5",), max_windows=1, compile_unet="default"))
+    log = tmp_path / "tritonserver.log"
+    server = triton_server(repo, timeout=900, log_path=log)
+    assert "UNet compiled (default) for 2 items of 16 frames" in log.read_text()
+    frames, samples = clip
+    frames, audio = frames[:16], audio_for(samples, 16)
+    got = run_stream(server.grpc_url, frames, audio, {"steps": 2, "seed": 7})
+    assert not got.errors and np.concatenate(got.found).all()
+    want = reference_video(repo, "1.5", frames, audio, steps=2, seed=7)
+    err = np.abs(got.video.astype(np.int16) - want.astype(np.int16))
+    print(f"compiled vs eager: max abs error {err.max()}, {(err > 0).mean():.2e} of values differ")
+    assert err.max() <= 2 and (err > 0).mean() < 1e-3  # inductor's fused float32 arithmetic, not bit-identical
