@@ -43,6 +43,16 @@ def test_equals_cv2_resize(src_hw, dst_hw):
         np.testing.assert_array_equal(resize(planes(image).float()), expected)  # a warp's float planes
 
 
+def test_float_samples_stand_for_their_uint8_cast():
+    """A warp's samples (floats in (-1, 256), fractions included) resize as their uint8 cast, as upstream's crop."""
+    src_hw, dst_hw = box_hw(256), (256, 256)
+    samples = torch.from_numpy(np.random.default_rng(5).uniform(-0.999, 255.999, (3, *src_hw)).astype(np.float32))
+    samples[:, :4] = torch.tensor([-0.5, 0.5, 254.5, 255.5])[:, None]  # either side of the ends
+    cast = samples.to(torch.uint8)
+    expected = cv2.resize(cast.permute(1, 2, 0).numpy(), dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
+    np.testing.assert_array_equal(lanczos4_resizer(src_hw, dst_hw)(samples), expected)
+
+
 def test_rounding_boundaries_are_recomputed_exactly():
     """A delta of 0.6 sends every output through the exact int64 path; a delta of 0 skips it, and then the float32
     sums get some outputs wrong: so the exact path is what makes the default right near rounding boundaries."""

@@ -204,7 +204,7 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 @dataclass
 class AlignedFace:
     face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
-    crop_pixels: torch.Tensor  # (3, h_box, w_box) RGB uint8 values (FaceAligner.warp_pixels): the frame-space crop
+    crop_pixels: torch.Tensor  # (3, h_box, w_box) RGB samples (FaceAligner.warp_samples): the frame-space crop
     affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
 
     @property
@@ -237,24 +237,24 @@ class FaceAligner:
             matrix[:, 2] = matrix[:, 2] + bias
         return matrix.numpy()
 
-    def warp_pixels(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 frame -> (3, h_box, w_box) float32 crop holding its uint8 values (fill 127, truncated
-        toward zero as the float -> uint8 cast; uint8 itself when warped off the CPU). Only the part of the frame
-        that the crop samples is read and converted to float, and one grid_sample gives the pixels and their
-        coverage."""
+    def warp_samples(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 frame -> (3, h_box, w_box) float32 crop samples (fill 127 included) in (-1, 256), which
+        stand for their cast to uint8 (truncated toward zero, upstream's crop); uint8 itself when warped off the
+        CPU. Only the part of the frame that the crop samples is read and converted to float, and one grid_sample
+        gives the samples and their coverage."""
         frame = torch.as_tensor(frame_rgb)
         frame_hw = tuple(frame.shape[:2])
         grid = sampling_grid(torch.as_tensor(affine, device=self.device)[None], frame_hw, self.box_hw)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
         src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
         sampled = bilinear_sample(src, grid)[0]
-        # the fill, then the cast's truncation (values lie in (-1, 256): trunc equals the uint8 cast)
-        pixels = fill_uncovered(sampled[:3], sampled[3:], FILL_VALUE).trunc_()
-        return pixels if pixels.device.type == "cpu" else pixels.to(torch.uint8).cpu()  # a quarter of the bytes
+        # kornia's fill, in place: (coverage - 1) * -fill is exactly (1 - coverage) * fill (rounding is symmetric)
+        samples = sampled[:3].add_(sampled[3:].sub_(1).mul_(-FILL_VALUE))
+        return samples if samples.device.type == "cpu" else samples.to(torch.uint8).cpu()  # a quarter of the bytes
 
     def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop planes."""
-        return self.warp_pixels(frame_rgb, affine).to(torch.uint8)
+        return self.warp_samples(frame_rgb, affine).to(torch.uint8)
 
     def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
         """The (h_box, w_box, 3) uint8 HWC crop (upstream's face crop before the resize)."""
@@ -265,7 +265,7 @@ class FaceAligner:
 
     def align_affine(self, frame_rgb: np.ndarray, affine: np.ndarray) -> AlignedFace:
         """The face that a known frame -> crop affine cuts out (align without the landmark fit)."""
-        crop = self.warp_pixels(frame_rgb, affine)
-        # cv2.resize(crop, (R, R), interpolation=cv2.INTER_LANCZOS4), bit for bit, from the planes
+        crop = self.warp_samples(frame_rgb, affine)
+        # cv2.resize(crop, (R, R), interpolation=cv2.INTER_LANCZOS4), bit for bit, from the samples' uint8 cast
         face = lanczos4_resizer(self.box_hw, (self.resolution, self.resolution))(crop)
         return AlignedFace(face=face, crop_pixels=crop, affine=np.asarray(affine, np.float32))
