@@ -208,6 +208,32 @@ def test_paste_window_is_exact(golden, target):
         assert not full_soft.any() and np.array_equal(full, frame)
 
 
+def test_paste_window_inverts_the_affine_without_lapack(monkeypatch):
+    """paste_window runs per frame in the orchestrator: its inverse is closed-form, not numpy's LAPACK (which held
+    a quarter of the orchestrator's GIL under load), and gives the windows that np.linalg.inv gives."""
+    from latentsync_core.face import restore
+    from latentsync_core.face.restore import _inverse_affine
+
+    rng = np.random.default_rng(7)
+    affines = []
+    for _ in range(200):
+        angle, scale = rng.uniform(-np.pi, np.pi), rng.uniform(0.1, 5)
+        rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        affines.append(np.hstack([rot, rng.uniform(-3000, 3000, (2, 1))]).astype(np.float32))
+    lapack = [np.linalg.inv(np.vstack([a.astype(np.float64), [0, 0, 1]]))[:2] for a in affines]
+    with monkeypatch.context() as m:  # the windows as LAPACK's inverse gives them
+        m.setattr(restore, "_inverse_affine", lambda a: lapack[[id(x) for x in affines].index(id(a))])
+        windows = [paste_window(a, box_hw(256), (1920, 1080)) for a in affines]
+
+    def refuse(*_):
+        raise AssertionError("np.linalg.inv called")
+
+    monkeypatch.setattr(np.linalg, "inv", refuse)
+    for affine, inverse, window in zip(affines, lapack, windows):
+        np.testing.assert_allclose(_inverse_affine(affine), inverse, rtol=1e-12, atol=1e-9)
+        assert paste_window(affine, box_hw(256), (1920, 1080)) == window
+
+
 def test_resize_face_to_box_is_antialiased_bicubic():
     """torchvision BICUBIC + antialias = PIL's bicubic; plain bicubic differs by ~0.5 on noise."""
     rng = np.random.default_rng(0)

@@ -82,14 +82,24 @@ def feather(coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, gaussian_blur(core, 2 * w_edge + 1)
 
 
+def _inverse_affine(affine: np.ndarray) -> np.ndarray:
+    """(2, 3) frame -> crop affine -> its (2, 3) inverse in float64, in closed form (a non-finite affine gives a
+    non-finite inverse). Not np.linalg.inv: in the served orchestrator under load its 3x3 solve (numpy's OpenBLAS
+    LAPACK) held 27 % of the GIL samples, and lipsync took 29 ms of CPU per frame against 20 without it (RESULTS.md
+    "eleventh round"); alone it takes 4 us, so the cause is contention that a test here did not reproduce."""
+    (a, b, c), (d, e, f) = np.asarray(affine, np.float64).reshape(2, 3)
+    det = a * e - b * d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.array([[e, -b, b * f - c * e], [-d, a, c * d - a * f]]) / det
+
+
 def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[int, int]) -> Window:
     """(y0, y1, x0, x1) of the frame that holds every pixel the paste can change, plus the zero margin the erosion
     and blur need to see to give full-frame results (the blur reaches w_edge <= sqrt(area)//20 pixels). Always a
     valid slice of the frame; empty when the crop lies off the frame."""
     h, w = box_hw
     corners = np.array([[-1, -1, 1], [w, -1, 1], [-1, h, 1], [w, h, 1]], dtype=np.float64).T
-    inv = np.linalg.inv(np.vstack([np.asarray(affine, np.float64).reshape(2, 3), [0, 0, 1]]))
-    xs, ys = (inv @ corners)[:2]
+    xs, ys = _inverse_affine(affine) @ corners
     y0, y1, x0, x1 = math.floor(ys.min()), math.ceil(ys.max()) + 1, math.floor(xs.min()), math.ceil(xs.max()) + 1
     margin = int(math.sqrt(max(y1 - y0, 0) * max(x1 - x0, 0))) // 20 + 2
     H, W = frame_hw
