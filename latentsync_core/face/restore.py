@@ -98,8 +98,9 @@ def paste_window(affine: np.ndarray, box_hw: tuple[int, int], frame_hw: tuple[in
     and blur need to see to give full-frame results (the blur reaches w_edge <= sqrt(area)//20 pixels). Always a
     valid slice of the frame; empty when the crop lies off the frame."""
     h, w = box_hw
-    corners = np.array([[-1, -1, 1], [w, -1, 1], [-1, h, 1], [w, h, 1]], dtype=np.float64).T
-    xs, ys = _inverse_affine(affine) @ corners
+    cx, cy = np.array([-1.0, w, -1.0, w]), np.array([-1.0, -1.0, h, h])
+    (a, b, c), (d, e, f) = _inverse_affine(affine)
+    xs, ys = a * cx + b * cy + c, d * cx + e * cy + f  # elementwise: no BLAS call either
     y0, y1, x0, x1 = math.floor(ys.min()), math.ceil(ys.max()) + 1, math.floor(xs.min()), math.ceil(xs.max()) + 1
     margin = int(math.sqrt(max(y1 - y0, 0) * max(x1 - x0, 0))) // 20 + 2
     H, W = frame_hw
