@@ -298,6 +298,9 @@ def test_server_killed_mid_stream_restarts_and_serves_again(triton_server, serve
     assert not before.errors and len(before.video) == 2
     regions = first.shm_regions()
     assert regions, "the Python backend's shm regions carry this server's prefix"
+    # the stream above is freed just after its last response: until then the gauge still counts it, and the kill
+    # below must wait for the CLI's own stream (else the CLI may not have connected yet)
+    wait_for(lambda: open_streams(first) == 0, IDLE_TIMEOUT_S * 5, "the first stream to be freed")
 
     out = tmp_path / "out.mp4"
     cli = subprocess.Popen(
