@@ -93,3 +93,32 @@ def test_a_process_started_in_the_c_locale_reads_files_as_utf8_after_utf8_locale
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     before, ok, after = out.split()
     assert before != "UTF-8" and ok == "True" and after == "UTF-8"
+
+
+def test_a_gauge_is_sent_to_the_server_only_when_its_value_changes():
+    """Each metric update is a round trip from the stub to the server process: an unchanged gauge is not resent."""
+
+    class Family:
+        COUNTER, GAUGE = "counter", "gauge"
+        sent: list = []
+
+        def __init__(self, name, description, kind):
+            self.name = name
+
+        def Metric(self, labels):  # noqa: N802 - pb_utils' name
+            family = self
+
+            class Metric:
+                def set(self, value):
+                    Family.sent.append((family.name, value))
+
+            return Metric()
+
+    class Pb:
+        MetricFamily = Family
+
+    metrics = Metrics(Pb(), "lipsync", gauges={"open": "streams"})
+    for value in (0, 0, 1, 1, 1, 0, 0):
+        metrics.set("open", value)
+    assert Family.sent == [("open", 0), ("open", 1), ("open", 0)]
+    assert metrics.values[("open",)] == 0

@@ -378,7 +378,6 @@ class LipSyncService:
                 "or dropped as idle"
             },
         )
-        self._open_streams_reported: int | None = None
         self._count()  # the gauge exists from the start (at 0), not from the first stream or reaper tick
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_idle, name="lipsync-reaper", daemon=True)

@@ -40,8 +40,12 @@ class Metrics:
                 metric.increment(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a gauge; an unchanged value is not sent again (each update is a round trip from the stub to the
+        server process, and gauges are set per request or per denoiser iteration)."""
         with self._lock:
             key, metric = self._metric(name, labels)
+            if self.values.get(key) == value:
+                return
             self.values[key] = value
             if metric is not None:
                 metric.set(value)
