@@ -222,7 +222,8 @@ def test_paste_window_inverts_the_affine_without_lapack(monkeypatch):
         affines.append(np.hstack([rot, rng.uniform(-3000, 3000, (2, 1))]).astype(np.float32))
     lapack = [np.linalg.inv(np.vstack([a.astype(np.float64), [0, 0, 1]]))[:2] for a in affines]
     with monkeypatch.context() as m:  # the windows as LAPACK's inverse gives them
-        m.setattr(restore, "_inverse_affine", lambda a: lapack[[id(x) for x in affines].index(id(a))])
+        by_affine = {id(a): inverse for a, inverse in zip(affines, lapack)}
+        m.setattr(restore, "_inverse_affine", lambda a: by_affine[id(a)])
         windows = [paste_window(a, box_hw(256), (1920, 1080)) for a in affines]
 
     def refuse(*_):
