@@ -43,14 +43,19 @@ def test_equals_cv2_resize(src_hw, dst_hw):
         np.testing.assert_array_equal(resize(planes(image).float()), expected)  # a warp's float planes
 
 
-def test_float_samples_stand_for_their_uint8_cast():
-    """A warp's samples (floats in (-1, 256), fractions included) resize as their uint8 cast, as upstream's crop."""
+def test_crop_rows_are_read_in_place():
+    """Float planes laid out as FaceAligner.warp_crop's (rows (y, c, x) at a larger stride: a 4th channel beside,
+    here NaN) are resized in place, without the layout copy, and equal cv2.resize of the uint8 image."""
     src_hw, dst_hw = box_hw(256), (256, 256)
-    samples = torch.from_numpy(np.random.default_rng(5).uniform(-0.999, 255.999, (3, *src_hw)).astype(np.float32))
-    samples[:, :4] = torch.tensor([-0.5, 0.5, 254.5, 255.5])[:, None]  # either side of the ends
-    cast = samples.to(torch.uint8)
-    expected = cv2.resize(cast.permute(1, 2, 0).numpy(), dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
-    np.testing.assert_array_equal(lanczos4_resizer(src_hw, dst_hw)(samples), expected)
+    image = np.random.default_rng(5).integers(0, 256, (*src_hw, 3), dtype=np.uint8)
+    buffer = torch.full((src_hw[0], 4, src_hw[1]), float("nan"))
+    buffer[:, :3] = torch.from_numpy(image).permute(0, 2, 1)
+    resize = Lanczos4Resize(src_hw, dst_hw)  # its own scratch buffers
+    expected = cv2.resize(image, dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
+    np.testing.assert_array_equal(resize(buffer[:, :3].permute(1, 0, 2)), expected)
+    assert "rows" not in resize._buffers(3), "the planes were copied"
+    np.testing.assert_array_equal(resize(planes(image).float()), expected)  # contiguous planes: copied
+    assert "rows" in resize._buffers(3)
 
 
 def test_rounding_boundaries_are_recomputed_exactly():

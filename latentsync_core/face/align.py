@@ -161,6 +161,12 @@ def region_as_source(
     buffer = torch.empty(C_out * ((H - 1) * w + W), device=region.device)
     start = C_out * (y0 * w + x0)
     pixels = buffer[start : start + h * w * C_out].view(h, w, C_out)
+    if ones and C == 3 and region.dtype == torch.uint8 and region.device.type == "cpu":
+        # RGB -> RGBA in OpenCV, then one contiguous cast: ~2.5x faster than torch's strided copy into 4 channels
+        rgba = cv2.cvtColor(region.numpy(), cv2.COLOR_RGB2RGBA)  # reads the strided region as it is
+        np.copyto(pixels.numpy(), rgba, casting="unsafe")
+        pixels[..., C].fill_(1.0)
+        return buffer.as_strided((1, C_out, H, W), (0, 1, C_out * w, C_out))
     pixels[..., :C].copy_(region)
     if ones:
         pixels[..., C].fill_(1.0)
@@ -202,7 +208,7 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 @dataclass
 class AlignedFace:
     face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
-    crop_pixels: torch.Tensor  # (3, h_box, w_box) RGB samples (FaceAligner.warp_samples): the frame-space crop
+    crop_pixels: torch.Tensor  # (3, h_box, w_box) RGB pixels (FaceAligner.warp_crop): the frame-space crop
     affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
 
     @property
@@ -235,24 +241,29 @@ class FaceAligner:
             matrix[:, 2] = matrix[:, 2] + bias
         return matrix.numpy()
 
-    def warp_samples(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 frame -> (3, h_box, w_box) float32 crop samples (fill 127 included) in (-1, 256), which
-        stand for their cast to uint8 (truncated toward zero, upstream's crop); uint8 itself when warped off the
-        CPU. Only the part of the frame that the crop samples is read and converted to float, and one grid_sample
-        gives the samples and their coverage."""
+    def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 frame -> (3, h_box, w_box) crop pixels: upstream's uint8 crop (fill 127 included, truncated
+        toward zero) as float32 integers, a view of an (h_box, 4, w_box) buffer whose rows the Lanczos resize reads in
+        place; uint8 when warped off the CPU. Only the part of the frame that the crop samples is read and converted
+        to float, and one grid_sample gives the samples and their coverage."""
         frame = torch.as_tensor(frame_rgb)
         frame_hw = tuple(frame.shape[:2])
         grid = sampling_grid(torch.as_tensor(affine, device=self.device)[None], frame_hw, self.box_hw)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
         src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
-        sampled = bilinear_sample(src, grid)[0]
+        # one crop row per batch item (the source shared, stride 0): the output comes as rows (y, c, x), the resize's
+        # layout, with the same per-sample arithmetic (grid_sample computes each sample alone)
+        sampled = bilinear_sample(src.expand(self.box_hw[0], -1, -1, -1), grid[0, :, None])[:, :, 0]
         # kornia's fill, in place: (coverage - 1) * -fill is exactly (1 - coverage) * fill (rounding is symmetric)
-        samples = sampled[:3].add_(sampled[3:].sub_(1).mul_(-FILL_VALUE))
-        return samples if samples.device.type == "cpu" else samples.to(torch.uint8).cpu()  # a quarter of the bytes
+        samples = sampled[:, :3].add_(sampled[:, 3:].sub_(1).mul_(-FILL_VALUE))
+        if samples.device.type != "cpu":
+            return samples.to(torch.uint8).cpu().permute(1, 0, 2)  # a quarter of the bytes
+        np.trunc(samples.numpy(), out=samples.numpy())  # the uint8 cast's truncation; torch's CPU trunc is ~6x slower
+        return samples.permute(1, 0, 2)
 
     def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop planes."""
-        return self.warp_samples(frame_rgb, affine).to(torch.uint8)
+        return self.warp_crop(frame_rgb, affine).to(torch.uint8)
 
     def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
         """The (h_box, w_box, 3) uint8 HWC crop (upstream's face crop before the resize)."""
@@ -263,7 +274,7 @@ class FaceAligner:
 
     def align_affine(self, frame_rgb: np.ndarray, affine: np.ndarray) -> AlignedFace:
         """The face that a known frame -> crop affine cuts out (align without the landmark fit)."""
-        crop = self.warp_samples(frame_rgb, affine)
-        # cv2.resize(crop, (R, R), interpolation=cv2.INTER_LANCZOS4), bit for bit, from the samples' uint8 cast
+        crop = self.warp_crop(frame_rgb, affine)
+        # cv2.resize(crop, (R, R), interpolation=cv2.INTER_LANCZOS4), bit for bit
         face = lanczos4_resizer(self.box_hw, (self.resolution, self.resolution))(crop)
         return AlignedFace(face=face, crop_pixels=crop, affine=np.asarray(affine, np.float32))

@@ -95,7 +95,8 @@ def _ieee_float32_matmul() -> bool:
 
 class Lanczos4Resize:
     """Resize (C, H, W) uint8 planes to an (h, w, C) uint8 image exactly as cv2.resize(INTER_LANCZOS4) on HWC. Float32
-    planes in (-1, 256) are taken as their cast to uint8 (truncated toward zero): a warp's samples need no cast.
+    planes holding uint8 values (integers in [0, 255]) work too, and are read in place when their rows (y, c, x) are
+    a strided matrix (FaceAligner.warp_crop's layout): no copy, no scratch buffer to pass through the cache.
 
     OpenCV sums x then y in int32; integer sums commute, so this sums y first: V = sum beta * src is exact in
     float32 (|V| <= 255 * sum|beta| < 2**24). T = sum alpha * V needs ~31 bits, so it is taken in float32 with a
@@ -127,10 +128,11 @@ class Lanczos4Resize:
         image = np.random.default_rng(0).integers(0, 256, (self.H, self.W, 3), dtype=np.uint8)
         image[: self.H // 2, : self.W // 2] = 255 * (image[: self.H // 2, : self.W // 2] > 127)  # hard edges too
         expected = cv2.resize(image, (self.w, self.h), interpolation=cv2.INTER_LANCZOS4)
-        return np.array_equal(self._resize(torch.from_numpy(image).permute(2, 0, 1)), expected)
+        rows = torch.from_numpy(image).permute(0, 2, 1).float().contiguous()  # warp_crop's layout: read in place
+        return np.array_equal(self._resize(rows.permute(1, 0, 2)), expected)
 
     def __call__(self, planes: torch.Tensor) -> np.ndarray:
-        """(C, H, W) uint8 planes, or float32 planes in (-1, 256) that stand for their uint8 cast (a warp's samples)."""
+        """(C, H, W) uint8 planes, or float32 planes of uint8 values."""
         if self.exact and _ieee_float32_matmul():
             return self._resize(planes)
         hwc = cv2.merge(list(planes.to(torch.uint8).numpy()))
@@ -145,7 +147,6 @@ class Lanczos4Resize:
                 self._scratch,
                 key,
                 {
-                    "rows": torch.empty(self.H, C, self.W),
                     "vertical": torch.empty(self.h, C, self.W),
                     "total": torch.empty(self.h * C, self.w),
                     "low": np.empty((self.h, C * self.w), np.uint8),
@@ -157,12 +158,10 @@ class Lanczos4Resize:
     def _resize(self, planes: torch.Tensor, delta: float | None = None) -> np.ndarray:
         C, delta = planes.shape[0], self.delta if delta is None else delta
         buf = self._buffers(C)
-        rows = buf["rows"]  # rows y, columns (c, x); float samples are truncated (the uint8 cast) as they are laid out
-        if planes.is_floating_point():  # numpy's trunc: torch's CPU trunc is ~6x slower (not vectorised)
-            np.trunc(planes.numpy().transpose(1, 0, 2), out=rows.numpy())
-        else:
-            rows.copy_(planes.permute(1, 0, 2))
-        rows = rows.view(self.H, C * self.W)
+        rows = _rows_view(planes)  # rows y, columns (c, x)
+        if rows is None:  # a layout copy, into a buffer made on first need
+            rows = buf.setdefault("rows", torch.empty(self.H, C, self.W)).copy_(planes.permute(1, 0, 2))
+            rows = rows.view(self.H, C * self.W)
         vertical = buf["vertical"].view(self.h, C * self.W)
         for d0, d1, s0, s1, m in self.y_blocks:
             torch.mm(m, rows[s0:s1], out=vertical[d0:d1])
@@ -180,6 +179,15 @@ class Lanczos4Resize:
             exact = ((v * self.x_wt[x]).sum(1) + 2**21) >> 22
             low.reshape(-1)[unsure] = np.clip(exact, 0, 255)
         return cv2.merge([low[:, c * self.w : (c + 1) * self.w] for c in range(C)]).reshape(self.h, self.w, C)
+
+
+def _rows_view(planes: torch.Tensor) -> torch.Tensor | None:
+    """(C, H, W) float32 planes -> their (H, C * W) rows as a matrix view when the layout allows (each row's channels
+    side by side, rows at any larger stride: what torch.mm reads as is), else None."""
+    C, H, W = planes.shape
+    if planes.dtype != torch.float32 or planes.stride(2) != 1 or planes.stride(0) != W or planes.stride(1) < C * W:
+        return None
+    return planes.as_strided((H, C * W), (planes.stride(1), 1))
 
 
 @functools.lru_cache(maxsize=16)
