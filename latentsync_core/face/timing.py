@@ -5,7 +5,8 @@
 CASE_DIR holds frame.png, inputs.npz and outputs.npz (default $LATENTSYNC_SHARED/golden/align_restore). Per
 resolution: `align` (affine, window-local warp, Lanczos resize), `paste_region` (the box-sized face into its
 window, paste_window included), their sum `align+paste`, `paste_faces` (the same from an R x R face, its resize to
-the box included) and `paste_back` (whole frame in and out, the frame copy included).
+the box included), `paste_faces x16` (a window's 16 faces in one call, as the in-process pipeline pastes them) and
+`paste_back` (whole frame in and out, the frame copy included).
 """
 
 from __future__ import annotations
@@ -50,15 +51,18 @@ def stages(frame: np.ndarray, points: np.ndarray, face_box: torch.Tensor, affine
         window = paste_window(affine, box_hw(res), frame_hw)
         return paste_region(frame[y0:y1, x0:x1], face_box, affine, window, frame_hw)
 
-    def paste_from_r():
+    def paste_from_r(n: int = 1):
         window = paste_window(affine, box_hw(res), frame_hw)
-        return paste_faces([frame[y0:y1, x0:x1]], face_r, affine[None], [window], frame_hw)
+        return paste_faces(
+            [frame[y0:y1, x0:x1]] * n, face_r.expand(n, -1, -1, -1), affine[None].repeat(n, 0), [window] * n, frame_hw
+        )
 
     return {
         "align": align,
         "paste_region": paste,
         "align+paste": lambda: (align(), paste()),
         "paste_faces": paste_from_r,
+        "paste_faces x16": lambda: paste_from_r(16),
         "paste_back": lambda: paste_back(frame, face_box, affine),
     }
 
