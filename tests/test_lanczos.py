@@ -105,3 +105,20 @@ def test_reduced_precision_matmul_falls_back(monkeypatch):
         torch.set_float32_matmul_precision(previous)
     assert not calls
     np.testing.assert_array_equal(out, cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4))
+
+
+def test_a_gpu_models_tf32_keeps_the_exact_resize(monkeypatch):
+    """TF32 allowed for CUDA (what a GPU model instance sets) leaves CPU products IEEE: the matrix-product resize
+    still runs (cv2.resize would take a GPU orchestrator's faces at half the speed)."""
+    resize = lanczos4_resizer((100, 75), (64, 64))
+    image = np.random.default_rng(6).integers(0, 256, (100, 75, 3), dtype=np.uint8)
+    calls, matrix_products = [], resize._resize
+    monkeypatch.setattr(resize, "_resize", lambda p, delta=None: calls.append(p) or matrix_products(p, delta))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = resize(planes(image))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert len(calls) == 1
+    np.testing.assert_array_equal(out, cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4))

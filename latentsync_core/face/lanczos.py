@@ -87,10 +87,15 @@ def _band_blocks(
 
 def _ieee_float32_matmul() -> bool:
     """Whether CPU float32 matrix products are IEEE float32 (the error bound below needs it): a process may have
-    allowed reduced-precision (bf16/tf32) products for speed elsewhere."""
+    allowed reduced-precision (bf16/tf32) CPU products for speed elsewhere. Only the CPU's (oneDNN's) setting
+    counts: a GPU model's TF32 (`torch.backends.cuda.matmul.allow_tf32`, which moves the legacy
+    get_float32_matmul_precision() to "high") leaves CPU products exact, and must not send every face of a GPU
+    orchestrator to the 2x slower cv2.resize."""
     mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    reduced = getattr(mkldnn, "fp32_precision", "none") not in ("none", "ieee")
-    return torch.get_float32_matmul_precision() == "highest" and not reduced
+    precision = getattr(mkldnn, "fp32_precision", None)  # torch >= 2.9: the effective CPU setting, inherited
+    if precision is not None:
+        return precision in ("none", "ieee")
+    return torch.get_float32_matmul_precision() != "medium"  # older torch: "medium" (bf16) is the one reaching CPUs
 
 
 class Lanczos4Resize:
