@@ -6,6 +6,7 @@ CUDA tensors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from latentsync_serving.backend import ModelContext
 from latentsync_serving.bls import ModelNames, TritonModels
 from latentsync_serving.metrics import Metrics
 
@@ -122,3 +124,29 @@ def test_a_gauge_is_sent_to_the_server_only_when_its_value_changes():
         metrics.set("open", value)
     assert Family.sent == [("open", 0), ("open", 1), ("open", 0)]
     assert metrics.values[("open",)] == 0
+
+
+def test_a_gpu_instance_sets_its_device_and_only_network_models_allow_tf32(monkeypatch):
+    """A KIND_GPU instance makes its GPU the current device (DLPack hand-overs synchronise with that device's
+    stream), and TF32 is allowed only where a model runs networks: the orchestrator's and the restorer's
+    alignment geometry (3x3 products on the GPU) stays float32. CUDA is patched in: this machine has none."""
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    args = {
+        "model_config": json.dumps({"name": "lipsync", "parameters": {}}),
+        "model_instance_kind": "GPU",
+        "model_instance_device_id": "1",
+        "model_repository": "/repo/lipsync",
+        "model_version": "1",
+    }
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert ModelContext.from_args(args).device == torch.device("cuda:1")
+        assert devices == [torch.device("cuda:1")]
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        ModelContext.from_args(args, tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

@@ -31,7 +31,10 @@ class ModelContext:
     max_batch_size: int
 
     @classmethod
-    def from_args(cls, args: Mapping[str, str]) -> ModelContext:
+    def from_args(cls, args: Mapping[str, str], tf32: bool = False) -> ModelContext:
+        """`tf32`: this instance runs networks, whose float32 products may use TF32 tensor cores on a GPU. Not for
+        the orchestrator or the restorer: their alignment and paste-back geometry (3x3 products on the GPU)
+        must stay float32, or sample positions move by a fraction of a pixel."""
         utf8_locale()
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -41,8 +44,11 @@ class ModelContext:
         threads = int(params.get("torch_threads", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        if gpu:  # float32 work on a GPU may use TF32 tensor cores (half precision is the default there anyway)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if gpu:
+            # the instance's current device: DLPack hand-overs synchronise with its stream, kernels launch there
+            torch.cuda.set_device(device)
+            if tf32:  # float32 networks may use TF32 tensor cores (half precision is the default there anyway)
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return cls(
             config["name"],
             Path(args["model_repository"]) / str(args["model_version"]),

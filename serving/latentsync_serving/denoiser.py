@@ -72,7 +72,7 @@ class DenoiserService:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str], pb_utils) -> DenoiserService:
-        ctx = ModelContext.from_args(args)
+        ctx = ModelContext.from_args(args, tf32=True)
         dtype = ctx.dtype()
         if ctx.stand_in:
             unet = NullUNet()

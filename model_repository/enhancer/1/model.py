@@ -8,7 +8,7 @@ from latentsync_serving.backend import ModelContext, serve_batch
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.ctx = ModelContext.from_args(args)
+        self.ctx = ModelContext.from_args(args, tf32=True)
         self.enhancer = load_face_enhancer(
             self.ctx.path("weights"),
             device=self.ctx.device,

@@ -9,7 +9,7 @@ from latentsync_serving.stand_ins import NullCodec
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.ctx = ModelContext.from_args(args)
+        self.ctx = ModelContext.from_args(args, tf32=True)
         self.codec = (
             NullCodec()
             if self.ctx.stand_in
