@@ -398,6 +398,28 @@ def test_align_and_paste_are_bit_exact_on_golden(golden):
         np.testing.assert_array_equal(paste_back(frame, face, affine), expected)
 
 
+def test_sampling_grid_takes_its_3x3_products_on_the_cpu():
+    """The grid of a device (here "meta") comes from 3x3 products taken on the CPU in float32: on a GPU they could
+    run in TF32 and move the sample positions; only the elementwise grid arithmetic runs on the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatrixProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.devices = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.matmul):
+                self.devices += [a.device.type for a in args if isinstance(a, torch.Tensor)]
+            return func(*args, **(kwargs or {}))
+
+    affine = torch.tensor([[[1.2, 0.1, 5.0], [-0.1, 1.2, 3.0]]])
+    with MatrixProducts() as products:
+        grid = sampling_grid(affine, (60, 80), (20, 15), device="meta")
+    assert grid.device.type == "meta" and tuple(grid.shape) == (1, 20, 15, 2)
+    assert products.devices and set(products.devices) == {"cpu"}
+
+
 def test_warp_reads_only_its_window(golden):
     """Random crops, also partly or wholly outside the frame (fill 127): the crop equals the whole-frame warp, and
     pixels outside source_window do not matter (they are replaced by noise)."""

@@ -107,16 +107,21 @@ def sampling_grid(
     src_hw: tuple[int, int],
     dst_hw: tuple[int, int],
     window: tuple[int, int, int, int] | None = None,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """grid_sample grid (B, h, w, 2) warping src -> dst with (B, 2, 3) float32 `affine` (src pixels -> dst pixels).
+    """grid_sample grid (B, h, w, 2) warping src -> dst with (B, 2, 3) float32 `affine` (src pixels -> dst pixels),
+    on `device` (default: the affine's).
 
     Same arithmetic as kornia.geometry.transform.warp_affine (normalise, closed-form inverse, per-axis
     multiply-adds), so sample positions agree to the last bit. `window` = (y0, y1, x0, x1) restricts the grid to
-    that part of the destination with the values of the full grid there.
+    that part of the destination with the values of the full grid there. The 3x3 products always run on the CPU
+    in float32: on a GPU they may run in TF32 (10-bit mantissas: sample positions off by up to ~0.7 px at 1080p)
+    whatever this process's other models allow; only the elementwise grid arithmetic runs on `device`.
     """
-    dev = affine.device
-    src_from_norm, norm_dst, ys, xs = _grid_constants(src_hw, dst_hw, str(dev))
-    theta = _inverse_3x3(norm_dst @ (_homogeneous(affine.float()) @ src_from_norm))
+    dev = affine.device if device is None else torch.device(device)
+    src_from_norm, norm_dst, _, _ = _grid_constants(src_hw, dst_hw, "cpu")
+    theta = _inverse_3x3(norm_dst @ (_homogeneous(affine.float().cpu()) @ src_from_norm)).to(dev)
+    _, _, ys, xs = _grid_constants(src_hw, dst_hw, str(dev))
     y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
     ys, xs = ys[y0:y1], xs[x0:x1]
     planes = torch.empty(len(theta), 2, len(ys), len(xs), device=dev)
@@ -248,7 +253,7 @@ class FaceAligner:
         to float, and one grid_sample gives the samples and their coverage."""
         frame = torch.as_tensor(frame_rgb)
         frame_hw = tuple(frame.shape[:2])
-        grid = sampling_grid(torch.as_tensor(affine, device=self.device)[None], frame_hw, self.box_hw)
+        grid = sampling_grid(torch.as_tensor(affine)[None], frame_hw, self.box_hw, device=self.device)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
         src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
         # one crop row per batch item (the source shared, stride 0): the output comes as rows (y, c, x), the resize's

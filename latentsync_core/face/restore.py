@@ -112,8 +112,8 @@ def _grid_back(
     affine: np.ndarray, box_hw: tuple[int, int], window: Window, frame_hw: tuple[int, int], device: torch.device
 ) -> torch.Tensor:
     """The sampling grid that warps a crop-box image back into `window` of the frame."""
-    inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32, device=device).reshape(1, 2, 3))
-    return sampling_grid(inv, tuple(box_hw), frame_hw, window)
+    inv = invert_affine(torch.as_tensor(np.asarray(affine), dtype=torch.float32).reshape(1, 2, 3))  # on the CPU
+    return sampling_grid(inv, tuple(box_hw), frame_hw, window, device)
 
 
 def _support(soft: torch.Tensor) -> tuple[slice, slice]:
