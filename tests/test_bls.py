@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentsync_serving.backend import ModelContext
+from latentsync_serving.backend import ModelContext, owned_copy
 from latentsync_serving.bls import ModelNames, TritonModels
 from latentsync_serving.metrics import Metrics
 
@@ -150,3 +150,12 @@ def test_a_gpu_instance_sets_its_device_and_only_network_models_allow_tf32(monke
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def test_an_owned_copy_outlives_the_buffer_it_was_made_from():
+    """A request's or response's tensor is a view of Triton's buffer: the copy must not share it."""
+    buffer = np.arange(12, dtype=np.float32)
+    view = torch.from_numpy(buffer).view(3, 4)
+    copy = owned_copy(view)
+    buffer[:] = -1  # the buffer released and reused
+    assert torch.equal(copy, torch.arange(12, dtype=torch.float32).view(3, 4))

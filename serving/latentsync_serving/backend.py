@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import locale
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -101,6 +102,27 @@ def to_torch(tensor, device: torch.device | None = None) -> torch.Tensor:
     (valid while its request is), then moved to `device` if given."""
     out = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack())
     return out if device is None else out.to(device)
+
+
+_copy_streams = threading.local()
+
+
+def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy, complete when this returns, of a tensor that a buffer of Triton's backs (a request's input, a BLS
+    response's output): that buffer is released when `execute` returns or the response is dropped, and may then be
+    reused by another process. On a GPU the copy runs on this thread's side stream and is waited for there: on the
+    current stream it would queue behind the work already there (a whole UNet step) and read the buffer too late."""
+    if tensor.device.type != "cuda":
+        return tensor.clone()
+    streams = _copy_streams.__dict__.setdefault("by_device", {})
+    if tensor.device not in streams:
+        streams[tensor.device] = torch.cuda.Stream(tensor.device)
+    stream = streams[tensor.device]
+    with torch.cuda.stream(stream):
+        copy = tensor.clone()
+    stream.synchronize()
+    copy.record_stream(torch.cuda.current_stream(tensor.device))  # freed only after the main stream's uses
+    return copy
 
 
 def from_torch(pb_utils, name: str, tensor: torch.Tensor):

@@ -24,7 +24,7 @@ import torch
 from latentsync_core.denoise import DenoiseSpec, WindowConditioning, WindowJob, step
 from latentsync_core.loaders import load_unet
 
-from .backend import ModelContext, from_torch, to_torch
+from .backend import ModelContext, from_torch, owned_copy, to_torch
 from .compiled_unet import CompiledUNet
 from .metrics import Metrics, log
 from .stand_ins import NullUNet
@@ -111,7 +111,9 @@ class DenoiserService:
 
     def _job(self, request) -> WindowJob:
         # Copies: the window outlives the request's own buffers (a decoupled model answers later).
-        t = {name: to_torch(self.pb.get_input_tensor_by_name(request, name), self.device).clone() for name in INPUTS}
+        t = {
+            name: owned_copy(to_torch(self.pb.get_input_tensor_by_name(request, name), self.device)) for name in INPUTS
+        }
         spec = DenoiseSpec(**json.loads(json.loads(request.parameters() or "{}").get("spec", "{}")))
         dt = self.dtype
         cond = WindowConditioning(
