@@ -100,13 +100,23 @@ def deepcache_step(
         )
     if not (full and reuse):
         return preds[0], features
-    order = torch.tensor(full + reuse, device=sample.device).argsort()
-    return torch.cat(preds).index_select(0, order), features
+    position = {item: k for k, item in enumerate(full + reuse)}
+    return _rows(torch.cat(preds), [position[j] for j in range(b)]), features
 
 
 def _items(tensors, index: list[int], b: int):
     """The rows `index` of every tensor (no copy when that is all of them, in order)."""
     if index == list(range(b)):
         return tensors
-    index = torch.tensor(index, device=tensors[0].device)
-    return tuple(t.index_select(0, index) for t in tensors)
+    return tuple(_rows(t, index) for t in tensors)
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index] as slices of its runs of consecutive rows: an index tensor made from a Python list on a GPU is a
+    copy from host memory that waits for all the work queued before it (the UNet step of the other items)."""
+    runs, start = [], 0
+    for k in range(1, len(index) + 1):
+        if k == len(index) or index[k] != index[k - 1] + 1:
+            runs.append(t[index[start] : index[k - 1] + 1])
+            start = k
+    return runs[0] if len(runs) == 1 else torch.cat(runs)

@@ -1,11 +1,12 @@
 """The opt-in speed/quality trade-offs: DPM-Solver++ (fewer steps) and DeepCache-style feature reuse."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from latentsync_core.configs import SCHEDULER_CONFIG
-from latentsync_core.deepcache import cached_step, deepcache_plan, deepcache_step, full_step
+from latentsync_core.deepcache import _rows, cached_step, deepcache_plan, deepcache_step, full_step
 from latentsync_core.denoise import WindowConditioning, denoise_window
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.samplers import make_sampler
@@ -112,3 +113,15 @@ def test_deepcache_step_serves_items_at_different_steps(unet):
     assert features[1] is earlier
     torch.testing.assert_close(torch.cat([features[0], features[2]]), full_features, rtol=0, atol=0)
     assert not torch.allclose(reused, unet(sample[1:2], t[1:2], audio[1:2]), atol=1e-3)  # really the old feature
+
+
+def test_deepcache_rows_by_slices_equal_an_index_select():
+    """DeepCache picks and reorders batch rows by slices of consecutive runs (no index tensor from host memory,
+    which on a GPU waits for the queued UNet work): the same rows as index_select, for subsets and permutations."""
+    rng = np.random.default_rng(0)
+    t = torch.randn(9, 2, 3)
+    for _ in range(50):
+        index = sorted(rng.choice(9, rng.integers(1, 10), replace=False).tolist())
+        if rng.random() < 0.5:
+            index = rng.permutation(index).tolist()
+        assert torch.equal(_rows(t, index), t.index_select(0, torch.tensor(index))), index
