@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentsync_serving.backend import ModelContext, owned_copy
+from latentsync_serving.backend import ModelContext, owned_copy, serve_batch
 from latentsync_serving.bls import ModelNames, TritonModels
 from latentsync_serving.metrics import Metrics
 
@@ -159,3 +159,21 @@ def test_an_owned_copy_outlives_the_buffer_it_was_made_from():
     copy = owned_copy(view)
     buffer[:] = -1  # the buffer released and reused
     assert torch.equal(copy, torch.arange(12, dtype=torch.float32).view(3, 4))
+
+
+def test_serve_batch_leaves_host_inputs_in_host_memory():
+    """Inputs a model reads on the host (the restorer's regions, affines, windows) are not sent to its device and
+    back; the others are batched on the device ("meta" here, for want of a GPU)."""
+    pb = FakePbUtils({})
+    pb.get_input_tensor_by_name = lambda request, name: request[name]
+    pb.InferenceResponse = lambda output_tensors=None, error=None: output_tensors or error
+    requests = [{n: pb.Tensor(n, np.full((1, 2), k, np.float32)) for n in ("FACES", "REGIONS")} for k in range(2)]
+    seen = {}
+
+    def run(faces, regions):
+        seen.update(faces=faces.device.type, regions=regions.device.type)
+        return [regions * 2]
+
+    responses = serve_batch(pb, requests, ["FACES", "REGIONS"], ["OUT"], run, torch.device("meta"), ("REGIONS",))
+    assert seen == {"faces": "meta", "regions": "cpu"}
+    assert [r[0].array.tolist() for r in responses] == [[[0.0, 0.0]], [[2.0, 2.0]]]

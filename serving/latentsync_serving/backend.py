@@ -14,7 +14,7 @@ import locale
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -143,14 +143,19 @@ def serve_batch(
     outputs: Sequence[str],
     run: Callable[..., Sequence[torch.Tensor]],
     device: torch.device,
+    host_inputs: Collection[str] = (),
 ) -> list:
     """Run one dynamic batch as few model calls as possible and answer every request.
 
-    The requests of a batch are concatenated along dim 0 (on `device`) and run together; requests whose
-    shapes differ (Triton only batches equal shapes, so this is a safeguard) run in separate groups. A failing
-    group gets error responses; the others are unaffected.
+    The requests of a batch are concatenated along dim 0 (on `device`; `host_inputs` in host memory, for a `run`
+    that reads them there) and run together; requests whose shapes differ (Triton only batches equal shapes, so
+    this is a safeguard) run in separate groups. A failing group gets error responses; the others are unaffected.
     """
-    tensors = [[to_torch(pb_utils.get_input_tensor_by_name(r, n), device) for n in inputs] for r in requests]
+    host = torch.device("cpu")
+    tensors = [
+        [to_torch(pb_utils.get_input_tensor_by_name(r, n), host if n in host_inputs else device) for n in inputs]
+        for r in requests
+    ]
     groups: dict[tuple, list[int]] = {}
     for i, xs in enumerate(tensors):
         groups.setdefault(tuple(x.shape[1:] for x in xs), []).append(i)
