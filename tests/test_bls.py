@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentsync_serving.backend import ModelContext, owned_copy, serve_batch
+from latentsync_serving.backend import ModelContext, owned_copy, row_major, serve_batch
 from latentsync_serving.bls import ModelNames, TritonModels
 from latentsync_serving.metrics import Metrics
 
@@ -177,3 +177,15 @@ def test_serve_batch_leaves_host_inputs_in_host_memory():
     responses = serve_batch(pb, requests, ["FACES", "REGIONS"], ["OUT"], run, torch.device("meta"), ("REGIONS",))
     assert seen == {"faces": "meta", "regions": "cpu"}
     assert [r[0].array.tolist() for r in responses] == [[[0.0, 0.0]], [[2.0, 2.0]]]
+
+
+def test_dlpack_tensors_cross_with_row_major_strides():
+    """A one-face window's latents, (4, 1, h, w) out of a (1, 4, h, w) batch, keep strides (hw, 4hw, w, 1): valid,
+    but older Python backends refuse such DLPack tensors. They cross as the same memory with row-major strides."""
+    odd = torch.arange(2 * 4 * 3 * 5, dtype=torch.float32).view(2, 4, 3, 5)[:1].transpose(0, 1)
+    assert odd.is_contiguous() and odd.stride() == (15, 60, 5, 1)
+    crossing = row_major(odd)
+    assert crossing.stride() == (15, 15, 5, 1) and crossing.data_ptr() == odd.data_ptr()
+    assert torch.equal(crossing, odd)
+    strided = torch.zeros(3, 4)[:, ::2]
+    assert row_major(strided).stride() == (2, 1)  # not contiguous at all: copied, as before

@@ -132,8 +132,19 @@ def from_torch(pb_utils, name: str, tensor: torch.Tensor):
     if tensor.is_floating_point() and tensor.dtype != torch.float32:
         tensor = tensor.float()
     if tensor.device.type != "cpu":
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(row_major(tensor)))
     return pb_utils.Tensor(name, tensor.contiguous().numpy())
+
+
+def row_major(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.contiguous()` with the row-major strides of its shape in size-1 dimensions too, where any stride is
+    valid and torch keeps odd ones (a one-face window's (4, 1, h, w) latents come as (hw, 4hw, w, 1)): older
+    Python backends refuse DLPack tensors whose strides differ from row-major. No copy beyond contiguous()'s."""
+    tensor, strides, step = tensor.contiguous(), [], 1
+    for size in reversed(tensor.shape):
+        strides.insert(0, step)
+        step *= max(size, 1)
+    return tensor if tuple(strides) == tensor.stride() else tensor.as_strided(tensor.shape, strides)
 
 
 def serve_batch(
