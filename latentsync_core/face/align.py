@@ -138,8 +138,10 @@ def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int
     empty). The grid is affine in its row and column (monotone products and sums), so its extremes lie at its
     corners; positions are unnormalised as grid_sample does, (g + 1) * ((size - 1) / 2) in float32, also monotone.
     One pixel of slack on each side costs nothing and keeps the reads inside whatever the rounding. (The 8 corner
-    values go through numpy: a torch reduction, even that small, can wait milliseconds for a busy OpenMP thread.)"""
-    (H, W), corners = src_hw, grid.cpu().numpy()[:, [0, -1]][:, :, [0, -1]].reshape(-1, 2)
+    values go through numpy: a torch reduction, even that small, can wait milliseconds for a busy OpenMP thread.
+    They are sliced out before they leave the grid's device: a GPU grid's 2 MB at 512 px stay there.)"""
+    h, w = grid.shape[1:3]
+    (H, W), corners = src_hw, grid[:, :: max(h - 1, 1), :: max(w - 1, 1)].cpu().numpy().reshape(-1, 2)
     if not np.isfinite(corners).all():  # a degenerate affine: grid_sample reads no pixel at NaN
         return 0, 0, 0, 0
     scale = np.array([(W - 1) / 2, (H - 1) / 2], np.float32)
