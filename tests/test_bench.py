@@ -159,3 +159,14 @@ def test_option_costs_dry_run(tmp_path):
     assert scripts["unet_ms_per_frame"] == pytest.approx(expected)
     assert 0 < costs["reused_step_ms"] < costs["unet_step_ms"] and costs["enhancer_face_ms"] > 0
     assert "upstream's scripts" in (tmp_path / "options.md").read_text()
+
+
+def test_gpu_script_geometry_dry_run(tmp_path, shared_dir):
+    """(d) on the CPU: the comparison runs at both resolutions on real frames, and a device that is the CPU itself
+    differs nowhere (on a GPU the table says how far the CUDA kernels are from the golden-pinned CPU path)."""
+    result = run_gpu_script(tmp_path, shared_dir, "--parts", "geometry")
+    assert [(r["resolution"], r["frames"]) for r in result["geometry"]] == [(256, 2), (512, 2)]
+    for row in result["geometry"]:
+        assert row["crop_differ"] == row["face_differ"] == row["paste_differ"] == 0
+        assert row["device_ms"] > 0 and row["cpu_ms"] > 0
+    assert "#### (d) Alignment and paste-back" in (tmp_path / "out" / "gpu_bench.md").read_text()

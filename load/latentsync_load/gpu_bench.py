@@ -10,6 +10,8 @@ OUT/gpu_bench.json after every measurement (a killed run leaves what it had):
   (a) gpu_unet: the UNet step at each --batches (2 items per window under guidance), bfloat16, eager and as a
       CUDA graph; TFLOP per step, TFLOP/s, share of the measured matmul peak, frames/s at 20 steps;
   (c) gpu_precision: bfloat16 against float32 on one window of the in-process pipeline, same random weights;
+  (d) gpu_geometry: face alignment and paste-back on the GPU against the CPU (the golden-pinned path), TF32
+      allowed meanwhile: values that differ and by how much, ms per frame on each side;
   (b) gpu_serving: a Triton server (the bundle's) on a --target gpu repository of the same weights: aggregate
       fps at --served-streams concurrent streams, mean windows per denoiser step, GPU busy share;
   (a) again: torch.compile (--compile-mode) at --compile-batches, with whatever time is left (slowest to set up).
@@ -34,7 +36,7 @@ from latentsync_load.gpu_bundle import BundleEnv, prepare
 
 # The measuring modules import torch and latentsync_core (diffusers): only after --bundle made them importable.
 ENV_VAR = "LATENTSYNC_GPU_BUNDLE_ENV"
-PARTS = ("unet", "precision", "served", "compile")  # (a) eager, (c), (b), (a) compiled
+PARTS = ("unet", "precision", "geometry", "served", "compile")  # (a) eager, (c), (d), (b), (a) compiled
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Settings:
     compile_batches: list[int] = field(default_factory=lambda: [16])
     compile_mode: str = "reduce-overhead"
     precision_variants: list[str] = field(default_factory=lambda: ["1.5", "1.6"])
+    geometry_frames: int = 8  # (d)
+    geometry_resolutions: list[int] = field(default_factory=lambda: [256, 512])
     served_variants: list[str] = field(default_factory=lambda: ["1.5"])
     served_streams: list[int] = field(default_factory=lambda: [1, 8, 16])
     served_frames: int = 48  # per stream: 3 windows
@@ -91,6 +95,7 @@ class Report:
         self.peak_tflops: float | None = None
         self.unet: list = []
         self.precision: list = []
+        self.geometry: list = []
         self.served: list = []
         self.gpu_source: str | None = None
         self.notes: list[str] = []
@@ -109,6 +114,7 @@ class Report:
             "peak_tflops": self.peak_tflops,
             "unet": [asdict(r) for r in self.unet],
             "precision": [asdict(r) for r in self.precision],
+            "geometry": [asdict(r) for r in self.geometry],
             "served": [asdict(r) for r in self.served],
             "gpu_busy_source": self.gpu_source,
             "notes": self.notes,
@@ -167,6 +173,16 @@ PRECISION_COLUMNS = (
     "mean pixel diff",
     "float32 s",
     "bfloat16 s",
+)
+
+GEOMETRY_COLUMNS = (
+    "R",
+    "frames",
+    "crop values differing (max)",
+    "face values differing (max)",
+    "paste values differing (max)",
+    "device ms/frame",
+    "CPU ms/frame",
 )
 
 
@@ -231,6 +247,18 @@ def precision_cells(r: dict) -> list[str]:
     ]
 
 
+def geometry_cells(r: dict) -> list[str]:
+    return [
+        str(r["resolution"]),
+        str(r["frames"]),
+        f"{r['crop_differ']} ({r['crop_max_diff']})",
+        f"{r['face_differ']} ({r['face_max_diff']})",
+        f"{r['paste_differ']} ({r['paste_max_diff']})",
+        _f(r["device_ms"], 2),
+        _f(r["cpu_ms"], 2),
+    ]
+
+
 def markdown(d: dict) -> str:
     m, s = d["machine"], d["settings"]
     lines = [
@@ -255,6 +283,10 @@ def markdown(d: dict) -> str:
         "#### (c) bfloat16 against float32 (one window, in-process pipeline)",
         "",
         *_table(PRECISION_COLUMNS, [precision_cells(r) for r in d["precision"]]),
+        "",
+        "#### (d) Alignment and paste-back on the device against the CPU (TF32 allowed)",
+        "",
+        *_table(GEOMETRY_COLUMNS, [geometry_cells(r) for r in d.get("geometry", [])]),
         "",
         "#### Notes",
         "",
@@ -433,6 +465,15 @@ def precision(run: Run) -> None:
         print(" | ".join(precision_cells(asdict(row))), flush=True)
 
 
+def geometry(run: Run) -> None:
+    from latentsync_load.gpu_geometry import compare
+
+    s = run.settings
+    for row in compare(face_frames(run, s.geometry_frames), s.geometry_resolutions, run.device, s.seed):
+        run.report.geometry.append(row)
+        print(" | ".join(geometry_cells(asdict(row))), flush=True)
+
+
 def served(run: Run) -> None:
     """(b); on a GPU, if the served path fails with the orchestrator on the GPU (device tensors between the
     models through CUDA IPC), once more with `lipsync` on the CPU (host tensors between it and the models)."""
@@ -534,6 +575,11 @@ def run_all(s: Settings, out: Path, env: BundleEnv | None, frames_dir: Path | No
                 section(run, "random weights for (b) and (c)", make_weights)
         if run.weights is not None and "precision" in s.parts:
             section(run, "(c) bfloat16 vs float32", precision, min_left_s=30)
+        if "geometry" in s.parts:
+            if frames_dir is None:
+                report.note("(d): skipped, no face frames (--frames DIR or --bundle)")
+            else:
+                section(run, "(d) alignment and paste-back, device vs CPU", geometry, min_left_s=20)
         if run.weights is not None and "served" in s.parts:
             section(run, "(b) served path", served, min_left_s=s.served_min_s if s.serve else 0)
         if "compile" in s.parts and run.report.unet:
@@ -562,7 +608,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         "--parts",
         default=",".join(PARTS),
         help="what to run, in this order: unet = (a) eager and "
-        "CUDA graphs, precision = (c), served = (b), compile = (a) under torch.compile",
+        "CUDA graphs, precision = (c), geometry = (d), served = (b), compile = (a) under torch.compile",
     )
     p.add_argument("--variants", default="1.5,1.6", help="(a)")
     p.add_argument("--batches", default="2,4,8,16,32", help="(a): UNet batches (2 items per window)")
@@ -612,7 +658,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     s.graphs_below_ms = 0.0 if a.no_cuda_graphs else s.graphs_below_ms
     if s.device == "cpu":  # a dry run proves the code path; it does not measure anything worth keeping
         s.dtype, s.warmup, s.iters, s.matmul_n, s.max_iter_s = "float32", 0, 1, 256, 5.0
-        s.run_steps, s.window_frames = 1, 2
+        s.run_steps, s.window_frames, s.geometry_frames = 1, 2, 2
         s.serve = a.serve
     else:
         s.serve = not a.no_serve
