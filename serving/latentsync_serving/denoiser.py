@@ -110,10 +110,10 @@ class DenoiserService:
             self._cond.notify()
 
     def _job(self, request) -> WindowJob:
-        # Copies: the window outlives the request's own buffers (a decoupled model answers later).
-        t = {
-            name: owned_copy(to_torch(self.pb.get_input_tensor_by_name(request, name), self.device)) for name in INPUTS
-        }
+        # Copies: the window outlives the request's own buffers (a decoupled model answers later). Copied where they
+        # are, then moved: a move to another device would be queued on the current stream, unordered with the copy.
+        inputs = {name: to_torch(self.pb.get_input_tensor_by_name(request, name)) for name in INPUTS}
+        t = {name: owned_copy(tensor).to(self.device) for name, tensor in inputs.items()}
         spec = DenoiseSpec(**json.loads(json.loads(request.parameters() or "{}").get("spec", "{}")))
         dt = self.dtype
         cond = WindowConditioning(
