@@ -456,6 +456,7 @@ def test_paste_matches_whole_frame_reference(golden):
         np.testing.assert_array_equal(paste_back(frame, face, affine), reference_paste(frame, face, affine))
 
 
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy.ndarrays")
 def test_paste_faces_resizes_and_pastes_each_window(golden):
     """paste_faces = resize_face_to_box + paste_back, for faces with different windows, from the regions alone."""
     _, _, outputs, frame = golden
@@ -473,6 +474,10 @@ def test_paste_faces_resizes_and_pastes_each_window(golden):
         restored[y0:y1, x0:x1] = region
         np.testing.assert_array_equal(restored, paste_back(frame, resize_face_to_box(face, box_hw(res)), a))
         assert not np.array_equal(region, frame[y0:y1, x0:x1])
+    as_list = paste_faces(
+        [frame[y0:y1, x0:x1] for y0, y1, x0, x1 in windows], list(faces.numpy()), affines, windows, frame.shape[:2]
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(as_list, regions))  # any array-like faces
 
 
 def test_erode_matches_window_min():

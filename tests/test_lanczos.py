@@ -43,6 +43,17 @@ def test_equals_cv2_resize(src_hw, dst_hw):
         np.testing.assert_array_equal(resize(planes(image).float()), expected)  # a warp's float planes
 
 
+def test_float_planes_stand_for_their_uint8_cast():
+    """Float planes with fractions, in (-1, 256), resize as their uint8 cast (truncated toward zero), as the
+    cv2.resize fallback takes them; warp_crop's rows (read in place) hold integers already."""
+    src_hw, dst_hw = box_hw(256), (256, 256)
+    samples = torch.from_numpy(np.random.default_rng(5).uniform(-0.999, 255.999, (3, *src_hw)).astype(np.float32))
+    samples[:, :4] = torch.tensor([-0.5, 0.5, 254.5, 255.5])[:, None]  # either side of the ends
+    cast = samples.to(torch.uint8)
+    expected = cv2.resize(cast.permute(1, 2, 0).numpy(), dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
+    np.testing.assert_array_equal(lanczos4_resizer(src_hw, dst_hw)(samples), expected)
+
+
 def test_crop_rows_are_read_in_place():
     """Float planes laid out as FaceAligner.warp_crop's (rows (y, c, x) at a larger stride: a 4th channel beside,
     here NaN) are resized in place, without the layout copy, and equal cv2.resize of the uint8 image."""

@@ -258,9 +258,12 @@ class FaceAligner:
         grid = sampling_grid(torch.as_tensor(affine)[None], frame_hw, self.box_hw, device=self.device)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
         src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
-        # one crop row per batch item (the source shared, stride 0): the output comes as rows (y, c, x), the resize's
-        # layout, with the same per-sample arithmetic (grid_sample computes each sample alone)
-        sampled = bilinear_sample(src.expand(self.box_hw[0], -1, -1, -1), grid[0, :, None])[:, :, 0]
+        if src.device.type == "cpu":
+            # one crop row per batch item (the source shared, stride 0): the output comes as rows (y, c, x), the
+            # resize's layout, with the same per-sample arithmetic (grid_sample computes each sample alone)
+            sampled = bilinear_sample(src.expand(self.box_hw[0], -1, -1, -1), grid[0, :, None])[:, :, 0]
+        else:  # cuDNN's sampler would make the stride-0 batch a real one: h_box copies of the frame
+            sampled = bilinear_sample(src, grid)[0].permute(1, 0, 2)
         # kornia's fill, in place: (coverage - 1) * -fill is exactly (1 - coverage) * fill (rounding is symmetric)
         samples = sampled[:, :3].add_(sampled[:, 3:].sub_(1).mul_(-FILL_VALUE))
         if samples.device.type != "cpu":

@@ -164,7 +164,8 @@ def paste_faces(
 ) -> list[np.ndarray]:
     """paste_region for n faces at the model resolution R, each into its own region: faces (n, 3, R, R) float in
     [-1, 1] are first resized to the crop box (resize_face_to_box), as the pipeline does before pasting."""
-    faces, box = torch.as_tensor(faces), box_hw(faces.shape[-1])
+    faces = torch.as_tensor(faces)
+    box = box_hw(faces.shape[-1])
     if faces.device.type == "cpu":
         # one face at a time: its box-sized copy (2.8 MB at 512) is still in the cache when it is pasted, a window's
         # 16 are not (and are mapped anew): 7.2 -> 4.4 ms per face at 512, 2.6 -> 1.9 at 256 (RESULTS.md)

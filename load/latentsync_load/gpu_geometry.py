@@ -1,12 +1,12 @@
 """(d) of latentsync-gpu-bench: face alignment and paste-back on the GPU against the CPU.
 
-On `--target gpu` the orchestrator warps each face crop and the restorer pastes each face back on the GPU; the
-golden tests pin the CPU path to upstream bit for bit. Here, for a few bundled frames and a random similarity
-affine per frame around the frame's centre (no detector needed), at each resolution: FaceAligner's crop and
-R x R face on the device against the CPU, and paste_region of a random face. TF32 is allowed for CUDA products
-meanwhile, as a network model's instance allows it in its process. Reported per resolution: how many values
-differ and by how much at most, and ms per frame (align + paste) on each side. The CUDA grid sampler's fused
-multiply-adds may move a truncation by one level; more than that is a bug.
+On `--target gpu` the restorer pastes each face back on the GPU, and FaceAligner can warp crops there too
+(device=...); the golden tests pin the CPU path to upstream bit for bit. Here, for a few bundled frames and a
+random similarity affine per frame around the frame's centre (no detector needed), at each resolution:
+FaceAligner's crop and R x R face on the device against the CPU, and paste_region of a random face. TF32 is
+allowed for CUDA products meanwhile, as a network model's instance allows it in its process. Reported per
+resolution: how many values differ and by how much at most, and ms per frame (align + paste) on each side. The
+CUDA grid sampler's fused multiply-adds may move a truncation by one level; more than that is a bug.
 """
 
 from __future__ import annotations

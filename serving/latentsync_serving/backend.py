@@ -111,7 +111,9 @@ def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A copy, complete when this returns, of a tensor that a buffer of Triton's backs (a request's input, a BLS
     response's output): that buffer is released when `execute` returns or the response is dropped, and may then be
     reused by another process. On a GPU the copy runs on this thread's side stream and is waited for there: on the
-    current stream it would queue behind the work already there (a whole UNet step) and read the buffer too late."""
+    current stream it would queue behind the work already there (a whole UNet step) and read the buffer too late.
+    The side stream does not wait for the current one: Triton hands buffers over complete (their producer
+    synchronised before sending them)."""
     if tensor.device.type != "cuda":
         return tensor.clone()
     streams = _copy_streams.__dict__.setdefault("by_device", {})
@@ -132,7 +134,10 @@ def from_torch(pb_utils, name: str, tensor: torch.Tensor):
     if tensor.is_floating_point() and tensor.dtype != torch.float32:
         tensor = tensor.float()
     if tensor.device.type != "cpu":
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(row_major(tensor)))
+        # the current device is per thread (set_device in from_args reaches only the loading thread): the
+        # hand-over synchronises with the current device's stream, which must be the tensor's
+        with torch.cuda.device(tensor.device):
+            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(row_major(tensor)))
     return pb_utils.Tensor(name, tensor.contiguous().numpy())
 
 

@@ -137,6 +137,8 @@ class DenoiserService:
             self.ready.set()
 
     def _run(self) -> None:
+        if self.device.type == "cuda":  # the current device is per thread: this one launches the steps
+            torch.cuda.set_device(self.device)
         self._warm_up()  # on this thread: the one that calls the UNet
         active: list[_Window] = []
         while True:
