@@ -263,6 +263,24 @@ def test_mouth_mask_matches_upstream_shape(golden, shared_dir):
         assert iou > 0.95
 
 
+def test_normalized_faces_by_table_equal_the_arithmetic_in_the_same_layout(monkeypatch):
+    """The CPU's 256-entry table gives upstream's (x / 255 - 0.5) / 0.5 bit for bit, for faces stored NCHW or as
+    the NHWC view the pipeline passes (the result keeps that layout), and any other layout takes the arithmetic."""
+    from latentsync_core.face import mask
+    from latentsync_core.face.mask import normalized_faces
+
+    tables, lut = [], mask.cv2.LUT
+    monkeypatch.setattr(mask.cv2, "LUT", lambda *a: tables.append(1) or lut(*a))
+    nhwc = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    nhwc[0, 0, :4, 0] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
+    for faces in (nhwc.permute(0, 3, 1, 2), nhwc.permute(0, 3, 1, 2).contiguous(), nhwc[:, ::2].permute(0, 3, 1, 2)):
+        expected = (faces.float() / 255.0 - 0.5) / 0.5
+        out = normalized_faces(faces)
+        assert out.dtype == torch.float32 and torch.equal(out, expected) and out.stride() == expected.stride()
+    assert normalized_faces(nhwc[:0].permute(0, 3, 1, 2)).shape == (0, 3, 8, 8)
+    assert len(tables) == 2  # the NHWC view and NCHW took the table; the strided one and the empty one did not
+
+
 def test_masked_face_inputs():
     res = 64
     rng = np.random.default_rng(1)
