@@ -279,6 +279,9 @@ def test_normalized_faces_by_table_equal_the_arithmetic_in_the_same_layout(monke
         assert out.dtype == torch.float32 and torch.equal(out, expected) and out.stride() == expected.stride()
     assert normalized_faces(nhwc[:0].permute(0, 3, 1, 2)).shape == (0, 3, 8, 8)
     assert len(tables) == 2  # the NHWC view and NCHW took the table; the strided one and the empty one did not
+    traced = torch.jit.trace(normalized_faces, nhwc.permute(0, 3, 1, 2).contiguous())  # as an ONNX export traces
+    other = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    assert torch.equal(traced(other), torch.full((3, 3, 8, 8), -1.0))  # the faces stay the graph's input
 
 
 def test_masked_face_inputs():

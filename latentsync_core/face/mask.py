@@ -44,8 +44,10 @@ _NORMALIZED = ((torch.arange(256, dtype=torch.uint8).float() / 255.0 - 0.5) / 0.
 def normalized_faces(faces: torch.Tensor) -> torch.Tensor:
     """uint8 faces -> float32 in [-1, 1], upstream's normalize(image / 255), in the faces' memory layout. On the CPU
     through a table of that arithmetic's 256 results (cv2.LUT, one pass): the four whole-tensor ops took 19 ms
-    for a window of 16 faces at 256 px, the table 1 ms."""
-    if faces.device.type == "cpu" and faces.dtype == torch.uint8 and faces.numel():
+    for a window of 16 faces at 256 px, the table 1 ms. Not while traced (ONNX export, torch.compile): a table
+    lookup outside torch would turn the faces into a constant of the graph."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    if faces.device.type == "cpu" and faces.dtype == torch.uint8 and faces.numel() and not tracing:
         for order in ((0, 1, 2, 3), (0, 2, 3, 1)) if faces.dim() == 4 else ():  # as stored: NCHW or NHWC
             stored = faces.permute(order)
             if stored.is_contiguous():
