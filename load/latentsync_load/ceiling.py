@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .server_probe import MemorySample, MemoryWatch, ServerProbe, metric_delta, read_metrics
+from .server_probe import CpuUse, MemorySample, MemoryWatch, ServerProbe, metric_delta, read_metrics
 
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps: num_frames_for_audio((n - 2) * 640) == n
 
@@ -214,7 +214,7 @@ def run_level(
 ) -> dict:
     """n streams of `clip` started together; throughput, CPU, BLS traffic and memory of the server meanwhile."""
     params = {"steps": steps, "guidance": opts.guidance, "seed": opts.seed}
-    metrics0, cpu0, client0 = read_metrics(server.metrics_url), probe.cpu(), os.times()
+    metrics0, cpu0, client0 = read_metrics(server.metrics_url), probe.cpu_use(), os.times()
     start = threading.Barrier(n)
     with MemoryWatch(probe, opts.period_s) as watch:
         t0 = time.perf_counter()
@@ -235,14 +235,15 @@ def run_level(
                 )
             )
         wall = time.perf_counter() - t0
-    metrics1, cpu1, client1 = read_metrics(server.metrics_url), probe.cpu(), os.times()
+    metrics1, cpu1, client1 = read_metrics(server.metrics_url), probe.cpu_use(), os.times()
     time.sleep(opts.settle_s)
     after = probe.memory(exact=True)
 
     frames = sum(r.frames for r in runs)
     delta = lambda name, **labels: metric_delta(metrics0, metrics1, name, **labels)  # noqa: E731
     window_steps, unet_steps, windows = (delta(f"denoiser_{k}") for k in ("window_steps", "steps", "windows"))
-    cpu = {name: cpu1[name] - cpu0.get(name, 0.0) for name in cpu1}
+    use = {name: cpu1[name] - cpu0.get(name, CpuUse()) for name in cpu1}
+    cpu = {name: u.seconds for name, u in use.items()}
     per_frame = lambda seconds: seconds * 1e3 / max(frames, 1)  # noqa: E731
     callees = sorted(
         {
@@ -281,6 +282,11 @@ def run_level(
         "max_first_response_s": max((r.first_s or 0.0 for r in ok), default=None),
         "server_cpu_ms_per_frame": per_frame(sum(cpu.values())),
         "cpu_ms_per_frame": {name: per_frame(s) for name, s in sorted(cpu.items())},
+        # the kernel's share (page faults and unmaps of fresh memory, copies into and out of sockets) and the
+        # minor page faults behind much of it
+        "server_system_cpu_ms_per_frame": per_frame(sum(u.system for u in use.values())),
+        "system_cpu_ms_per_frame": {name: per_frame(u.system) for name, u in sorted(use.items())},
+        "minor_faults_per_frame": {name: u.minor_faults / max(frames, 1) for name, u in sorted(use.items())},
         "lipsync_ms_per_frame": per_frame(cpu.get("lipsync", 0.0)),
         "lipsync_ms_per_window_step": cpu.get("lipsync", 0.0) * 1e3 / window_steps if window_steps else None,
         "client_cpu_ms_per_frame": per_frame(
@@ -406,17 +412,25 @@ def markdown(r: dict) -> str:
     names = sorted({k for lv in r["levels"] for k in lv["cpu_ms_per_frame"]})
     lines += [
         "",
-        "Server CPU ms per frame, by process:",
+        "Server CPU ms per frame, by process: all / of it in the kernel (page faults, unmaps, socket copies) / "
+        "minor page faults per frame:",
         "",
-        "| streams | steps | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "| streams | steps | " + " | ".join(names) + " | all processes |",
+        "|---|---|" + "---|" * (len(names) + 1),
     ]
+
+    def cpu_cell(lv: dict, name: str | None) -> str:
+        total = lv["server_cpu_ms_per_frame"] if name is None else lv["cpu_ms_per_frame"].get(name, 0.0)
+        if "system_cpu_ms_per_frame" not in lv:  # a report from before the kernel's share was measured
+            return f"{total:.1f}"
+        faults = lv["minor_faults_per_frame"]
+        system = lv["server_system_cpu_ms_per_frame"] if name is None else lv["system_cpu_ms_per_frame"].get(name, 0)
+        fault_count = sum(faults.values()) if name is None else faults.get(name, 0)
+        return f"{total:.1f} / {system:.1f} / {fault_count:,.0f}"
+
     for lv in r["levels"]:
-        lines.append(
-            f"| {lv['streams']} | {lv['steps']} | "
-            + " | ".join(f"{lv['cpu_ms_per_frame'].get(k, 0.0):.1f}" for k in names)
-            + " |"
-        )
+        cells = [cpu_cell(lv, k) for k in names] + [cpu_cell(lv, None)]
+        lines.append(f"| {lv['streams']} | {lv['steps']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "BLS traffic per window (16 frames), by callee (the last level):",

@@ -60,13 +60,38 @@ def stub_region(pid: int) -> str | None:
     return argv[2].decode() if len(argv) > 2 and os.path.basename(argv[0].decode()) == STUB else None
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all its threads), in seconds; 0 once it is gone."""
+@dataclass(frozen=True)
+class CpuUse:
+    """A process's CPU use so far (all its threads): user and kernel seconds, minor page faults."""
+
+    user: float = 0.0
+    system: float = 0.0
+    minor_faults: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.user + self.system
+
+    def __add__(self, other: CpuUse) -> CpuUse:
+        return CpuUse(self.user + other.user, self.system + other.system, self.minor_faults + other.minor_faults)
+
+    def __sub__(self, other: CpuUse) -> CpuUse:
+        return CpuUse(self.user - other.user, self.system - other.system, self.minor_faults - other.minor_faults)
+
+
+def cpu_use(pid: int) -> CpuUse:
+    """utime, stime and minflt of the process; zeros once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14, 15 of stat(5)
+        # fields 10, 14, 15 of stat(5), counted from the state (field 3) here
+        return CpuUse(int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS, int(fields[7]))
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return CpuUse()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads), in seconds; 0 once it is gone."""
+    return cpu_use(pid).seconds
 
 
 def anon_bytes(pid: int) -> int:
@@ -133,9 +158,13 @@ class ServerProbe:
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far per process name (instances of one model summed)."""
-        out: dict[str, float] = {}
+        return {name: use.seconds for name, use in self.cpu_use().items()}
+
+    def cpu_use(self) -> dict[str, CpuUse]:
+        """CPU use so far per process name (instances of one model summed): user, kernel, page faults."""
+        out: dict[str, CpuUse] = {}
         for pid, name in self.pids.items():
-            out[name] = out.get(name, 0.0) + cpu_seconds(pid)
+            out[name] = out.get(name, CpuUse()) + cpu_use(pid)
         return out
 
     def memory(self, exact: bool = False) -> MemorySample:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
+import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -98,10 +99,32 @@ def _utf8() -> bool:
 
 
 def to_torch(tensor, device: torch.device | None = None) -> torch.Tensor:
-    """A pb_utils.Tensor as torch: device memory through DLPack (no copy), host memory as a numpy view
-    (valid while its request is), then moved to `device` if given."""
+    """A pb_utils.Tensor as torch: device memory through DLPack (no copy), host memory through numpy (valid
+    while its request or response is; owned_tensor for longer), then moved to `device` if given."""
     out = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack())
     return out if device is None else out.to(device)
+
+
+def private_array(array: np.ndarray) -> np.ndarray:
+    """`array` itself where numpy owns its memory (it, or the array it is a view of), else a copy: an array that
+    outlives the request or response it came from. Triton's Python stub hands host tensors over as arrays it
+    copied out of its shared-memory pool (PbTensor: pybind11 copies a buffer given without an owner), so those
+    are private already, and copying them again cost a fresh, kernel-zeroed 25 MB per request of four 1080p
+    frames: most of `lipsync`'s CPU (RESULTS.md, thirteenth round). A stub that handed over a view of its pool
+    (the chain of views ends in a buffer numpy does not own) gets the copy."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return array if root.base is None and root.flags.owndata else np.array(array, copy=True)
+
+
+def owned_tensor(tensor) -> torch.Tensor:
+    """A pb_utils.Tensor (a request's input, a BLS response's output) as a torch tensor that outlives it, on its
+    device: host memory without a copy where the stub's array is private already (private_array), device memory
+    copied (owned_copy)."""
+    if tensor.is_cpu():
+        return torch.from_numpy(private_array(tensor.as_numpy()))
+    return owned_copy(torch.from_dlpack(tensor.to_dlpack()))
 
 
 _copy_streams = threading.local()

@@ -28,7 +28,7 @@ from latentsync_core.face.restore import Window
 from latentsync_core.pipeline import Detections
 from latentsync_core.vae import Posterior
 
-from .backend import from_torch, owned_copy, to_torch
+from .backend import from_torch, owned_tensor
 from .metrics import Metrics
 
 # Bytes of frame data per call to the face detector or the restorer, at most (call_spans): one 1080p frame.
@@ -161,8 +161,7 @@ class TritonModels:
 
     def _own(self, tensor) -> torch.Tensor:
         """An output as a tensor this stream owns (the response's buffer is released with the response)."""
-        out = to_torch(tensor)
-        return owned_copy(out) if out.device.type != "cpu" else torch.from_numpy(np.array(out.numpy(), copy=True))
+        return owned_tensor(tensor)
 
     # ------------------------------------------------------------------------------------------ ModelBackend
     def detect(self, frames: np.ndarray) -> Detections:

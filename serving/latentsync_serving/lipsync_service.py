@@ -46,7 +46,7 @@ from latentsync_core.configs import VAE_SCALING_FACTOR
 from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
-from .backend import ModelContext
+from .backend import ModelContext, private_array
 from .bls import FRAME_CALL_BYTES, TRAFFIC, CallSlots, ModelNames, TritonModels
 from .metrics import Metrics, log
 from .serve import DRAIN_FILE_ENV
@@ -112,9 +112,10 @@ class _Request:
 
 @dataclass(eq=False)
 class _Incoming:
-    """What a stream needs of one request, copied out of it in `execute`: a request's input tensors stay in the
+    """What a stream needs of one request, taken out of it in `execute`: a request's input tensors stay in the
     Python backend's shared-memory pool for as long as the request object lives, and that pool never shrinks, so
-    requests queued behind a stream's windows would grow it by their frames (docs/OPERATIONS.md "Memory")."""
+    requests queued behind a stream's windows would grow it by their frames (docs/OPERATIONS.md "Memory"). The
+    stub's arrays of them are its own copies, which outlive the request (backend.private_array)."""
 
     sender: Any
     flags: int
@@ -128,7 +129,7 @@ class _Incoming:
     def take(cls, pb, request) -> _Incoming:
         def owned(name: str) -> np.ndarray | None:
             tensor = pb.get_input_tensor_by_name(request, name)
-            return None if tensor is None else np.array(tensor.as_numpy(), copy=True)
+            return None if tensor is None else private_array(tensor.as_numpy())
 
         return cls(
             request.get_response_sender(), request.flags(), request.parameters() or "", owned(FRAMES), owned(AUDIO)

@@ -1,0 +1,119 @@
+"""Host tensors out of Triton's Python stub: arrays it hands over that numpy owns are kept as they are (no copy),
+anything else is copied before it may outlive its request or response (backend.private_array, owned_tensor).
+
+The served path relies on the first half for its CPU per frame: copying the stub's own copies again cost `lipsync`
+a fresh, kernel-zeroed 25 MB per request of four 1080p frames (RESULTS.md, thirteenth round). The real server
+here pins that the stub's arrays of request inputs and of BLS outputs are private."""
+
+import mmap
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from latentsync_serving.backend import owned_tensor, private_array
+
+
+def test_arrays_numpy_owns_are_kept_views_of_them_too():
+    owner = np.arange(24, dtype=np.uint8)
+    view = owner.reshape(2, 3, 4)[:, 1:]  # a view of a view
+    assert private_array(owner) is owner
+    assert private_array(view) is view
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "mmap"])
+def test_views_of_buffers_numpy_does_not_own_are_copied(kind):
+    buffer = bytearray(b"\x07" * 64) if kind == "bytearray" else mmap.mmap(-1, 64)
+    foreign = np.frombuffer(buffer, np.uint8).reshape(4, 16)[1:]
+    copy = private_array(foreign)
+    assert copy is not foreign and copy.flags.owndata
+    np.testing.assert_array_equal(copy, foreign)
+    buffer[20] = 99  # the buffer's owner reuses it: the copy keeps the values it had
+    assert copy[0, 4] != 99 and foreign[0, 4] == 99
+
+
+def test_owned_tensor_shares_a_private_host_array_and_copies_a_foreign_one():
+    class HostTensor:
+        def __init__(self, array):
+            self.array = array
+
+        def is_cpu(self):
+            return True
+
+        def as_numpy(self):
+            return self.array
+
+    private = np.ones((2, 3), np.float32)
+    assert owned_tensor(HostTensor(private)).data_ptr() == private.ctypes.data
+    buffer = bytearray(24)
+    foreign = np.frombuffer(buffer, np.float32).reshape(2, 3)
+    owned = owned_tensor(HostTensor(foreign))
+    assert owned.data_ptr() != foreign.ctypes.data
+    buffer[:4] = np.float32(5).tobytes()
+    assert torch.equal(owned, torch.zeros(2, 3))
+
+
+PROBE_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from latentsync_serving.backend import private_array
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            echo = pb_utils.InferenceRequest(
+                model_name="echo", requested_output_names=["Y"], inputs=[pb_utils.Tensor("X", x)]
+            ).exec()
+            y = pb_utils.get_output_tensor_by_name(echo, "Y").as_numpy()
+            private = np.array([private_array(x) is x, private_array(y) is y, np.array_equal(x, y)])
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PRIVATE", private)]))
+        return responses
+"""
+
+ECHO_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+            for r in requests
+        ]
+"""
+
+
+def _model(repo, name, source, outputs):
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(textwrap.dedent(source))
+    (repo / name / "config.pbtxt").write_text(
+        textwrap.dedent(f"""
+        backend: "python"
+        max_batch_size: 0
+        input [ {{ name: "X" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }} ]
+        output [ {{ {outputs} }} ]
+        instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+    """)
+    )
+
+
+def test_the_stubs_host_arrays_of_request_inputs_and_bls_outputs_are_private(tmp_path, triton_server):
+    repo = tmp_path / "repo"
+    _model(repo, "probe", PROBE_MODEL, 'name: "PRIVATE" data_type: TYPE_BOOL dims: [ 3 ]')
+    _model(repo, "echo", ECHO_MODEL, 'name: "Y" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ]')
+    server = triton_server(repo, timeout=120)
+    frame = np.random.default_rng(0).integers(0, 256, (540, 960, 3), dtype=np.uint8)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        x = grpcclient.InferInput("X", list(frame.shape), "UINT8")
+        x.set_data_from_numpy(frame)
+        result = client.infer("probe", [x], outputs=[grpcclient.InferRequestedOutput("PRIVATE")])
+    input_private, output_private, echoed = result.as_numpy("PRIVATE").tolist()
+    assert echoed
+    assert input_private, "the stub hands request inputs over as views of its pool: private_array copies them"
+    assert output_private, "the stub hands BLS outputs over as views of its pool: private_array copies them"
