@@ -117,3 +117,39 @@ def test_the_stubs_host_arrays_of_request_inputs_and_bls_outputs_are_private(tmp
     assert echoed
     assert input_private, "the stub hands request inputs over as views of its pool: private_array copies them"
     assert output_private, "the stub hands BLS outputs over as views of its pool: private_array copies them"
+
+
+REUSE_PROBE = """
+import resource, sys
+import numpy as np
+from latentsync_serving.backend import reuse_frame_memory
+if sys.argv[1] == "reuse":
+    assert reuse_frame_memory()
+frame = np.ones((1080, 1920, 3), np.uint8)
+copies = [np.array(frame, copy=True) for _ in range(2)]  # as the stub copies each call's frame
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    copies.pop(0)
+    copies.append(np.array(frame, copy=True))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def test_frame_sized_copies_reuse_memory_instead_of_fresh_zeroed_pages():
+    """Under the server's malloc settings a 1080p frame's copy is a new mapping that faults in page by page (or
+    2 MB page by 2 MB page); with reuse_frame_memory (the face detector) it reuses the arena's pages."""
+    import os
+    import subprocess
+    import sys
+
+    from latentsync_serving.serve import allocator_env
+
+    env = allocator_env({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+
+    def faults_per_copy(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    assert faults_per_copy("mapped") >= 3  # 6.2 MB: at least its 2 MB pages, else ~1,500 small ones
+    assert faults_per_copy("reuse") < 1

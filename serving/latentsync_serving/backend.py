@@ -9,6 +9,7 @@ only host tensors go through numpy.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import locale
 import threading
@@ -33,11 +34,14 @@ class ModelContext:
     max_batch_size: int
 
     @classmethod
-    def from_args(cls, args: Mapping[str, str], tf32: bool = False) -> ModelContext:
+    def from_args(cls, args: Mapping[str, str], tf32: bool = False, frames: bool = False) -> ModelContext:
         """`tf32`: this instance runs networks, whose float32 products may use TF32 tensor cores on a GPU. Not for
         the orchestrator or the restorer: their alignment and paste-back geometry (3x3 products on the GPU)
-        must stay float32, or sample positions move by a fraction of a pixel."""
+        must stay float32, or sample positions move by a fraction of a pixel. `frames`: each of its requests
+        carries whole frames (reuse_frame_memory)."""
         utf8_locale()
+        if frames:
+            reuse_frame_memory()
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         # KIND_GPU is only advisory for Python models: the instance places itself on its device.
@@ -77,6 +81,27 @@ class ModelContext:
         if name not in DTYPES:
             raise ValueError(f"model {self.name}: dtype must be one of {sorted(DTYPES)}, got {name!r}")
         return DTYPES[name]
+
+
+FRAME_BLOCK_BYTES = 32 << 20  # glibc's largest mmap threshold; a request of four 1080p frames (25 MB) is under it
+HEAP_KEEP_BYTES = 128 << 20  # free memory an arena keeps at its top while busy
+
+
+def reuse_frame_memory() -> bool:
+    """In the face detector, whose requests carry whole frames: blocks up to FRAME_BLOCK_BYTES come from glibc's
+    arenas, which keep up to HEAP_KEEP_BYTES free at their top, instead of serve.MALLOC_SETTINGS' 4 MiB threshold.
+    Triton's stub copies each input into memory of its own (private_array); as a new mapping per call, every page
+    of that 6.2 MB copy of a 1080p frame was faulted in and zeroed by the kernel: a third of the detector's CPU in
+    the stand-in bench, gone with this (RESULTS.md, thirteenth round). The preload library's trim of idle
+    processes gives the pages back. (In lipsync, with requests of four frames, its page faults fell 3x but not its
+    kernel time, and more memory stayed after the load: not used there.) Returns whether the allocator took the
+    settings."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, FRAME_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
 
 
 def utf8_locale() -> bool:

@@ -8,7 +8,7 @@ from latentsync_serving.backend import ModelContext
 
 class TritonPythonModel:
     def initialize(self, args):
-        ctx = ModelContext.from_args(args)
+        ctx = ModelContext.from_args(args, frames=True)
         kind = ctx.params.get("kind") or "mediapipe"
         model_dir = ctx.path("model_dir") if ctx.params.get("model_dir") else None
         self.detector = create_detector(
