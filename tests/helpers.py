@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 import warnings
@@ -369,3 +370,26 @@ def start_ready(new_server, timeout: float):
             server.stop()
             message = f"tritonserver aborted while loading ({UPSTREAM_LOAD_ABORT}); started once more"
             warnings.warn(message, stacklevel=2)
+
+
+def write_python_model(
+    repo: Path,
+    name: str,
+    code: str,
+    output_type: str = "TYPE_FP32",
+    input_spec: str = 'name: "X" data_type: TYPE_FP32 dims: [ -1 ]',
+    output_spec: str | None = None,
+) -> None:
+    """A one-instance CPU Python model `name` in `repo`: its model.py and config (input X, output Y by default)."""
+    output_spec = output_spec or f'name: "Y" data_type: {output_type} dims: [ -1 ]'
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(textwrap.dedent(code))
+    (repo / name / "config.pbtxt").write_text(
+        textwrap.dedent(f"""
+        backend: "python"
+        max_batch_size: 0
+        input [ {{ {input_spec} }} ]
+        output [ {{ {output_spec} }} ]
+        instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+    """)
+    )

@@ -6,12 +6,12 @@ a fresh, kernel-zeroed 25 MB per request of four 1080p frames (RESULTS.md, thirt
 here pins that the stub's arrays of request inputs and of BLS outputs are private."""
 
 import mmap
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from helpers import write_python_model
 
 from latentsync_serving.backend import owned_tensor, private_array
 
@@ -76,6 +76,7 @@ class TritonPythonModel:
         return responses
 """
 
+PRIVATE_OUTPUT = 'name: "PRIVATE" data_type: TYPE_BOOL dims: [ 3 ]'
 ECHO_MODEL = """
 import triton_python_backend_utils as pb_utils
 
@@ -89,24 +90,11 @@ class TritonPythonModel:
 """
 
 
-def _model(repo, name, source, outputs):
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "1" / "model.py").write_text(textwrap.dedent(source))
-    (repo / name / "config.pbtxt").write_text(
-        textwrap.dedent(f"""
-        backend: "python"
-        max_batch_size: 0
-        input [ {{ name: "X" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }} ]
-        output [ {{ {outputs} }} ]
-        instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-    """)
-    )
-
-
 def test_the_stubs_host_arrays_of_request_inputs_and_bls_outputs_are_private(tmp_path, triton_server):
     repo = tmp_path / "repo"
-    _model(repo, "probe", PROBE_MODEL, 'name: "PRIVATE" data_type: TYPE_BOOL dims: [ 3 ]')
-    _model(repo, "echo", ECHO_MODEL, 'name: "Y" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ]')
+    frames = "data_type: TYPE_UINT8 dims: [ -1, -1, 3 ]"
+    write_python_model(repo, "probe", PROBE_MODEL, input_spec=f'name: "X" {frames}', output_spec=PRIVATE_OUTPUT)
+    write_python_model(repo, "echo", ECHO_MODEL, input_spec=f'name: "X" {frames}', output_spec=f'name: "Y" {frames}')
     server = triton_server(repo, timeout=120)
     frame = np.random.default_rng(0).integers(0, 256, (540, 960, 3), dtype=np.uint8)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:

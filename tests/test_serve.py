@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.request
@@ -28,6 +27,7 @@ from helpers import (
     run_stream,
     start_ready,
     wait_for,
+    write_python_model,
 )
 from tritonclient.utils import InferenceServerException
 
@@ -69,20 +69,6 @@ class TritonPythonModel:
         info = np.array([sys.prefix, torch.__version__], dtype=object)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", info)]) for _ in requests]
 """
-
-
-def write_python_model(repo: Path, name: str, code: str, output_type: str = "TYPE_FP32") -> None:
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "1" / "model.py").write_text(textwrap.dedent(code))
-    (repo / name / "config.pbtxt").write_text(
-        textwrap.dedent(f"""
-        backend: "python"
-        max_batch_size: 0
-        input [ {{ name: "X" data_type: TYPE_FP32 dims: [ -1 ] }} ]
-        output [ {{ name: "Y" data_type: {output_type} dims: [ -1 ] }} ]
-        instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-    """)
-    )
 
 
 @pytest.fixture(scope="module")
