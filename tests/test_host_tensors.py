@@ -3,7 +3,8 @@ anything else is copied before it may outlive its request or response (backend.p
 
 The served path relies on the first half for its CPU per frame: copying the stub's own copies again cost `lipsync`
 a fresh, kernel-zeroed 25 MB per request of four 1080p frames (RESULTS.md, thirteenth round). The real server
-here pins that the stub's arrays of request inputs and of BLS outputs are private."""
+here pins the stub's behaviour that this relies on: its arrays of request inputs and of BLS outputs are its own
+(python_backend's PbTensor copies them out of its pool), so keeping them past the request is safe."""
 
 import mmap
 
@@ -21,6 +22,17 @@ def test_arrays_numpy_owns_are_kept_views_of_them_too():
     view = owner.reshape(2, 3, 4)[:, 1:]  # a view of a view
     assert private_array(owner) is owner
     assert private_array(view) is view
+
+
+def test_owned_arrays_torch_could_not_take_or_write_are_copied():
+    owner = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    flipped = owner[::-1]  # a negative stride: torch.from_numpy refuses it
+    read_only = owner.view()
+    read_only.flags.writeable = False
+    for array in (flipped, read_only):
+        copy = private_array(array)
+        assert copy is not array and copy.flags.writeable and copy.flags.c_contiguous
+        np.testing.assert_array_equal(copy, array)
 
 
 @pytest.mark.parametrize("kind", ["bytearray", "mmap"])
@@ -125,7 +137,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 def test_frame_sized_copies_reuse_memory_instead_of_fresh_zeroed_pages():
     """Under the server's malloc settings a 1080p frame's copy is a new mapping that faults in page by page (or
-    2 MB page by 2 MB page); with reuse_frame_memory (the face detector) it reuses the arena's pages."""
+    2 MB page by 2 MB page); with reuse_frame_memory (the face detector) it reuses the arena's pages. Where the
+    environment chose the allocator's settings, it leaves them."""
     import os
     import subprocess
     import sys
@@ -141,3 +154,11 @@ def test_frame_sized_copies_reuse_memory_instead_of_fresh_zeroed_pages():
 
     assert faults_per_copy("mapped") >= 3  # 6.2 MB: at least its 2 MB pages, else ~1,500 small ones
     assert faults_per_copy("reuse") < 1
+    env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 20)  # an operator's choice
+    out = subprocess.run(
+        [sys.executable, "-c", "from latentsync_serving.backend import reuse_frame_memory as r; print(r())"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == "False", out.stderr

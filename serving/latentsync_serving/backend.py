@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import locale
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,13 @@ def reuse_frame_memory() -> bool:
     the stand-in bench, gone with this (RESULTS.md, thirteenth round). The preload library's trim of idle
     processes gives the pages back. (In lipsync, with requests of four frames, its page faults fell 3x but not its
     kernel time, and more memory stayed after the load: not used there.) Returns whether the allocator took the
-    settings."""
+    settings; not where the environment chose the allocator's settings (as serve.allocator_env respects them)."""
+    from .serve import MALLOC_SETTINGS
+
+    env = os.environ
+    chosen = "jemalloc" in env.get("LD_PRELOAD", "") or "MALLOC_TRIM_THRESHOLD_" in env
+    if chosen or env.get("MALLOC_MMAP_THRESHOLD_", "") not in ("", str(MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"])):
+        return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -140,7 +147,10 @@ def private_array(array: np.ndarray) -> np.ndarray:
     root = array
     while isinstance(root.base, np.ndarray):
         root = root.base
-    return array if root.base is None and root.flags.owndata else np.array(array, copy=True)
+    owned = root.base is None and root.flags.owndata
+    # kept only as torch can take it and write to it: writeable, no negative strides (the stub's arrays are both)
+    usable = array.flags.writeable and all(step >= 0 for step in array.strides)
+    return array if owned and usable else np.array(array, copy=True)
 
 
 def owned_tensor(tensor) -> torch.Tensor:
