@@ -372,6 +372,17 @@ def start_ready(new_server, timeout: float):
             warnings.warn(message, stacklevel=2)
 
 
+# Y = 2 * X: the smallest Python model, for tests of the server around the models
+DOUBLE_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(
+            "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * 2)]) for r in requests]
+"""
+
+
 def write_python_model(
     repo: Path,
     name: str,

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 from google.protobuf import text_format
-from helpers import children_of
+from helpers import DOUBLE_MODEL, children_of, write_python_model
 from tritonclient.utils import InferenceServerException
 
 from latentsync_export.model_config import parse_model_config
@@ -263,31 +262,13 @@ def test_threat_model_and_ops_guide_name_what_is_restricted():
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
-DOUBLE_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(
-            "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * 2)]) for r in requests]
-"""
 
 
 @pytest.fixture
 def prepared_cache(tmp_path) -> Path:
     """A cache volume as `prepare` leaves it: the repository with its completion marker."""
     repo = tmp_path / "cache" / "model_repository"
-    (repo / "double" / "1").mkdir(parents=True)
-    (repo / "double" / "1" / "model.py").write_text(textwrap.dedent(DOUBLE_MODEL))
-    (repo / "double" / "config.pbtxt").write_text(
-        textwrap.dedent("""
-        backend: "python"
-        max_batch_size: 0
-        input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
-        output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
-        instance_group [ { count: 1 kind: KIND_CPU } ]
-    """)
-    )
+    write_python_model(repo, "double", DOUBLE_MODEL)
     (repo / ".complete").touch()
     return repo
 

@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import (
     CLI,
+    DOUBLE_MODEL,
     FAST,
     assert_synced_output,
     audio_for,
@@ -50,14 +51,6 @@ ADMIN_KEY = "test-admin-key"
 GRPC_ADMIN = {GRPC_ADMIN_HEADER: ADMIN_KEY}  # Triton prefixes gRPC restriction headers
 HTTP_ADMIN = {ADMIN_HEADER: ADMIN_KEY}
 
-DOUBLE_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(
-            "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * 2)]) for r in requests]
-"""
 ENVIRONMENT_MODEL = """
 import sys
 import numpy as np

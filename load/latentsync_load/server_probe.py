@@ -89,11 +89,6 @@ def cpu_use(pid: int) -> CpuUse:
         return CpuUse()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all its threads), in seconds; 0 once it is gone."""
-    return cpu_use(pid).seconds
-
-
 def anon_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

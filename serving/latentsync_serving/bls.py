@@ -153,15 +153,11 @@ class TritonModels:
             for name in outputs:
                 tensor = pb.get_output_tensor_by_name(response, name)
                 if tensor is not None:
-                    found[name] = self._own(tensor)
+                    found[name] = owned_tensor(tensor)  # outlives the response, whose buffer is released with it
         missing = [name for name in outputs if name not in found]
         if missing:
             raise ModelCallError(f"model '{model}' answered without {', '.join(missing)}")
         return found
-
-    def _own(self, tensor) -> torch.Tensor:
-        """An output as a tensor this stream owns (the response's buffer is released with the response)."""
-        return owned_tensor(tensor)
 
     # ------------------------------------------------------------------------------------------ ModelBackend
     def detect(self, frames: np.ndarray) -> Detections:
