@@ -368,10 +368,14 @@ def test_memory_after_the_longest_stream_and_refused_huge_requests(server, clip)
         assert "the stream's audio is longer than 300 s" in refused[0], refused
         time.sleep(3)  # freed gRPC slices go back when the preload library next trims the heaps (every 2 s)
         levels.append(server_memory_mb(server))
-    first, second = ({k: after[k] - ahead[k] for k in ahead} for ahead, after in zip(levels, levels[1:]))
+    # The second message's growth is read against the highest level before it: the heaps move by whole 16 MiB
+    # steps of their own (CI once saw tritonserver fall 9.8 MB after the first message and rise 16.0 after the
+    # second). A kept buffer would be the whole message, 64 MiB, per message.
+    first = {k: levels[1][k] - levels[0][k] for k in levels[0]}
+    second = {k: levels[2][k] - max(levels[0][k], levels[1][k]) for k in levels[0]}
     print("growth after a refused 64 MiB message, the first and the second:", first, second)
     assert first["shm:lipsync"] < 64 + 48 and first["lipsync"] < 16 and first["tritonserver"] < 64, first
-    assert second["shm:lipsync"] == 0 and second["lipsync"] < 16 and second["tritonserver"] < 16, second
+    assert second["shm:lipsync"] <= 0 and second["lipsync"] < 16 and second["tritonserver"] < 32, second
     assert_ready_and_drained(server)
 
 
