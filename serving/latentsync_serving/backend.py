@@ -84,10 +84,6 @@ class ModelContext:
         return DTYPES[name]
 
 
-FRAME_BLOCK_BYTES = 32 << 20  # glibc's largest mmap threshold; a request of four 1080p frames (25 MB) is under it
-HEAP_KEEP_BYTES = 128 << 20  # free memory an arena keeps at its top while busy
-
-
 def reuse_frame_memory() -> bool:
     """In the face detector, whose requests carry whole frames: blocks up to FRAME_BLOCK_BYTES come from glibc's
     arenas, which keep up to HEAP_KEEP_BYTES free at their top, instead of serve.MALLOC_SETTINGS' 4 MiB threshold.
@@ -97,7 +93,7 @@ def reuse_frame_memory() -> bool:
     processes gives the pages back. (In lipsync, with requests of four frames, its page faults fell 3x but not its
     kernel time, and more memory stayed after the load: not used there.) Returns whether the allocator took the
     settings; not where the environment chose the allocator's settings (as serve.allocator_env respects them)."""
-    from .serve import MALLOC_SETTINGS
+    from .serve import FRAME_BLOCK_BYTES, HEAP_KEEP_BYTES, MALLOC_SETTINGS
 
     env = os.environ
     chosen = "jemalloc" in env.get("LD_PRELOAD", "") or "MALLOC_TRIM_THRESHOLD_" in env
