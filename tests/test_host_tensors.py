@@ -125,6 +125,8 @@ import numpy as np
 from latentsync_serving.backend import reuse_frame_memory
 if sys.argv[1] == "reuse":
     assert reuse_frame_memory()
+    from numpy._core import multiarray
+    assert multiarray._set_madvise_hugepage(False) is False  # it was off already: numpy advises no huge pages
 frame = np.ones((1080, 1920, 3), np.uint8)
 copies = [np.array(frame, copy=True) for _ in range(2)]  # as the stub copies each call's frame
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -137,8 +139,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 def test_frame_sized_copies_reuse_memory_instead_of_fresh_zeroed_pages():
     """Under the server's malloc settings a 1080p frame's copy is a new mapping that faults in page by page (or
-    2 MB page by 2 MB page); with reuse_frame_memory (the face detector) it reuses the arena's pages. Where the
-    environment chose the allocator's settings, it leaves them."""
+    2 MB page by 2 MB page); with reuse_frame_memory (the face detector, lipsync) it reuses the arena's pages, and
+    numpy advises no huge pages. Where the environment chose the allocator's settings, it leaves them."""
     import os
     import subprocess
     import sys

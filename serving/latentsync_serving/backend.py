@@ -85,14 +85,22 @@ class ModelContext:
 
 
 def reuse_frame_memory() -> bool:
-    """In the face detector, whose requests carry whole frames: blocks up to FRAME_BLOCK_BYTES come from glibc's
-    arenas, which keep up to HEAP_KEEP_BYTES free at their top, instead of serve.MALLOC_SETTINGS' 4 MiB threshold.
+    """In the processes whose requests carry whole frames (the face detector, lipsync): blocks up to
+    FRAME_BLOCK_BYTES come from glibc's arenas, which keep up to HEAP_KEEP_BYTES free at their top, instead of
+    serve.MALLOC_SETTINGS' 4 MiB threshold, and numpy's arrays are not advised into transparent huge pages.
     Triton's stub copies each input into memory of its own (private_array); as a new mapping per call, every page
-    of that 6.2 MB copy of a 1080p frame was faulted in and zeroed by the kernel: a third of the detector's CPU in
-    the stand-in bench, gone with this (RESULTS.md, thirteenth round). The preload library's trim of idle
-    processes gives the pages back. (In lipsync, with requests of four frames, its page faults fell 3x but not its
-    kernel time, and more memory stayed after the load: not used there.) Returns whether the allocator took the
-    settings; not where the environment chose the allocator's settings (as serve.allocator_env respects them)."""
+    of that copy (6.2 MB per 1080p frame) was faulted in and zeroed by the kernel: a third of the detector's CPU in
+    the stand-in bench, gone with the arenas (RESULTS.md, thirteenth round). In lipsync, whose requests of four
+    frames (25 MB) are held for varying times by its streams, the arenas still grew into fresh memory, and numpy
+    advises every array of 4 MB or more into 2 MB pages: zeroing those was 10-11 ms of its CPU per frame, 1.7-2.1
+    with both settings (fourteenth round). The preload library's trim of idle processes gives the pages back.
+    Returns whether the allocator took the settings; not where the environment chose the allocator's settings
+    (as serve.allocator_env respects them)."""
+    try:
+        from numpy._core import multiarray  # numpy 2, and 1.26's alias of it
+    except ImportError:
+        from numpy.core import multiarray
+    getattr(multiarray, "_set_madvise_hugepage", lambda enabled: enabled)(False)
     from .serve import FRAME_BLOCK_BYTES, HEAP_KEEP_BYTES, MALLOC_SETTINGS
 
     env = os.environ

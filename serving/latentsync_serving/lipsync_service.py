@@ -386,7 +386,7 @@ class LipSyncService:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str], pb_utils) -> LipSyncService:
-        ctx = ModelContext.from_args(args)  # also applies torch_threads
+        ctx = ModelContext.from_args(args, frames=True)  # also applies torch_threads
         settings = ServiceSettings.from_params(ctx.params)
         if settings.random_weights:
             log(pb_utils, "warn", "lipsync: this repository uses RANDOM test weights; output is not lip-synced")

@@ -415,7 +415,7 @@ MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": 2, "MALLOC_MMAP_THRESHOLD_": 4 << 20, "MA
 # Where whole frames arrive (tritonserver, the face detector's stub), larger blocks come from the arenas instead
 # (the preload library's server_frame_memory, backend.reuse_frame_memory):
 FRAME_BLOCK_BYTES = 32 << 20  # glibc's largest mmap threshold; a request of four 1080p frames (25 MB) is under it
-HEAP_KEEP_BYTES = 128 << 20  # free memory an arena keeps at its top while busy
+HEAP_KEEP_BYTES = 64 << 20  # free memory an arena keeps at its top while busy
 
 
 def allocator_env(env: dict[str, str]) -> dict[str, str]:
