@@ -125,8 +125,8 @@ import numpy as np
 from latentsync_serving.backend import reuse_frame_memory
 if sys.argv[1] == "reuse":
     assert reuse_frame_memory()
-    from numpy._core import multiarray
-    assert multiarray._set_madvise_hugepage(False) is False  # it was off already: numpy advises no huge pages
+    from latentsync_serving.backend import numpy_huge_pages
+    assert numpy_huge_pages(False) is False  # it was off already: numpy advises no huge pages
 frame = np.ones((1080, 1920, 3), np.uint8)
 copies = [np.array(frame, copy=True) for _ in range(2)]  # as the stub copies each call's frame
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

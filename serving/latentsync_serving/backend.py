@@ -92,15 +92,15 @@ def reuse_frame_memory() -> bool:
     of that copy (6.2 MB per 1080p frame) was faulted in and zeroed by the kernel: a third of the detector's CPU in
     the stand-in bench, gone with the arenas (RESULTS.md, thirteenth round). In lipsync, whose requests of four
     frames (25 MB) are held for varying times by its streams, the arenas still grew into fresh memory, and numpy
-    advises every array of 4 MB or more into 2 MB pages: zeroing those was 10-11 ms of its CPU per frame, 1.7-2.1
+    advises every array of 4 MB or more into 2 MB pages: zeroing those was 10-14 ms of its CPU per frame, 1.6-2.1
     with both settings (fourteenth round). The preload library's trim of idle processes gives the pages back.
     Returns whether the allocator took the settings; not where the environment chose the allocator's settings
-    (as serve.allocator_env respects them)."""
-    try:
-        from numpy._core import multiarray  # numpy 2, and 1.26's alias of it
-    except ImportError:
-        from numpy.core import multiarray
-    getattr(multiarray, "_set_madvise_hugepage", lambda enabled: enabled)(False)
+    (jemalloc preloaded, a trim threshold, another mmap threshold: the preload library's server_frame_memory
+    follows the same rule). The huge-page advice only matters where transparent huge pages are in `madvise` mode
+    (the kernel's default in many distributions); under `always` the kernel uses them anyway."""
+    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:  # else the operator chose
+        numpy_huge_pages(False)
+
     from .serve import FRAME_BLOCK_BYTES, HEAP_KEEP_BYTES, MALLOC_SETTINGS
 
     env = os.environ
@@ -113,6 +113,16 @@ def reuse_frame_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, FRAME_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+
+
+def numpy_huge_pages(enabled: bool) -> bool:
+    """Whether numpy advises its arrays of 4 MB and more into transparent huge pages from now on; returns the
+    previous setting."""
+    try:
+        from numpy._core import multiarray  # numpy 2, and 1.26's alias of it
+    except ImportError:
+        from numpy.core import multiarray
+    return multiarray._set_madvise_hugepage(enabled)
 
 
 def utf8_locale() -> bool:
