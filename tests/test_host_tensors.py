@@ -139,7 +139,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 def test_frame_sized_copies_reuse_memory_instead_of_fresh_zeroed_pages():
     """Under the server's malloc settings a 1080p frame's copy is a new mapping that faults in page by page (or
-    2 MB page by 2 MB page); with reuse_frame_memory (the face detector, lipsync) it reuses the arena's pages, and
+    2 MB page by 2 MB page); with reuse_frame_memory (the face detector) it reuses the arena's pages, and
     numpy advises no huge pages. Where the environment chose the allocator's settings, it leaves them."""
     import os
     import subprocess

@@ -85,21 +85,17 @@ class ModelContext:
 
 
 def reuse_frame_memory() -> bool:
-    """In the processes whose requests carry whole frames (the face detector, lipsync): blocks up to
-    FRAME_BLOCK_BYTES come from glibc's arenas, which keep up to HEAP_KEEP_BYTES free at their top, instead of
-    serve.MALLOC_SETTINGS' 4 MiB threshold, and numpy's arrays are not advised into transparent huge pages.
-    Triton's stub copies each input into memory of its own (private_array); as a new mapping per call, every page
-    of that copy (6.2 MB per 1080p frame) was faulted in and zeroed by the kernel: a third of the detector's CPU in
-    the stand-in bench, gone with the arenas (RESULTS.md, thirteenth round). In lipsync, whose requests of four
-    frames (25 MB) are held for varying times by its streams, the arenas still grew into fresh memory, and numpy
-    advises every array of 4 MB or more into 2 MB pages: zeroing those was 10-14 ms of its CPU per frame, 1.6-2.1
-    with both settings (fourteenth round). The preload library's trim of idle processes gives the pages back.
-    Returns whether the allocator took the settings; not where the environment chose the allocator's settings
-    (jemalloc preloaded, a trim threshold, another mmap threshold: the preload library's server_frame_memory
-    follows the same rule). The huge-page advice only matters where transparent huge pages are in `madvise` mode
-    (the kernel's default in many distributions); under `always` the kernel uses them anyway."""
-    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:  # else the operator chose
-        numpy_huge_pages(False)
+    """In the face detector, whose requests carry whole frames: blocks up to FRAME_BLOCK_BYTES come from glibc's
+    arenas, which keep up to HEAP_KEEP_BYTES free at their top, instead of serve.MALLOC_SETTINGS' 4 MiB threshold,
+    and numpy's arrays are not advised into huge pages (avoid_huge_pages). Triton's stub copies each input into
+    memory of its own (private_array); as a new mapping per call, every page of that 6.2 MB copy of a 1080p frame
+    was faulted in and zeroed by the kernel: a third of the detector's CPU in the stand-in bench, gone with this
+    (RESULTS.md, thirteenth round). The preload library's trim of idle processes gives the pages back. (lipsync
+    only avoids huge pages: with the arenas too its CPU fell further, but after a stream of 300 s of audio its
+    memory did not come back within 30 s in a CI run; RESULTS.md, fourteenth round.) Returns whether the allocator
+    took the settings; not where the environment chose the allocator's settings (jemalloc preloaded, a trim
+    threshold, another mmap threshold: the preload library's server_frame_memory follows the same rule)."""
+    avoid_huge_pages()
 
     from .serve import FRAME_BLOCK_BYTES, HEAP_KEEP_BYTES, MALLOC_SETTINGS
 
@@ -113,6 +109,16 @@ def reuse_frame_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, FRAME_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+
+
+def avoid_huge_pages() -> None:
+    """In the processes that copy whole frames (the face detector, lipsync): numpy stops advising its arrays of 4 MB
+    and more into 2 MB transparent huge pages, unless the operator chose (NUMPY_MADVISE_HUGEPAGE). The stub's
+    copy of each request is such an array, a new mapping each time; in lipsync, zeroing its fresh 2 MB pages was
+    10-14 ms of CPU per frame, 4.6-5.3 with 4 KiB pages (RESULTS.md, fourteenth round). It matters where huge pages
+    are in `madvise` mode (the default of many distributions); under `always` the kernel uses them anyway."""
+    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
+        numpy_huge_pages(False)
 
 
 def numpy_huge_pages(enabled: bool) -> bool:

@@ -46,7 +46,7 @@ from latentsync_core.configs import VAE_SCALING_FACTOR
 from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
-from .backend import ModelContext, private_array
+from .backend import ModelContext, avoid_huge_pages, private_array
 from .bls import FRAME_CALL_BYTES, TRAFFIC, CallSlots, ModelNames, TritonModels
 from .metrics import Metrics, log
 from .serve import DRAIN_FILE_ENV
@@ -386,7 +386,8 @@ class LipSyncService:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str], pb_utils) -> LipSyncService:
-        ctx = ModelContext.from_args(args, frames=True)  # also applies torch_threads
+        ctx = ModelContext.from_args(args)  # also applies torch_threads
+        avoid_huge_pages()  # the stub's copy of each request: 25 MB of fresh memory
         settings = ServiceSettings.from_params(ctx.params)
         if settings.random_weights:
             log(pb_utils, "warn", "lipsync: this repository uses RANDOM test weights; output is not lip-synced")

@@ -228,8 +228,8 @@ static void *trim_heap(void *unused) {
    gRPC message of frames (25 MB for four 1080p frames) was otherwise received into fresh pages that the kernel
    faulted in and zeroed: a quarter of tritonserver's CPU in the stand-in bench. The trim above gives the pages
    back once the server is idle. Left alone where the environment chose (jemalloc preloaded, a trim threshold,
-   another mmap threshold): the same rule as backend.reuse_frame_memory, which the stubs of the face detector and
-   lipsync apply to themselves. The values come from serve.heap_defines(). */
+   another mmap threshold): the same rule as backend.reuse_frame_memory, which the face detector's stub applies to
+   itself. The values come from serve.heap_defines(). */
 #include <errno.h>
 #if !defined(FRAME_BLOCK_BYTES) || !defined(HEAP_KEEP_BYTES) || !defined(DEFAULT_MMAP_THRESHOLD)
 #error "build with serve.build_argv_shim: it defines FRAME_BLOCK_BYTES, HEAP_KEEP_BYTES, DEFAULT_MMAP_THRESHOLD"
@@ -414,8 +414,8 @@ def secret_env(admin_key: str) -> dict[str, str]:
 # threshold without a pad cost ~3 ms of page faults per 512 px align + paste, +35 %; docs/PERFORMANCE.md). The
 # preload library's malloc_trim every 2 s gives the arenas' other free pages back (LATENTSYNC_HEAP_TRIM_MS).
 MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": 2, "MALLOC_MMAP_THRESHOLD_": 4 << 20, "MALLOC_TOP_PAD_": 16 << 20}
-# Where whole frames arrive (tritonserver, the stubs of the face detector and lipsync), larger blocks come from the
-# arenas instead (the preload library's server_frame_memory, backend.reuse_frame_memory):
+# Where whole frames arrive (tritonserver, the face detector's stub), larger blocks come from the arenas instead
+# (the preload library's server_frame_memory, backend.reuse_frame_memory):
 FRAME_BLOCK_BYTES = 32 << 20  # glibc's largest mmap threshold; a request of four 1080p frames (25 MB) is under it
 HEAP_KEEP_BYTES = 64 << 20  # free memory an arena keeps at its top while busy
 
