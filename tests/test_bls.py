@@ -189,3 +189,42 @@ def test_dlpack_tensors_cross_with_row_major_strides():
     assert torch.equal(crossing, odd)
     strided = torch.zeros(3, 4)[:, ::2]
     assert row_major(strided).stride() == (2, 1)  # not contiguous at all: copied, as before
+
+
+def test_lipsync_stops_numpy_advising_huge_pages_unless_the_operator_chose(monkeypatch):
+    """The stub copies each request (25 MB of frames) into a fresh numpy array; advised into 2 MB huge pages, the
+    kernel zeroed them at 10-14 ms of lipsync's CPU per frame (RESULTS.md, fourteenth round). An operator's
+    NUMPY_MADVISE_HUGEPAGE is left alone."""
+    from latentsync_serving.backend import numpy_huge_pages
+    from latentsync_serving.lipsync_service import LipSyncService
+
+    class Family:
+        COUNTER, GAUGE = "counter", "gauge"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def Metric(self, labels):  # noqa: N802 - pb_utils' name
+            return type("Metric", (), {"set": lambda self, v: None, "increment": lambda self, v: None})()
+
+    pb = type("Pb", (), {"MetricFamily": Family})()
+    params = {"denoiser_models": {"string_value": "v15=unet_v15"}}
+    args = {
+        "model_config": json.dumps({"name": "lipsync", "parameters": params}),
+        "model_instance_kind": "CPU",
+        "model_instance_device_id": "0",
+        "model_repository": "/repo/lipsync",
+        "model_version": "1",
+    }
+    previous = numpy_huge_pages(True)
+    try:
+        for operator_chose in (False, True):
+            if operator_chose:
+                monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+            else:
+                monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+            numpy_huge_pages(True)
+            LipSyncService.from_args(args, pb).close()
+            assert numpy_huge_pages(True) is operator_chose
+    finally:
+        numpy_huge_pages(previous)
