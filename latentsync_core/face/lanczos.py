@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _S45 = 0.70710678118654752440084436210485
 _CS = ((1, 0), (-_S45, -_S45), (0, 1), (_S45, -_S45), (-1, 0), (_S45, _S45), (0, -1), (-_S45, _S45))
 COEF_SCALE = 2048  # INTER_RESIZE_COEF_SCALE: 11 fractional bits per pass
+OUT_SCALE = 2.0**-22  # the two passes' fixed point: out = (T + 2**21) >> 22
 # Output positions per block of the band, per pass (vertical, horizontal): small blocks waste few zero products,
 # big ones few calls. Measured at 512 px (560x420 -> 512x512): 16 rows and 32 columns were fastest.
 BLOCKS = (16, 32)
@@ -106,9 +107,10 @@ class Lanczos4Resize:
 
     OpenCV sums x then y in int32; integer sums commute, so this sums y first: V = sum beta * src is exact in
     float32 (|V| <= 255 * sum|beta| < 2**24). T = sum alpha * V needs ~31 bits, so it is taken in float32 with a
-    known error bound E (8 products and sums: |error| <= 8 * 2**-24 * sum|alpha| * max|V|), and rounded twice with
-    cv2.addWeighted: at T * 2**-22 - delta and + delta, delta > E * 2**-22 + the rounding of that call. Where the
-    two agree, that is floor(T * 2**-22 + 0.5) (the rounding of T + 2**21 >> 22); the few outputs within delta of a
+    known error bound E (8 products and sums: |error| <= 8 * 2**-24 * sum|alpha| * max|V|); alpha is stored times
+    2**-22, which scales every product and sum exactly, so T comes out as T * 2**-22. It is rounded twice with
+    cv2.add: at T * 2**-22 - delta and + delta, delta > E * 2**-22 + the rounding of that call. Where the two
+    agree, that is floor(T * 2**-22 + 0.5) (the rounding of T + 2**21 >> 22); the few outputs within delta of a
     rounding boundary (about 2 * delta of them) are recomputed exactly in int64 from V.
     """
 
@@ -117,14 +119,15 @@ class Lanczos4Resize:
         y_pos, y_wt = lanczos4_taps(self.H, self.h)
         self.x_pos, self.x_wt = lanczos4_taps(self.W, self.w)
         self.y_blocks = _band_blocks(y_pos, y_wt, self.H, BLOCKS[0])
-        # horizontal blocks act on rows from the right: stored transposed, (s1 - s0, d1 - d0)
+        # horizontal blocks act on rows from the right: stored transposed, (s1 - s0, d1 - d0); scaled by 2**-22 (exact:
+        # a power of two commutes with float32 rounding), so that the sums come out in output units
         self.x_blocks = [
-            (d0, d1, s0, s1, m.T.contiguous())
+            (d0, d1, s0, s1, m.T.contiguous().mul_(OUT_SCALE))
             for d0, d1, s0, s1, m in _band_blocks(self.x_pos, self.x_wt, self.W, BLOCKS[1])
         ]
         max_v = 255 * np.abs(y_wt).sum(1).max()
         error = 8 * 2.0**-24 * np.abs(self.x_wt).sum(1).max() * max_v  # float32 T, in units of T
-        self.delta = 4 * error * 2.0**-22 + 2.0**-12  # + addWeighted's float32 rounding (< 2**-14 below 1024)
+        self.delta = 4 * error * 2.0**-22 + 2.0**-12  # + cv2.add's float32 rounding (< 2**-14 below 1024)
         self._scratch = threading.local()
         self.exact = max_v < 2**24 and self.delta < 0.05 and self._matches_cv2()
         if not self.exact:
@@ -182,15 +185,26 @@ class Lanczos4Resize:
         for d0, d1, s0, s1, m in self.x_blocks:
             torch.mm(vertical[:, s0:s1], m, out=total[:, d0:d1])
         t, low, high = total.numpy().reshape(self.h, C * self.w), buf["low"], buf["high"]
-        cv2.addWeighted(t, 2.0**-22, t, 0.0, -delta, dst=low, dtype=cv2.CV_8U)
-        cv2.addWeighted(t, 2.0**-22, t, 0.0, delta, dst=high, dtype=cv2.CV_8U)
-        unsure = np.flatnonzero(low != high)
+        cv2.add(t, -delta, dst=low, dtype=cv2.CV_8U)  # saturate(round(T * 2**-22 - delta)), one read of T
+        cv2.add(t, delta, dst=high, dtype=cv2.CV_8U)
+        unsure = _differences(low, high)
         if len(unsure):  # near a rounding boundary: the exact integer sum
             row, x = np.divmod(unsure, self.w)  # row = y * C + c of vertical
             v = vertical.numpy()[row[:, None], self.x_pos[x]].astype(np.int64)
             exact = ((v * self.x_wt[x]).sum(1) + 2**21) >> 22
             low.reshape(-1)[unsure] = np.clip(exact, 0, 255)
         return cv2.merge([low[:, c * self.w : (c + 1) * self.w] for c in range(C)]).reshape(self.h, self.w, C)
+
+
+def _differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.flatnonzero(a != b) for equal-shape contiguous uint8 arrays whose size is a multiple of 8, compared 8
+    bytes at a time (differences are rare: a few per thousand)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.size % 8:
+        return np.flatnonzero(a != b)
+    words = np.flatnonzero(a.view(np.uint64) != b.view(np.uint64))
+    candidates = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    return candidates[a[candidates] != b[candidates]]
 
 
 def _rows_view(planes: torch.Tensor) -> torch.Tensor | None:
