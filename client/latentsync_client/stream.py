@@ -55,6 +55,7 @@ from latentsync_contract import (
 )
 
 from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable, StreamExpired
+from .grpc_stream import InferStream, encode_request
 
 # gRPC status codes that mean the connection, not the request, failed.
 _CONNECTION_CODES = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL")
@@ -132,13 +133,9 @@ class LipsyncClient:
         Closing the generator early (or an exception) cancels the stream.
         """
         params = params or StreamParams()
-        client = self._connect()
+        self.check()
         responses: queue.Queue = queue.Queue()
-        try:
-            client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        except InferenceServerException as e:
-            client.close()
-            raise ServerUnreachable(f"cannot open a stream to {self.url} ({_first_line(e.message())})") from None
+        stream = InferStream(self.url, callback=lambda result, error: responses.put((result, error)))
         sequence_id = secrets.randbits(63) | 1
         owner = {STREAM_TOKEN: secrets.token_hex(16)}  # on every request: the id is this stream's alone
         request_count = itertools.count()
@@ -149,27 +146,22 @@ class LipsyncClient:
             frames_batch: np.ndarray, audio_chunk: np.ndarray, *, start=False, end=False, keepalive=False
         ) -> str | None:
             """Send one request (InferenceServerException if the stream broke); a keep-alive only when due."""
-            inputs = [
-                grpcclient.InferInput(FRAMES, list(frames_batch.shape), "UINT8"),
-                grpcclient.InferInput(AUDIO, list(audio_chunk.shape), "FP32"),
-            ]
-            inputs[0].set_data_from_numpy(frames_batch)
-            inputs[1].set_data_from_numpy(audio_chunk)
             with lock:
                 if keepalive and (
                     not state["started"] or state["ended"] or time.monotonic() - state["sent_at"] < self.keepalive_s
                 ):
                     return None
                 request_id = f"{sequence_id}-{next(request_count)}"
-                client.async_stream_infer(
-                    self.model,
-                    inputs,
-                    request_id=request_id,
-                    sequence_id=sequence_id,
-                    sequence_start=start,
-                    sequence_end=end,
-                    enable_empty_final_response=True,
-                    parameters={**params.as_parameters(), **owner} if start else owner,
+                stream.send(
+                    encode_request(
+                        self.model,
+                        [(FRAMES, frames_batch), (AUDIO, audio_chunk)],
+                        request_id=request_id,
+                        sequence_id=sequence_id,
+                        sequence_start=start,
+                        sequence_end=end,
+                        parameters={**params.as_parameters(), **owner} if start else owner,
+                    )
                 )
                 state.update(started=True, ended=end, sent_at=time.monotonic())
             return request_id
@@ -271,9 +263,8 @@ class LipsyncClient:
             try:
                 if state["started"] and not state["ended"]:
                     self._end_sequence(send, responses)
-                client.stop_stream(cancel_requests=not state["completed"])
             finally:
-                client.close()
+                stream.close(cancel=not state["completed"])
 
     def _end_sequence(self, send, responses: queue.Queue, wait: float = 1.0) -> None:
         """On abort, tell the server the sequence is over (frees its state and sequence slot), briefly."""

@@ -102,29 +102,22 @@ class StreamRun:
     error: str | None = None
 
 
-def send_request(client, i: int, total: int, frames: np.ndarray, audio: np.ndarray, sequence_id: int, params):
-    """Request i of `total` of a stream on a started tritonclient gRPC stream (docs/PROTOCOL.md): FRAMES and AUDIO
-    (either may be empty), the sequence flags, and the stream's parameters with the first request."""
-    import tritonclient.grpc as grpcclient
-
+def send_request(stream, i: int, total: int, frames: np.ndarray, audio: np.ndarray, sequence_id: int, params):
+    """Request i of `total` of a stream on an open latentsync_client InferStream (docs/PROTOCOL.md): FRAMES and
+    AUDIO (either may be empty), the sequence flags, and the stream's parameters with the first request."""
+    from latentsync_client.grpc_stream import encode_request
     from latentsync_contract import AUDIO, FRAMES, MODEL_NAME
 
-    inputs = [
-        grpcclient.InferInput(FRAMES, list(frames.shape), "UINT8"),
-        grpcclient.InferInput(AUDIO, list(audio.shape), "FP32"),
-    ]
-    inputs[0].set_data_from_numpy(np.ascontiguousarray(frames))
-    inputs[1].set_data_from_numpy(audio)
-    client.async_stream_infer(
+    request = encode_request(
         MODEL_NAME,
-        inputs,
+        [(FRAMES, frames), (AUDIO, audio)],
         request_id=str(i),
         sequence_id=sequence_id,
         sequence_start=i == 0,
         sequence_end=i == total - 1,
-        enable_empty_final_response=True,
         parameters=params if i == 0 else None,
     )
+    stream.send(request)
 
 
 def raw_stream(
@@ -137,13 +130,12 @@ def raw_stream(
     start: threading.Barrier | None = None,
     unanswered: int | None = None,
 ) -> StreamRun:
-    """One stream as docs/PROTOCOL.md says, over tritonclient's gRPC stream: the audio, then the frames in
+    """One stream as docs/PROTOCOL.md says, over latentsync-client's gRPC stream: the audio, then the frames in
     requests as latentsync-client cuts them (`request_spans`), with at most `ahead` frames unanswered (0: no
     limit) and, as latentsync-client, at most `unanswered` requests that complete no window waiting for their
     final response (default UNANSWERED_REQUESTS; 0: no limit). Frames that come back are counted from the
     response's FRAME_INDEX, their regions not pasted."""
-    import tritonclient.grpc as grpcclient
-
+    from latentsync_client.grpc_stream import InferStream
     from latentsync_contract import FRAME_INDEX, UNANSWERED_REQUESTS, WINDOW, completes_window, request_spans
 
     if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
@@ -157,8 +149,7 @@ def raw_stream(
     ]
     run, replies, counts = StreamRun(), queue.SimpleQueue(), {"finals": 0}
     waiting: set[str] = set()  # acknowledged requests without their final response
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    stream = InferStream(url, callback=lambda result, error: replies.put((result, error)))
     sequence_id = secrets.randbits(62) | 1
 
     def take() -> None:
@@ -183,7 +174,7 @@ def raw_stream(
                 acknowledged and unanswered and len(waiting) >= unanswered
             ):
                 take()
-            send_request(client, i, len(requests), frames, audio, sequence_id, params)
+            send_request(stream, i, len(requests), frames, audio, sequence_id, params)
             sent += len(frames)
             if acknowledged:
                 waiting.add(str(i))
@@ -192,8 +183,7 @@ def raw_stream(
     except (RuntimeError, queue.Empty) as e:
         run.error = str(e) or f"no response for {timeout:.0f} s"
     finally:
-        client.stop_stream()
-        client.close()
+        stream.close()
     run.wall_s = time.perf_counter() - t0
     return run
 

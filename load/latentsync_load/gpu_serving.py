@@ -3,8 +3,8 @@
 A repository is built with latentsync-export (`--target gpu` on a GPU: the Python models on KIND_GPU in
 bfloat16, the lipsync orchestrator on the GPU with DLPack between the models) from a weights folder, and served
 by latentsync_serving.serve.TritonServer (the bundle's tritonserver there). N streams then run together over
-raw gRPC (tritonclient, as docs/PROTOCOL.md: the whole audio, then frames 16 per request) with real face frames
-and synthetic audio, after one warm-up stream per variant. Per stream count:
+raw gRPC (latentsync_client.grpc_stream, as docs/PROTOCOL.md: the whole audio, then frames 16 per request) with
+real face frames and synthetic audio, after one warm-up stream per variant. Per stream count:
   * aggregate frames per second (all frames received / wall time from the common start), per-stream fps and
     first-frame latency (streams without errors);
   * mean windows per denoiser step: the deltas of the denoiser's Prometheus counters denoiser_window_steps /
@@ -105,11 +105,10 @@ def run_stream(
     timeout: float = 300.0,
 ) -> StreamResult:
     """One stream over raw gRPC: the audio request (sequence start, parameters), then 16 frames per request."""
-    import tritonclient.grpc as grpcclient
+    from latentsync_client.grpc_stream import InferStream
 
     result, replies = StreamResult(), queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    stream = InferStream(url, callback=lambda result, error: replies.put((result, error)))
     requests = [(np.zeros((0, *frames.shape[1:]), np.uint8), audio)]
     requests += [(frames[i : i + WINDOW], np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)]
     if start is not None:
@@ -117,7 +116,7 @@ def run_stream(
     began = time.perf_counter()
     try:
         for i, (f, a) in enumerate(requests):
-            send_request(client, i, len(requests), f, a, sequence_id, params.as_parameters())
+            send_request(stream, i, len(requests), f, a, sequence_id, params.as_parameters())
         finals = 0
         while finals < len(requests):
             reply, error = replies.get(timeout=timeout)
@@ -134,8 +133,7 @@ def run_stream(
         result.error = f"no response for {timeout:.0f} s"
     finally:
         result.wall_s = time.perf_counter() - began
-        client.stop_stream(cancel_requests=result.error is not None)
-        client.close()
+        stream.close(cancel=result.error is not None)
     return result
 
 
