@@ -2,6 +2,7 @@
 tritonclient sends, and errors reach the callback as tritonclient reports them. End to end it carries every client
 and bench test that starts a server."""
 
+import contextlib
 import queue
 
 import grpc
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import InferInput, service_pb2
 from tritonclient.grpc._utils import _get_inference_request  # what async_stream_infer builds
+from tritonclient.utils import InferenceServerException
 
 from latentsync_client.grpc_stream import InferStream, encode_request
 
@@ -52,10 +54,31 @@ def test_a_request_encoded_in_one_copy_is_the_message_tritonclient_sends(frames,
         assert service_pb2.ModelInferRequest.FromString(ours) == theirs
 
 
-def test_reserved_and_unsupported_parameters_are_refused():
-    for bad in ({"sequence_id": 3}, {"triton_enable_empty_final_response": False}, {"x": [1]}):
+def test_reserved_parameters_unsupported_types_and_oversized_requests_are_refused():
+    reserved = ({"sequence_id": 3}, {"priority": 1}, {"timeout": 5}, {"triton_enable_empty_final_response": False})
+    for sequence_id in (0, 1):
+        for bad in (*reserved, {"x": [1]}):
+            with pytest.raises(ValueError):
+                encode_request("lipsync", [], sequence_id=sequence_id, parameters=bad)
+    for array in (np.zeros(3, ">f4"), np.array([b"ab"]), np.zeros(2, complex)):
         with pytest.raises(ValueError):
-            encode_request("lipsync", [], sequence_id=1, parameters=bad)
+            encode_request("lipsync", [("X", array)])
+    huge = np.broadcast_to(np.zeros(1, np.uint8), (2**31,))  # 2 GiB of views, no memory
+    with pytest.raises(ValueError, match="message limit"):
+        encode_request("lipsync", [("X", huge)])
+
+
+def test_scalars_and_parameter_subclasses_are_sent_as_tritonclient_sends_them():
+    import enum
+
+    class Steps(enum.IntEnum):
+        TWENTY = 20
+
+    ours = service_pb2.ModelInferRequest.FromString(
+        encode_request("lipsync", [("S", np.float32(2.5))], parameters={"steps": Steps.TWENTY, "g": np.float64(1.5)})
+    )
+    assert list(ours.inputs[0].shape) == [] and ours.raw_input_contents[0] == np.float32(2.5).tobytes()
+    assert ours.parameters["steps"].int64_param == 20 and ours.parameters["g"].double_param == 1.5
 
 
 FAULTS_PER_REQUEST = """
@@ -114,7 +137,8 @@ def test_an_unreachable_server_and_a_cancel_reach_the_callback_with_the_grpc_cod
     with socket_nobody_listens_on() as url:
         errors: queue.Queue = queue.Queue()
         stream = InferStream(url, callback=lambda result, error: errors.put((result, error)))
-        stream.send(encode_request("lipsync", [], sequence_id=1))
+        with contextlib.suppress(InferenceServerException):  # refused if the call has failed already
+            stream.send(encode_request("lipsync", [], sequence_id=1))
         result, error = errors.get(timeout=30)
         assert result is None and error.status() == str(grpc.StatusCode.UNAVAILABLE)
         stream.close()
@@ -143,3 +167,27 @@ class socket_nobody_answers_on(socket_nobody_listens_on):  # noqa: N801
         url = super().__enter__()
         self.sock.listen()  # accepts the connection, never speaks HTTP/2
         return url
+
+
+def test_a_server_that_ends_the_call_early_is_reported_and_later_sends_refused():
+    """A call the server ends with OK while the client still means to send (tritonclient said nothing: the client
+    then waited its whole response timeout) reaches the callback as an error."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    handler = grpc.stream_stream_rpc_method_handler(lambda requests, context: iter(()))  # ends at once, OK
+    service = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelStreamInfer": handler})
+    server.add_generic_rpc_handlers((service,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        errors: queue.Queue = queue.Queue()
+        with InferStream(f"127.0.0.1:{port}", callback=lambda result, error: errors.put((result, error))) as stream:
+            with contextlib.suppress(InferenceServerException):  # refused if the call has ended already
+                stream.send(encode_request("lipsync", [], sequence_id=1))
+            result, error = errors.get(timeout=30)
+            assert result is None and "ended the stream" in error.message()
+            with pytest.raises(InferenceServerException):
+                stream.send(encode_request("lipsync", [], sequence_id=1))
+    finally:
+        server.stop(None)

@@ -6,8 +6,9 @@ kernel faults in and zeroes: ~17 ms of CPU for a request of four 1080p frames (2
 bench's client CPU per frame fell by 42-66 % (RESULTS.md, fifteenth round). Here only the small part of the message
 (every field but the inputs' bytes) is a protobuf; each input's bytes follow it as one `raw_input_contents` entry (a
 length-delimited field; protobuf parsers merge a repeated field's entries wherever they appear, so the server reads
-the message tritonclient would have sent), joined with it in one copy. Responses and errors reach the callback as
-tritonclient reports them: an `InferResult`, or an `InferenceServerException` whose status names the gRPC code.
+the message tritonclient would have sent), joined with it in one copy (gRPC's core copies the message once more as
+it sends it). Responses and errors reach the callback as tritonclient reports them: an `InferResult`, or an
+`InferenceServerException` whose status names the gRPC code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from typing import Callable, Mapping, Sequence
 import grpc
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import (
+    TRITON_RESERVED_REQUEST_PARAMS,
+    TRITON_RESERVED_REQUEST_PARAMS_PREFIX,
+    InferenceServerException,
+    np_to_triton_dtype,
+)
 
 METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 _RAW_INPUT_TAG = bytes([service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3 | 2])
@@ -54,11 +60,17 @@ def encode_request(
 ) -> bytes:
     """The serialized ModelInferRequest that tritonclient's async_stream_infer sends for these (name, array)
     inputs and arguments (empty_final_response: enable_empty_final_response)."""
+    size = sum(array.nbytes for _, array in inputs)
+    if size > MAX_MESSAGE_BYTES:
+        raise ValueError(f"a request of {size} bytes is over gRPC's message limit of {MAX_MESSAGE_BYTES}")
     header = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     contents = []
     for name, array in inputs:
+        datatype = np_to_triton_dtype(array.dtype)
+        if datatype in (None, "BYTES") or not array.dtype.isnative:
+            raise ValueError(f"input {name!r}: {array.dtype} is not a fixed-size type in this machine's byte order")
+        header.inputs.add(name=name, datatype=datatype, shape=np.shape(array))
         array = np.ascontiguousarray(array)
-        header.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=array.shape)
         contents += [_RAW_INPUT_TAG + _varint(array.nbytes), array.reshape(-1).view(np.uint8)]
     fields = header.parameters
     if sequence_id:
@@ -68,9 +80,10 @@ def encode_request(
     if empty_final_response:
         fields["triton_enable_empty_final_response"].bool_param = True
     for key, value in (parameters or {}).items():
-        if key in fields or key.startswith("triton_"):
+        if key in TRITON_RESERVED_REQUEST_PARAMS or key.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX):
             raise ValueError(f"request parameter {key!r} is reserved")
-        kind = {str: "string_param", bool: "bool_param", int: "int64_param", float: "double_param"}.get(type(value))
+        kinds = ((bool, "bool_param"), (int, "int64_param"), (float, "double_param"), (str, "string_param"))
+        kind = next((kind for t, kind in kinds if isinstance(value, t)), None)  # bool first: bools are ints
         if kind is None:
             raise ValueError(f"request parameter {key!r}: {type(value).__name__} is not a str, bool, int or float")
         setattr(fields[key], kind, value)
@@ -91,7 +104,7 @@ class InferStream:
         )
         self._responses = call(iter(self._requests.get, None))
         self._callback = callback
-        self.active = True
+        self.active, self._closing = True, False
         self._reader = threading.Thread(target=self._read, name="lipsync-stream-responses", daemon=True)
         self._reader.start()
 
@@ -101,8 +114,15 @@ class InferStream:
             raise InferenceServerException("the stream is no longer active: its callback was given the error")
         self._requests.put(request)
 
+    def __enter__(self) -> InferStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)
+
     def close(self, cancel: bool = False) -> None:
         """End the request stream and wait for the server's last response; with `cancel`, drop what is pending."""
+        self._closing = True
         if cancel:
             self._responses.cancel()
         self._requests.put(None)  # ends the request iterator (after a cancel it only unblocks gRPC's reader of it)
@@ -116,6 +136,9 @@ class InferStream:
                     self._callback(None, InferenceServerException(msg=response.error_message))
                 else:
                     self._callback(InferResult(response.infer_response), None)
+            self.active = False
+            if not self._closing:  # the server ended the call with OK while requests may still come: say so
+                self._callback(None, InferenceServerException(msg="the server ended the stream"))
         except grpc.RpcError as e:
             self.active = self._responses.is_active()
             # code and details only: after a local cancel the call's debug_error_string() never comes (it blocks)

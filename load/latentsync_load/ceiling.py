@@ -149,7 +149,6 @@ def raw_stream(
     ]
     run, replies, counts = StreamRun(), queue.SimpleQueue(), {"finals": 0}
     waiting: set[str] = set()  # acknowledged requests without their final response
-    stream = InferStream(url, callback=lambda result, error: replies.put((result, error)))
     sequence_id = secrets.randbits(62) | 1
 
     def take() -> None:
@@ -167,6 +166,7 @@ def raw_stream(
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
+    stream = InferStream(url, callback=lambda result, error: replies.put((result, error)))  # connects on first use
     try:
         sent = 0
         for i, (frames, audio, acknowledged) in enumerate(requests):

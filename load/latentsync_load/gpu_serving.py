@@ -108,12 +108,12 @@ def run_stream(
     from latentsync_client.grpc_stream import InferStream
 
     result, replies = StreamResult(), queue.Queue()
-    stream = InferStream(url, callback=lambda result, error: replies.put((result, error)))
     requests = [(np.zeros((0, *frames.shape[1:]), np.uint8), audio)]
     requests += [(frames[i : i + WINDOW], np.zeros(0, np.float32)) for i in range(0, len(frames), WINDOW)]
     if start is not None:
         start.wait()
     began = time.perf_counter()
+    stream = InferStream(url, callback=lambda result, error: replies.put((result, error)))  # connects on first use
     try:
         for i, (f, a) in enumerate(requests):
             send_request(stream, i, len(requests), f, a, sequence_id, params.as_parameters())
