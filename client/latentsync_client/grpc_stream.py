@@ -35,6 +35,9 @@ CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
 
+# a request parameter's protobuf field by its Python type; bool first, as bools are ints
+_PARAMETER_FIELDS = ((bool, "bool_param"), (int, "int64_param"), (float, "double_param"), (str, "string_param"))
+
 Callback = Callable[[InferResult | None, InferenceServerException | None], None]
 
 
@@ -82,8 +85,7 @@ def encode_request(
     for key, value in (parameters or {}).items():
         if key in TRITON_RESERVED_REQUEST_PARAMS or key.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX):
             raise ValueError(f"request parameter {key!r} is reserved")
-        kinds = ((bool, "bool_param"), (int, "int64_param"), (float, "double_param"), (str, "string_param"))
-        kind = next((kind for t, kind in kinds if isinstance(value, t)), None)  # bool first: bools are ints
+        kind = next((kind for t, kind in _PARAMETER_FIELDS if isinstance(value, t)), None)
         if kind is None:
             raise ValueError(f"request parameter {key!r}: {type(value).__name__} is not a str, bool, int or float")
         setattr(fields[key], kind, value)
