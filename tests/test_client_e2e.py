@@ -223,6 +223,13 @@ def test_unsupported_file_and_bad_arguments(media_dir, tmp_path):
     assert r.returncode == InputError.exit_code and "no video stream" in r.stderr
     r = run_cli(media_dir / "retalking_face2.mp4", media_dir / "demo1_audio.wav", "-o", out, "--steps", "0", "-q")
     assert r.returncode == InputError.exit_code and "steps" in r.stderr
+    for option, message in (
+        ("--preset=fastest", "preset 'fastest'"),
+        ("--crf=52", "crf 52"),
+        ("--threads=-1", "threads"),
+    ):
+        r = run_cli(media_dir / "retalking_face2.mp4", media_dir / "demo1_audio.wav", "-o", out, option, "-q")
+        assert r.returncode == InputError.exit_code and message in r.stderr, (option, r.stderr)  # before connecting
     assert not out.exists()
 
 

@@ -246,6 +246,20 @@ def test_writer_output_timing_and_trimmed_audio(tmp_path, shared_dir):
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
 
+def test_writer_checks_encoder_options_first_and_passes_threads(tmp_path, shared_dir):
+    audio = shared_dir / "media" / "retalking_face2.mp4"
+    for options in ({"preset": "fastest"}, {"crf": 52}, {"crf": -1}, {"threads": -1}, {"threads": 129}):
+        with pytest.raises(InputError):
+            SyncedVideoWriter(tmp_path / "out.mp4", audio, 2, **options)
+    assert list(tmp_path.iterdir()) == []  # refused before any file was made
+    for threads in (1, 0):  # 0: x264 picks from the cores
+        with SyncedVideoWriter(tmp_path / "out.mp4", audio, 2, preset="ultrafast", threads=threads) as writer:
+            for _ in range(2):
+                writer.write(np.zeros((32, 32, 3), np.uint8))
+            assert writer._video.codec_context.thread_count == threads
+        assert (tmp_path / "out.mp4").stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------------------------ decode-ahead
 def test_prefetch_keeps_order_bounds_lookahead_and_reraises():
     from latentsync_client.sync import prefetch

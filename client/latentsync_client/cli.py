@@ -97,8 +97,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pass frames whose face is turned further than DEG degrees through unchanged (a frontal "
         "template does not fit them), 0..90; 0 = off, sync every face (default)",
     )
-    p.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (default %(default)s)")
-    p.add_argument("--preset", default="medium", help="x264 speed preset (default %(default)s)")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality, 0..51, lower is better (default %(default)s)")
+    p.add_argument("--preset", default="medium", help="x264 speed preset, ultrafast..placebo (default %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="x264 threads, 0..128; 0 = as many as suit this machine's cores (default); 1 per client where many "
+        "clients share a machine",
+    )
     p.add_argument(
         "--allow-no-face",
         action="store_true",
@@ -170,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_face=not a.allow_no_face,
             crf=a.crf,
             preset=a.preset,
+            threads=a.threads,
             spill_dir=a.tmp_dir,
         )
     except KeyboardInterrupt:

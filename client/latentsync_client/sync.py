@@ -101,14 +101,15 @@ def sync_file(
     require_face: bool = True,
     crf: int = 18,
     preset: str = "medium",
+    threads: int = 0,
     spill_dir: str | os.PathLike | None = None,
 ) -> SyncResult:
     """Lip-sync `video` (any video file, or a still image) to the audio track of `audio`; write `output`.
 
     Memory stays flat in the video's length: frames are decoded, sent, received and encoded as a stream.
     `output` appears only on success (NoFaceError if no frame had a face and `require_face`; with
-    `require_face=False` the output is then the input frames, re-timed). Inputs, output and spill folder are
-    checked before connecting; a full disk raises OutputError.
+    `require_face=False` the output is then the input frames, re-timed). Inputs, output, encoder options and
+    spill folder are checked before connecting; a full disk raises OutputError.
     """
     client = client or LipsyncClient()
     params = params or StreamParams()
@@ -118,7 +119,8 @@ def sync_file(
     check_spill_dir(spill_dir)
     without_face = 0
     try:
-        with SyncedVideoWriter(output, audio, crf=crf, preset=preset) as writer:  # creates its file now
+        # the writer creates its file now, and refuses encoder options x264 would not take
+        with SyncedVideoWriter(output, audio, crf=crf, preset=preset, threads=threads) as writer:
             client.check()
 
             def source_frames(n_frames: int):  # called once the audio is sent and the frame count known
