@@ -248,10 +248,26 @@ def test_writer_output_timing_and_trimmed_audio(tmp_path, shared_dir):
 
 def test_writer_checks_encoder_options_first_and_passes_threads(tmp_path, shared_dir):
     audio = shared_dir / "media" / "retalking_face2.mp4"
-    for options in ({"preset": "fastest"}, {"crf": 52}, {"crf": -1}, {"threads": -1}, {"threads": 129}):
+    refused = (
+        {"preset": "fastest"},
+        {"preset": ""},
+        {"crf": 52},
+        {"crf": -1},
+        {"crf": "18"},
+        {"crf": True},
+        {"threads": -1},
+        {"threads": 129},
+        {"threads": 2.5},
+        {"threads": None},
+    )
+    for options in refused:
         with pytest.raises(InputError):
             SyncedVideoWriter(tmp_path / "out.mp4", audio, 2, **options)
     assert list(tmp_path.iterdir()) == []  # refused before any file was made
+    for options in ({"preset": "Medium"}, {"preset": "0"}, {"crf": 18.5}, {"threads": np.int64(2)}):  # as x264 reads
+        with SyncedVideoWriter(tmp_path / "ok.mp4", audio, 1, **options) as writer:
+            writer.write(np.zeros((16, 16, 3), np.uint8))
+        (tmp_path / "ok.mp4").unlink()
     for threads in (1, 0):  # 0: x264 picks from the cores
         with SyncedVideoWriter(tmp_path / "out.mp4", audio, 2, preset="ultrafast", threads=threads) as writer:
             for _ in range(2):

@@ -11,6 +11,7 @@ belong to an unrelated process that reused the pid).
 from __future__ import annotations
 
 import errno
+import numbers
 import os
 import re
 import secrets
@@ -91,14 +92,17 @@ MAX_CRF = 51  # 8-bit x264
 MAX_THREADS = 128  # x264's X264_THREAD_MAX
 
 
-def check_encoder_options(crf: int, preset: str, threads: int) -> None:
-    """InputError unless x264 takes these (found before any connection, not at the first frame)."""
-    if preset not in X264_PRESETS:
-        raise InputError(f"x264 preset {preset!r} is not one of {', '.join(X264_PRESETS)}")
-    if not 0 <= crf <= MAX_CRF:
-        raise InputError(f"x264 crf {crf} is outside 0..{MAX_CRF}")
-    if not 0 <= threads <= MAX_THREADS:
-        raise InputError(f"encoder threads {threads} is outside 0..{MAX_THREADS} (0 = as many as suit the cores)")
+def check_encoder_options(crf: float, preset: str, threads: int) -> None:
+    """InputError unless x264 takes these (found before any connection, not at the first frame). Presets as x264
+    reads them: a name in any case, or its number 0 (ultrafast) .. 9 (placebo)."""
+    if not isinstance(preset, str) or (preset.lower() not in X264_PRESETS and preset not in map(str, range(10))):
+        raise InputError(f"x264 preset {preset!r} is not one of {', '.join(X264_PRESETS)} (or 0..9)")
+    if isinstance(crf, bool) or not isinstance(crf, numbers.Real) or not 0 <= crf <= MAX_CRF:
+        raise InputError(f"x264 crf {crf!r} is not a number in 0..{MAX_CRF}")
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 0 <= threads <= MAX_THREADS:
+        raise InputError(
+            f"encoder threads {threads!r} is not a whole number in 0..{MAX_THREADS} (0 = as many as suit the cores)"
+        )
 
 
 PARTIAL_NAME = re.compile(r"^\..*\.partial-\d+-[0-9a-f]{6}(\.[^./]*)?$")
@@ -207,8 +211,8 @@ class SyncedVideoWriter:
         stream = self._container.add_stream("libx264", rate=FPS, options={"crf": str(self.crf), "preset": self.preset})
         stream.width, stream.height = width - width % 2, height - height % 2  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
-        # 0 (PyAV's default): x264 sizes its threads to the cores; 1 thread takes ~90 ms per 1080x1920 frame at
-        # `medium`, slower than real time, but suits many clients sharing a machine
+        # 0 (PyAV's default): x264 sizes its threads to the cores; 1 thread took 70 ms per 1080x1920 frame at
+        # `medium` (RESULTS.md), slower than real time, but suits many clients sharing a machine
         stream.codec_context.thread_count = self.threads
         self._video = stream
 
