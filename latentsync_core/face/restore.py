@@ -17,16 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .align import (
-    FILL_VALUE,
-    box_hw,
-    grid_coverage,
-    grid_warp,
-    invert_affine,
-    planes_to_hwc,
-    sampling_grid,
-    source_window,
-)
+from .align import FILL_VALUE, box_hw, grid_coverage, grid_warp, invert_affine, planes_to_hwc, sampling_grid
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1) of the frame
 
@@ -158,10 +149,9 @@ def paste_region(
     face, grid = face.float(), grid[:, rows, cols]
     if face.device.type == "cpu":
         # grid_sample reads the face in gathers that no prefetcher follows: on a face that has left the cache (one
-        # pasted right after an alignment, say) they took 1.0 ms at 512 px against 0.22 cached. One ordered read of
-        # the rows it samples brings them in for 0.03-0.04 ms (RESULTS.md "sixteenth round")
-        y0_src, y1_src, _, _ = source_window(grid, tuple(face.shape[-2:]))
-        face[:, y0_src:y1_src].sum()
+        # pasted right after an alignment, say) they took 1.0 ms at 512 px against 0.22 cached. One ordered read
+        # brings it in for 0.03-0.04 ms (RESULTS.md "sixteenth round")
+        face.sum()
     warped, _ = grid_warp(face[None], grid, FILL_VALUE, coverage[..., rows, cols])
     pasted = warped.div_(2).add_(0.5).clamp_(0, 1).mul_(255).mul_(mask[..., rows, cols])
     soft = soft[..., rows, cols]
