@@ -3,6 +3,7 @@ and a CPU dry run of the GPU script (latentsync-gpu-bench) so it is known to wor
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import helpers
@@ -133,6 +134,26 @@ def test_gpu_script_dry_run(tmp_path, shared_dir):
     assert row["reused_ms"] > 0 and row["fps_deepcache"] > 0 and row["fps_dpm10"] > row["fps"]
     assert any("repository built" in n for n in result["notes"])
     assert "| 1.5 | 2 | 1 |" in (tmp_path / "out" / "gpu_bench.md").read_text()
+
+
+def test_gpu_script_served_options_reach_the_repository(tmp_path, shared_dir):
+    """(b)'s --served-max-windows and --served-instances (the next GPU run's experiments: fewer compiled batch sizes,
+    the orchestrator's CUDA context off the GPU) are what the built repository serves, and its report says so;
+    a bad spec stops the run before anything is measured."""
+    result = run_gpu_script(
+        tmp_path, shared_dir, "--parts", "served", "--served-max-windows", "3",
+        "--served-instances", "lipsync=cpu:2", "--served-instances", "restorer=gpu",
+    )  # fmt: skip
+    (repository,) = [n for n in result["notes"] if n.startswith("(b) repository: ")]
+    assert "denoiser_1.5 cpu x1 (max_windows 3)" in repository
+    assert "lipsync cpu x2" in repository and "restorer gpu x1" in repository and "vae_encoder cpu x1" in repository
+    assert result["settings"]["served_instances"] == {"lipsync": "cpu:2", "restorer": "gpu"}
+    for i, (bad, message) in enumerate(
+        (("lipsync=cpux", "KIND[:COUNT"), ("lipsync", "MODEL=KIND"), ("lipsinc=cpu", "no such model"))
+    ):
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            run_gpu_script(tmp_path / f"bad{i}", shared_dir, "--parts", "served", "--served-instances", bad)
+        assert failed.value.returncode == 2 and message in failed.value.stderr.decode()
 
 
 @pytest.mark.slow

@@ -67,6 +67,7 @@ PER_FRAME_MODELS = ("face_detector", "vae_encoder", "vae_decoder", "restorer")  
 NETWORKS = ("audio_encoder", "denoiser", "vae_encoder", "vae_decoder")  # stand-ins replace these
 ONNX_MODELS = ("audio_encoder", "vae_encoder", "vae_decoder")  # --tensorrt converts these
 HALF_MODELS = ("denoiser", "vae_encoder", "vae_decoder")  # --dtype applies to these
+SHARED_MODELS = ("audio_encoder", "vae_encoder", "vae_decoder", "face_detector", "restorer", "lipsync")
 MIN_FRAME_BATCH = 16  # one whole window per call
 
 
@@ -153,6 +154,19 @@ class ExportOptions:
             raise ExportConfigError(f"face policy must be largest or track, got {self.face_policy!r}")
         if self.max_streams < 1 or self.idle_timeout_s <= 0 or self.max_queue_delay_us < 0:
             raise ExportConfigError("--max-streams >= 1, --idle-timeout-s > 0 and --max-queue-delay-us >= 0")
+        unknown = sorted(set(self.instances) - set(self.model_names()))
+        if unknown:  # a typo would otherwise leave that model on the target's default placement, silently
+            enhancer = "" if self.enhancer_weights else " (enhancer: with --enhancer-weights)"
+            raise ExportConfigError(
+                f"--instances {', '.join(unknown)}: no such model in this repository; it has "
+                f"{', '.join(self.model_names())}{enhancer}"
+            )
+
+    def model_names(self) -> list[str]:
+        """What --instances may name: the models this repository will have, and `denoiser` for all denoisers."""
+        variants = self.weights or self.variants
+        optional = ["enhancer"] if self.enhancer_weights is not None else []
+        return [*(f"denoiser_{v}" for v in variants), "denoiser", *SHARED_MODELS, *optional]
 
     def instance_spec(self, template: str, model: str) -> InstanceSpec:
         on_gpu = self.target == "gpu" and template != "face_detector"
@@ -233,6 +247,7 @@ class _Builder:
         if self.opts.enhancer_weights is not None:
             self.enhancer(Path(self.opts.enhancer_weights))
         self.lipsync()
+        assert set(self.manifest["models"]) <= set(self.opts.model_names()), "ExportOptions.model_names is stale"
         return self.manifest
 
     # ------------------------------------------------------------------------------------------ helpers

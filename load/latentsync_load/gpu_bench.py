@@ -60,6 +60,8 @@ class Settings:
     served_streams: list[int] = field(default_factory=lambda: [1, 8, 16])
     served_frames: int = 48  # per stream: 3 windows
     served_compile: str = ""  # (b): the denoiser's UNet under torch.compile in this mode ("": eager)
+    served_max_windows: int = 0  # (b): the denoiser's --max-windows (0: the target's default)
+    served_instances: dict[str, str] = field(default_factory=dict)  # (b): model -> KIND[:COUNT[:GPUS]]
     frame_side: int = 0  # resize face frames to this longer side (0: as bundled, 1080x1920)
     serve: bool = True  # start a server for (b); else only build its repository
     budget_s: float = 420.0
@@ -478,7 +480,11 @@ def served(run: Run) -> None:
     """(b); on a GPU, if the served path fails with the orchestrator on the GPU (device tensors between the
     models through CUDA IPC), once more with `lipsync` on the CPU (host tensors between it and the models)."""
     target = "gpu" if run.device.type == "cuda" else "cpu"
-    layouts = [("", {})] + ([("lipsync on the CPU", {"lipsync": "cpu"})] if target == "gpu" else [])
+    chosen = run.settings.served_instances
+    label = ", ".join(f"{model}={spec}" for model, spec in chosen.items())
+    layouts = [(label, chosen)]
+    if target == "gpu" and chosen.get("lipsync", "gpu").lower().split(":")[0] != "cpu":
+        layouts.append((", ".join(filter(None, [label, "lipsync on the CPU"])), {**chosen, "lipsync": "cpu"}))
     for i, (label, instances) in enumerate(layouts):
         try:
             serve_layout(run, target, instances, label)
@@ -507,8 +513,10 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         max(24, max(s.served_streams)),
         {model: InstanceSpec.parse(spec) for model, spec in instances.items()},
         s.served_compile,
+        s.served_max_windows or None,
     )
     print(f"built {repo} (target {target}{', ' + label if label else ''})", flush=True)
+    run.report.note(f"(b) repository: {g.describe_repository(repo)}")
     if not s.serve:
         run.report.note("(b) served path: repository built, no server started (a CPU dry run; --serve starts one)")
         return
@@ -548,7 +556,8 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         for variant in s.served_variants:
             for n in s.served_streams:
                 compiled = f"UNet compiled ({s.served_compile})" if s.served_compile else ""
-                row = g.ServedRow(variant, n, note="; ".join(filter(None, [label, compiled])))
+                windows = f"max windows {s.served_max_windows}" if s.served_max_windows else ""
+                row = g.ServedRow(variant, n, note="; ".join(filter(None, [label, compiled, windows])))
                 run.report.served.append(row)
                 if run.deadline.left() < 20:
                     row.note = "skipped: time budget"
@@ -626,6 +635,22 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         help="(b): the denoiser's UNet under torch.compile (latentsync-export --compile-unet MODE; every batch size "
         "compiles while the server starts, about a minute each on an H200: run --parts served alone)",
     )
+    p.add_argument(
+        "--served-max-windows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="(b): windows the denoiser advances together (latentsync-export --max-windows; default: the target's). "
+        "With --served-compile, fewer windows compile fewer batch sizes (2, 4, ..., 2N items)",
+    )
+    p.add_argument(
+        "--served-instances",
+        action="append",
+        default=[],
+        metavar="MODEL=KIND[:COUNT[:GPUS]]",
+        help="(b): an instance group other than the target's (latentsync-export --instances), e.g. lipsync=cpu; "
+        "repeatable",
+    )
     p.add_argument("--frame-side", type=int, default=0, help="resize face frames to this longer side (0: keep)")
     serve = p.add_mutually_exclusive_group()
     serve.add_argument("--serve", action="store_true", help="start a server for (b) also on the CPU")
@@ -637,6 +662,14 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     unknown = set(_list(a.parts)) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if a.served_max_windows < 0:
+        p.error("--served-max-windows must be >= 1 (or 0: the target's default)")
+    instances = {}
+    for item in a.served_instances:  # the specs are checked by check_served_instances, inside the bundle
+        model, sep, spec = item.partition("=")
+        if not (sep and model.strip() and spec.strip()):
+            p.error(f"--served-instances {item!r}: expected MODEL=KIND[:COUNT[:GPUS]], e.g. lipsync=cpu")
+        instances[model.strip()] = spec.strip()
     s = Settings(
         parts=_list(a.parts),
         variants=_list(a.variants),
@@ -648,6 +681,8 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         served_streams=_list(a.served_streams, int),
         served_frames=a.served_frames,
         served_compile=a.served_compile,
+        served_max_windows=a.served_max_windows,
+        served_instances=instances,
         frame_side=a.frame_side,
         steps=a.steps,
         run_steps=a.steps,
@@ -682,10 +717,31 @@ def enter_bundle(bundle: Path, argv: list[str]) -> BundleEnv:
     os.execve(python, [python, "-m", "latentsync_load.gpu_bench", *argv], env_vars)
 
 
+def check_served_instances(settings: Settings) -> str | None:
+    """What is wrong with --served-instances, or None. latentsync_export reads the specs, and it imports
+    tritonclient: on a GPU machine that is importable only inside the bundle's environment."""
+    from latentsync_export.export import ExportOptions
+    from latentsync_export.model_config import InstanceSpec
+
+    models = ExportOptions(out=Path("."), tiny=True, variants=tuple(settings.served_variants)).model_names()
+    for model, spec in settings.served_instances.items():
+        if model not in models:
+            return f"--served-instances {model}={spec}: no such model; (b) serves {', '.join(models)}"
+        try:
+            InstanceSpec.parse(spec)
+        except ValueError as e:
+            return f"--served-instances {model}={spec}: {e}"
+    return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings, a = parse_args(argv)
     env = enter_bundle(a.bundle, argv) if a.bundle else None
+    problem = check_served_instances(settings)
+    if problem:
+        print(f"latentsync-gpu-bench: {problem}", file=sys.stderr)
+        return 2
     frames_dir = a.frames or (env.frames_dir if env else None)
     if settings.device.startswith("cuda"):
         import torch

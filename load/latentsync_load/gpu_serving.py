@@ -277,9 +277,10 @@ def export_repository(
     max_streams: int,
     instances: dict | None = None,
     compile_unet: str = "",
+    max_windows: int | None = None,
 ) -> dict:
     """latentsync-export of one weights folder for every variant (they share the architecture); `instances`:
-    model name -> InstanceSpec, where one differs from the target's default."""
+    model name -> InstanceSpec, where one differs from the target's default; `max_windows` None: the target's."""
     from latentsync_export.export import ExportOptions, build_repository
 
     opts = ExportOptions(
@@ -290,9 +291,31 @@ def export_repository(
         max_streams=max_streams,
         instances=instances or {},
         compile_unet=compile_unet,
+        max_windows=max_windows,
         force=True,
     )
     return build_repository(opts)
+
+
+def describe_repository(repo: Path) -> str:
+    """What a built repository serves, from its config.pbtxt files, for the report: each model's instance groups
+    and the denoisers' max_windows and compile_unet, e.g. `denoiser_1.5 gpu x1 (max_windows 8, compile_unet
+    reduce-overhead); lipsync cpu x1; ...`."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from latentsync_export.model_config import parse_model_config
+
+    parts = []
+    for path in sorted(Path(repo).glob("*/config.pbtxt")):
+        config = parse_model_config(path)
+        groups = ", ".join(
+            f"{mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix('KIND_').lower()} x{g.count}"
+            for g in config.instance_group
+        )
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        extra = [f"{k} {params[k]}" for k in ("max_windows", "compile_unet") if params.get(k)]
+        parts.append(f"{config.name} {groups or 'default'}{' (' + ', '.join(extra) + ')' if extra else ''}")
+    return "; ".join(parts)
 
 
 def server_args(device_type: str) -> list[str]:
