@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container entry point.
 #   prepare  build the GPU model repository from /weights into the cache volume (once), then load every model
-#            once so TensorRT writes its engines into the cache; concurrent containers take turns on a lock
+#            once so TensorRT writes its engines (and torch.compile its kernels) into the cache; concurrent
+#            containers take turns on a lock
 #   serve    (default) prepare if needed, then run tritonserver under latentsync-serve (PID 1's process; the
 #            server logs to stdout): SIGTERM drains the open streams, then stops Triton; extra args go to
 #            latentsync-serve (e.g. --drain-timeout-s)
@@ -15,6 +16,10 @@ version=${LATENTSYNC_MODEL_VERSION:-v1}
 repo=${LATENTSYNC_REPO:-${cache}/${version}/model_repository}
 trt_cache=${LATENTSYNC_TRT_CACHE:-${cache}/${version}/trt}
 weights=${LATENTSYNC_WEIGHTS:-/weights}
+# torch.compile's caches (LATENTSYNC_EXPORT_ARGS with --compile-unet) on the cache volume too: what `prepare`
+# compiled is reused by `serve`, by the other replicas and after restarts, instead of compiling the UNet again
+# at every start (minutes on a GPU; on a CPU a cached start compiled in 18-31 s against 104-120, RESULTS.md)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${cache}/${version}/torchinductor}
 
 # The admin key comes from a secret file (compose secrets: LATENTSYNC_ADMIN_KEY_FILE) or the environment
 # (Kubernetes secretKeyRef: LATENTSYNC_ADMIN_KEY); latentsync-serve reads either and hands it to tritonserver

@@ -148,12 +148,36 @@ def test_gpu_script_served_options_reach_the_repository(tmp_path, shared_dir):
     assert "denoiser_1.5 cpu x1 (max_windows 3)" in repository
     assert "lipsync cpu x2" in repository and "restorer gpu x1" in repository and "vae_encoder cpu x1" in repository
     assert result["settings"]["served_instances"] == {"lipsync": "cpu:2", "restorer": "gpu"}
-    for i, (bad, message) in enumerate(
-        (("lipsync=cpux", "KIND[:COUNT"), ("lipsync", "MODEL=KIND"), ("lipsinc=cpu", "no such model"))
-    ):
+    refused = (
+        ("lipsync=cpux", "KIND[:COUNT"),
+        ("lipsync", "MODEL=KIND"),
+        ("lipsinc=cpu", "no such model"),
+        ("denoiser_1.6=gpu", "no such model"),  # (b) serves 1.5 unless --served-variants says otherwise
+    )
+    for i, (bad, message) in enumerate(refused):
         with pytest.raises(subprocess.CalledProcessError) as failed:
             run_gpu_script(tmp_path / f"bad{i}", shared_dir, "--parts", "served", "--served-instances", bad)
         assert failed.value.returncode == 2 and message in failed.value.stderr.decode()
+
+
+def test_gpu_script_served_layouts_retry_on_the_cpu_only_what_the_user_left_to_the_target():
+    from latentsync_load.gpu_bench import Settings, check_served_instances, parse_args, served_layouts
+
+    assert served_layouts({}, "gpu") == [("", {}), ("lipsync=cpu (retry)", {"lipsync": "cpu"})]
+    assert served_layouts({"restorer": "cpu"}, "gpu")[1] == (
+        "restorer=cpu, lipsync=cpu (retry)",
+        {"restorer": "cpu", "lipsync": "cpu"},
+    )
+    for chosen in ({"lipsync": "gpu:2"}, {"lipsync": "cpu"}):  # the user's placement is what is measured
+        assert served_layouts(chosen, "gpu") == [(f"lipsync={chosen['lipsync']}", chosen)]
+    assert served_layouts({}, "cpu") == [("", {})]
+
+    with pytest.raises(SystemExit):  # argparse: exit 2
+        parse_args(["--served-instances", "lipsync=cpu", "--served-instances", "lipsync=gpu:2"])
+    gpu_ids = Settings(served_instances={"restorer": "gpu:1:0,3"})
+    assert "has 2 GPU(s)" in check_served_instances(gpu_ids, gpus=2)
+    assert check_served_instances(gpu_ids, gpus=4) is None
+    assert check_served_instances(Settings(served_instances={"x": "cpu"}, parts=["unet"])) is None  # (b) not run
 
 
 @pytest.mark.slow

@@ -261,6 +261,7 @@ def test_stand_in_repository(tmp_path):
         (["--tiny", "--instances", "lipsinc=cpu:2"], "lipsinc: no such model"),
         (["--tiny", "--variants", "1.5", "--instances", "denoiser_1.6=gpu"], "denoiser_1.6: no such model"),
         (["--tiny", "--instances", "enhancer=gpu"], "with --enhancer-weights"),
+        (["--tiny", "--instances", "lipsync=cpu", "--instances", "lipsync=gpu:2"], "given twice"),
         (["--tiny", "--max-windows", "0"], ">= 1"),
         (["--tiny", "--compile-unet", "fast"], "invalid choice"),
         (["--tiny", "--dtype", "bfloat16"], "float32"),
@@ -277,6 +278,15 @@ def test_cli_errors_say_what_is_wrong(tmp_path, capsys, argv, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+
+
+def test_a_variant_denoiser_named_in_instances_overrides_the_template_name(tmp_path):
+    out = tmp_path / "repo"
+    specs = {"denoiser_1.6": InstanceSpec("cpu", 3), "denoiser": InstanceSpec("cpu", 2)}
+    build_repository(ExportOptions(out=out, tiny=True, instances=specs))
+    cfg = configs(out)
+    assert [g.count for g in cfg["denoiser_1.6"].instance_group] == [3]
+    assert [g.count for g in cfg["denoiser_1.5"].instance_group] == [2]
 
 
 def test_compiled_unet_repository(tmp_path):

@@ -301,7 +301,7 @@ FAKE_EXPORTER = """#!/usr/bin/env bash
 # Stands in for latentsync-export --target gpu (which needs real weights and the NGC backends): records its
 # arguments and copies a ready repository to --out.
 set -euo pipefail
-echo "$*" >> "$EXPORT_LOG"
+echo "$* TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-}" >> "$EXPORT_LOG"
 out=; while (($#)); do [[ $1 == --out ]] && out=$2; shift; done
 cp -r "$EXPORT_SOURCE" "$out"
 """
@@ -328,6 +328,7 @@ def test_entrypoint_prepare_builds_once_then_warms_up(prepared_cache, tmp_path):
         EXPORT_SOURCE=str(source),
     )
     env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # as in the image; importing torch._inductor sets it in this process
     for _ in range(2):
         out = subprocess.run(
             ["bash", str(DOCKER / "entrypoint.sh"), "prepare"], env=env, capture_output=True, text=True, timeout=180
@@ -337,6 +338,8 @@ def test_entrypoint_prepare_builds_once_then_warms_up(prepared_cache, tmp_path):
     (call,) = log.read_text().splitlines()  # the second prepare reused the repository
     assert f"--weights 1.6={weights}/1.6" in call and "--target gpu" in call
     assert f"--trt-cache-dir {tmp_path / 'trt'}" in call
+    # torch.compile's kernels go to the cache volume too, per model version (the server inherits the variable)
+    assert call.endswith(f"TORCHINDUCTOR_CACHE_DIR={repo.parent}/{env['LATENTSYNC_MODEL_VERSION']}/torchinductor")
     assert (repo / ".complete").exists() and (repo / "double" / "config.pbtxt").exists()
     assert not Path(f"{repo}.partial").exists()
 

@@ -156,7 +156,7 @@ class ExportOptions:
             raise ExportConfigError("--max-streams >= 1, --idle-timeout-s > 0 and --max-queue-delay-us >= 0")
         unknown = sorted(set(self.instances) - set(self.model_names()))
         if unknown:  # a typo would otherwise leave that model on the target's default placement, silently
-            enhancer = "" if self.enhancer_weights else " (enhancer: with --enhancer-weights)"
+            enhancer = " (enhancer: with --enhancer-weights)" if "enhancer" in unknown else ""
             raise ExportConfigError(
                 f"--instances {', '.join(unknown)}: no such model in this repository; it has "
                 f"{', '.join(self.model_names())}{enhancer}"
@@ -460,6 +460,8 @@ def parse_instances(items: Sequence[str]) -> dict[str, InstanceSpec]:
             raise ExportConfigError(
                 f"--instances {item!r}: expected MODEL=KIND[:COUNT[:GPUS]], e.g. denoiser=gpu:2:0,1"
             )
+        if name.strip() in out:  # else the last one would win, silently
+            raise ExportConfigError(f"--instances {name.strip()!r} is given twice")
         out[name.strip()] = InstanceSpec.parse(spec)
     return out
 

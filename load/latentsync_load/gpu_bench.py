@@ -476,15 +476,22 @@ def geometry(run: Run) -> None:
         print(" | ".join(geometry_cells(asdict(row))), flush=True)
 
 
+def served_layouts(chosen: dict[str, str], target: str) -> list[tuple[str, dict[str, str]]]:
+    """(label, instances) of each repository (b) tries in turn: `chosen` (--served-instances); on a GPU, unless
+    the user placed `lipsync`, then the same with `lipsync` on the CPU (the served path failing with the
+    orchestrator on the GPU, where device tensors cross between the models through CUDA IPC)."""
+    name = lambda instances: ", ".join(f"{model}={spec}" for model, spec in instances.items())  # noqa: E731
+    layouts = [(name(chosen), chosen)]
+    if target == "gpu" and "lipsync" not in chosen:
+        retry = {**chosen, "lipsync": "cpu"}
+        layouts.append((f"{name(retry)} (retry)", retry))
+    return layouts
+
+
 def served(run: Run) -> None:
-    """(b); on a GPU, if the served path fails with the orchestrator on the GPU (device tensors between the
-    models through CUDA IPC), once more with `lipsync` on the CPU (host tensors between it and the models)."""
+    """(b), in each of served_layouts until one serves."""
     target = "gpu" if run.device.type == "cuda" else "cpu"
-    chosen = run.settings.served_instances
-    label = ", ".join(f"{model}={spec}" for model, spec in chosen.items())
-    layouts = [(label, chosen)]
-    if target == "gpu" and chosen.get("lipsync", "gpu").lower().split(":")[0] != "cpu":
-        layouts.append((", ".join(filter(None, [label, "lipsync on the CPU"])), {**chosen, "lipsync": "cpu"}))
+    layouts = served_layouts(run.settings.served_instances, target)
     for i, (label, instances) in enumerate(layouts):
         try:
             serve_layout(run, target, instances, label)
@@ -516,7 +523,10 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         s.served_max_windows or None,
     )
     print(f"built {repo} (target {target}{', ' + label if label else ''})", flush=True)
-    run.report.note(f"(b) repository: {g.describe_repository(repo)}")
+    try:
+        run.report.note(f"(b) repository: {g.describe_repository(repo)}")
+    except Exception as e:  # noqa: BLE001 - a description, not a reason to rebuild the repository
+        run.report.note(f"(b) repository: not described ({type(e).__name__}: {e})")
     if not s.serve:
         run.report.note("(b) served path: repository built, no server started (a CPU dry run; --serve starts one)")
         return
@@ -669,6 +679,8 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         model, sep, spec = item.partition("=")
         if not (sep and model.strip() and spec.strip()):
             p.error(f"--served-instances {item!r}: expected MODEL=KIND[:COUNT[:GPUS]], e.g. lipsync=cpu")
+        if model.strip() in instances:
+            p.error(f"--served-instances {model.strip()!r} is given twice")
         instances[model.strip()] = spec.strip()
     s = Settings(
         parts=_list(a.parts),
@@ -717,20 +729,28 @@ def enter_bundle(bundle: Path, argv: list[str]) -> BundleEnv:
     os.execve(python, [python, "-m", "latentsync_load.gpu_bench", *argv], env_vars)
 
 
-def check_served_instances(settings: Settings) -> str | None:
-    """What is wrong with --served-instances, or None. latentsync_export reads the specs, and it imports
-    tritonclient: on a GPU machine that is importable only inside the bundle's environment."""
-    from latentsync_export.export import ExportOptions
-    from latentsync_export.model_config import InstanceSpec
+def check_served_instances(settings: Settings, gpus: int | None = None) -> str | None:
+    """What is wrong with --served-instances, or None; checked before anything is measured. latentsync_export
+    reads the specs, and it imports tritonclient: on a GPU machine only the bundle's environment has it (where
+    it is missing, (b) is skipped anyway, and this check with it)."""
+    if not settings.served_instances or "served" not in settings.parts:
+        return None
+    try:
+        from latentsync_export.export import ExportOptions
+        from latentsync_export.model_config import InstanceSpec
+    except ImportError:
+        return None
 
     models = ExportOptions(out=Path("."), tiny=True, variants=tuple(settings.served_variants)).model_names()
     for model, spec in settings.served_instances.items():
         if model not in models:
             return f"--served-instances {model}={spec}: no such model; (b) serves {', '.join(models)}"
         try:
-            InstanceSpec.parse(spec)
+            parsed = InstanceSpec.parse(spec)
         except ValueError as e:
             return f"--served-instances {model}={spec}: {e}"
+        if gpus is not None and any(g >= gpus for g in parsed.gpus):
+            return f"--served-instances {model}={spec}: this machine has {gpus} GPU(s), ids 0..{gpus - 1}"
     return None
 
 
@@ -738,17 +758,19 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings, a = parse_args(argv)
     env = enter_bundle(a.bundle, argv) if a.bundle else None
-    problem = check_served_instances(settings)
-    if problem:
-        print(f"latentsync-gpu-bench: {problem}", file=sys.stderr)
-        return 2
     frames_dir = a.frames or (env.frames_dir if env else None)
+    gpus = None
     if settings.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             print("latentsync-gpu-bench: no CUDA device; --tiny is the CPU dry run", file=sys.stderr)
             return 2
+        gpus = torch.cuda.device_count()
+    problem = check_served_instances(settings, gpus)
+    if problem:
+        print(f"latentsync-gpu-bench: {problem}", file=sys.stderr)
+        return 2
     report = run_all(settings, a.out, env, frames_dir)
     print(markdown(report.as_dict()))
     print(f"wrote {a.out / 'gpu_bench.md'} and {a.out / 'gpu_bench.json'}")

@@ -300,7 +300,7 @@ def export_repository(
 def describe_repository(repo: Path) -> str:
     """What a built repository serves, from its config.pbtxt files, for the report: each model's instance groups
     and the denoisers' max_windows and compile_unet, e.g. `denoiser_1.5 gpu x1 (max_windows 8, compile_unet
-    reduce-overhead); lipsync cpu x1; ...`."""
+    reduce-overhead); lipsync cpu x1; restorer gpu x2 on each of GPUs 0,1; ...`."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     from latentsync_export.model_config import parse_model_config
@@ -308,8 +308,9 @@ def describe_repository(repo: Path) -> str:
     parts = []
     for path in sorted(Path(repo).glob("*/config.pbtxt")):
         config = parse_model_config(path)
-        groups = ", ".join(
+        groups = ", ".join(  # Triton starts `count` instances on each listed GPU
             f"{mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix('KIND_').lower()} x{g.count}"
+            + (f" on each of GPUs {','.join(map(str, g.gpus))}" if g.gpus else "")
             for g in config.instance_group
         )
         params = {k: v.string_value for k, v in config.parameters.items()}
