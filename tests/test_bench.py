@@ -180,6 +180,22 @@ def test_gpu_script_served_layouts_retry_on_the_cpu_only_what_the_user_left_to_t
     assert check_served_instances(Settings(served_instances={"x": "cpu"}, parts=["unet"])) is None  # (b) not run
 
 
+def test_gpu_script_reads_each_buckets_compile_time_from_the_server_log():
+    from latentsync_load.gpu_serving import compile_times
+
+    log = (
+        'I1205 13:07:10.694400 2948 metrics.py:58] "denoiser_1.5: UNet on cuda:0 in torch.bfloat16, compiled (x)"\n'
+        'I1205 13:08:31.974229 2948 metrics.py:58] "denoiser_1.5: UNet compiled (reduce-overhead) for 2 items of 16 '
+        'frames in 81 s"\n'
+        'I1205 13:09:35.104229 2948 metrics.py:58] "denoiser_1.5: UNet compiled (reduce-overhead) for 4 items of 16 '
+        'frames in 64 s"\n'
+        'I1205 13:09:40.104229 2950 metrics.py:58] "denoiser_1.6: UNet compiled (default) for 2 items of 16 frames in '
+        '90 s"\n'
+    )
+    assert compile_times(log) == "denoiser_1.5: 2 items 81 s, 4 items 64 s; denoiser_1.6: 2 items 90 s"
+    assert compile_times("I1205 ... lipsync ready") == ""
+
+
 @pytest.mark.slow
 def test_gpu_script_precision_dry_run(tmp_path, shared_dir):
     """(c) on the CPU: bfloat16 against float32 on a window of 2 real face frames, one step (slow here: a bfloat16

@@ -535,9 +535,10 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         return
     frames = face_frames(run, s.served_frames)
     audio = g.synthetic_audio(len(frames))
+    log_path = run.report.out / f"tritonserver{'-' + '-'.join(instances) if instances else ''}.log"
     server = TritonServer(
         repo,
-        log_path=run.report.out / f"tritonserver{'-' + '-'.join(instances) if instances else ''}.log",
+        log_path=log_path,
         extra_args=g.server_args(run.device.type),
         home=run.env.triton_home if run.env else None,
     )
@@ -547,6 +548,9 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         run.report.note(
             f"(b) Triton ready in {time.perf_counter() - started:.0f} s{' (' + label + ')' if label else ''}"
         )
+        compiles = g.compile_times(log_path.read_text(errors="replace") if log_path.is_file() else "")
+        if compiles:
+            run.report.note(f"(b) UNet compiled at start: {compiles}")
         next_id = 1
         for variant in s.served_variants:  # warm-up: one window, first CUDA kernels and allocations
             params = g.StreamParams(steps=s.run_steps, seed=s.seed, variant=variant)

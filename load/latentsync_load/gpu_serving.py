@@ -319,6 +319,18 @@ def describe_repository(repo: Path) -> str:
     return "; ".join(parts)
 
 
+def compile_times(server_log: str) -> str:
+    """The denoisers' compile time per batch size from the server's log (CompiledUNet.warm_up's lines), e.g.
+    `denoiser_1.5: 2 items 81 s, 4 items 64 s`; empty when nothing was compiled."""
+    found = re.findall(
+        r"(denoiser_[\w.]+): UNet compiled \([\w-]+\) for (\d+) items of \d+ frames in (\d+) s", server_log
+    )
+    models: dict[str, list[str]] = {}
+    for model, items, seconds in found:
+        models.setdefault(model, []).append(f"{items} items {seconds} s")
+    return "; ".join(f"{model}: {', '.join(times)}" for model, times in models.items())
+
+
 def server_args(device_type: str) -> list[str]:
     if device_type != "cuda":
         return []

@@ -10,6 +10,8 @@ items than the largest bucket; DeepCache's partial steps, which use the module's
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 BUCKETS = (2, 4, 8, 16, 32)  # UNet items: 1, 2, 4, 8, 16 guided windows
@@ -51,13 +53,15 @@ class CompiledUNet:
         config = self.unet.config
         hw = (latent_size, latent_size)
         for size in self.buckets:
+            started = time.perf_counter()
             sample = torch.zeros(size, config["in_channels"], self.frames, *hw, device=device, dtype=dtype)
             timesteps = torch.zeros(size, dtype=torch.int64, device=device)
             audio = torch.zeros(size, self.frames, 50, config["cross_attention_dim"], device=device, dtype=dtype)
             with torch.no_grad():
                 for _ in range(3):  # reduce-overhead records its CUDA graph on the third call
                     self(sample, timesteps, audio)
-            log(f"UNet compiled ({self.mode}) for {size} items of {self.frames} frames")
+            seconds = time.perf_counter() - started  # a start from torch.compile's cache is faster (OPERATIONS.md)
+            log(f"UNet compiled ({self.mode}) for {size} items of {self.frames} frames in {seconds:.0f} s")
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
