@@ -740,21 +740,18 @@ def check_served_instances(settings: Settings, gpus: int | None = None) -> str |
     if not settings.served_instances or "served" not in settings.parts:
         return None
     try:
-        from latentsync_export.export import ExportOptions
-        from latentsync_export.model_config import InstanceSpec
+        from latentsync_export.export import ExportOptions, parse_instances
     except ImportError:
         return None
 
-    models = ExportOptions(out=Path("."), tiny=True, variants=tuple(settings.served_variants)).model_names()
-    for model, spec in settings.served_instances.items():
-        if model not in models:
-            return f"--served-instances {model}={spec}: no such model; (b) serves {', '.join(models)}"
-        try:
-            parsed = InstanceSpec.parse(spec)
-        except ValueError as e:
-            return f"--served-instances {model}={spec}: {e}"
-        if gpus is not None and any(g >= gpus for g in parsed.gpus):
-            return f"--served-instances {model}={spec}: this machine has {gpus} GPU(s), ids 0..{gpus - 1}"
+    try:  # the exporter's own checks: spec syntax, and names that are models of the repository (b) builds
+        instances = parse_instances([f"{model}={spec}" for model, spec in settings.served_instances.items()])
+        ExportOptions(out=Path("."), tiny=True, variants=tuple(settings.served_variants), instances=instances).check()
+    except ValueError as e:
+        return f"--served-instances: {e}"
+    for model, spec in instances.items():
+        if gpus is not None and any(g >= gpus for g in spec.gpus):
+            return f"--served-instances {model}: this machine has {gpus} GPU(s), ids 0..{gpus - 1}"
     return None
 
 
