@@ -6,25 +6,35 @@ GOLDEN  ?= ../shared/golden
 
 WEIGHTS ?=
 
-.PHONY: setup test test-fast lint format parity demo demo-deps gpu-bundle clean
+.PHONY: setup lock test test-fast lint format parity demo demo-deps gpu-bundle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # CPU install from the package registries (torch 2.13.0 CPU is on disk for pip). Every part of the project is
-# its own package (README "Layout"); all are installed editable, with the pip Triton server and the test tools.
+# its own package (README "Layout"); all are installed editable, with the pip Triton server and the test tools,
+# at the versions in constraints.txt (the lock: a new release elsewhere cannot break a fresh clone).
+PIP_LOCKED := $(BIN)/pip install -q -c constraints.txt
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e ./contract -e . -e './serving[triton]' -e ./export -e ./client -e ./load \
+	$(PIP_LOCKED) -e ./contract -e . -e './serving[triton]' -e ./export -e ./client -e ./load \
 		-r tests/requirements.txt
 	# --no-deps: only files are used: mediapipe's face detector weights (.tflite, see face/detectors) and the
 	# sample photos of insightface (the demo portrait; test_pose)
-	$(BIN)/pip install -q --no-deps mediapipe==0.10.21 insightface==2.1
+	$(PIP_LOCKED) --no-deps mediapipe==0.10.21 insightface==2.1
 	# The optional face enhancer's loader (face/enhance.py), --no-deps too: spandrel declares torchvision, and
 	# PyPI's torchvision does not import beside the CPU torch (and then breaks diffusers' imports).
 	# spandrel-extra-arches brings CodeFormer, whose licence allows non-commercial use only.
-	$(BIN)/pip install -q --no-deps spandrel==0.4.2 spandrel-extra-arches==0.2.0 einops==0.8.2
+	$(PIP_LOCKED) --no-deps spandrel==0.4.2 spandrel-extra-arches==0.2.0 einops==0.8.2
 	@echo "setup done: $(VENV)"
+
+# Rewrite the lock from this environment: after adding or raising a requirement, run `make setup` with the new
+# requirement (pip reports the clash with the old lock: drop that line first), then `make lock`, then `make test`.
+# Local version tags (torch's +cpu) are dropped, so the image's CUDA build of the same version matches too.
+lock:
+	@{ sed -n '1,/^$$/p' constraints.txt; \
+	   $(BIN)/pip freeze --exclude-editable | grep '==' | sed -E 's/\+[[:alnum:].]+$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # The whole suite: golden parity, numerics, real Triton servers on loopback, the client, ops files, benchmarks.
 test: lint
@@ -47,7 +57,7 @@ format:
 demo-deps:
 	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; }
 	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('insightface') is None)" \
-		|| $(BIN)/pip install -q --no-deps insightface==2.1
+		|| $(PIP_LOCKED) --no-deps insightface==2.1
 
 # Build a repository (tiny random weights unless WEIGHTS=DIR), serve it with Triton, sync a portrait to speech.
 demo: demo-deps

@@ -2,6 +2,7 @@
 manifests against their schemas, parse every config.pbtxt, and run the container entry point's `serve` on the
 real local server to show its flags lock the admin APIs and keep inference open."""
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 from google.protobuf import text_format
 from helpers import DOUBLE_MODEL, children_of, write_python_model
+from packaging.utils import canonicalize_name
 from tritonclient.utils import InferenceServerException
 
 from latentsync_export.model_config import parse_model_config
@@ -242,6 +244,38 @@ def test_parse_model_config_rejects_bad_files(tmp_path):
     cfg.write_text('name: "other"\nbackend: "python"\n')
     with pytest.raises(ValueError, match="folder"):
         parse_model_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- the lock
+def test_every_install_goes_through_the_lock_and_the_lock_pins_this_environment():
+    """constraints.txt pins what `make setup` installed for this run, version for version (torch's +cpu aside), and
+    every pip install of the Makefile and the Dockerfile reads it: a dependency added without `make lock`, or a
+    lock left stale, fails here instead of as a surprise release in a fresh clone's CI."""
+    lock = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[canonicalize_name(name)] = version
+    assert {"torch", "numpy", "diffusers", "tritonclient", "nvidia-pytriton"} <= set(lock)
+    own = {"pip", "setuptools", "wheel"}  # pip freeze leaves the installer's own packages out
+    unlocked, differ = [], []
+    for dist in importlib.metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in own or name.startswith("latentsync-"):
+            continue
+        version = dist.version.split("+")[0]
+        if name not in lock:
+            unlocked.append(f"{name}=={version}")
+        elif lock[name] != version:
+            differ.append(f"{name}: installed {version}, locked {lock[name]}")
+    assert not unlocked and not differ, f"run `make lock`: not locked {unlocked}, differ {differ}"
+    makefile = (REPO / "Makefile").read_text()
+    dockerfile = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = re.findall(r"(?:pip install|PIP_LOCKED\))[^&\n]*", makefile + dockerfile)  # one per command
+    for install in installs:
+        if "--upgrade pip" not in install:
+            assert "-c constraints.txt" in install or install.startswith("PIP_LOCKED)"), install
+    assert "PIP_LOCKED := $(BIN)/pip install -q -c constraints.txt" in makefile
 
 
 # ---------------------------------------------------------------------------------------------------- docs

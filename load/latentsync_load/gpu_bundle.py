@@ -27,6 +27,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,15 +41,18 @@ from pathlib import Path
 LIMIT_BYTES = 60 << 20
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("contract", ".", "serving", "export", "client", "load")  # the project, without pip install
+
+
+def locked_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """{name: version} of `names` in the project's lock (constraints.txt): the bundle runs what CI ran."""
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731 - PEP 503 (no `packaging` on a GPU host)
+    lock = {canonical(name): version for name, version in (line.split("==") for line in lines if "==" in line)}
+    return {name: lock[canonical(name)] for name in names}
+
+
 # numpy 1.x shadows the machine's numpy 2, and with it what tritonclient needs from numpy's ABI (ml-dtypes, its pin)
-WHEELS = {
-    "numpy": "1.26.4",
-    "ml-dtypes": "0.5.4",
-    "diffusers": "0.42.1",
-    "tritonclient": "2.73.0",
-    "python-rapidjson": "1.25",
-    "ai-edge-litert": "2.3.0",
-}
+WHEELS = locked_versions(("numpy", "ml-dtypes", "diffusers", "tritonclient", "python-rapidjson", "ai-edge-litert"))
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 LITERT_FILES = (
     "__init__.py",
