@@ -11,13 +11,16 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from latentsync_serving.backend import ModelContext, owned_copy, row_major, serve_batch
 from latentsync_serving.bls import ModelNames, TritonModels
 from latentsync_serving.metrics import Metrics
+from latentsync_serving.serve import INTERNAL_KEY_PARAMETER
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class FakePbUtils:
     PreferredMemory = PreferredMemory
 
     def __init__(self, answers):
-        self.answers, self.preferred = answers, {}
+        self.answers, self.preferred, self.parameters = answers, {}, {}
 
     class Tensor:
         def __init__(self, name, array):
@@ -46,8 +49,9 @@ class FakePbUtils:
         def as_numpy(self):
             return self.array
 
-    def InferenceRequest(self, model_name, requested_output_names, inputs, preferred_memory=None, **_):  # noqa: N802
+    def InferenceRequest(self, model_name, requested_output_names, inputs, preferred_memory=None, parameters=None):  # noqa: N802
         self.preferred[model_name] = preferred_memory
+        self.parameters[model_name] = parameters
         outputs = self.answers[model_name]({t._name: t.array for t in inputs})
         response = type("Response", (), {"has_error": lambda self: False, "outputs": outputs})()
         return type("Request", (), {"exec": lambda self, decoupled=False: response})()
@@ -70,7 +74,8 @@ def test_outputs_read_on_the_host_are_asked_for_in_host_memory_the_rest_in_the_s
             "vae_decoder": lambda x: {"PIXELS": np.zeros((len(x["LATENTS"]), 3, 8, 8), np.float32)},
         }
     )
-    models = TritonModels(pb, ModelNames(), 0.18215, Metrics(pb, "lipsync"), torch.device("cuda:1"))
+    key = "k" * 64  # the internal models' key (serve.INTERNAL_KEY_ENV): every call carries it
+    models = TritonModels(pb, ModelNames(), 0.18215, Metrics(pb, "lipsync"), torch.device("cuda:1"), internal_key=key)
 
     detections = models.detect(np.zeros((2, 8, 8, 3), np.uint8))
     features = models.encode_audio(torch.zeros(3, 80, 3000))
@@ -80,6 +85,7 @@ def test_outputs_read_on_the_host_are_asked_for_in_host_memory_the_rest_in_the_s
 
     host, device = PreferredMemory("cpu", 0), PreferredMemory("gpu", 1)
     assert pb.preferred == {"face_detector": host, "audio_encoder": host, "restorer": host, "vae_decoder": device}
+    assert pb.parameters == dict.fromkeys(pb.preferred, {INTERNAL_KEY_PARAMETER: key})
     assert detections.found.tolist() == [True, True] and features.shape == (3, 1500, 1, 384)
     assert [p.tolist() for p in pasted] == [r.tolist() for r in regions] and pixels.shape == (1, 3, 8, 8)
 
@@ -174,9 +180,54 @@ def test_serve_batch_leaves_host_inputs_in_host_memory():
         seen.update(faces=faces.device.type, regions=regions.device.type)
         return [regions * 2]
 
-    responses = serve_batch(pb, requests, ["FACES", "REGIONS"], ["OUT"], run, torch.device("meta"), ("REGIONS",))
+    ctx = ModelContext("restorer", Path("."), {}, torch.device("meta"), 8)
+    responses = serve_batch(pb, requests, ["FACES", "REGIONS"], ["OUT"], run, ctx, ("REGIONS",))
     assert seen == {"faces": "meta", "regions": "cpu"}
     assert [r[0].array.tolist() for r in responses] == [[[0.0, 0.0]], [[2.0, 2.0]]]
+
+
+class ParamRequest(dict):
+    """A request's tensors, and its parameters as Triton hands them over (a JSON text)."""
+
+    def __init__(self, tensors, parameters: str):
+        super().__init__(tensors)
+        self.parameters = lambda: parameters
+
+
+def test_an_internal_model_serves_only_requests_with_its_key_and_the_rest_of_their_batch():
+    """With an internal key set (latentsync-serve sets one), requests without it, with another or with a malformed
+    one are refused without reading their tensors; the lipsync model's requests batched with them are served."""
+    pb = FakePbUtils({})
+    pb.get_input_tensor_by_name = lambda request, name: request[name]
+    pb.InferenceResponse = lambda output_tensors=None, error=None: output_tensors or error
+    pb.TritonError = lambda message: f"error: {message}"
+    key = "k" * 64
+    parameters = [
+        json.dumps({INTERNAL_KEY_PARAMETER: key}),
+        "{}",
+        json.dumps({INTERNAL_KEY_PARAMETER: "x" + key[1:]}),
+        json.dumps({INTERNAL_KEY_PARAMETER: 1}),
+        "not json",
+        json.dumps({INTERNAL_KEY_PARAMETER: key, "other": 3}),
+    ]
+    requests = [
+        ParamRequest({"X": pb.Tensor("X", np.full((1, 2), k, np.float32))}, p) for k, p in enumerate(parameters)
+    ]
+    seen = []
+
+    def run(x):
+        seen.append(x[:, 0].tolist())
+        return [x * 2]
+
+    ctx = ModelContext("vae_decoder", Path("."), {}, torch.device("cpu"), 8, internal_key=key)
+    responses = serve_batch(pb, requests, ["X"], ["Y"], run, ctx)
+    assert seen == [[0.0, 5.0]]  # one run of the two admitted requests, together
+    assert responses[0][0].array.tolist() == [[0.0, 0.0]] and responses[5][0].array.tolist() == [[10.0, 10.0]]
+    for refused in responses[1:5]:
+        assert refused == "error: model 'vae_decoder' is internal: send streams to the 'lipsync' model"
+    # without a key (a server not started by latentsync-serve) every request is served
+    open_ctx = ModelContext("vae_decoder", Path("."), {}, torch.device("cpu"), 8)
+    assert all(not isinstance(r, str) for r in serve_batch(pb, requests, ["X"], ["Y"], run, open_ctx))
 
 
 def test_dlpack_tensors_cross_with_row_major_strides():
@@ -228,3 +279,24 @@ def test_lipsync_stops_numpy_advising_huge_pages_unless_the_operator_chose(monke
             assert numpy_huge_pages(True) is operator_chose
     finally:
         numpy_huge_pages(previous)
+
+
+def test_the_denoiser_refuses_a_window_that_would_not_batch_with_the_others():
+    """One window of other shapes in a step would fail the whole step, every stream's windows in it: it is refused
+    alone, before its tensors are copied."""
+    from latentsync_serving.denoiser import check_window
+
+    def window(frames=16, size=32, audio_frames=None, mask_channels=1):
+        return {
+            "LATENTS": torch.zeros(4, frames, size, size),
+            "MASK": torch.zeros(mask_channels, frames, size, size),
+            "MASKED": torch.zeros(4, frames, size, size),
+            "REFERENCE": torch.zeros(4, frames, size, size),
+            "AUDIO": torch.zeros(frames if audio_frames is None else audio_frames, 50, 384),
+        }
+
+    check_window(window(), 32)
+    check_window(window(frames=3), 32)  # a stream's last window
+    for bad in (window(size=33), window(frames=17), window(frames=0), window(audio_frames=15), window(mask_channels=4)):
+        with pytest.raises(ValueError, match="a window is 1..16 frames"):
+            check_window(bad, 32)

@@ -243,10 +243,10 @@ def test_triton_face_detector_model(triton_server, tmp_path, mediapipe, talking_
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         inp = grpcclient.InferInput("FRAMES", list(frames.shape), "UINT8")
         inp.set_data_from_numpy(frames)
-        out = client.infer("face_detector", [inp])
+        out = client.infer("face_detector", [inp], parameters=server.internal_parameters)
         reference = grpcclient.InferInput("REFERENCE_BOX", [len(frames), 4], "FP32")
         reference.set_data_from_numpy(np.full((len(frames), 4), np.nan, np.float32))
-        with_reference = client.infer("face_detector", [inp, reference])
+        with_reference = client.infer("face_detector", [inp, reference], parameters=server.internal_parameters)
     expected = mediapipe.detect(frames)
     np.testing.assert_array_equal(with_reference.as_numpy("POINTS"), out.as_numpy("POINTS"))
     assert out.as_numpy("FOUND")[:, 0].tolist() == expected.found.tolist() == [True] * 3 + [False] + [True] * 2

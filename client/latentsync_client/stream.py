@@ -36,6 +36,7 @@ from latentsync_contract import (
     MAX_AUDIO_SAMPLES,
     MAX_AUDIO_SECONDS,
     MAX_FRAMES_PER_REQUEST,
+    MAX_UNANSWERED_FRAMES,
     MODEL_NAME,
     REGION_BOX,
     REGIONS,
@@ -90,8 +91,10 @@ class LipsyncClient:
     ):
         if not 1 <= frames_per_request <= MAX_FRAMES_PER_REQUEST:
             raise InputError(f"frames_per_request must be 1..{MAX_FRAMES_PER_REQUEST}")
-        if max_inflight_frames < WINDOW + frames_per_request:  # the server answers only whole windows
-            raise InputError(f"max_inflight_frames must be >= {WINDOW + frames_per_request}")
+        if not WINDOW + frames_per_request <= max_inflight_frames <= MAX_UNANSWERED_FRAMES:
+            # at least a window and a request (the server answers only whole windows); at most what the server
+            # keeps of a stream before it fails it
+            raise InputError(f"max_inflight_frames must be {WINDOW + frames_per_request}..{MAX_UNANSWERED_FRAMES}")
         self.url, self.model = url, model
         self.max_inflight_frames, self.frames_per_request = max_inflight_frames, frames_per_request
         self.response_timeout, self.connect_timeout = response_timeout, connect_timeout

@@ -29,6 +29,9 @@ MAX_FRAMES_PER_REQUEST = WINDOW
 # so a client that waits for them never has more than a few requests of whole frames queued there
 # (docs/PROTOCOL.md).
 UNANSWERED_REQUESTS = 2
+# Frames of a stream sent and not yet answered, at most: a stream that has more waiting in the server's queue (a
+# client that does not wait for its answers) fails, so that one client cannot queue unbounded video there.
+MAX_UNANSWERED_FRAMES = 4 * WINDOW
 MAX_FRAME_SIDE = 4096  # pixels per side (4K UHD either way up); a window of such frames is ~800 MB as float
 MIN_FRAME_SIDE = 2  # pixels per side: an h264 (yuv420p) video needs even sizes >= 2
 MAX_AUDIO_SECONDS = 300  # per stream: the server keeps ~1.9 MB of whisper features per second (PROTOCOL.md)

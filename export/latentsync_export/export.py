@@ -417,6 +417,7 @@ class _Builder:
                 "audio_encoder_max_batch": _max_batch(self.root / "audio_encoder"),
                 "vae_scaling_factor": repr(1.0 if self.opts.stand_ins else float(self.codec.scaling_factor)),
                 "stream_idle_timeout_s": f"{self.opts.idle_timeout_s:g}",
+                "max_streams": self.opts.max_streams,  # lipsync's own bound on streams open or finishing
                 "random_weights": str(self.manifest["random_weights"]).lower(),
                 "face_policy": self.opts.face_policy,
                 "overlap_windows": str(self.opts.overlap_windows).lower(),

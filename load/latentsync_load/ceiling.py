@@ -16,8 +16,8 @@ and each step count:
     lazily), at the peak (sampled every 0.5 s) and a few seconds after the streams ended.
 A stream keeps at most `ahead` frames sent and not yet answered (the two windows the server overlaps), and at most
 UNANSWERED_REQUESTS requests waiting to be acknowledged, as latentsync-client does; `--ahead 0` sends everything
-at once, as a raw client may (then the server holds what the client sent ahead: it reads a gRPC stream as fast
-as it arrives).
+at once, as a raw client may (the server then holds what the client sent ahead, up to MAX_UNANSWERED_FRAMES
+waiting frames per stream; a stream that sends more fails).
 """
 
 from __future__ import annotations

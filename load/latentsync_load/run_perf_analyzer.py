@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
-from latentsync_serving.serve import TritonServer
+from latentsync_serving.serve import INTERNAL_KEY_PARAMETER, TritonServer, check_admin_key, internal_key
 
 from . import perf_inputs
 
@@ -71,6 +72,8 @@ def command(binary: str, model: str, spec: dict, url: str, a, csv_path: Path) ->
             "--request-parameter",
             f"variant:{spec['variant']}:string",
         ]
+    elif a.internal_key:  # the other models answer only requests with the server's internal key
+        cmd += ["--request-parameter", f"{INTERNAL_KEY_PARAMETER}:{a.internal_key}:string"]
     return cmd
 
 
@@ -166,6 +169,12 @@ def main(argv=None) -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="gRPC host:port of a running server")
     where.add_argument("--start-server", action="store_true", help="start one on loopback for the run")
+    p.add_argument(
+        "--admin-key-file",
+        default=os.environ.get("LATENTSYNC_ADMIN_KEY_FILE"),
+        help="with --url: the server's admin key, from which the key of the models lipsync calls is derived "
+        "(without it only lipsync is measured: the others refuse outside requests)",
+    )
     p.add_argument("--models", help="comma-separated subset (default: every model with input data)")
     p.add_argument("--variant")
     p.add_argument("--steps", type=int, default=2, help="lipsync steps (a CPU run keeps this small)")
@@ -185,9 +194,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.url:
+        a.internal_key = internal_key(check_admin_key(Path(a.admin_key_file).read_text())) if a.admin_key_file else ""
         summary = run(a, a.url)
     else:
         server = TritonServer(a.repo, log_path=a.out / "tritonserver.log")
+        a.internal_key = server.internal_key
         try:
             summary = run(a, server.start().wait_ready(600).grpc_url)
         finally:

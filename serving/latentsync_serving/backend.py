@@ -10,6 +10,7 @@ only host tensors go through numpy.
 from __future__ import annotations
 
 import ctypes
+import hmac
 import json
 import locale
 import os
@@ -20,6 +21,8 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .serve import INTERNAL_KEY_ENV, INTERNAL_KEY_PARAMETER
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,13 +36,17 @@ class ModelContext:
     params: dict[str, str]
     device: torch.device
     max_batch_size: int
+    internal_key: str = ""  # set: this model answers only requests that carry it (`admits`)
 
     @classmethod
-    def from_args(cls, args: Mapping[str, str], tf32: bool = False, frames: bool = False) -> ModelContext:
+    def from_args(
+        cls, args: Mapping[str, str], tf32: bool = False, frames: bool = False, internal: bool = True
+    ) -> ModelContext:
         """`tf32`: this instance runs networks, whose float32 products may use TF32 tensor cores on a GPU. Not for
         the orchestrator or the restorer: their alignment and paste-back geometry (3x3 products on the GPU)
         must stay float32, or sample positions move by a fraction of a pixel. `frames`: each of its requests
-        carries whole frames (reuse_frame_memory)."""
+        carries whole frames (reuse_frame_memory). `internal`: only the lipsync model calls it (`admits`); the
+        lipsync model itself, which clients call, is not."""
         utf8_locale()
         if frames:
             reuse_frame_memory()
@@ -62,7 +69,24 @@ class ModelContext:
             params,
             device,
             int(config.get("max_batch_size", 0)),
+            os.environ.get(INTERNAL_KEY_ENV, "") if internal else "",
         )
+
+    def admits(self, request) -> bool:
+        """Whether this model may answer `request`: every request where no internal key is set, else only those
+        whose parameters carry it (the lipsync model's calls; serve.INTERNAL_KEY_ENV). An outside client would
+        otherwise skip lipsync's checks and limits: shapes, steps, sizes, queues (docs/THREAT-MODEL.md)."""
+        if not self.internal_key:
+            return True
+        try:
+            given = json.loads(request.parameters() or "{}").get(INTERNAL_KEY_PARAMETER)
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(given, str) and hmac.compare_digest(given.encode(), self.internal_key.encode())
+
+    def refusal(self, pb_utils):
+        """The error an outside request gets (it says where to go, nothing more)."""
+        return pb_utils.TritonError(f"model '{self.name}' is internal: send streams to the 'lipsync' model")
 
     def path(self, key: str) -> Path:
         """A file parameter: absolute, or relative to the model's version folder (weights copied into it)."""
@@ -230,21 +254,41 @@ def row_major(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tuple(strides) == tensor.stride() else tensor.as_strided(tensor.shape, strides)
 
 
+def serve_admitted(pb_utils, ctx: ModelContext, requests: Sequence, serve: Callable[[list], list]) -> list:
+    """The responses to a batch of requests: `serve(admitted)` answers, in order, those that `ctx.admits`; the others
+    get its refusal, and their tensors are not read. The lipsync model's requests batched with an outsider's are
+    served as usual."""
+    responses = [None if ctx.admits(r) else pb_utils.InferenceResponse(error=ctx.refusal(pb_utils)) for r in requests]
+    admitted = [r for r, response in zip(requests, responses) if response is None]
+    answers = iter(serve(admitted) if admitted else [])
+    return [next(answers) if response is None else response for response in responses]
+
+
 def serve_batch(
     pb_utils,
     requests: Sequence,
     inputs: Sequence[str],
     outputs: Sequence[str],
     run: Callable[..., Sequence[torch.Tensor]],
-    device: torch.device,
+    ctx: ModelContext,
     host_inputs: Collection[str] = (),
 ) -> list:
-    """Run one dynamic batch as few model calls as possible and answer every request.
+    """Run one dynamic batch as few model calls as possible and answer every request (those the model admits:
+    serve_admitted).
 
-    The requests of a batch are concatenated along dim 0 (on `device`; `host_inputs` in host memory, for a `run`
+    The requests of a batch are concatenated along dim 0 (on `ctx.device`; `host_inputs` in host memory, for a `run`
     that reads them there) and run together; requests whose shapes differ (Triton only batches equal shapes, so
     this is a safeguard) run in separate groups. A failing group gets error responses; the others are unaffected.
     """
+    return serve_admitted(
+        pb_utils,
+        ctx,
+        requests,
+        lambda admitted: _run_batch(pb_utils, admitted, inputs, outputs, run, ctx.device, host_inputs),
+    )
+
+
+def _run_batch(pb_utils, requests, inputs, outputs, run, device: torch.device, host_inputs: Collection[str]) -> list:
     host = torch.device("cpu")
     tensors = [
         [to_torch(pb_utils.get_input_tensor_by_name(r, n), host if n in host_inputs else device) for n in inputs]

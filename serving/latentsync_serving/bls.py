@@ -30,6 +30,7 @@ from latentsync_core.vae import Posterior
 
 from .backend import from_torch, owned_tensor
 from .metrics import Metrics
+from .serve import INTERNAL_KEY_PARAMETER
 
 # Bytes of frame data per call to the face detector or the restorer, at most (call_spans): one 1080p frame.
 FRAME_CALL_BYTES = 10 << 20
@@ -91,8 +92,11 @@ class TritonModels:
         track_faces: bool = False,
         slots: CallSlots | None = None,
         frame_call_bytes: int = FRAME_CALL_BYTES,
+        internal_key: str = "",
     ):
         self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
+        # every call carries the key the internal models ask for (serve.INTERNAL_KEY_ENV), if the server set one
+        self.key_parameter = {INTERNAL_KEY_PARAMETER: internal_key} if internal_key else {}
         self.slots = slots or CallSlots(0)
         self.frame_call_bytes = frame_call_bytes
         self.device, self.audio_max_batch = device, audio_max_batch
@@ -133,7 +137,7 @@ class TritonModels:
         decoupled: bool,
         on_host: bool = False,
     ) -> dict[str, torch.Tensor]:
-        pb = self.pb
+        pb, parameters = self.pb, {**(parameters or {}), **self.key_parameter}
         tensors = [
             pb.Tensor(k, np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else from_torch(pb, k, v)
             for k, v in inputs.items()

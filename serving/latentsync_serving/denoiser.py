@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from latentsync_contract import WINDOW as WINDOW_FRAMES
 from latentsync_core.denoise import DenoiseSpec, WindowConditioning, WindowJob, step
 from latentsync_core.loaders import load_unet
 
@@ -30,6 +31,26 @@ from .metrics import Metrics, log
 from .stand_ins import NullUNet
 
 INPUTS = ("LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO")  # (c, f, h, w) each; AUDIO (f, 50, 384)
+
+
+def check_window(inputs: Mapping[str, torch.Tensor], latent_size: int) -> None:
+    """Refuse a window whose tensors would not batch with the others (the whole step, every stream's windows in it,
+    would fail): (4, f, L, L) latents, masked and reference latents, a (1, f, L, L) mask and (f, 50, 384) audio
+    features, L the model's latent size, 1 <= f <= 16 frames."""
+    frames = inputs["LATENTS"].shape[1] if inputs["LATENTS"].dim() == 4 else 0
+    expected = {
+        "LATENTS": (4, frames, latent_size, latent_size),
+        "MASK": (1, frames, latent_size, latent_size),
+        "MASKED": (4, frames, latent_size, latent_size),
+        "REFERENCE": (4, frames, latent_size, latent_size),
+        "AUDIO": (frames, *inputs["AUDIO"].shape[1:]),
+    }
+    wrong = [f"{name} {tuple(inputs[name].shape)}" for name, shape in expected.items() if inputs[name].shape != shape]
+    if wrong or not 1 <= frames <= WINDOW_FRAMES or inputs["AUDIO"].dim() != 3:
+        raise ValueError(
+            f"a window is 1..{WINDOW_FRAMES} frames of (4, f, {latent_size}, {latent_size}) latents, a (1, f, ...) "
+            f"mask and (f, ...) audio features; got {', '.join(wrong) or f'{frames} frames'}"
+        )
 
 
 @dataclass(eq=False)
@@ -49,8 +70,9 @@ class DenoiserService:
         max_windows: int,
         model: str = "denoiser",
         latent_size: int = 32,
+        gate: ModelContext | None = None,
     ):
-        self.pb, self.unet, self.device, self.dtype = pb_utils, unet, device, dtype
+        self.pb, self.unet, self.device, self.dtype, self.gate = pb_utils, unet, device, dtype, gate
         self.max_windows, self.latent_size, self.model = max_windows, latent_size, model
         self.ready, self.startup_error = threading.Event(), None
         self.metrics = Metrics(
@@ -85,9 +107,8 @@ class DenoiserService:
         if mode and not ctx.stand_in:
             unet = CompiledUNet(unet, mode, 2 * max_windows)
         log(pb_utils, "info", f"{ctx.name}: UNet on {ctx.device} in {dtype}{f', compiled ({mode})' if mode else ''}")
-        service = cls(
-            pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, int(ctx.params.get("latent_size") or 32)
-        )
+        latent_size = int(ctx.params.get("latent_size") or 32)
+        service = cls(pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, latent_size, gate=ctx)
         service.ready.wait()  # the model is ready once its loop thread compiled the UNet
         if service.startup_error is not None:
             raise RuntimeError(f"{ctx.name}: compiling the UNet failed: {service.startup_error}")
@@ -98,12 +119,14 @@ class DenoiserService:
         """Parse one window (on the model's device) and queue it; errors are answered at once."""
         sender = request.get_response_sender()
         try:
-            job = self._job(request)
+            if self.gate is not None and not self.gate.admits(request):
+                error = self.gate.refusal(self.pb)
+            else:
+                job, error = self._job(request), None
         except Exception as e:  # noqa: BLE001 - the caller (lipsync) names this model in its error
-            sender.send(
-                self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")),
-                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
+            error = self.pb.TritonError(f"{type(e).__name__}: {e}")
+        if error is not None:
+            sender.send(self.pb.InferenceResponse(error=error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         with self._cond:
             self._pending.append(_Window(job, sender, time.monotonic()))
@@ -115,6 +138,7 @@ class DenoiserService:
         # (Host inputs are the stub's own arrays, which owned_tensor would keep without a copy; measured, that made
         # this model's CPU per frame 2 -> 13 ms in the stand-in bench, for reasons not found; these are small.)
         inputs = {name: to_torch(self.pb.get_input_tensor_by_name(request, name)) for name in INPUTS}
+        check_window(inputs, self.latent_size)  # before any copy: a window that does not fit fails alone
         t = {name: owned_copy(tensor).to(self.device) for name, tensor in inputs.items()}
         spec = DenoiseSpec(**json.loads(json.loads(request.parameters() or "{}").get("spec", "{}")))
         dt = self.dtype

@@ -27,6 +27,9 @@ from latentsync_contract import (
     FACE_FOUND,
     FRAME_INDEX,
     FRAMES,
+    MAX_AUDIO_SAMPLES,
+    MAX_AUDIO_SECONDS,
+    MAX_UNANSWERED_FRAMES,
     REGION_BOX,
     REGIONS,
     STREAM_TOKEN,
@@ -49,7 +52,7 @@ from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 from .backend import ModelContext, avoid_huge_pages, private_array
 from .bls import FRAME_CALL_BYTES, TRAFFIC, CallSlots, ModelNames, TritonModels
 from .metrics import Metrics, log
-from .serve import DRAIN_FILE_ENV
+from .serve import DRAIN_FILE_ENV, INTERNAL_KEY_ENV
 
 SEQUENCE_START, SEQUENCE_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_*
 CPU = torch.device("cpu")
@@ -73,6 +76,7 @@ class ServiceSettings:
     calls_per_model: int = 2  # BLS calls (and responses) in flight per callee (bls.CallSlots); 0: no limit
     frame_call_bytes: int = FRAME_CALL_BYTES  # frames or faces per face_detector / restorer call (bls.call_spans)
     ingest_backlog_frames: int = INGEST_BACKLOG_FRAMES  # see Stream._answered_on_arrival
+    max_streams: int = 0  # Triton's sequence slots (--max-streams); streams open or finishing: at most twice that
 
     @classmethod
     def from_params(cls, p: Mapping[str, str]) -> ServiceSettings:
@@ -98,6 +102,7 @@ class ServiceSettings:
             # repositories built before the restorer's calls were split name it detector_call_bytes
             frame_call_bytes=int(p.get("frame_call_bytes", p.get("detector_call_bytes", FRAME_CALL_BYTES))),
             ingest_backlog_frames=int(p.get("ingest_backlog_frames", INGEST_BACKLOG_FRAMES)),
+            max_streams=int(p.get("max_streams", 0)),  # 0: a repository built before the bound
         )
 
 
@@ -124,6 +129,7 @@ class _Incoming:
     audio: np.ndarray | None
     request: _Request | None = None  # its responses' state, made when it arrives
     acknowledge_when_taken: bool = False  # its final response waits until the stream thread takes it
+    overrun: str | None = None  # why its tensors were not queued (Stream.put): the stream fails with this
 
     @classmethod
     def take(cls, pb, request) -> _Incoming:
@@ -162,12 +168,31 @@ class Stream:
         self.last_active = time.monotonic()
         incoming.request = _Request(incoming.sender)
         queued = self.arrived_frames - self.taken_frames  # frames waiting in the queue, before this request
-        if self._acknowledgeable(incoming):
+        incoming.overrun = self._overrun(incoming, queued)
+        if incoming.overrun is not None:  # not kept: the stream fails, in order, on its thread
+            incoming.frames = incoming.audio = None
+        elif self._acknowledgeable(incoming):
             if queued < self.service.settings.ingest_backlog_frames:
                 self._send(incoming.request, None, final=True)  # Triton frees the request and its gRPC message now
             else:
                 incoming.acknowledge_when_taken = True
         self.requests.put(incoming)
+
+    def _overrun(self, incoming: _Incoming, queued: int) -> str | None:
+        """Why the request would queue more than a stream may hold, if it would: its frames beyond
+        MAX_UNANSWERED_FRAMES waiting (a client that does not wait for answers), or audio beyond a stream's whole
+        track. A client within the contract never gets there; one that is not cannot make the server hold
+        unbounded video or audio for it (docs/THREAT-MODEL.md)."""
+        frames = 0 if incoming.frames is None else len(incoming.frames)
+        if frames and queued + frames > MAX_UNANSWERED_FRAMES:
+            return (
+                f"stream {self.id} sent more than {MAX_UNANSWERED_FRAMES} frames that are not answered yet: wait for "
+                "the answers (latentsync_contract.MAX_UNANSWERED_FRAMES)"
+            )
+        samples = 0 if incoming.audio is None else incoming.audio.size
+        if samples and self.arrived_samples + samples > MAX_AUDIO_SAMPLES:
+            return f"AUDIO: more than {MAX_AUDIO_SAMPLES} samples in stream {self.id} (at most {MAX_AUDIO_SECONDS} s)"
+        return None
 
     def _acknowledgeable(self, incoming: _Incoming) -> bool:
         """Called in arrival order, in execute. A request of frames that completes no window, does not end the
@@ -229,6 +254,9 @@ class Stream:
     def _handle(self, req: _Request, incoming: _Incoming) -> None:
         if self.error is not None:
             self._send(req, self._error(f"stream {self.id} already failed: {self.error}"), final=True)
+            return
+        if incoming.overrun is not None:
+            self._fail(ContractError(incoming.overrun), req)
             return
         try:
             if self.params is None:
@@ -329,15 +357,25 @@ class Stream:
         self._send(req, self._error(self.error), final=True)
 
     def _send(self, req: _Request, response, final: bool = False) -> None:
+        """Send on the request's sender. A send that fails (the client is gone, the pool cannot grow) closes the
+        request and fails the stream, never the thread that sent: the stream must still reach `finished`."""
         with self._send_lock:
             if req.closed:
                 return
             req.closed = final
             flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-            if response is None:
-                req.sender.send(flags=flags)
-            else:
-                req.sender.send(response, flags=flags)
+            try:
+                if response is None:
+                    req.sender.send(flags=flags)
+                else:
+                    req.sender.send(response, flags=flags)
+            except Exception as e:  # noqa: BLE001 - logged; the stream ends with it
+                req.closed = True
+                if self.error is None:
+                    self.error = f"a response could not be sent: {type(e).__name__}: {e}"
+                    if self.windows is not None:
+                        self.windows.failed = self.windows.failed or e
+                log(self.pb, "warn", f"lipsync: stream {self.id}: {self.error}")
 
     def _response(self, r: WindowResult):
         pb = self.pb
@@ -367,6 +405,7 @@ class LipSyncService:
         self.streams: dict[Any, Stream] = {}
         self.dropped: dict[Any, float] = {}  # stream id -> when it was dropped as idle (for the message)
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
+        self.internal_key = os.environ.get(INTERNAL_KEY_ENV, "")  # what the models it calls ask of each call
         self.lock = threading.Lock()
         self.running: set[Stream] = set()  # streams whose thread has not finished
         self.slots = CallSlots(settings.calls_per_model)  # shared by the streams: bounds the pools' growth
@@ -386,7 +425,7 @@ class LipSyncService:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str], pb_utils) -> LipSyncService:
-        ctx = ModelContext.from_args(args)  # also applies torch_threads
+        ctx = ModelContext.from_args(args, internal=False)  # the model clients call; also applies torch_threads
         avoid_huge_pages()  # the stub's copy of each request: 25 MB of fresh memory
         settings = ServiceSettings.from_params(ctx.params)
         if settings.random_weights:
@@ -406,6 +445,7 @@ class LipSyncService:
             self.settings.track_faces,
             self.slots,
             self.settings.frame_call_bytes,
+            self.internal_key,
         )
 
     def submit(self, request) -> None:
@@ -427,11 +467,20 @@ class LipSyncService:
                 if flags & SEQUENCE_END:
                     del self.streams[stream_id]
                 self._count()
-        if refusal is not None:  # the stream of this id, if any, is left as it was
+            elif flags & SEQUENCE_END and stream is not None:
+                # Triton ended the sequence and freed its slot whatever lipsync answers: the stream can get no more
+                # requests. It ends here too (with what it has), or a refused END would leave its state behind
+                # Triton's bound on streams until the idle timeout.
+                del self.streams[stream_id]
+            else:
+                stream = None
+        if refusal is not None:  # the stream of this id, if any, is left as it was (or closed: see above)
             request.get_response_sender().send(
                 self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
                 flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
             )
+            if stream is not None:
+                stream.close()
             return
         stream.put(_Incoming.take(self.pb, request))
         if flags & SEQUENCE_END:
@@ -442,6 +491,13 @@ class LipSyncService:
         if flags & SEQUENCE_START:
             if self.drain_file and os.path.exists(self.drain_file):
                 return draining_message(stream_id)
+            cap = 2 * self.settings.max_streams
+            if cap and stream is None and len(self.running) >= cap:
+                # Triton frees a slot at its stream's END, while lipsync finishes that stream's last windows
+                return (
+                    f"the server is busy: {len(self.running)} streams are open or finishing their last windows "
+                    f"(at most {cap} per lipsync instance); start again in a few seconds"
+                )
             if stream is not None and not (stream.token is not None and _same_token(stream.token, token)):
                 return (
                     f"sequence_id {stream_id} is in use by another stream: a new stream needs an id of its own "

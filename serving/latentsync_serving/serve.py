@@ -15,6 +15,10 @@ The key never appears on a command line: tritonserver's argv carries a marker, a
 then wipes it from the environment. /proc/PID/cmdline, readable by every local user, shows only the marker; a
 server started without the library refuses the marker as a malformed option instead of running unlocked.
 
+Triton cannot restrict inference per model, so the models that `lipsync` calls check a key themselves: the
+server's processes get INTERNAL_KEY_ENV (derived from the admin key), `lipsync` sends it with every call, and the
+others refuse requests without it (backend.ModelContext.admits). Clients reach only `lipsync` and its limits.
+
 Stopping drains: on SIGINT/SIGTERM `latentsync-serve` first makes `lipsync` refuse new streams (a flag file
 whose path the model gets in DRAIN_FILE_ENV) and waits until its open streams ended (the `lipsync_open_streams`
 gauge is 0) or the drain timeout passed, then stops tritonserver. Triton itself marks the server not ready
@@ -26,6 +30,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import hashlib
+import hmac
 import os
 import secrets
 import shutil
@@ -58,6 +64,10 @@ PYTHON_SHM_BYTES = 16 << 20
 NGC_HOME = Path("/opt/tritonserver")
 # While the file this variable names exists, the lipsync model refuses new streams (open ones go on).
 DRAIN_FILE_ENV = "LATENTSYNC_DRAIN_FILE"
+# The models that `lipsync` calls answer only requests carrying this request parameter with the key that this
+# variable gives their processes (internal_key): clients reach them only through lipsync's checks and limits.
+INTERNAL_KEY_ENV = "LATENTSYNC_INTERNAL_KEY"
+INTERNAL_KEY_PARAMETER = "latentsync_internal_key"
 # How long a stop waits for open streams (a stream of the longest audio, 300 s, at real-time speed).
 DEFAULT_DRAIN_TIMEOUT_S = 300
 LOG_TO_STDOUT = "-"
@@ -299,6 +309,13 @@ def secret_marker(name: str) -> str:
     return "{" + SECRET_ENV_PREFIX + name + "}"
 
 
+def internal_key(admin_key: str) -> str:
+    """The key of the internal models (INTERNAL_KEY_ENV), derived from the admin key: whoever holds the admin key
+    can also benchmark a model alone (perf_analyzer --request-parameter), and the stubs' environment, which
+    carries it, does not reveal the admin key."""
+    return hmac.new(admin_key.encode(), b"latentsync internal models", hashlib.sha256).hexdigest()
+
+
 def check_admin_key(key: str) -> str:
     key = key.strip()
     if not key or any(c.isspace() or not c.isprintable() for c in key):
@@ -488,12 +505,15 @@ class TritonServer:
     metrics_url = property(lambda self: f"http://{self.host}:{self.metrics_port}/metrics")
     pid = property(lambda self: self._proc.pid if self._proc else None)
     grpc_admin_headers = property(lambda self: {GRPC_ADMIN_HEADER: self.admin_key})
+    internal_key = property(lambda self: internal_key(self.admin_key))
+    # request parameters that let a client call an internal model directly (tests, benchmarks of one model)
+    internal_parameters = property(lambda self: {INTERNAL_KEY_PARAMETER: self.internal_key})
 
     def _env(self) -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()  # keys reach the server only through secret_env()
-            if not k.startswith(("LATENTSYNC_ADMIN_KEY", SECRET_ENV_PREFIX))
+            if not k.startswith(("LATENTSYNC_ADMIN_KEY", SECRET_ENV_PREFIX, INTERNAL_KEY_ENV))
         }
         libs = [str(p) for p in _pytriton_libs(self.home)] + [sysconfig.get_config_var("LIBDIR") or ""]
         env["LD_LIBRARY_PATH"] = ":".join(filter(None, libs + [env.get("LD_LIBRARY_PATH", "")]))
@@ -536,6 +556,7 @@ class TritonServer:
         shim = os.environ.get("LATENTSYNC_ARGV_SHIM") or build_argv_shim(self._work_dir / "argv_secret.so")
         env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
         env[DRAIN_FILE_ENV] = str(self.drain_file)
+        env[INTERNAL_KEY_ENV] = self.internal_key
         return env | secret_env(self.admin_key)
 
     def _prepare(self) -> list[str]:

@@ -17,4 +17,4 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["MEL"], ["FEATURES"], lambda mel: [self.encoder(mel)], self.ctx.device)
+        return serve_batch(pb_utils, requests, ["MEL"], ["FEATURES"], lambda mel: [self.encoder(mel)], self.ctx)

@@ -17,6 +17,4 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        return serve_batch(
-            pb_utils, requests, ["FACES"], ["RESTORED"], lambda faces: [self.enhancer(faces)], self.ctx.device
-        )
+        return serve_batch(pb_utils, requests, ["FACES"], ["RESTORED"], lambda faces: [self.enhancer(faces)], self.ctx)

@@ -33,6 +33,6 @@ class TritonPythonModel:
             ["REGIONS", "FACES", "AFFINES", "WINDOWS", "FRAME_HW"],
             ["RESTORED"],
             self.run,
-            self.ctx.device,
+            self.ctx,
             host_inputs=("REGIONS", "AFFINES", "WINDOWS", "FRAME_HW"),  # read on the host: no trip to the GPU and back
         )

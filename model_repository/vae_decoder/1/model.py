@@ -23,5 +23,5 @@ class TritonPythonModel:
             ["LATENTS"],
             ["PIXELS"],
             lambda latents: [self.codec.decode(latents.to(self.codec.dtype))],
-            self.ctx.device,
+            self.ctx,
         )

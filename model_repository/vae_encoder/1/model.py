@@ -21,4 +21,4 @@ class TritonPythonModel:
         return [post.mean, post.std]
 
     def execute(self, requests):
-        return serve_batch(pb_utils, requests, ["FACES", "KEEP"], ["MEAN", "STD"], self.run, self.ctx.device)
+        return serve_batch(pb_utils, requests, ["FACES", "KEEP"], ["MEAN", "STD"], self.run, self.ctx)
