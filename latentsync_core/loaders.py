@@ -6,6 +6,8 @@
       vae/                    diffusers VAE folder: sd-vae-ft-mse (AutoencoderKL) or taesd (AutoencoderTiny);
                               a folder named sd-vae-ft-mse/ or taesd/ is accepted too
       unet_config.json        optional: UNet config (upstream field names); default configs/unet/stage2.yaml
+      mask.png                optional: upstream's latentsync/utils/mask.png, the mouth mask the UNet was trained
+                              with (without it: face/mask.py's drawn approximation)
       TINY_RANDOM_WEIGHTS     marker file written by `latentsync-tiny-weights` (random weights, no real output)
 
 Upstream loads the UNet with strict=False (a wrong checkpoint silently keeps random weights); here a missing,
@@ -140,6 +142,7 @@ class WeightPaths:
     whisper: Path
     vae: Path
     unet_config: dict
+    mask: Path | None = None  # upstream's mask.png, if the folder has it
 
     @property
     def is_random(self) -> bool:
@@ -154,7 +157,10 @@ def locate(weights: str | Path) -> WeightPaths:
     vae = next((root / n for n in ("vae", "sd-vae-ft-mse", "taesd") if (root / n).is_dir()), root / "vae")
     cfg_file = root / "unet_config.json"
     config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else dict(UNET_STAGE2)
-    paths = WeightPaths(root, root / "latentsync_unet.pt", root / "whisper" / "tiny.pt", vae, config)
+    mask = root / "mask.png"
+    paths = WeightPaths(
+        root, root / "latentsync_unet.pt", root / "whisper" / "tiny.pt", vae, config, mask if mask.is_file() else None
+    )
     for p in (paths.unet, paths.whisper, paths.vae):
         if not p.exists():
             raise CheckpointError(f"{p}: missing (expected layout: see latentsync_core/loaders.py)")
@@ -174,7 +180,7 @@ def load_models(
     whisper = load_whisper_encoder(paths.whisper, device=device)
     codec = load_vae(paths.vae, dtype=dtype, device=device)
     face_detector = create_detector(detector, **dict(detector_options or {})) if detector else None
-    return LocalModels(unet, whisper, codec, face_detector, device=device)
+    return LocalModels(unet, whisper, codec, face_detector, device=device, mask_image=paths.mask)
 
 
 def load_pipeline(

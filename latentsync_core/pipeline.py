@@ -13,6 +13,7 @@ import dataclasses
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -25,7 +26,7 @@ from .configs import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, NUM_FRAMES, 
 from .denoise import DenoiseSpec, WindowConditioning, frames_to_batch, initial_noise, mask_latents, step
 from .face.align import FaceAligner, box_hw
 from .face.enhance import EnhanceSpec, enhance_mouths
-from .face.mask import channels_first, keep_levels, mouth_mask, normalized_faces
+from .face.mask import channels_first, fixed_mask, keep_levels, normalized_faces
 from .face.pose import too_turned
 from .face.restore import Window, paste_faces, paste_window
 from .vae import Posterior, sample_latents
@@ -39,7 +40,10 @@ class Detections:
 
 
 class ModelBackend(Protocol):
-    """The model calls of the pipeline; each is batchable across frames/windows/streams."""
+    """The model calls of the pipeline; each is batchable across frames/windows/streams. `mask_image`: upstream's
+    mask.png where the weights have one (face.mask.fixed_mask), else None."""
+
+    mask_image: Path | None
 
     def detect(self, frames: np.ndarray) -> Detections: ...
     def encode_audio(self, mel_segments: torch.Tensor) -> torch.Tensor: ...  # (s,80,3000) -> (s,1500,L+1,C)
@@ -148,7 +152,7 @@ class LipSyncStream:
         self.enhance, self.max_yaw = enhance, float(max_yaw)
         self.dtype, self.device = dtype, torch.device(device)
         self.aligner = FaceAligner(self.variant.resolution)
-        self.mask = mouth_mask(self.variant.resolution) if mask is None else mask
+        self.mask = fixed_mask(self.variant.resolution, getattr(backend, "mask_image", None)) if mask is None else mask
         self.keep = keep_levels(self.mask).to(self.device)[None, None]  # (1, 1, R, R) as the encoder receives it
         self.generator = torch.Generator().manual_seed(int(seed))
         self.latent_hw = (self.variant.latent_size, self.variant.latent_size)
@@ -300,9 +304,9 @@ class LipSyncStream:
 class LocalModels:
     """ModelBackend with every model in this process (the reference the Triton deployment must match)."""
 
-    def __init__(self, unet, whisper, codec, detector=None, device: str = "cpu", enhancer=None):
+    def __init__(self, unet, whisper, codec, detector=None, device: str = "cpu", enhancer=None, mask_image=None):
         self.unet_model, self.whisper, self.codec, self.detector = unet, whisper, codec, detector
-        self.enhancer, self.device = enhancer, torch.device(device)
+        self.enhancer, self.device, self.mask_image = enhancer, torch.device(device), mask_image
 
     def detect(self, frames):
         if self.detector is None:

@@ -23,7 +23,14 @@ from latentsync_core.face.align import (
     sampling_grid,
     source_window,
 )
-from latentsync_core.face.mask import encoder_pixels, keep_levels, masked_face_inputs, mouth_mask
+from latentsync_core.face.mask import (
+    encoder_pixels,
+    fixed_mask,
+    keep_levels,
+    load_fixed_mask,
+    masked_face_inputs,
+    mouth_mask,
+)
 from latentsync_core.face.restore import (
     erode,
     gaussian_blur,
@@ -248,6 +255,25 @@ def test_resize_face_to_box_is_antialiased_bicubic():
     np.testing.assert_allclose(out.numpy(), pil, rtol=0, atol=1e-4)
     single = resize_face_to_box(torch.from_numpy(faces[1]), box)
     assert torch.equal(single, out[1])
+
+
+def test_upstreams_mask_image_loads_as_upstreams_load_fixed_mask(shared_dir, tmp_path):
+    """With upstream's mask.png (a weights folder's, or --mask) the mask is upstream's own: the golden denoising
+    case recorded load_fixed_mask's output at 64 px, float64; ours is its float32 rounding, value for value."""
+    recorded = np.load(shared_dir / "golden" / "denoise_loop" / "inputs.npz")["mask_image_64"]
+    mask = fixed_mask(64, shared_dir / "golden" / "mask.png")
+    assert mask.dtype == np.float32 and np.array_equal(mask, recorded[0].astype(np.float32))
+    assert not load_fixed_mask(str(shared_dir / "golden" / "mask.png"), 64).flags.writeable  # cached, shared
+    keep_levels(mask)  # multiples of 1/255: the encoder's uint8 levels are exact
+    assert np.array_equal(fixed_mask(64), mouth_mask(64))  # without the image: the drawn approximation
+    image = cv2.imread(str(shared_dir / "golden" / "mask.png"))
+    image[0, 0] = (0, 255, 0)
+    cv2.imwrite(str(tmp_path / "colour.png"), image)
+    with pytest.raises(ValueError, match="must be grey"):
+        load_fixed_mask(str(tmp_path / "colour.png"), 64)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not an image"):
+        load_fixed_mask(str(tmp_path / "broken.png"), 64)
 
 
 def test_mouth_mask_matches_upstream_shape(golden, shared_dir):

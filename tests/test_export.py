@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,35 @@ def test_stand_in_repository(tmp_path):
     assert read_manifest(out)["stand_ins"] is True
 
 
+def test_a_weights_folders_mask_image_is_served_and_is_the_references(tmp_path, shared_dir, capsys):
+    """Upstream's mask.png beside the checkpoints reaches the lipsync model (copied into its folder, named by its
+    `mask` parameter) and the in-process reference built from the repository; without it the export says that the
+    drawn approximation is used."""
+    from latentsync_core.face.mask import load_fixed_mask, mouth_mask
+    from latentsync_core.loaders import load_models
+    from latentsync_core.tiny import make_tiny_weights
+    from latentsync_export.manifest import load_reference
+
+    weights = make_tiny_weights(tmp_path / "w", seed=1)
+    (weights / "TINY_RANDOM_WEIGHTS").unlink()  # as real weights: the export's note about the mask shows
+    assert main(["--out", str(tmp_path / "plain"), "--weights", str(weights), "--variants", "1.5"]) == 0
+    assert "no mask.png" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "plain")["mask"] is None
+    assert "mask" not in configs(tmp_path / "plain")["lipsync"].parameters
+
+    upstream = shared_dir / "golden" / "mask.png"
+    (weights / "mask.png").write_bytes(upstream.read_bytes())
+    out = tmp_path / "repo"
+    assert main(["--out", str(out), "--weights", str(weights)]) == 0
+    assert "no mask.png" not in capsys.readouterr().out
+    assert configs(out)["lipsync"].parameters["mask"].string_value == "mask.png"
+    assert (out / "lipsync" / "1" / "mask.png").read_bytes() == upstream.read_bytes()
+    expected = load_fixed_mask(str(upstream), 256)
+    assert not np.array_equal(expected, mouth_mask(256))
+    assert np.array_equal(load_reference(out, "1.5", detector=None).stream().mask, expected)
+    assert np.array_equal(load_models(weights, detector=None).mask_image, weights / "mask.png")
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -268,6 +298,7 @@ def test_stand_in_repository(tmp_path):
         (["--tiny", "--tensorrt"], "--target gpu"),
         (["--tiny", "--detector", "insightface"], "--detector-dir"),
         (["--weights", "/nonexistent/weights"], "not found"),
+        (["--tiny", "--mask", "/nonexistent/mask.png"], "--mask /nonexistent/mask.png: no such file"),
     ],
 )
 def test_cli_errors_say_what_is_wrong(tmp_path, capsys, argv, message):

@@ -1,7 +1,7 @@
 """The `lipsync` deployment on a real Triton server (tiny random weights, CPU target, real gRPC streaming).
 
 * parity: for 1.5 and 1.6, a stream through Triton equals the in-process LipSyncPipeline on the same weights,
-  frames, audio and seed (uint8 frames; the max abs error is printed and must be 0 or a stray 1);
+  mask image, frames, audio and seed (uint8 frames; the max abs error is printed and must be 0 or a stray 1);
 * batching: 4 concurrent streams share UNet executions (Triton's own statistics);
 * the stream contract: errors that name the input/parameter, pass-through of face-less frames, state freed
   at the end, after an error and after the idle timeout (the model's `lipsync_open_streams` gauge).
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -28,9 +29,13 @@ STEPS = 2  # few DDIM steps keep CPU time down; the loop is the same for 20
 
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
+def tiny_repo(tmp_path_factory, shared_dir):
+    """Tiny random weights with upstream's mask.png: the parity test below then also shows that the served path
+    masks as the in-process one does (its mask differs from the drawn one along the jaw: ~270 pixels at 256)."""
     out = tmp_path_factory.mktemp("triton") / "repo"
-    build_repository(ExportOptions(out=out, tiny=True, idle_timeout_s=IDLE_TIMEOUT_S, max_queue_delay_us=20000))
+    mask = shared_dir / "golden" / "mask.png"
+    options = ExportOptions(out=out, tiny=True, idle_timeout_s=IDLE_TIMEOUT_S, max_queue_delay_us=20000)
+    assert build_repository(dataclasses.replace(options, mask_image=mask))["mask"] == "lipsync/1/mask.png"
     return out
 
 

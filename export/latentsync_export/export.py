@@ -115,6 +115,7 @@ class ExportOptions:
     overlap_windows: bool = True
     stand_ins: bool = False
     enhancer_weights: Path | None = None  # an official face restorer file: adds the `enhancer` model
+    mask_image: Path | None = None  # upstream's mask.png; None: the weights folder's mask.png, if it has one
     tensorrt: bool = False
     fp16: bool = True
     trt_cache_dir: str = "/tmp/latentsync-trt-cache"
@@ -150,6 +151,8 @@ class ExportOptions:
             raise ExportConfigError(f"--frame-max-batch must be >= {MIN_FRAME_BATCH} (one whole window)")
         if self.detector == "insightface" and self.detector_dir is None:
             raise ExportConfigError("--detector insightface needs --detector-dir (a buffalo_l / buffalo_s folder)")
+        if self.mask_image is not None and not Path(self.mask_image).is_file():
+            raise ExportConfigError(f"--mask {self.mask_image}: no such file (upstream's latentsync/utils/mask.png)")
         if self.face_policy not in ("largest", "track"):
             raise ExportConfigError(f"face policy must be largest or track, got {self.face_policy!r}")
         if self.max_streams < 1 or self.idle_timeout_s <= 0 or self.max_queue_delay_us < 0:
@@ -226,6 +229,7 @@ class _Builder:
             "onnx": {},
             "stand_ins": opts.stand_ins,
             "enhancer": None,
+            "mask": None,  # upstream's mask.png in the repository (None: the drawn approximation, face/mask.py)
             "dtype": opts.dtype,
             "detector": {
                 "kind": opts.detector,
@@ -425,6 +429,11 @@ class _Builder:
                 "enhancer_model": "enhancer" if self.opts.enhancer_weights is not None else "",
             },
         )
+        mask = self.opts.mask_image or next((p.mask for p in self.paths.values() if p.mask is not None), None)
+        if mask is not None:  # always copied: a 2 KB image, read by the stub from its own folder
+            _link_or_copy(mask, self.root / "lipsync" / "1" / "mask.png")
+            set_parameters(config, {"mask": "mask.png"})
+            self.manifest["mask"] = "lipsync/1/mask.png"
         self.finish("lipsync", "lipsync", config, python=True)
 
 
@@ -493,6 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="--tiny: comma-separated variants to build (the first is the default variant)",
     )
     p.add_argument("--copy-weights", action="store_true", help="copy weights into the repository (cpu target)")
+    p.add_argument(
+        "--mask",
+        type=Path,
+        dest="mask_image",
+        help="upstream's mouth mask image (latentsync/utils/mask.png of the LatentSync repository; default: "
+        "mask.png in the weights folder, else a drawn approximation)",
+    )
     p.add_argument("--detector", choices=("mediapipe", "insightface"), default="mediapipe")
     p.add_argument(
         "--detector-dir",
@@ -588,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlap_windows=not a.no_overlap,
             stand_ins=a.stand_ins,
             enhancer_weights=a.enhancer_weights,
+            mask_image=a.mask_image,
             tensorrt=a.tensorrt,
             fp16=not a.fp32,
             trt_cache_dir=a.trt_cache_dir,
@@ -613,6 +630,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("NOTE: STAND-INS instead of the networks (--stand-ins): for measuring the serving path only.")
     elif manifest["random_weights"]:
         print("NOTE: RANDOM test weights (--tiny): the output video will NOT be lip-synced.")
+    elif manifest["mask"] is None:
+        print(
+            "NOTE: no mask.png (upstream's latentsync/utils/mask.png, the mouth mask the UNet was trained with) in the "
+            "weights folder nor --mask: using this project's drawn approximation of it (a few latent cells along "
+            "the jaw differ). Copy it beside the checkpoints, or pass --mask, for upstream's exact mask."
+        )
     return 0
 
 

@@ -52,5 +52,6 @@ def load_reference(
         detector,
         device=device,
         enhancer=enhancer or None,
+        mask_image=repo / m["mask"] if m.get("mask") else None,
     )
     return LipSyncPipeline(models, variant)

@@ -1,11 +1,17 @@
 """The fixed mouth mask and the masked model inputs (upstream load_fixed_mask + ImageProcessor masking).
 
 Convention as upstream: 1 = keep the reference pixel, 0 = region the UNet regenerates (lower face and mouth).
-The mask is this project's own drawing on a 256 x 256 canvas (upstream's mask.png is not shipped): the band
-from just below the eyes down to the chin, bounded by a half ellipse, with a notch left open around the nose.
+Upstream's mask is the image latentsync/utils/mask.png of its repository, the mask its UNet was trained with:
+`load_fixed_mask` reads it as upstream does, from a weights folder that holds it (mask.png beside the
+checkpoints; latentsync-export --mask). It is not shipped with this project; without it `mouth_mask` is this
+project's own drawing on a 256 x 256 canvas: the band from just below the eyes down to the chin, bounded by a half
+ellipse, with a notch left open around the nose (a few latent cells along the jaw differ from upstream's).
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -26,6 +32,28 @@ def mouth_mask(resolution: int) -> np.ndarray:
     cv2.rectangle(canvas, NOSE_TOP_LEFT, NOSE_BOTTOM_RIGHT, 255, thickness=-1)
     resized = cv2.resize(canvas, (resolution, resolution), interpolation=cv2.INTER_LANCZOS4)
     return (resized / 255.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def load_fixed_mask(path: str | Path, resolution: int) -> np.ndarray:
+    """Upstream's load_fixed_mask: the image read by OpenCV, resized to R x R with LANCZOS4, divided by 255, as
+    (R, R) float32 (read-only: cached). Upstream multiplies each colour channel by its own mask
+    channel and gives the UNet the first: its mask.png is grey, and an image whose channels differ is refused."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: not an image OpenCV can read (expected upstream's latentsync/utils/mask.png)")
+    if not (np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])):
+        raise ValueError(f"{path}: the mouth mask must be grey (upstream's mask.png is); its colour channels differ")
+    resized = cv2.resize(image[..., 0], (resolution, resolution), interpolation=cv2.INTER_LANCZOS4)
+    mask = (resized / 255.0).astype(np.float32)
+    mask.flags.writeable = False
+    return mask
+
+
+def fixed_mask(resolution: int, image: str | Path | None = None) -> np.ndarray:
+    """The (R, R) mouth mask of a stream, its own copy: upstream's mask image where the weights have it (read once
+    per process), else `mouth_mask`."""
+    return mouth_mask(resolution) if image is None else load_fixed_mask(str(image), resolution).copy()
 
 
 def keep_levels(mask: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,10 +94,12 @@ class TritonModels:
         slots: CallSlots | None = None,
         frame_call_bytes: int = FRAME_CALL_BYTES,
         internal_key: str = "",
+        mask_image: Path | None = None,
     ):
         self.pb, self.names, self.vae_scale, self.traffic = pb_utils, names, float(vae_scale), traffic
         # every call carries the key the internal models ask for (serve.INTERNAL_KEY_ENV), if the server set one
         self.key_parameter = {INTERNAL_KEY_PARAMETER: internal_key} if internal_key else {}
+        self.mask_image = mask_image  # upstream's mask.png in the lipsync model's folder, if the weights had it
         self.slots = slots or CallSlots(0)
         self.frame_call_bytes = frame_call_bytes
         self.device, self.audio_max_batch = device, audio_max_batch

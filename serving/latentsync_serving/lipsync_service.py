@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -400,8 +401,15 @@ class LipSyncService:
     (or none, if its START had none), and a START on a live id is refused unless it carries that token. While
     latentsync-serve drains (its flag file exists) new streams are refused and open ones finish."""
 
-    def __init__(self, pb_utils, settings: ServiceSettings, model: str = "lipsync", device: torch.device = CPU):
-        self.pb, self.settings, self.device = pb_utils, settings, device
+    def __init__(
+        self,
+        pb_utils,
+        settings: ServiceSettings,
+        model: str = "lipsync",
+        device: torch.device = CPU,
+        mask_image: Path | None = None,
+    ):
+        self.pb, self.settings, self.device, self.mask_image = pb_utils, settings, device, mask_image
         self.streams: dict[Any, Stream] = {}
         self.dropped: dict[Any, float] = {}  # stream id -> when it was dropped as idle (for the message)
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
@@ -430,7 +438,8 @@ class LipSyncService:
         settings = ServiceSettings.from_params(ctx.params)
         if settings.random_weights:
             log(pb_utils, "warn", "lipsync: this repository uses RANDOM test weights; output is not lip-synced")
-        return cls(pb_utils, settings, ctx.name, ctx.device)
+        mask = ctx.path("mask") if ctx.params.get("mask") else None  # upstream's mask.png, if the weights had it
+        return cls(pb_utils, settings, ctx.name, ctx.device, mask)
 
     def backend(self, variant: str) -> TritonModels:
         """A stream's model calls: its variant's denoiser, on this instance's device."""
@@ -446,6 +455,7 @@ class LipSyncService:
             self.slots,
             self.settings.frame_call_bytes,
             self.internal_key,
+            self.mask_image,
         )
 
     def submit(self, request) -> None:
