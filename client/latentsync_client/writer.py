@@ -92,6 +92,9 @@ MAX_CRF = 51  # 8-bit x264
 MAX_THREADS = 128  # x264's X264_THREAD_MAX
 
 
+BT709, LIMITED_RANGE = 1, 1  # FFmpeg's AVCOL_SPC/PRI/TRC_BT709 and AVCOL_RANGE_MPEG
+
+
 def check_encoder_options(crf: float, preset: str, threads: int) -> None:
     """InputError unless x264 takes these (found before any connection, not at the first frame). Presets as x264
     reads them: a name in any case, or its number 0 (ultrafast) .. 9 (placebo)."""
@@ -211,6 +214,12 @@ class SyncedVideoWriter:
         stream = self._container.add_stream("libx264", rate=FPS, options={"crf": str(self.crf), "preset": self.preset})
         stream.width, stream.height = width - width % 2, height - height % 2  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
+        # BT.709, limited range, and said so in the stream: decoded frames are RGB through their own file's matrix
+        # (PyAV reads the tag), and an untagged yuv420p output was BT.601, which players show shifted in colour
+        # where they take untagged HD for BT.709 (every pixel of the frame, not only the synced face)
+        cc = stream.codec_context
+        cc.colorspace = cc.color_primaries = cc.color_trc = BT709
+        cc.color_range = LIMITED_RANGE
         # 0 (PyAV's default): x264 sizes its threads to the cores; 1 thread took 70 ms per 1080x1920 frame at
         # `medium` (RESULTS.md), slower than real time, but suits many clients sharing a machine
         stream.codec_context.thread_count = self.threads
@@ -225,7 +234,11 @@ class SyncedVideoWriter:
         h, w = self._video.height, self._video.width
         if frame.shape[:2] != (h, w):
             frame = np.ascontiguousarray(frame[:h, :w])
-        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
+            format="yuv420p",
+            dst_colorspace="ITU709",
+            dst_color_range="MPEG",  # what the stream's tags say
+        )
         video_frame.pts = self.frames_written
         self._container.mux(self._video.encode(video_frame))
         self.frames_written += 1
