@@ -134,7 +134,7 @@ def test_audio_beyond_a_whole_track_fails_the_stream_and_is_not_queued(service):
     service.release.set()
     service.submit(Request(8, SEQUENCE_END))
     wait_finished(service)
-    assert service.handled[1].audio is None and "at most 300 s" in extra.sender.errors()[0]
+    assert service.handled[1].audio is None and "the stream's audio is longer than 300 s" in extra.sender.errors()[0]
 
 
 def test_an_end_with_another_token_is_refused_and_still_ends_the_stream(service):
