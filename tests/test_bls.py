@@ -297,6 +297,9 @@ def test_the_denoiser_refuses_a_window_that_would_not_batch_with_the_others():
 
     check_window(window(), 32)
     check_window(window(frames=3), 32)  # a stream's last window
+    check_window(window(size=64), None)  # a repository built before `latent_size`: consistent in itself
+    with pytest.raises(ValueError, match="a window is"):
+        check_window({**window(size=64), "MASK": torch.zeros(1, 16, 32, 32)}, None)
     for bad in (window(size=33), window(frames=17), window(frames=0), window(audio_frames=15), window(mask_channels=4)):
         with pytest.raises(ValueError, match="a window is 1..16 frames"):
             check_window(bad, 32)

@@ -252,6 +252,31 @@ def test_writer_says_its_output_is_bt709_and_encodes_it_so(tmp_path, shared_dir)
     assert np.percentile(err, 99) <= 2 and err.mean() < 1.5, (np.percentile(err, 99), err.mean())
 
 
+@pytest.mark.parametrize("size,matrix", [((1280, 720), "ITU709"), ((720, 1280), "ITU709"), ((640, 360), "ITU601")])
+def test_an_untagged_video_is_read_as_players_show_it(tmp_path, size, matrix):
+    """Without a colour tag, HD (720 lines and up, either way up) is read through BT.709 and smaller video through
+    BT.601, as players show them: the output, tagged BT.709, then looks like the source there."""
+    from av.video.reformatter import Interpolation
+
+    width, height = size
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for plane, value in zip(frame.planes, (120, 90, 170)):  # a saturated colour: the matrices differ most
+        plane.update(np.full(plane.buffer_size, value, np.uint8))
+    path = tmp_path / "untagged.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "0"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame.pts = 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        decoded = next(container.decode(video=0))
+        assert decoded.colorspace == 2  # unspecified
+        expected = decoded.reformat(format="rgb24", src_colorspace=matrix, interpolation=Interpolation.BILINEAR)
+    (rgb,) = media.frames_25fps(path)
+    assert np.array_equal(rgb, expected.to_ndarray())
+
+
 def test_writer_output_timing_and_trimmed_audio(tmp_path, shared_dir):
     out, n = tmp_path / "out.mp4", 30
     with SyncedVideoWriter(out, shared_dir / "media" / "retalking_face2.mp4", n, preset="ultrafast") as writer:

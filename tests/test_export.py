@@ -280,6 +280,9 @@ def test_a_weights_folders_mask_image_is_served_and_is_the_references(tmp_path, 
     assert not np.array_equal(expected, mouth_mask(256))
     assert np.array_equal(load_reference(out, "1.5", detector=None).stream().mask, expected)
     assert np.array_equal(load_models(weights, detector=None).mask_image, weights / "mask.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")  # refused at export, not at every stream's first frames
+    assert main(["--out", str(tmp_path / "bad"), "--tiny", "--mask", str(tmp_path / "bad.png")]) == 2
+    assert "not an image OpenCV can read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

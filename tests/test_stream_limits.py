@@ -175,3 +175,41 @@ def test_the_client_keeps_no_more_frames_unanswered_than_a_stream_may_have_waiti
     for bad in (MAX_UNANSWERED_FRAMES + 1, WINDOW + 3):
         with pytest.raises(InputError, match=f"max_inflight_frames must be {WINDOW + 4}..{MAX_UNANSWERED_FRAMES}"):
             LipsyncClient("localhost:1", max_inflight_frames=bad)
+
+
+def test_the_client_reports_a_busy_server_as_retryable():
+    """The refusal's text is the contract's (written once), and the client library raises ServerBusy for it."""
+    from tritonclient.utils import InferenceServerException
+
+    from latentsync_client import ServerBusy, ServerError
+    from latentsync_client.stream import _classify
+    from latentsync_contract import busy_message
+
+    error = _classify(InferenceServerException(busy_message(48, 48)), "localhost:8001")
+    assert isinstance(error, ServerBusy) and isinstance(error, ServerError) and "start again" in str(error)
+    assert type(_classify(InferenceServerException("other"), "localhost:8001")) is ServerError
+
+
+def test_restarting_a_stream_does_not_get_past_the_bound(service):
+    """A START with the live stream's own token replaces it, but the old one still finishes its queue: it counts."""
+    for attempt in range(4):
+        restart = Request(11, SEQUENCE_START, token="A", audio=SAMPLE_RATE)
+        service.submit(restart)
+        assert not restart.sender.errors(), attempt
+    refused = Request(11, SEQUENCE_START, token="A", audio=SAMPLE_RATE)
+    service.submit(refused)
+    assert "the server is busy: 4 streams" in refused.sender.errors()[0]
+
+
+def test_a_stream_taken_out_of_service_ends_even_if_its_answer_cannot_be_sent(service):
+    service.submit(Request(12, SEQUENCE_START, token="A", audio=SAMPLE_RATE))
+    foreign = Request(12, SEQUENCE_END, token="B")
+
+    def broken(response=None, flags=0):
+        raise RuntimeError("the client is gone")
+
+    foreign.sender.send = broken
+    with pytest.raises(RuntimeError):
+        service.submit(foreign)
+    service.release.set()
+    wait_finished(service)  # closed anyway: it does not stay running (and counted) for good

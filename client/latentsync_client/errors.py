@@ -38,6 +38,10 @@ class StreamExpired(ServerError):
     """The server dropped the stream because no request reached it within its idle timeout."""
 
 
+class ServerBusy(ServerError):
+    """The server refused to start the stream: too many streams open or finishing there; retry in a few seconds."""
+
+
 class OutputError(ClientError):
     """The output (or a temporary file) could not be written: disk full, quota, file too large, I/O error."""
 

@@ -97,9 +97,17 @@ def _with_flush(frames):
 
 
 # ------------------------------------------------------------------------------------------------------ video
+UNSPECIFIED_COLORSPACE, HD_HEIGHT = 2, 720
+
+
 def _upright(frame: av.VideoFrame) -> np.ndarray:
-    """RGB array as the file is meant to be shown: display-matrix / EXIF rotation applied (flips are not)."""
-    rgb = frame.to_ndarray(format="rgb24")
+    """RGB array as the file is meant to be shown: display-matrix / EXIF rotation applied (flips are not), colours
+    through the file's own matrix; an untagged file through BT.709 from 720 lines up, as players show it (FFmpeg's
+    default would be BT.601: the output, tagged BT.709, would then differ from the source on those players)."""
+    if frame.colorspace == UNSPECIFIED_COLORSPACE and min(frame.width, frame.height) >= HD_HEIGHT:
+        rgb = frame.reformat(format="rgb24", src_colorspace="ITU709").to_ndarray()
+    else:
+        rgb = frame.to_ndarray(format="rgb24")
     quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns
     if quarter_turns:
         rgb = np.ascontiguousarray(np.rot90(rgb, quarter_turns))

@@ -49,13 +49,22 @@ from latentsync_contract import (
     apply_regions,
     completes_window,
     is_no_face_error,
+    is_server_busy_error,
     is_stream_dropped_error,
     min_audio_samples,
     num_frames_for_audio,
     request_spans,
 )
 
-from .errors import ClientError, InputError, NoFaceError, ServerError, ServerUnreachable, StreamExpired
+from .errors import (
+    ClientError,
+    InputError,
+    NoFaceError,
+    ServerBusy,
+    ServerError,
+    ServerUnreachable,
+    StreamExpired,
+)
 from .grpc_stream import InferStream, encode_request
 
 # gRPC status codes that mean the connection, not the request, failed.
@@ -348,4 +357,6 @@ def _classify(error: InferenceServerException, url: str) -> Exception:
             f"server error: the server dropped the stream as idle (no request reached it within "
             f"its idle timeout, latentsync-export --idle-timeout-s): {message}"
         )
+    if is_server_busy_error(message):
+        return ServerBusy(f"server error: {message}")
     return (NoFaceError if is_no_face_error(message) else ServerError)(f"server error: {message}")

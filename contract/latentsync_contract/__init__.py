@@ -116,6 +116,18 @@ def is_stream_dropped_error(message: str) -> bool:
     return any(phrase in message for phrase in ("must specify the START flag", "must set sequence_start"))
 
 
+def busy_message(open_streams: int, cap: int) -> str:
+    """The error of a START refused because the instance has `cap` streams open or finishing (a retry may pass)."""
+    return (
+        f"the server is busy: {open_streams} streams are open or finishing their last windows (at most {cap} per "
+        "lipsync instance); start again in a few seconds"
+    )
+
+
+def is_server_busy_error(message: str) -> bool:
+    return "the server is busy:" in message
+
+
 def draining_message(stream_id) -> str:
     return f"stream {stream_id} refused: the server is shutting down and takes no new streams (use another server)"
 

@@ -40,6 +40,7 @@ from typing import Sequence
 
 from latentsync_core.configs import get_variant
 from latentsync_core.face.enhance import FACE_ARCHS, load_face_enhancer
+from latentsync_core.face.mask import load_fixed_mask
 from latentsync_core.loaders import load_vae, load_whisper_encoder, locate
 from latentsync_core.tiny import make_tiny_weights
 from latentsync_serving.backend import DTYPES
@@ -151,8 +152,15 @@ class ExportOptions:
             raise ExportConfigError(f"--frame-max-batch must be >= {MIN_FRAME_BATCH} (one whole window)")
         if self.detector == "insightface" and self.detector_dir is None:
             raise ExportConfigError("--detector insightface needs --detector-dir (a buffalo_l / buffalo_s folder)")
-        if self.mask_image is not None and not Path(self.mask_image).is_file():
-            raise ExportConfigError(f"--mask {self.mask_image}: no such file (upstream's latentsync/utils/mask.png)")
+        if self.mask_image is not None:
+            if not Path(self.mask_image).is_file():
+                raise ExportConfigError(
+                    f"--mask {self.mask_image}: no such file (upstream's latentsync/utils/mask.png)"
+                )
+            try:  # read as a stream will: a bad image fails here, not at every stream's first frames
+                load_fixed_mask(str(self.mask_image), 256)
+            except ValueError as e:
+                raise ExportConfigError(f"--mask: {e}") from None
         if self.face_policy not in ("largest", "track"):
             raise ExportConfigError(f"face policy must be largest or track, got {self.face_policy!r}")
         if self.max_streams < 1 or self.idle_timeout_s <= 0 or self.max_queue_delay_us < 0:
@@ -431,6 +439,8 @@ class _Builder:
         )
         mask = self.opts.mask_image or next((p.mask for p in self.paths.values() if p.mask is not None), None)
         if mask is not None:  # always copied: a 2 KB image, read by the stub from its own folder
+            for resolution in self.resolutions:
+                load_fixed_mask(str(mask), resolution)  # ValueError naming the file if the weights' one is bad
             _link_or_copy(mask, self.root / "lipsync" / "1" / "mask.png")
             set_parameters(config, {"mask": "mask.png"})
             self.manifest["mask"] = "lipsync/1/mask.png"

@@ -792,7 +792,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions | Ceilin
     stand.add_argument("--frames", type=int, default=64, help="frames per stream")
     stand.add_argument("--per-request", type=int, default=4, help="frames per request (latentsync-client's default)")
     stand.add_argument(
-        "--ahead", type=int, default=36, help="frames a stream keeps unanswered, as latentsync-client (0: all at once)"
+        "--ahead",
+        type=int,
+        default=36,
+        help="frames a stream keeps unanswered, as latentsync-client (at most 64; 0: all at once, as a raw client "
+        "may: the server fails a stream with more than 64 waiting)",
     )
     a = p.parse_args(argv)
     ints = lambda text, default: [int(x) for x in (text or default).split(",") if x]  # noqa: E731

@@ -136,10 +136,17 @@ def raw_stream(
     final response (default UNANSWERED_REQUESTS; 0: no limit). Frames that come back are counted from the
     response's FRAME_INDEX, their regions not pasted."""
     from latentsync_client.grpc_stream import InferStream
-    from latentsync_contract import FRAME_INDEX, UNANSWERED_REQUESTS, WINDOW, completes_window, request_spans
+    from latentsync_contract import (
+        FRAME_INDEX,
+        MAX_UNANSWERED_FRAMES,
+        UNANSWERED_REQUESTS,
+        WINDOW,
+        completes_window,
+        request_spans,
+    )
 
-    if ahead and ahead < WINDOW + per_request:  # the server answers whole windows only
-        raise ValueError(f"ahead must be 0 or >= {WINDOW + per_request}")
+    if ahead and not WINDOW + per_request <= ahead <= MAX_UNANSWERED_FRAMES:  # whole windows; the server's bound
+        raise ValueError(f"ahead must be 0 or {WINDOW + per_request}..{MAX_UNANSWERED_FRAMES}")
     unanswered = UNANSWERED_REQUESTS if unanswered is None else unanswered
     n, (h, w) = len(clip.frames), clip.frames.shape[1:3]
     requests = [(np.zeros((0, h, w, 3), np.uint8), clip.audio, True)]

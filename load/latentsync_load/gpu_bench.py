@@ -678,6 +678,10 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if a.served_max_windows < 0:
         p.error("--served-max-windows must be >= 1 (or 0: the target's default)")
+    from latentsync_contract import MAX_UNANSWERED_FRAMES  # pure Python: importable before the bundle's environment
+
+    if not 1 <= a.served_frames <= MAX_UNANSWERED_FRAMES:  # (b) sends a stream's frames at once
+        p.error(f"--served-frames must be 1..{MAX_UNANSWERED_FRAMES} (a stream's frames are sent without waiting)")
     instances = {}
     for item in a.served_instances:  # the specs are checked by check_served_instances, inside the bundle
         model, sep, spec = item.partition("=")

@@ -38,7 +38,7 @@ from locust import User, events, task
 from locust.exception import StopUser
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
-from latentsync_contract import UNANSWERED_REQUESTS, completes_window, request_spans
+from latentsync_contract import MAX_UNANSWERED_FRAMES, UNANSWERED_REQUESTS, completes_window, request_spans
 
 grpc_gevent.init_gevent()
 
@@ -57,7 +57,9 @@ def _options(parser):
     g.add_argument("--guidance", type=float, default=1.5)
     g.add_argument("--variant", default="1.5")
     g.add_argument("--frames-per-request", type=int, default=4)
-    g.add_argument("--max-inflight", type=int, default=36, help="frames sent but not yet answered")
+    g.add_argument(
+        "--max-inflight", type=int, default=36, help="frames sent but not yet answered (at most MAX_UNANSWERED_FRAMES)"
+    )
     g.add_argument("--realtime", action="store_true", help="send frames at 25 fps, like a live source")
     g.add_argument("--streams-per-user", type=int, default=1)
     g.add_argument("--max-run-seconds", type=float, default=600.0)
@@ -218,7 +220,7 @@ class LipsyncUser(User):
         sequence_id = (next(self._ids) << 20) | (id(self) & 0xFFFFF)
         params = {"steps": opts.steps, "guidance": float(opts.guidance), "variant": opts.variant}
         outbox: Queue = Queue()
-        credit = Semaphore(opts.max_inflight)
+        credit = Semaphore(min(opts.max_inflight, MAX_UNANSWERED_FRAMES))  # more would fail the stream
         acks, acknowledged = Semaphore(UNANSWERED_REQUESTS), set()  # as latentsync-client: docs/PROTOCOL.md
         n = len(clip.frames)
 

@@ -77,6 +77,10 @@ def command(binary: str, model: str, spec: dict, url: str, a, csv_path: Path) ->
     return cmd
 
 
+def redact(arg: str, key: str) -> str:
+    return arg.replace(key, "<internal key>") if key else arg
+
+
 def read_csv(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -135,7 +139,8 @@ def run(a, url: str) -> dict:
         spec = dict(index[name], variant=meta["variant"])
         csv_path, log_path = a.out / f"{name}.csv", a.out / f"{name}.log"
         cmd = command(binary, name, spec, url, a, csv_path)
-        print("$", " ".join(cmd), flush=True)
+        shown = [redact(arg, a.internal_key) for arg in cmd]  # the internal key stays out of logs and reports
+        print("$", " ".join(shown), flush=True)
         start = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -149,7 +154,7 @@ def run(a, url: str) -> dict:
             "status": status,
             "rows": read_csv(csv_path),
             "seconds": time.monotonic() - start,
-            "command": cmd,
+            "command": shown,
         }
         print(f"{name}: {status} ({time.monotonic() - start:.0f} s)", flush=True)
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -173,7 +178,9 @@ def main(argv=None) -> int:
         "--admin-key-file",
         default=os.environ.get("LATENTSYNC_ADMIN_KEY_FILE"),
         help="with --url: the server's admin key, from which the key of the models lipsync calls is derived "
-        "(without it only lipsync is measured: the others refuse outside requests)",
+        "(without it only lipsync is measured: the others refuse outside requests). That key is on perf_analyzer's "
+        "command line while it runs (perf_analyzer takes request parameters only there): run it where other "
+        "users cannot list processes, or use --start-server",
     )
     p.add_argument("--models", help="comma-separated subset (default: every model with input data)")
     p.add_argument("--variant")

@@ -15,7 +15,7 @@ import json
 import locale
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
@@ -36,7 +36,7 @@ class ModelContext:
     params: dict[str, str]
     device: torch.device
     max_batch_size: int
-    internal_key: str = ""  # set: this model answers only requests that carry it (`admits`)
+    internal_key: str = field(default="", repr=False)  # set: this model answers only requests that carry it
 
     @classmethod
     def from_args(

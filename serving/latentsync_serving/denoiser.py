@@ -21,7 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
+from latentsync_contract import VARIANTS
 from latentsync_contract import WINDOW as WINDOW_FRAMES
+from latentsync_core.configs import get_variant
 from latentsync_core.denoise import DenoiseSpec, WindowConditioning, WindowJob, step
 from latentsync_core.loaders import load_unet
 
@@ -33,11 +35,12 @@ from .stand_ins import NullUNet
 INPUTS = ("LATENTS", "MASK", "MASKED", "REFERENCE", "AUDIO")  # (c, f, h, w) each; AUDIO (f, 50, 384)
 
 
-def check_window(inputs: Mapping[str, torch.Tensor], latent_size: int) -> None:
+def check_window(inputs: Mapping[str, torch.Tensor], latent_size: int | None) -> None:
     """Refuse a window whose tensors would not batch with the others (the whole step, every stream's windows in it,
     would fail): (4, f, L, L) latents, masked and reference latents, a (1, f, L, L) mask and (f, 50, 384) audio
     features, L the model's latent size, 1 <= f <= 16 frames."""
     frames = inputs["LATENTS"].shape[1] if inputs["LATENTS"].dim() == 4 else 0
+    latent_size = latent_size or inputs["LATENTS"].shape[-1]  # None: a model that does not know its own
     expected = {
         "LATENTS": (4, frames, latent_size, latent_size),
         "MASK": (1, frames, latent_size, latent_size),
@@ -69,7 +72,7 @@ class DenoiserService:
         dtype: torch.dtype,
         max_windows: int,
         model: str = "denoiser",
-        latent_size: int = 32,
+        latent_size: int | None = 32,  # None: unknown (windows are checked against each other only)
         gate: ModelContext | None = None,
     ):
         self.pb, self.unet, self.device, self.dtype, self.gate = pb_utils, unet, device, dtype, gate
@@ -107,8 +110,12 @@ class DenoiserService:
         if mode and not ctx.stand_in:
             unet = CompiledUNet(unet, mode, 2 * max_windows)
         log(pb_utils, "info", f"{ctx.name}: UNet on {ctx.device} in {dtype}{f', compiled ({mode})' if mode else ''}")
-        latent_size = int(ctx.params.get("latent_size") or 32)
-        service = cls(pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, latent_size, gate=ctx)
+        # repositories built before the parameter: the variant in the model's name (denoiser_<variant>)
+        variant = ctx.name.removeprefix("denoiser_")
+        latent_size = int(
+            ctx.params.get("latent_size") or (get_variant(variant).latent_size if variant in VARIANTS else 0)
+        )
+        service = cls(pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, latent_size or None, gate=ctx)
         service.ready.wait()  # the model is ready once its loop thread compiled the UNet
         if service.startup_error is not None:
             raise RuntimeError(f"{ctx.name}: compiling the UNet failed: {service.startup_error}")
@@ -155,7 +162,7 @@ class DenoiserService:
         try:
             if isinstance(self.unet, CompiledUNet):
                 log_info = lambda text: log(self.pb, "info", f"{self.model}: {text}")  # noqa: E731
-                self.unet.warm_up(self.latent_size, self.device, self.dtype, log_info)
+                self.unet.warm_up(self.latent_size or 32, self.device, self.dtype, log_info)
         except Exception as e:  # noqa: BLE001 - reported by from_args: the model does not load
             self.startup_error = f"{type(e).__name__}: {e}"
             self._stop = True

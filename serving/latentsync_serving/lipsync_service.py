@@ -35,6 +35,7 @@ from latentsync_contract import (
     WINDOW,
     ContractError,
     StreamParams,
+    busy_message,
     check_audio_range,
     check_audio_shape,
     check_frames_shape,
@@ -44,8 +45,9 @@ from latentsync_contract import (
     idle_drop_message,
     num_frames_for_audio,
 )
-from latentsync_core.configs import VAE_SCALING_FACTOR
+from latentsync_core.configs import VAE_SCALING_FACTOR, get_variant
 from latentsync_core.face.enhance import EnhanceSpec
+from latentsync_core.face.mask import fixed_mask
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
 from .backend import ModelContext, avoid_huge_pages, private_array
@@ -371,6 +373,11 @@ class Stream:
                 else:
                     req.sender.send(response, flags=flags)
             except Exception as e:  # noqa: BLE001 - logged; the stream ends with it
+                if not final:  # one try to complete the request anyway, or Triton keeps it until the client leaves
+                    try:
+                        req.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    except Exception:  # noqa: BLE001, S110 - the client is gone: nothing more to do
+                        pass
                 req.closed = True
                 if self.error is None:
                     self.error = f"a response could not be sent: {type(e).__name__}: {e}"
@@ -439,6 +446,9 @@ class LipSyncService:
         if settings.random_weights:
             log(pb_utils, "warn", "lipsync: this repository uses RANDOM test weights; output is not lip-synced")
         mask = ctx.path("mask") if ctx.params.get("mask") else None  # upstream's mask.png, if the weights had it
+        if mask is not None:
+            for variant in settings.denoisers:  # read now: a bad image fails the model's load, not each stream
+                fixed_mask(get_variant(variant).resolution, mask)
         return cls(pb_utils, settings, ctx.name, ctx.device, mask)
 
     def backend(self, variant: str) -> TritonModels:
@@ -485,16 +495,20 @@ class LipSyncService:
             else:
                 stream = None
         if refusal is not None:  # the stream of this id, if any, is left as it was (or closed: see above)
-            request.get_response_sender().send(
-                self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
-                flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
-            if stream is not None:
-                stream.close()
+            try:
+                request.get_response_sender().send(
+                    self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
+                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+            finally:  # a stream out of `streams` must still end, or it is running (and counted) for good
+                if stream is not None:
+                    stream.close()
             return
-        stream.put(_Incoming.take(self.pb, request))
-        if flags & SEQUENCE_END:
-            stream.close()
+        try:
+            stream.put(_Incoming.take(self.pb, request))
+        finally:
+            if flags & SEQUENCE_END:
+                stream.close()
 
     def _refusal(self, stream_id, flags: int, stream: Stream | None, token: str | None) -> str | None:
         """Why a request may not touch the stream of its id (None: it may)."""
@@ -502,12 +516,10 @@ class LipSyncService:
             if self.drain_file and os.path.exists(self.drain_file):
                 return draining_message(stream_id)
             cap = 2 * self.settings.max_streams
-            if cap and stream is None and len(self.running) >= cap:
-                # Triton frees a slot at its stream's END, while lipsync finishes that stream's last windows
-                return (
-                    f"the server is busy: {len(self.running)} streams are open or finishing their last windows "
-                    f"(at most {cap} per lipsync instance); start again in a few seconds"
-                )
+            if cap and len(self.running) >= cap:
+                # Triton frees a slot at its stream's END, while lipsync finishes that stream's last windows (and a
+                # restarted stream's old one finishes too)
+                return busy_message(len(self.running), cap)
             if stream is not None and not (stream.token is not None and _same_token(stream.token, token)):
                 return (
                     f"sequence_id {stream_id} is in use by another stream: a new stream needs an id of its own "
