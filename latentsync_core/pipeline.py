@@ -152,7 +152,7 @@ class LipSyncStream:
         self.enhance, self.max_yaw = enhance, float(max_yaw)
         self.dtype, self.device = dtype, torch.device(device)
         self.aligner = FaceAligner(self.variant.resolution)
-        self.mask = fixed_mask(self.variant.resolution, getattr(backend, "mask_image", None)) if mask is None else mask
+        self.mask = fixed_mask(self.variant.resolution, backend.mask_image) if mask is None else mask
         self.keep = keep_levels(self.mask).to(self.device)[None, None]  # (1, 1, R, R) as the encoder receives it
         self.generator = torch.Generator().manual_seed(int(seed))
         self.latent_hw = (self.variant.latent_size, self.variant.latent_size)
