@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import queue
 import re
@@ -46,18 +47,36 @@ _ids = itertools.count(1000)
 CODE_STEP = 7  # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
 
 
-def write_clip(path, n_frames, fps=25, size=(48, 64), rotation=0, frames=None):
-    """An h264 clip whose frame i is flat grey i * CODE_STEP (or the given RGB frames), nearly lossless."""
+def write_clip(path, n_frames, fps=25, size=(48, 64), rotation=0, frames=None, times=None, audio=False):
+    """An h264 clip whose frame i is flat grey i * CODE_STEP (or the given RGB frames), nearly lossless.
+
+    `times`: frame i's presentation time in seconds (Fractions, any spacing: a variable frame rate, a late start),
+    else i / fps. `audio`: a silent AAC track from 0 to the video's end, so the file starts before a late video."""
     h, w = size
+    rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"qp": "0"})
+        stream = out.add_stream("libx264", rate=rate, options={"qp": "0"})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 90000)
         if rotation:
             stream.set_display_rotation(rotation)
+        track = out.add_stream("aac", rate=16000, layout="mono") if audio else None
         for i in range(n_frames):
             rgb = frames[i] if frames is not None else np.full((h, w, 3), i * CODE_STEP % 256, np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] * 90000), Fraction(1, 90000)
+            out.mux(stream.encode(frame))
         out.mux(stream.encode())
+        if track is not None:
+            end = (times[-1] if times is not None else Fraction(n_frames - 1) / rate) + 1 / rate
+            silence = av.AudioFrame.from_ndarray(
+                np.zeros((1, math.ceil(end * 16000)), np.float32), format="fltp", layout="mono"
+            )
+            silence.sample_rate, silence.pts, silence.time_base = 16000, 0, Fraction(1, 16000)
+            out.mux(track.encode(silence))
+            out.mux(track.encode())
     return Path(path)
 
 

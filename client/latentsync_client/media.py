@@ -4,8 +4,8 @@
   scaled by 1/32768, which is what upstream's whisper `load_audio` (`ffmpeg -ac 1 -ar 16000 -f s16le`) feeds
   the encoder.
 * Video: any file with a video stream (HEVC, h264, ..., any fps, a still image) -> RGB uint8 frames at 25 fps,
-  upright. Upstream re-encodes with `ffmpeg -r 25`; here output frame k is the source frame on screen at
-  t = k/25 (by presentation time), so frames are duplicated or dropped as a constant-rate re-encode does.
+  upright. Upstream re-encodes with `ffmpeg -r 25`; here the same source frames are kept, duplicated or dropped
+  as FFmpeg's constant-frame-rate sync does (frame_rate.py), without the re-encode.
 * Length: the audio sets the frame count. A longer video is cut; a shorter one (or a photo) loops ping-pong
   (forward, reversed, forward, ...) as upstream's `loop_video` does. Frames to replay are spilled to an
   unlinked temporary file on disk, so memory does not grow with the video's length.
@@ -25,6 +25,7 @@ import numpy as np
 from latentsync_contract import FPS, SAMPLE_RATE, ContractError, check_frame_size
 
 from .errors import InputError
+from .frame_rate import ConstantRateSync, start_offset
 
 # FFmpeg demuxers that render any text file as "video": never what a user meant.
 TEXT_ART_FORMATS = {"tty", "bin", "xbin", "adf", "idf"}
@@ -116,44 +117,43 @@ def _upright(frame: av.VideoFrame) -> np.ndarray:
 
 
 def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Upright RGB uint8 frames of the first video stream, resampled to 25 fps by presentation time.
-
-    Frame k is the last source frame whose start time is <= k/25; the video ends with the last frame's
-    duration. A repeated frame is the same (read-only) array; a dropped frame is never converted.
-    """
+    """Upright RGB uint8 frames of the first video stream at 25 fps: the source frames that upstream's `ffmpeg -r 25`
+    re-encode writes, each as many times (frame_rate.ConstantRateSync). A repeated frame is the same (read-only)
+    array; a dropped frame is never converted."""
     with open_media(path) as container:
         if not container.streams.video:
             raise InputError(f"{path}: has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        tick = Fraction(1, FPS)
-        k, start, shown, shown_rgb, shown_t, end = 0, None, None, None, None, Fraction(0)
-        default_duration = 1 / Fraction(stream.average_rate or stream.guessed_rate or FPS)
+        rate = stream.guessed_rate or stream.average_rate
+        sync = ConstantRateSync(FPS, single_stream=len(container.streams) == 1, frame_rate=rate)
+        default_duration = 1 / Fraction(rate or FPS)
+        previous = current = None  # [frame, its RGB once converted]
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if frame.pts is None or frame.time_base is None:  # raw streams without timestamps
                     t, duration = i * default_duration, default_duration
                 else:
-                    start = frame.pts if start is None else start
-                    t = Fraction(frame.pts - start) * frame.time_base
-                    duration = Fraction(frame.duration) * frame.time_base if frame.duration else default_duration
-                if shown is not None and t < shown_t:  # a timestamp going back: drop the frame
-                    continue
-                while shown is not None and k * tick < t:  # `shown` stays on screen until t
-                    if shown_rgb is None:
-                        shown_rgb = _upright(shown)
-                    yield shown_rgb
-                    k += 1
-                shown, shown_rgb, shown_t, end = frame, None, t, t + duration
+                    offset = start_offset(container.start_time, frame.time_base)
+                    t = Fraction(frame.pts + offset) * frame.time_base
+                    duration = Fraction(frame.duration) * frame.time_base if frame.duration else None
+                previous, current = current, [frame, None]
+                n_previous, n = sync.push(t, duration)
+                for k in range(n):
+                    yield _rgb(previous if k < n_previous and previous is not None else current)
         except av.FFmpegError as e:
             raise _decode_error(path, e) from None
-        if shown is None:
+        if current is None:
             raise InputError(f"{path}: no video frames could be decoded")
-        while k * tick < end:
-            if shown_rgb is None:
-                shown_rgb = _upright(shown)
-            yield shown_rgb
-            k += 1
+        for _ in range(sync.flush()):
+            yield _rgb(current)
+
+
+def _rgb(shown: list) -> np.ndarray:
+    """The RGB array of a [frame, RGB or None] pair, converted on first use."""
+    if shown[1] is None:
+        shown[1] = _upright(shown[0])
+    return shown[1]
 
 
 def declared_duration(path: str | os.PathLike) -> float | None:
