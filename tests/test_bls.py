@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -303,3 +304,30 @@ def test_the_denoiser_refuses_a_window_that_would_not_batch_with_the_others():
     for bad in (window(size=33), window(frames=17), window(frames=0), window(audio_frames=15), window(mask_channels=4)):
         with pytest.raises(ValueError, match="a window is 1..16 frames"):
             check_window(bad, 32)
+
+
+def test_the_denoiser_copies_a_windows_inputs_onto_its_device_in_one_copy_each(monkeypatch):
+    """Host inputs (a `lipsync` on the CPU) are uploaded by owned_copy, which on a GPU does it off the stream where
+    the loop's UNet steps are queued: a plain `.to(device)` there would wait for the step in flight. The window's
+    tensors end up on the model's device ("meta" here, for want of a GPU), not sharing the request's buffers."""
+    from latentsync_serving import denoiser
+
+    calls = []
+    real_owned_copy = denoiser.owned_copy
+
+    def recording_owned_copy(tensor, device=None):
+        calls.append((tensor.device.type, torch.device(device).type if device is not None else None))
+        return real_owned_copy(tensor, device)
+
+    monkeypatch.setattr(denoiser, "owned_copy", recording_owned_copy)
+    pb = FakePbUtils({})
+    pb.get_input_tensor_by_name = getattr
+    shapes = {"LATENTS": (4, 16, 8, 8), "MASK": (1, 16, 8, 8), "MASKED": (4, 16, 8, 8), "REFERENCE": (4, 16, 8, 8)}
+    arrays = {n: np.ones(s, np.float32) for n, s in {**shapes, "AUDIO": (16, 50, 384)}.items()}
+    request = SimpleNamespace(parameters=lambda: "{}", **{n: pb.Tensor(n, a) for n, a in arrays.items()})
+    service = denoiser.DenoiserService.__new__(denoiser.DenoiserService)
+    service.pb, service.latent_size, service.device, service.dtype = pb, 8, torch.device("meta"), torch.float32
+    job = service._job(request)
+    assert sorted(calls) == [("cpu", "meta")] * 5
+    assert job.latents.device.type == "meta"
+    assert real_owned_copy(torch.from_numpy(arrays["AUDIO"]), "cpu").data_ptr() != arrays["AUDIO"].ctypes.data

@@ -209,23 +209,25 @@ def owned_tensor(tensor) -> torch.Tensor:
 _copy_streams = threading.local()
 
 
-def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy, complete when this returns, of a tensor that a buffer of Triton's backs (a request's input, a BLS
-    response's output): that buffer is released when `execute` returns or the response is dropped, and may then be
-    reused by another process. On a GPU the copy runs on this thread's side stream and is waited for there: on the
-    current stream it would queue behind the work already there (a whole UNet step) and read the buffer too late.
-    The side stream does not wait for the current one: Triton hands buffers over complete (their producer
-    synchronised before sending them)."""
-    if tensor.device.type != "cuda":
-        return tensor.clone()
+def owned_copy(tensor: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A copy on `device` (default: the tensor's), complete when this returns, of a tensor that a buffer of Triton's
+    backs (a request's input, a BLS response's output): that buffer is released when `execute` returns or the
+    response is dropped, and may then be reused by another process. Onto a GPU the copy (or the upload of a host
+    tensor) runs on this thread's side stream and is waited for there: on the current stream it would queue behind
+    the work already there (a whole UNet step of the denoiser's loop) and hold up the request, or read the buffer
+    too late. The side stream does not wait for the current one: Triton hands buffers over complete (their
+    producer synchronised before sending them)."""
+    device = tensor.device if device is None else torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device, copy=True)
     streams = _copy_streams.__dict__.setdefault("by_device", {})
-    if tensor.device not in streams:
-        streams[tensor.device] = torch.cuda.Stream(tensor.device)
-    stream = streams[tensor.device]
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    stream = streams[device]
     with torch.cuda.stream(stream):
-        copy = tensor.clone()
+        copy = tensor.to(device, copy=True)
     stream.synchronize()
-    copy.record_stream(torch.cuda.current_stream(tensor.device))  # freed only after the main stream's uses
+    copy.record_stream(torch.cuda.current_stream(device))  # freed only after the main stream's uses
     return copy
 
 

@@ -140,13 +140,14 @@ class DenoiserService:
             self._cond.notify()
 
     def _job(self, request) -> WindowJob:
-        # Copies: the window outlives the request's own buffers (a decoupled model answers later). Copied where they
-        # are, then moved: a move to another device would be queued on the current stream, unordered with the copy.
+        # Copies: the window outlives the request's own buffers (a decoupled model answers later). Made on the model's
+        # device off the current stream, where the loop thread's UNet steps are queued: a host input (a `lipsync` on
+        # the CPU) uploaded there would wait for the step in flight before the window could even queue.
         # (Host inputs are the stub's own arrays, which owned_tensor would keep without a copy; measured, that made
         # this model's CPU per frame 2 -> 13 ms in the stand-in bench, for reasons not found; these are small.)
         inputs = {name: to_torch(self.pb.get_input_tensor_by_name(request, name)) for name in INPUTS}
         check_window(inputs, self.latent_size)  # before any copy: a window that does not fit fails alone
-        t = {name: owned_copy(tensor).to(self.device) for name, tensor in inputs.items()}
+        t = {name: owned_copy(tensor, self.device) for name, tensor in inputs.items()}
         spec = DenoiseSpec(**json.loads(json.loads(request.parameters() or "{}").get("spec", "{}")))
         dt = self.dtype
         cond = WindowConditioning(
