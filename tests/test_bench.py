@@ -4,9 +4,13 @@ and a CPU dry run of the GPU script (latentsync-gpu-bench) so it is known to wor
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import helpers
+import numpy as np
 import pytest
 
 from latentsync_load.bench import BenchOptions, another_pair, markdown, run
@@ -158,6 +162,52 @@ def test_gpu_script_served_options_reach_the_repository(tmp_path, shared_dir):
         with pytest.raises(subprocess.CalledProcessError) as failed:
             run_gpu_script(tmp_path / f"bad{i}", shared_dir, "--parts", "served", "--served-instances", bad)
         assert failed.value.returncode == 2 and message in failed.value.stderr.decode()
+
+
+def test_gpu_script_served_baseline_builds_the_targets_placement_and_the_chosen_one(tmp_path, shared_dir):
+    """--served-baseline: (b) measures the target's own placement and then --served-instances' in one call (one
+    card, one build: the comparison the next GPU run makes), each from its own repository."""
+    result = run_gpu_script(
+        tmp_path, shared_dir, "--parts", "served", "--served-baseline", "--served-instances", "lipsync=gpu:2"
+    )
+    repositories = [n for n in result["notes"] if n.startswith("(b) repository: ")]
+    assert len(repositories) == 2
+    assert "lipsync cpu x1" in repositories[0] and "lipsync gpu x2" in repositories[1]
+    assert result["settings"]["served_baseline"] is True
+
+
+def test_a_served_level_is_cut_off_at_its_deadline_and_counts_what_it_received():
+    """The prepared GPU run must end inside its device time: a level still running at the budget's end stops, its
+    row keeps the frames received and says it was cut off (not an error)."""
+    from latentsync_load import gpu_serving as g
+
+    class Silent:  # a server that accepts the stream and never answers
+        def __init__(self, url, callback):
+            pass
+
+        def close(self, cancel=False):
+            pass
+
+    class NoGpu:
+        mean = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    row, server = g.ServedRow("1.5", 2), SimpleNamespace(grpc_url="", metrics_url="")
+    frames, audio = np.zeros((16, 8, 8, 3), np.uint8), np.zeros(640, np.float32)
+    with (
+        mock.patch("latentsync_client.grpc_stream.InferStream", Silent),
+        mock.patch.object(g, "send_request"),
+        mock.patch.object(g, "read_counters", lambda url, names, model: dict.fromkeys(names, 0.0)),
+        mock.patch.object(g, "GpuSampler", NoGpu),
+    ):
+        g.measure_level(server, row, frames, audio, 20, 0, 1, timeout=30.0, deadline=time.perf_counter() + 0.5)
+    assert row.errors == [] and row.frames == 0 and row.wall_s < 5
+    assert "2 streams cut off at the time budget" in row.note
 
 
 def test_gpu_script_served_layouts_retry_on_the_cpu_only_what_the_user_left_to_the_target():

@@ -36,7 +36,8 @@ from latentsync_load.gpu_bundle import BundleEnv, prepare
 
 # The measuring modules import torch and latentsync_core (diffusers): only after --bundle made them importable.
 ENV_VAR = "LATENTSYNC_GPU_BUNDLE_ENV"
-PARTS = ("unet", "precision", "geometry", "served", "compile")  # (a) eager, (c), (d), (b), (a) compiled
+PARTS = ("unet", "precision", "served", "geometry", "compile")  # in run order: (a) eager, (c), (b), (d), (a) compiled
+STOP_S = 5  # (b): the server's exit timeout
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Settings:
     served_compile: str = ""  # (b): the denoiser's UNet under torch.compile in this mode ("": eager)
     served_max_windows: int = 0  # (b): the denoiser's --max-windows (0: the target's default)
     served_instances: dict[str, str] = field(default_factory=dict)  # (b): model -> KIND[:COUNT[:GPUS]]
+    served_baseline: bool = False  # (b): the target's own placement too, before served_instances
     frame_side: int = 0  # resize face frames to this longer side (0: as bundled, 1080x1920)
     serve: bool = True  # start a server for (b); else only build its repository
     budget_s: float = 420.0
@@ -489,9 +491,21 @@ def served_layouts(chosen: dict[str, str], target: str) -> list[tuple[str, dict[
 
 
 def served(run: Run) -> None:
-    """(b), in each of served_layouts until one serves."""
+    """(b), in each of served_layouts until one serves; with --served-baseline, the target's own placement first and
+    then --served-instances', each in half of the time left (a comparison on one card and one build)."""
     target = "gpu" if run.device.type == "cuda" else "cpu"
-    layouts = served_layouts(run.settings.served_instances, target)
+    chosen = run.settings.served_instances
+    if run.settings.served_baseline and chosen:
+        name = ", ".join(f"{model}={spec}" for model, spec in chosen.items())
+        half = time.perf_counter() + run.deadline.left() / 2
+        for label, instances, until in (("target placement (baseline)", {}, half), (name, chosen, None)):
+            try:
+                serve_layout(run, target, instances, label, until)
+            except Exception as e:  # noqa: BLE001 - the other placement is still measured
+                traceback.print_exc()
+                run.report.note(f"(b) {label}: failed: {type(e).__name__}: {str(e).strip()[:300]}")
+        return
+    layouts = served_layouts(chosen, target)
     for i, (label, instances) in enumerate(layouts):
         try:
             serve_layout(run, target, instances, label)
@@ -504,13 +518,15 @@ def served(run: Run) -> None:
             run.report.note(f"(b) failed: {type(e).__name__}: {first}; again with {layouts[i + 1][0]}")
 
 
-def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -> None:
+def serve_layout(run: Run, target: str, instances: dict[str, str], label: str, until: float | None = None) -> None:
+    """Build and serve one placement and measure its levels; `until` (time.perf_counter()): its own end, if before
+    the run's."""
     from latentsync_export.model_config import InstanceSpec
     from latentsync_load import gpu_serving as g
     from latentsync_serving.serve import TritonServer
 
     s = run.settings
-    repo = run.work / "repository"
+    repo = run.work / ("repository" + "".join(f"-{model}" for model in instances))
     g.export_repository(
         run.weights,
         repo,
@@ -541,6 +557,7 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
         log_path=log_path,
         extra_args=g.server_args(run.device.type),
         home=run.env.triton_home if run.env else None,
+        exit_timeout_s=STOP_S,  # every stream has ended by then; the default 30 s went to a `lipsync` slow to unload
     )
     started = time.perf_counter()
     with server.start():
@@ -573,12 +590,13 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str) -
                 windows = f"max windows {s.served_max_windows}" if s.served_max_windows else ""
                 row = g.ServedRow(variant, n, note="; ".join(filter(None, [label, compiled, windows])))
                 run.report.served.append(row)
-                if run.deadline.left() < 20:
-                    row.note = "skipped: time budget"
+                left = run.deadline.left() if until is None else min(run.deadline.left(), until - time.perf_counter())
+                left -= STOP_S + 10  # the server's stop comes out of the budget too
+                if left < 20:
+                    row.note = "; ".join(filter(None, [row.note, "skipped: time budget"]))
                     continue
-                g.measure_level(
-                    server, row, frames, audio, s.run_steps, s.seed, next_id, timeout=max(20.0, run.deadline.left())
-                )
+                deadline = time.perf_counter() + left  # a level that would run past the budget is cut off there
+                g.measure_level(server, row, frames, audio, s.run_steps, s.seed, next_id, left, deadline)
                 next_id += n
                 print(" | ".join(served_cells(asdict(row))), flush=True)
                 run.report.save()
@@ -598,13 +616,13 @@ def run_all(s: Settings, out: Path, env: BundleEnv | None, frames_dir: Path | No
                 section(run, "random weights for (b) and (c)", make_weights)
         if run.weights is not None and "precision" in s.parts:
             section(run, "(c) bfloat16 vs float32", precision, min_left_s=30)
+        if run.weights is not None and "served" in s.parts:
+            section(run, "(b) served path", served, min_left_s=s.served_min_s if s.serve else 0)
         if "geometry" in s.parts:
             if frames_dir is None:
                 report.note("(d): skipped, no face frames (--frames DIR or --bundle)")
             else:
                 section(run, "(d) alignment and paste-back, device vs CPU", geometry, min_left_s=20)
-        if run.weights is not None and "served" in s.parts:
-            section(run, "(b) served path", served, min_left_s=s.served_min_s if s.serve else 0)
         if "compile" in s.parts and run.report.unet:
             section(run, "(a) torch.compile", unet_compiled, min_left_s=s.compile_min_s)
     return report
@@ -665,6 +683,12 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         help="(b): an instance group other than the target's (latentsync-export --instances), e.g. lipsync=cpu; "
         "repeatable",
     )
+    p.add_argument(
+        "--served-baseline",
+        action="store_true",
+        help="(b): with --served-instances, measure the target's own placement first, in the same call (half the "
+        "time left each): the comparison then shares the card and the build",
+    )
     p.add_argument("--frame-side", type=int, default=0, help="resize face frames to this longer side (0: keep)")
     serve = p.add_mutually_exclusive_group()
     serve.add_argument("--serve", action="store_true", help="start a server for (b) also on the CPU")
@@ -703,6 +727,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         served_compile=a.served_compile,
         served_max_windows=a.served_max_windows,
         served_instances=instances,
+        served_baseline=a.served_baseline,
         frame_side=a.frame_side,
         steps=a.steps,
         run_steps=a.steps,

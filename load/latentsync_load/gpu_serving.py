@@ -61,6 +61,8 @@ class ServedRow:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+
+
 def load_frames(folder: Path, count: int, long_side: int = 0) -> np.ndarray:
     """`count` RGB frames cycling through the JPEGs of `folder` (resized so the longer side is `long_side`)."""
     import cv2
@@ -95,6 +97,9 @@ class StreamResult:
     error: str | None = None
 
 
+CUT_OFF = "cut off at the time budget"  # a stream's error when its deadline came first: a partial, not a failure
+
+
 def run_stream(
     url: str,
     frames: np.ndarray,
@@ -103,8 +108,11 @@ def run_stream(
     sequence_id: int,
     start: threading.Barrier | None = None,
     timeout: float = 300.0,
+    deadline: float | None = None,
 ) -> StreamResult:
-    """One stream over raw gRPC: the audio request (sequence start, parameters), then 16 frames per request."""
+    """One stream over raw gRPC: the audio request (sequence start, parameters), then 16 frames per request.
+    `timeout`: the longest wait for one response; `deadline` (time.perf_counter()): the stream is cut off there,
+    what it received counted."""
     from latentsync_client.grpc_stream import InferStream
 
     result, replies = StreamResult(), queue.Queue()
@@ -119,7 +127,11 @@ def run_stream(
             send_request(stream, i, len(requests), f, a, sequence_id, params.as_parameters())
         finals = 0
         while finals < len(requests):
-            reply, error = replies.get(timeout=timeout)
+            wait = timeout if deadline is None else min(timeout, deadline - time.perf_counter())
+            if wait <= 0:
+                result.error = CUT_OFF
+                break
+            reply, error = replies.get(timeout=wait)
             if error is not None:
                 result.error = str(error).splitlines()[0][:200]
                 break
@@ -130,7 +142,8 @@ def run_stream(
                 result.first_frame_s = result.first_frame_s or time.perf_counter() - began
                 result.frames += len(index)
     except queue.Empty:
-        result.error = f"no response for {timeout:.0f} s"
+        late = deadline is not None and time.perf_counter() >= deadline
+        result.error = CUT_OFF if late else f"no response for {timeout:.0f} s"
     finally:
         result.wall_s = time.perf_counter() - began
         stream.close(cancel=result.error is not None)
@@ -138,14 +151,22 @@ def run_stream(
 
 
 def run_streams(
-    url: str, n: int, frames: np.ndarray, audio: np.ndarray, params: StreamParams, first_id: int, timeout: float = 300.0
+    url: str,
+    n: int,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    params: StreamParams,
+    first_id: int,
+    timeout: float = 300.0,
+    deadline: float | None = None,
 ) -> tuple[list[StreamResult], float]:
-    """n streams started together (a barrier); their results and the wall time from the common start."""
+    """n streams started together (a barrier); their results and the wall time from the common start (run_stream's
+    `timeout` and `deadline`)."""
     barrier = threading.Barrier(n + 1)
     results: list[StreamResult | None] = [None] * n
 
     def one(i: int) -> None:
-        results[i] = run_stream(url, frames, audio, params, first_id + i, barrier, timeout)
+        results[i] = run_stream(url, frames, audio, params, first_id + i, barrier, timeout, deadline)
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -246,17 +267,21 @@ def measure_level(
     seed: int,
     first_id: int,
     timeout: float = 300.0,
+    deadline: float | None = None,
 ) -> None:
     """Run row.streams streams of row.variant together and fill in the row (`timeout`: a stream's longest wait
-    for a response)."""
+    for a response; `deadline`: streams still running then are cut off, and the row says so)."""
     params = StreamParams(steps=steps, seed=seed, variant=row.variant)
     model, names = f"denoiser_{row.variant}", ("denoiser_window_steps", "denoiser_steps")
     before = read_counters(server.metrics_url, names, model)
     with GpuSampler() as gpu:
-        results, wall = run_streams(server.grpc_url, row.streams, frames, audio, params, first_id, timeout)
+        results, wall = run_streams(server.grpc_url, row.streams, frames, audio, params, first_id, timeout, deadline)
     after = read_counters(server.metrics_url, names, model)
     ok = [r for r in results if r.error is None]
-    row.errors = [r.error for r in results if r.error is not None]
+    row.errors = [r.error for r in results if r.error not in (None, CUT_OFF)]
+    cut = sum(r.error == CUT_OFF for r in results)
+    if cut:
+        row.note = "; ".join(filter(None, [row.note, f"{cut} streams cut off at the time budget (partial)"]))
     row.frames, row.wall_s = sum(r.frames for r in results), wall
     row.fps = row.frames / wall  # streams cut off by a timeout count what they received
     row.stream_fps = statistics.mean(r.frames / r.wall_s for r in ok) if ok else None
