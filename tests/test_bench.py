@@ -4,6 +4,7 @@ and a CPU dry run of the GPU script (latentsync-gpu-bench) so it is known to wor
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -322,3 +323,21 @@ def test_ceiling_report_shows_each_process_cpu_with_its_kernel_share_and_faults(
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
     assert cells[names.index("lipsync")] == f"{level['cpu_ms_per_frame']['lipsync']:.1f} / 11.2 / 1,023"
     assert cells[-1].endswith(f"/ {10 * (len(names) - 1) + 1023:,}")
+
+
+def test_gpu_script_names_the_model_of_each_process_that_holds_the_card():
+    """(b) lists who holds GPU memory by model (a Triton Python stub's command line names its model.py), so a run
+    that placed lipsync on the CPU shows whether it still made a CUDA context."""
+    from latentsync_load import gpu_serving as g
+
+    stub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "/models/repo/lipsync/1/model.py"])
+    try:
+        assert g.process_model(str(stub.pid)) == "lipsync"
+    finally:
+        stub.kill()
+    assert g.process_model("999999999") == "pid 999999999"
+    with mock.patch.object(g.subprocess, "run", side_effect=FileNotFoundError("nvidia-smi")):
+        assert g.cuda_contexts() == ""
+    answer = SimpleNamespace(stdout=f"{stub.pid}, 512\n")
+    with mock.patch.object(g.subprocess, "run", return_value=answer), mock.patch.object(g, "process_model", str):
+        assert g.cuda_contexts() == f"{stub.pid} 512 MiB"

@@ -597,6 +597,10 @@ def serve_layout(run: Run, target: str, instances: dict[str, str], label: str, u
                     continue
                 deadline = time.perf_counter() + left  # a level that would run past the budget is cut off there
                 g.measure_level(server, row, frames, audio, s.run_steps, s.seed, next_id, left, deadline)
+                if n == max(s.served_streams):  # who holds the card at the busiest level
+                    contexts = g.cuda_contexts()
+                    if contexts:
+                        run.report.note(f"(b) CUDA contexts{' (' + label + ')' if label else ''}: {contexts}")
                 next_id += n
                 print(" | ".join(served_cells(asdict(row))), flush=True)
                 run.report.save()

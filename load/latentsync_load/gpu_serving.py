@@ -194,6 +194,39 @@ def parse_counters(text: str, names: tuple[str, ...], model: str) -> dict[str, f
     return out
 
 
+def cuda_contexts() -> str:
+    """Which processes hold GPU memory (a CUDA context), by model where a Python stub's command line names it: e.g.
+    `tritonserver 510 MiB, denoiser_1.5 9120 MiB`; "" without nvidia-smi. Checks that a model placed on the CPU made
+    no CUDA context (one costs ~500 MiB and time slices of the card)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    holders = []
+    for line in out.strip().splitlines():
+        pid, _, mib = (x.strip() for x in line.partition(","))
+        holders.append(f"{process_model(pid)} {mib} MiB")
+    return ", ".join(holders) or "none"
+
+
+def process_model(pid: str) -> str:
+    """The model a Triton Python stub serves (its model.py's folder: <repository>/<model>/<version>/model.py), else
+    the process's program name."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    for arg in args:
+        if arg.endswith("model.py") and len(Path(arg).parts) >= 3:
+            return Path(arg).parts[-3]
+    return Path(args[0]).name if args and args[0] else f"pid {pid}"
+
+
 class GpuSampler:
     """Mean GPU utilisation while running (NVML through torch, else nvidia-smi); `source` says which."""
 
