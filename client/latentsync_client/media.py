@@ -134,8 +134,7 @@ def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
                 if frame.pts is None or frame.time_base is None:  # raw streams without timestamps
                     t, duration = i * default_duration, default_duration
                 else:
-                    offset = start_offset(container.start_time, frame.time_base)
-                    t = Fraction(frame.pts + offset) * frame.time_base
+                    t = Fraction(frame.pts + start_offset(container.start_time, frame.time_base)) * frame.time_base
                     duration = Fraction(frame.duration) * frame.time_base if frame.duration else None
                 previous, current = current, [frame, None]
                 n_previous, n = sync.push(t, duration)
@@ -150,7 +149,8 @@ def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 
 def _rgb(shown: list) -> np.ndarray:
-    """The RGB array of a [frame, RGB or None] pair, converted on first use."""
+    """The RGB array of a [frame, RGB or None] pair, converted on first use (the frame, and the decoder's buffer
+    it holds, then let go)."""
     if shown[1] is None:
         shown[1] = _upright(shown[0])
     return shown[1]
