@@ -1,6 +1,7 @@
 """`latentsync-serve`: the real Triton server on loopback, its admin restrictions, and a clean stop."""
 
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -41,6 +42,7 @@ from latentsync_serving.serve import (
     TritonServer,
     allocator_env,
     free_port,
+    main,
     port_is_free,
     secret_env,
     secret_marker,
@@ -201,14 +203,18 @@ def test_shared_memory_with_allow_shared_memory_needs_the_key(admin_server, tmp_
 
 def test_ready_only_when_health_answers_and_grpc_and_metrics_listen(tmp_path):
     """tritonserver opens HTTP, gRPC and metrics one after another: ready over HTTP alone is not ready (a client
-    connecting at once found the gRPC port closed). Loopback sockets stand in for the three endpoints."""
+    connecting at once found the gRPC port closed); and a server that answers must be this one (/v2 names it), not
+    another on the same port. Loopback sockets stand in for the three endpoints."""
     import http.server
     import socket
 
+    answers = {"/v2/health/ready": b"", "/v2": b'{"name": "another server"}'}
+
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.send_response(200 if self.path in answers else 404)
             self.end_headers()
+            self.wfile.write(answers.get(self.path, b""))
 
         def log_message(self, *args):
             pass
@@ -221,6 +227,8 @@ def test_ready_only_when_health_answers_and_grpc_and_metrics_listen(tmp_path):
         for port in (server.grpc_port, server.metrics_port):  # health answers; gRPC, then metrics, closed
             assert not server.is_ready()
             listeners.append(socket.create_server(("127.0.0.1", port)))
+        assert not server.is_ready()  # every port answers, but /v2 names another server
+        answers["/v2"] = json.dumps({"name": server.server_id}).encode()
         assert server.is_ready()
         http_server.shutdown()
         http_server.server_close()
@@ -446,6 +454,12 @@ def test_cli_drains_open_streams_on_sigterm(lipsync_repo, shared_dir, clip, tmp_
     assert proc.returncode == 0 and "drained" in seen[-1], "".join(seen)
 
 
+def test_cli_says_in_one_line_that_the_repository_is_not_there(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentsync-serve: error: model repository") and "nope" in err and "Traceback" not in err
+
+
 def test_cli_refuses_a_key_on_its_own_command_line(tiny_repo):
     r = subprocess.run(
         [sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--admin-key", "k"],
@@ -501,6 +515,16 @@ def test_cli_defaults_lock_admin_apis_behind_a_generated_key(tiny_repo, tmp_path
         for _ in range(2):  # still serving
             assert infer_double(url, np.ones(3, np.float32)).tolist() == [2, 2, 2]
         assert proc.poll() is None and alive(server_pid)
+        # a second server on these ports stops before it writes anything: the running server's key file (named by
+        # the gRPC port) is neither overwritten nor, when the second server fails, removed
+        second = subprocess.run(
+            [sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--grpc-port", str(ports[0]),
+             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 2 and "already in use" in second.stderr, second.stdout + second.stderr
+        assert "ready" not in second.stdout and key_file.read_text().strip() == key
+        assert infer_double(url, np.ones(3, np.float32)).tolist() == [2, 2, 2]
     except BaseException:
         proc.kill()
         proc.wait()

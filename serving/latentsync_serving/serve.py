@@ -32,6 +32,7 @@ import ctypes
 import functools
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import shutil
@@ -366,6 +367,7 @@ def server_args(
     shm_prefix: str | None = None,
     open_apis: Sequence[str] = (),
     allow_shared_memory: bool = False,
+    server_id: str | None = None,
 ) -> list[str]:
     """tritonserver command-line flags (without the binary and backend directory).
 
@@ -397,6 +399,8 @@ def server_args(
     ]
     if shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
+    if server_id:  # /v2 names it: a readiness check knows its own server from another on the same port
+        args.append(f"--id={server_id}")
     if model_control_mode == "explicit":
         args += [f"--load-model={m}" for m in (load_models or ["*"])]
     if not set(open_apis) <= set(OPENABLE_APIS):
@@ -499,6 +503,7 @@ class TritonServer:
         self._proc: subprocess.Popen | None = None
         self._work_dir: Path | None = None
         self.shm_prefix = f"latentsync_{uuid.uuid4().hex[:12]}_"  # this server's /dev/shm regions
+        self.server_id = f"latentsync-{uuid.uuid4().hex[:12]}"  # what this server's /v2 answers as its name
 
     grpc_url = property(lambda self: f"{self.host}:{self.grpc_port}")
     http_url = property(lambda self: f"{self.host}:{self.http_port}")
@@ -546,6 +551,7 @@ class TritonServer:
                 shm_prefix=self.shm_prefix,
                 open_apis=self.open_apis,
                 allow_shared_memory=self.allow_shared_memory,
+                server_id=self.server_id,
             ),
             *self.extra_args,
         ]
@@ -568,6 +574,18 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
+        # before anything is written (the admin key file is named by the gRPC port): a second server on a port
+        # in use would overwrite a running server's key file, then remove it when it failed to bind
+        busy = [
+            port
+            for port in (self.grpc_port, self.http_port, self.metrics_port)
+            if not port_is_free(port, self._bind_host)
+        ]
+        if busy:
+            raise PortInUseError(
+                f"port{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} on {self.address} already in use "
+                "(another latentsync-serve or Triton?): stop it, or choose --grpc-port/--http-port/--metrics-port"
+            )
         if self.log_path is None:  # kept after stop() for post-mortems
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
@@ -594,18 +612,24 @@ class TritonServer:
         """The server's exit code, or None while it runs (or was never started)."""
         return self._proc.poll() if self._proc else None
 
+    _bind_host = property(lambda self: "0.0.0.0" if self.address in ("0.0.0.0", "::") else self.address)
+
     def is_ready(self) -> bool:
         """Every model loaded (/v2/health/ready) and every endpoint listening: tritonserver opens its endpoints
         one after another, so a ready answer over HTTP alone does not mean the gRPC and metrics ports listen yet
-        (a client, or /metrics read at once, then found the port closed)."""
+        (a client, or /metrics read at once, then found the port closed). And this server answered (/v2 names
+        it), not another one listening on the port."""
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                 if r.status != 200:
                     return False
+            with urllib.request.urlopen(f"http://{self.http_url}/v2", timeout=2) as r:
+                if json.loads(r.read()).get("name") != self.server_id:
+                    return False
             for port in (self.grpc_port, self.metrics_port):
                 socket.create_connection((self.host, port), timeout=2).close()
             return True
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, ValueError):  # ValueError: /v2 answered something else than JSON
             return False
 
     def wait_ready(self, timeout: float = 120.0) -> TritonServer:
@@ -674,8 +698,8 @@ class TritonServer:
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
-        if self.admin_key_file is not None:  # this run's key dies with it
-            self.admin_key_file.unlink(missing_ok=True)
+        if self.admin_key_file is not None and (_read_or_none(self.admin_key_file) or "").strip() == self.admin_key:
+            self.admin_key_file.unlink()  # this run's key dies with it (another run's, written since, stays)
         return code
 
     def shm_regions(self) -> list[Path]:
@@ -700,6 +724,17 @@ class TritonServer:
                 self.stop(timeout=5)
             except Exception:  # interpreter shutdown: the parent-death signal still applies
                 pass
+
+
+class PortInUseError(OSError):
+    """A port the server would listen on is taken: nothing was started or written."""
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _die_with_parent() -> None:
@@ -804,6 +839,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"admin key ({a.admin_key_file or 'LATENTSYNC_ADMIN_KEY'}): {e}")
 
     ports = [port or None for port in (a.grpc_port, a.http_port, a.metrics_port)]  # 0 -> automatic
+    try:
+        return _serve(a, ports, extra, key)
+    except (FileNotFoundError, PortInUseError) as e:  # nothing started: a one-line error, as for bad options
+        print(f"latentsync-serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _serve(a: argparse.Namespace, ports: list[int | None], extra: list[str], key: str | None) -> int:
     server = TritonServer(
         a.repository,
         *ports,
