@@ -17,7 +17,7 @@ $(BIN)/python:
 # at the versions in constraints.txt (the lock: a new release elsewhere cannot break a fresh clone).
 PIP_LOCKED := $(BIN)/pip install -q -c constraints.txt
 setup: $(BIN)/python
-	$(PIP_LOCKED) -e ./contract -e . -e './serving[triton]' -e ./export -e ./client -e ./load \
+	$(PIP_LOCKED) -e ./contract -e . -e './serving[triton]' -e ./export -e ./client -e './load[locust]' \
 		-r tests/requirements.txt
 	# --no-deps: only files are used: mediapipe's face detector weights (.tflite, see face/detectors) and the
 	# sample photos of insightface (the demo portrait; test_pose)

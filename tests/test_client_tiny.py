@@ -69,3 +69,25 @@ def test_allow_no_face_writes_the_passed_through_frames(tiny_server, shared_dir,
     assert r.returncode == 0 and "without a face (passed through)" in r.stderr, r.stderr
     info = assert_synced_output(out, audio, tmp_path)
     assert np.abs(info["frames"][0].astype(int) - 90).mean() < 3  # the photo itself
+
+
+def test_locust_load_test_streams_through_the_tiny_repository(tiny_server, shared_dir, tmp_path):
+    """`latentsync-locust` (load/latentsync_load/locustfile.py, gevent + raw gRPC streams) against the real
+    server: two users' streams each come back whole, and the summary and CSV say so."""
+    import json
+
+    locust = Path(sys.executable).with_name("latentsync-locust")
+    summary = tmp_path / "summary.json"
+    r = subprocess.run(
+        [str(locust), "--headless", "-u", "2", "-r", "2", "--host", tiny_server.grpc_url,
+         "--clip", str(shared_dir / "media" / "retalking_face2.mp4"), "--clip-seconds", "0.5", "--steps", "1",
+         "--streams-per-user", "1", "--csv", str(tmp_path / "locust"), "--summary-json", str(summary)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(summary.read_text())
+    assert report["streams"] == 2 and report["errors"] == 0
+    expected = 14  # 0.5 s of audio: 8000 samples -> 8000 // 640 + 2 frames (PROTOCOL.md)
+    assert [s["frames"] for s in report["results"]] == [expected, expected]
+    stats = (tmp_path / "locust_stats.csv").read_text()
+    assert "first_frame" in stats and "stream" in stats
