@@ -199,17 +199,24 @@ def test_selectors_services_and_network_policy_line_up(manifests):
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
 
 
-def test_hpa_scales_on_queue_time_through_the_adapter(manifests):
+def test_hpa_scales_on_queue_time_and_the_denoisers_backlog_through_the_adapter(manifests):
+    """Triton's queue time misses the denoiser's backlog (a decoupled model takes every request at once and
+    batches windows itself), so the HPA also scales on the windows waiting for it, a gauge the denoiser exports."""
     hpa = manifests["HorizontalPodAutoscaler", "latentsync"]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) in manifests
-    (metric,) = hpa["spec"]["metrics"]
     adapter = yaml.safe_load((DOCKER / "monitoring" / "prometheus-adapter-values.yaml").read_text())
     rules = {r["name"]["as"]: r for r in adapter["rules"]["custom"]}
-    rule = rules[metric["pods"]["metric"]["name"]]
-    assert "nv_inference_queue_duration_us" in rule["seriesQuery"]
-    assert "nv_inference_queue_duration_us" in rule["metricsQuery"]
-    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    sources = {}
+    for metric in hpa["spec"]["metrics"]:
+        rule = rules[metric["pods"]["metric"]["name"]]
+        source = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
+        assert source in rule["metricsQuery"] and re.search(rule["name"]["matches"], source)
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        sources[source] = float(metric["pods"]["target"]["averageValue"])
+    assert set(sources) == {"nv_inference_queue_duration_us", "denoiser_waiting_windows"}
+    denoiser = (REPO / "serving" / "latentsync_serving" / "denoiser.py").read_text()
+    assert '"denoiser_waiting_windows":' in denoiser and 'metrics.set("denoiser_waiting_windows"' in denoiser
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
 
 

@@ -91,7 +91,7 @@ def test_concurrent_streams_share_denoiser_steps(server, tiny_repo, clip):
     n_streams, n_frames = 4, 6
     audio = audio_for(samples, n_frames)
     counters = ("denoiser_steps", "denoiser_window_steps", "denoiser_windows")
-    before = {c: metric(server, c, model="denoiser_1.5") for c in counters}
+    before = {c: metric(server, c, default=0.0, model="denoiser_1.5") for c in counters}  # none before a step
     results: dict[int, StreamResult] = {}
 
     def one(i):
@@ -116,6 +116,8 @@ def test_concurrent_streams_share_denoiser_steps(server, tiny_repo, clip):
     assert delta["denoiser_windows"] == n_streams  # one window per stream
     assert delta["denoiser_window_steps"] == n_streams * STEPS  # each window's every step, inside the denoiser
     assert delta["denoiser_steps"] < delta["denoiser_window_steps"]  # windows of different streams shared steps
+    # its backlog gauge (the autoscaler's second signal) is exported, and empty once every window is answered
+    assert metric(server, "denoiser_waiting_windows", model="denoiser_1.5") == 0
 
     # Batching does not change a stream's result: its own seeded generator draws its noise.
     want = reference_video(tiny_repo, "1.5", frames[:n_frames], audio, steps=STEPS, guidance=1.5, seed=100)

@@ -87,7 +87,11 @@ class DenoiserService:
                 "denoiser_unet_forwards": "UNet forwards (windows of different frame counts need their own)",
                 "denoiser_windows": "Windows denoised to their last step",
             },
-            gauges={"denoiser_active_windows": "Windows being denoised now"},
+            gauges={
+                "denoiser_active_windows": "Windows being denoised now",
+                # its own backlog: Triton's queue metrics do not see it (the model takes every request at once)
+                "denoiser_waiting_windows": "Windows waiting for a place among the max_windows being denoised",
+            },
         )
         self._pending: deque[_Window] = deque()
         self._cond = threading.Condition()
@@ -199,6 +203,7 @@ class DenoiserService:
                 self._answer(w)
             active = [w for w in active if not w.job.done]
             self.metrics.set("denoiser_active_windows", len(active))
+            self.metrics.set("denoiser_waiting_windows", len(self._pending))
         for w in [*active, *self._pending]:
             self._answer(w, error="the denoiser is shutting down")
 
