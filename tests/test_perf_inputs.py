@@ -96,3 +96,18 @@ def test_perf_analyzer_sends_the_internal_key_to_every_model_but_lipsync(tmp_pat
     assert vae[vae.index("--request-parameter") + 1] == f"{INTERNAL_KEY_PARAMETER}:{key}:string"
     assert not any(INTERNAL_KEY_PARAMETER in arg for arg in lipsync)
     assert key != internal_key("other" * 8) and len(key) == 64
+
+
+def test_a_failed_perf_analyzer_run_says_why_in_the_summary():
+    """A run that failed names perf_analyzer's own reason (e.g. no server at --url), not only its exit code."""
+    import subprocess
+
+    from latentsync_load.run_perf_analyzer import failure_reason
+
+    refused = (  # perf_analyzer 2.51 at a port where nothing listens (exit 99)
+        "error: failed to get model metadata: failed to connect to all addresses; last error: UNKNOWN: "
+        "ipv4:127.0.0.1:9: Failed to connect to remote host: Connection refused\n"
+    )
+    reason = failure_reason(subprocess.CompletedProcess([], 99, "*** Measurement Settings ***\n", refused))
+    assert reason.startswith("error: failed to get model metadata: failed to connect") and len(reason) <= 200
+    assert failure_reason(subprocess.CompletedProcess([], 1, "", "")) == "no output"

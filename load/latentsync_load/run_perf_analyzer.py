@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -127,6 +128,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failure_reason(proc: subprocess.CompletedProcess) -> str:
+    """perf_analyzer's own words for a failed run (its first error line, e.g. "failed to connect"), so that the
+    summary says why without opening the model's log."""
+    lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"error|fail|unable|refused|invalid", line, re.IGNORECASE)]
+    reason = (errors or lines or ["no output"])[0]
+    return reason[:200]
+
+
 def run(a, url: str) -> dict:
     binary = perf_analyzer()
     out = subprocess.run([binary, "--version"], capture_output=True, text=True)
@@ -144,7 +154,8 @@ def run(a, url: str) -> dict:
         start = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+            reason = "" if proc.returncode == 0 else redact(failure_reason(proc), a.internal_key)
+            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {reason}"
             log_path.write_text(proc.stdout + proc.stderr)
         except subprocess.TimeoutExpired as e:
             status = f"timeout after {a.timeout:g} s"
