@@ -209,6 +209,10 @@ def test_unreachable_server(media_dir, tmp_path):
     )
     assert r.returncode == ServerUnreachable.exit_code
     assert "cannot reach" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "gRPC" not in r.stderr
+    # Triton's HTTP port by mistake: the one line says the client speaks gRPC
+    r = run_cli(media_dir / "retalking_face2.mp4", media_dir / "demo1_audio.wav", "-o", out, "--url", "127.0.0.1:8000")
+    assert r.returncode == ServerUnreachable.exit_code and "gRPC, Triton's port 8001" in r.stderr
     assert not out.exists()
 
 
@@ -240,7 +244,7 @@ def test_no_face_found(server, media_dir, tmp_path):
     out = tmp_path / "out.mp4"
     r = run_cli(photo, audio, "-o", out, "--url", server.grpc_url, *FAST)
     assert r.returncode == NoFaceError.exit_code
-    assert "no face found" in r.stderr and not out.exists()
+    assert "no face found" in r.stderr and "--allow-no-face" in r.stderr and not out.exists()
     r = run_cli(photo, audio, "-o", out, "--url", server.grpc_url, "--allow-no-face", "--preset", "ultrafast")
     assert r.returncode == 0 and "without a face" in r.stderr
     assert_synced_output(out, audio, tmp_path)

@@ -27,7 +27,7 @@ from latentsync_contract import (
     StreamParams,
 )
 
-from .errors import ClientError, InputError, Interrupted
+from .errors import ClientError, InputError, Interrupted, NoFaceError, ServerUnreachable
 from .stream import LipsyncClient
 from .sync import sync_file
 
@@ -183,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         bar.close()
         return _fail(Interrupted(f"interrupted; {a.output} was not written"))
+    except NoFaceError as e:
+        bar.close()
+        return _fail(NoFaceError(f"{e} (--allow-no-face writes the video anyway, re-timed with the audio)"))
+    except ServerUnreachable as e:
+        bar.close()
+        hint = " (is that its HTTP port? the client speaks gRPC, Triton's port 8001 by default)"
+        return _fail(ServerUnreachable(f"{e}{hint if a.url.rsplit(':', 1)[-1] == '8000' else ''}"))
     except ClientError as e:
         bar.close()
         return _fail(e)
