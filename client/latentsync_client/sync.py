@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 from latentsync_contract import FPS, StreamParams
 
 from .errors import DISK_ERRORS, InputError, NoFaceError, OutputError
-from .media import audio_chunks, check_inputs, frames_for_audio
+from .media import audio_chunks, check_inputs, colour_tags, frames_for_audio
 from .stream import LipsyncClient
 from .writer import SyncedVideoWriter
 
@@ -120,7 +120,8 @@ def sync_file(
     without_face = 0
     try:
         # the writer creates its file now, and refuses encoder options x264 would not take
-        with SyncedVideoWriter(output, audio, crf=crf, preset=preset, threads=threads) as writer:
+        colour = colour_tags(video)  # the output shows as the source does
+        with SyncedVideoWriter(output, audio, crf=crf, preset=preset, threads=threads, colour=colour) as writer:
             client.check()
 
             def source_frames(n_frames: int):  # called once the audio is sent and the frame count known

@@ -24,7 +24,7 @@ import numpy as np
 from latentsync_contract import FPS
 
 from .errors import DISK_ERRORS, InputError, OutputError
-from .media import open_media
+from .media import BT601, DECODE_MATRIX, ColourTags, open_media
 
 try:
     import fcntl
@@ -92,7 +92,7 @@ MAX_CRF = 51  # 8-bit x264
 MAX_THREADS = 128  # x264's X264_THREAD_MAX
 
 
-BT709, LIMITED_RANGE = 1, 1  # FFmpeg's AVCOL_SPC/PRI/TRC_BT709 and AVCOL_RANGE_MPEG
+LIMITED_RANGE = 1  # FFmpeg's AVCOL_RANGE_MPEG
 
 
 def check_encoder_options(crf: float, preset: str, threads: int) -> None:
@@ -170,6 +170,7 @@ class SyncedVideoWriter:
         crf: int = 18,
         preset: str = "medium",
         threads: int = 0,
+        colour: ColourTags = BT601,
     ):
         check_encoder_options(crf, preset, threads)
         self.path = Path(path)
@@ -181,6 +182,7 @@ class SyncedVideoWriter:
         self._lock: int | None = None
         self.audio_path, self.n_frames = audio_path, n_frames
         self.crf, self.preset, self.threads = crf, preset, threads
+        self.colour = colour  # the tags; frames are encoded with BT.601 whatever they say (media.colour_tags)
         self.frames_written = 0
         self._container = self._video = self._audio = self._audio_stream = None
         self._audio_written = 0
@@ -214,11 +216,12 @@ class SyncedVideoWriter:
         stream = self._container.add_stream("libx264", rate=FPS, options={"crf": str(self.crf), "preset": self.preset})
         stream.width, stream.height = width - width % 2, height - height % 2  # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
-        # BT.709, limited range, and said so in the stream: decoded frames are RGB through their own file's matrix
-        # (PyAV reads the tag), and an untagged yuv420p output was BT.601, which players show shifted in colour
-        # where they take untagged HD for BT.709 (every pixel of the frame, not only the synced face)
-        cc = stream.codec_context
-        cc.colorspace = cc.color_primaries = cc.color_trc = BT709
+        # Frames are RGB as upstream decodes them (BT.601 whatever the file says) and go back to YUV through the
+        # same matrix, so the output's YUV is the source's; tagged as the source is (media.colour_tags), it shows
+        # as the source does (upstream's own output is untagged: players that take untagged HD for BT.709 show a
+        # BT.601 source shifted in colour)
+        cc, tags = stream.codec_context, self.colour
+        cc.colorspace, cc.color_primaries, cc.color_trc = tags.matrix, tags.primaries, tags.transfer
         cc.color_range = LIMITED_RANGE
         # 0 (PyAV's default): x264 sizes its threads to the cores; 1 thread took 70 ms per 1080x1920 frame at
         # `medium` (RESULTS.md), slower than real time, but suits many clients sharing a machine
@@ -236,8 +239,8 @@ class SyncedVideoWriter:
             frame = np.ascontiguousarray(frame[:h, :w])
         video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
             format="yuv420p",
-            dst_colorspace="ITU709",
-            dst_color_range="MPEG",  # what the stream's tags say
+            dst_colorspace=DECODE_MATRIX,  # back through the matrix the frames were decoded with
+            dst_color_range="MPEG",  # what the stream's range tag says
         )
         video_frame.pts = self.frames_written
         self._container.mux(self._video.encode(video_frame))
