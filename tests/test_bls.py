@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -331,3 +332,54 @@ def test_the_denoiser_copies_a_windows_inputs_onto_its_device_in_one_copy_each(m
     assert sorted(calls) == [("cpu", "meta")] * 5
     assert job.latents.device.type == "meta"
     assert real_owned_copy(torch.from_numpy(arrays["AUDIO"]), "cpu").data_ptr() != arrays["AUDIO"].ctypes.data
+
+
+def test_the_denoisers_backlog_gauges_exist_from_the_start_per_instance_and_reset_after_a_failed_step():
+    """The autoscaler reads denoiser_waiting_windows: the series must exist before the first window (a pod with
+    none could block the HPA's scale-down), carry the instance (instances on several GPUs would overwrite one
+    shared series), and fall back to 0 when a step fails (a stale backlog would scale towards maxReplicas)."""
+    from latentsync_serving.denoiser import DenoiserService
+
+    class NoMetricsPb:
+        class Logger:
+            @staticmethod
+            def log_info(text):
+                pass
+
+            log_warn = log_error = log_info
+
+    def broken_unet(*args):
+        raise RuntimeError("out of memory")
+
+    service = DenoiserService(
+        NoMetricsPb(), broken_unet, torch.device("cpu"), torch.float32, 1, "denoiser_x", 8, None, "denoiser_x_0"
+    )
+    try:
+        assert service.ready.wait(30)
+        keys = {
+            name: (name, ("instance", "denoiser_x_0"))
+            for name in ("denoiser_active_windows", "denoiser_waiting_windows")
+        }
+        deadline = time.monotonic() + 10
+        while not all(k in service.metrics.values for k in keys.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {name: service.metrics.values.get(key) for name, key in keys.items()} == dict.fromkeys(keys, 0)
+
+        answered = []
+        service._answer = lambda w, error=None: answered.append(error)
+        for _ in range(2):  # windows whose step fails (these jobs are not even windows)
+            service.metrics.set("denoiser_waiting_windows", 1, instance="denoiser_x_0")  # as if a backlog was seen
+            with service._cond:
+                service._pending.append(SimpleNamespace(job=SimpleNamespace(done=False)))
+                service._cond.notify()
+        deadline = time.monotonic() + 10
+        while len(answered) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert len(answered) == 2 and all(answered)  # both windows answered with the step's error
+        assert service.metrics.values[keys["denoiser_waiting_windows"]] == 0
+        assert service.metrics.values[keys["denoiser_active_windows"]] == 0
+    finally:
+        with service._cond:
+            service._stop = True
+            service._cond.notify()

@@ -111,3 +111,6 @@ def test_a_failed_perf_analyzer_run_says_why_in_the_summary():
     reason = failure_reason(subprocess.CompletedProcess([], 99, "*** Measurement Settings ***\n", refused))
     assert reason.startswith("error: failed to get model metadata: failed to connect") and len(reason) <= 200
     assert failure_reason(subprocess.CompletedProcess([], 1, "", "")) == "no output"
+    key = "k" * 64  # redacted before the line is cut: no part of the key is left at the cut
+    leaked = failure_reason(subprocess.CompletedProcess([], 1, "", "error: " + "x" * 180 + key + "\n"), key)
+    assert "kkkk" not in leaked and leaked.endswith("<internal key")

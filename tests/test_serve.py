@@ -34,6 +34,7 @@ from helpers import (
 from tritonclient.utils import InferenceServerException
 
 from latentsync_export.export import ExportOptions, build_repository
+from latentsync_serving import serve
 from latentsync_serving.serve import (
     ADMIN_HEADER,
     GRPC_ADMIN_HEADER,
@@ -460,6 +461,44 @@ def test_cli_says_in_one_line_that_the_repository_is_not_there(tmp_path, capsys)
     assert err.startswith("latentsync-serve: error: model repository") and "nope" in err and "Traceback" not in err
 
 
+def test_a_server_on_ports_in_use_starts_nothing(tmp_path):
+    """Any port of the three taken (another server, or one still loading its models under a lock beside its key
+    file): start() refuses before it writes or launches anything, naming the ports."""
+    import socket
+
+    from latentsync_serving.serve import PortInUseError
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        server = TritonServer(tmp_path, http_port=taken.getsockname()[1], admin_key=ADMIN_KEY)
+        with pytest.raises(PortInUseError, match=f"port {taken.getsockname()[1]} on 127.0.0.1 already in use"):
+            server.start()
+        assert server.pid is None and server._work_dir is None
+    key_file = tmp_path / "keys" / "admin-key.1"
+    key_file.parent.mkdir()
+    first = TritonServer(tmp_path, admin_key_file=key_file)
+    second = TritonServer(tmp_path, grpc_port=first.grpc_port, admin_key_file=key_file)
+    first._key_lock = serve._lock(key_file.with_name(key_file.name + ".lock"))  # as while it loads its models
+    try:
+        with pytest.raises(PortInUseError, match="another latentsync-serve is starting or serving"):
+            second.start()
+        assert not key_file.exists() and second._key_lock is None
+    finally:
+        first._release_key_lock()
+    again = serve._lock(key_file.with_name(key_file.name + ".lock"))  # released: free again
+    assert again is not None
+    os.close(again)
+
+
+def test_readiness_knows_a_server_by_the_id_it_passes_or_the_one_given():
+    """/v2 names a server by --id: its own unless one is passed through to tritonserver (the last counts)."""
+    ours = TritonServer(Path(__file__).parent, admin_key=ADMIN_KEY)
+    assert ours.server_id.startswith("latentsync-")
+    args = server_args(Path(__file__).parent, grpc_port=1, http_port=2, metrics_port=3, server_id=ours.server_id)
+    assert f"--id={ours.server_id}" in args
+    given = TritonServer(Path(__file__).parent, extra_args=["--id", "a", "--id=b"], admin_key=ADMIN_KEY)
+    assert given.server_id == "b"
+
+
 def test_cli_refuses_a_key_on_its_own_command_line(tiny_repo):
     r = subprocess.run(
         [sys.executable, "-m", "latentsync_serving.serve", str(tiny_repo), "--admin-key", "k"],
@@ -522,7 +561,7 @@ def test_cli_defaults_lock_admin_apis_behind_a_generated_key(tiny_repo, tmp_path
              "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
             capture_output=True, text=True, env=env, timeout=120,
         )  # fmt: skip
-        assert second.returncode == 2 and "already in use" in second.stderr, second.stdout + second.stderr
+        assert second.returncode == 2 and "another latentsync-serve" in second.stderr, second.stdout + second.stderr
         assert "ready" not in second.stdout and key_file.read_text().strip() == key
         assert infer_double(url, np.ones(3, np.float32)).tolist() == [2, 2, 2]
     except BaseException:

@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(Interrupted(f"interrupted; {a.output} was not written"))
     except NoFaceError as e:
         bar.close()
-        return _fail(NoFaceError(f"{e} (--allow-no-face writes the video anyway, re-timed with the audio)"))
+        hint = "" if a.allow_no_face else " (--allow-no-face writes the video anyway, re-timed with the audio)"
+        return _fail(NoFaceError(f"{e}{hint}"))
     except ServerUnreachable as e:
         bar.close()
         hint = " (is that its HTTP port? the client speaks gRPC, Triton's port 8001 by default)"

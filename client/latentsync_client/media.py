@@ -127,10 +127,11 @@ def colour_tags(path: str | os.PathLike) -> ColourTags:
             raise InputError(f"{path}: has no video stream")
         ctx = container.streams.video[0].codec_context
         tags = ColourTags(int(ctx.colorspace), int(ctx.color_primaries), int(ctx.color_trc))
-        pix_fmt = ctx.pix_fmt or ""
-    rgb_or_jpeg = not pix_fmt.startswith("yuv") or pix_fmt.startswith("yuvj")
-    if tags.matrix == RGB_MATRIX or (tags.matrix == UNSPECIFIED and rgb_or_jpeg):
-        return BT601
+        pix_fmt = av.VideoFormat(ctx.pix_fmt) if ctx.pix_fmt else None
+    if pix_fmt is None or pix_fmt.is_rgb or pix_fmt.has_palette or tags.matrix == RGB_MATRIX:
+        return BT601  # RGB pixels, whatever a tag says: the output's YUV is made with BT.601
+    if tags.matrix == UNSPECIFIED and (pix_fmt.name.startswith(("yuvj", "gray"))):
+        return BT601  # JPEG's YUV is BT.601 by definition; grey has no matrix to keep
     return tags
 
 
@@ -159,13 +160,16 @@ def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
         sync = ConstantRateSync(FPS, single_stream=len(container.streams) == 1, frame_rate=rate)
         default_duration = 1 / Fraction(rate or FPS)
         previous = current = None  # [frame, its RGB once converted]
+        last_t: Fraction | None = None
         try:
-            for i, frame in enumerate(container.decode(stream)):
-                if frame.pts is None or frame.time_base is None:  # raw streams without timestamps
-                    t, duration = i * default_duration, default_duration
+            for frame in container.decode(stream):
+                if frame.pts is None or frame.time_base is None:  # no timestamp: one frame after the last
+                    t = Fraction(0) if last_t is None else last_t + default_duration
+                    duration = default_duration
                 else:
                     t = Fraction(frame.pts + start_offset(container.start_time, frame.time_base)) * frame.time_base
                     duration = Fraction(frame.duration) * frame.time_base if frame.duration else None
+                last_t = t
                 previous, current = current, [frame, None]
                 n_previous, n = sync.push(t, duration)
                 for k in range(n):
@@ -179,8 +183,7 @@ def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 
 def _rgb(shown: list) -> np.ndarray:
-    """The RGB array of a [frame, RGB or None] pair, converted on first use (the frame, and the decoder's buffer
-    it holds, then let go)."""
+    """The RGB array of a [frame, RGB or None] pair, converted on first use."""
     if shown[1] is None:
         shown[1] = _upright(shown[0])
     return shown[1]

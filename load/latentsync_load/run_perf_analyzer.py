@@ -128,13 +128,12 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def failure_reason(proc: subprocess.CompletedProcess) -> str:
+def failure_reason(proc: subprocess.CompletedProcess, key: str = "") -> str:
     """perf_analyzer's own words for a failed run (its first error line, e.g. "failed to connect"), so that the
-    summary says why without opening the model's log."""
+    summary says why without opening the model's log; the internal key redacted before the line is cut short."""
     lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
     errors = [line for line in lines if re.search(r"error|fail|unable|refused|invalid", line, re.IGNORECASE)]
-    reason = (errors or lines or ["no output"])[0]
-    return reason[:200]
+    return redact((errors or lines or ["no output"])[0], key)[:200]
 
 
 def run(a, url: str) -> dict:
@@ -154,7 +153,7 @@ def run(a, url: str) -> dict:
         start = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            reason = "" if proc.returncode == 0 else redact(failure_reason(proc), a.internal_key)
+            reason = "" if proc.returncode == 0 else failure_reason(proc, a.internal_key)
             status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {reason}"
             log_path.write_text(proc.stdout + proc.stderr)
         except subprocess.TimeoutExpired as e:

@@ -216,7 +216,8 @@ def owned_copy(tensor: torch.Tensor, device: torch.device | str | None = None) -
     tensor) runs on this thread's side stream and is waited for there: on the current stream it would queue behind
     the work already there (a whole UNet step of the denoiser's loop) and hold up the request, or read the buffer
     too late. The side stream does not wait for the current one: Triton hands buffers over complete (their
-    producer synchronised before sending them)."""
+    producer synchronised before sending them). (From another GPU, torch also orders the copy after that GPU's
+    current stream, where a model of one GPU runs nothing.)"""
     device = tensor.device if device is None else torch.device(device)
     if device.type != "cuda":
         return tensor.to(device, copy=True)

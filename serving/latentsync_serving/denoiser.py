@@ -74,8 +74,11 @@ class DenoiserService:
         model: str = "denoiser",
         latent_size: int | None = 32,  # None: unknown (windows are checked against each other only)
         gate: ModelContext | None = None,
+        instance: str = "",
     ):
         self.pb, self.unet, self.device, self.dtype, self.gate = pb_utils, unet, device, dtype, gate
+        # gauges carry the instance: instances (one per GPU) would otherwise set one shared series, last one wins
+        self.gauge_labels = {"instance": instance} if instance else {}
         self.max_windows, self.latent_size, self.model = max_windows, latent_size, model
         self.ready, self.startup_error = threading.Event(), None
         self.metrics = Metrics(
@@ -119,7 +122,8 @@ class DenoiserService:
         latent_size = int(
             ctx.params.get("latent_size") or (get_variant(variant).latent_size if variant in VARIANTS else 0)
         )
-        service = cls(pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, latent_size or None, gate=ctx)
+        instance = args.get("model_instance_name", "")
+        service = cls(pb_utils, unet, ctx.device, dtype, max_windows, ctx.name, latent_size or None, ctx, instance)
         service.ready.wait()  # the model is ready once its loop thread compiled the UNet
         if service.startup_error is not None:
             raise RuntimeError(f"{ctx.name}: compiling the UNet failed: {service.startup_error}")
@@ -179,6 +183,7 @@ class DenoiserService:
             torch.cuda.set_device(self.device)
         self._warm_up()  # on this thread: the one that calls the UNet
         active: list[_Window] = []
+        self._set_gauges(active)  # the series exist (at 0) before the first window: the autoscaler reads them
         while True:
             with self._cond:
                 while not self._stop and not active and not self._pending:
@@ -194,6 +199,7 @@ class DenoiserService:
                 for w in active:
                     self._answer(w, error=f"{type(e).__name__}: {e}")
                 active = []
+                self._set_gauges(active)
                 continue
             self.metrics.add("denoiser_steps")
             self.metrics.add("denoiser_window_steps", len(active))
@@ -202,10 +208,13 @@ class DenoiserService:
             for w in finished:
                 self._answer(w)
             active = [w for w in active if not w.job.done]
-            self.metrics.set("denoiser_active_windows", len(active))
-            self.metrics.set("denoiser_waiting_windows", len(self._pending))
+            self._set_gauges(active)
         for w in [*active, *self._pending]:
             self._answer(w, error="the denoiser is shutting down")
+
+    def _set_gauges(self, active: list[_Window]) -> None:
+        self.metrics.set("denoiser_active_windows", len(active), **self.gauge_labels)
+        self.metrics.set("denoiser_waiting_windows", len(self._pending), **self.gauge_labels)
 
     def _answer(self, w: _Window, error: str | None = None) -> None:
         pb = self.pb

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -501,9 +502,10 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen | None = None
+        self._key_lock: int | None = None  # a file descriptor holding the lock beside the admin key file
         self._work_dir: Path | None = None
         self.shm_prefix = f"latentsync_{uuid.uuid4().hex[:12]}_"  # this server's /dev/shm regions
-        self.server_id = f"latentsync-{uuid.uuid4().hex[:12]}"  # what this server's /v2 answers as its name
+        self.server_id = _given_id(self.extra_args) or f"latentsync-{uuid.uuid4().hex[:12]}"  # /v2's name for it
 
     grpc_url = property(lambda self: f"{self.host}:{self.grpc_port}")
     http_url = property(lambda self: f"{self.host}:{self.http_port}")
@@ -574,8 +576,23 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
-        # before anything is written (the admin key file is named by the gRPC port): a second server on a port
-        # in use would overwrite a running server's key file, then remove it when it failed to bind
+        try:
+            return self._start()
+        except BaseException:
+            self._release_key_lock()
+            raise
+
+    def _start(self) -> TritonServer:
+        # Before anything is written (the admin key file is named by the gRPC port): a second server on a port in
+        # use would overwrite a running server's key file, then remove it when it failed to bind. Triton opens its
+        # ports only once every model loaded (minutes), so a server still loading holds a lock beside its key file.
+        if self.admin_key_file is not None:
+            self._key_lock = _lock(self.admin_key_file.with_name(self.admin_key_file.name + ".lock"))
+            if self._key_lock is None:
+                raise PortInUseError(
+                    f"another latentsync-serve is starting or serving with gRPC port {self.grpc_port} "
+                    f"({self.admin_key_file}): stop it, or choose --grpc-port/--http-port/--metrics-port"
+                )
         busy = [
             port
             for port in (self.grpc_port, self.http_port, self.metrics_port)
@@ -700,7 +717,13 @@ class TritonServer:
             self._work_dir = None
         if self.admin_key_file is not None and (_read_or_none(self.admin_key_file) or "").strip() == self.admin_key:
             self.admin_key_file.unlink()  # this run's key dies with it (another run's, written since, stays)
+        self._release_key_lock()
         return code
+
+    def _release_key_lock(self) -> None:
+        if self._key_lock is not None:
+            os.close(self._key_lock)  # the lock goes with the descriptor
+            self._key_lock = None
 
     def shm_regions(self) -> list[Path]:
         """The Python backend's shared-memory regions of this server (in /dev/shm)."""
@@ -728,6 +751,29 @@ class TritonServer:
 
 class PortInUseError(OSError):
     """A port the server would listen on is taken: nothing was started or written."""
+
+
+def _given_id(args: Sequence[str]) -> str | None:
+    """The `--id` among tritonserver arguments passed through (the last one counts, as for tritonserver)."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--id="):
+            found = arg.split("=", 1)[1]
+        elif arg == "--id" and i + 1 < len(args):
+            found = args[i + 1]
+    return found
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on `path` (created 0600), or None if another process holds it.
+    The kernel drops the lock when the descriptor is closed or its process dies: a killed server leaves no lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _read_or_none(path: Path) -> str | None:
