@@ -43,6 +43,18 @@ from latentsync_export.manifest import load_reference
 _ids = itertools.count(1000)
 
 
+# ---------------------------------------------------------------------------------------------------- stubs
+class NoMetricsPb:
+    """pb_utils without metric families or logging: what DenoiserService touches before any request."""
+
+    class Logger:
+        @staticmethod
+        def log_info(text):
+            pass
+
+        log_warn = log_error = log_info
+
+
 # ---------------------------------------------------------------------------------------------------- media
 CODE_STEP = 7  # frame i is a flat grey of level i * CODE_STEP: decodable after lossy coding
 

@@ -338,15 +338,9 @@ def test_the_denoisers_backlog_gauges_exist_from_the_start_per_instance_and_rese
     """The autoscaler reads denoiser_waiting_windows: the series must exist before the first window (a pod with
     none could block the HPA's scale-down), carry the instance (instances on several GPUs would overwrite one
     shared series), and fall back to 0 when a step fails (a stale backlog would scale towards maxReplicas)."""
+    from helpers import NoMetricsPb
+
     from latentsync_serving.denoiser import DenoiserService
-
-    class NoMetricsPb:
-        class Logger:
-            @staticmethod
-            def log_info(text):
-                pass
-
-            log_warn = log_error = log_info
 
     def broken_unet(*args):
         raise RuntimeError("out of memory")

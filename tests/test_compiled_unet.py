@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import NoMetricsPb
 
 from latentsync_core.models.unet3d import UNet3DConditionModel
 from latentsync_core.tiny import TINY_UNET
@@ -47,17 +48,6 @@ def test_padded_compiled_calls_give_each_items_eager_output_and_the_rest_runs_ea
         wrapped.warm_up(8, torch.device("cpu"), torch.float32, log=lambda text: None)
     assert calls == [4] + [2] * 3 + [4] * 3  # the padded call, then warm_up: 3 calls per bucket
     assert wrapped.embed == unet.embed and wrapped.config is unet.config  # DeepCache's pieces: the module's
-
-
-class NoMetricsPb:
-    """pb_utils without metric families or logging: what DenoiserService touches before any request."""
-
-    class Logger:
-        @staticmethod
-        def log_info(text):
-            pass
-
-        log_warn = log_error = log_info
 
 
 @pytest.mark.slow  # ~20 s: dynamo traces the tiny UNet once
