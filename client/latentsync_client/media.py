@@ -161,13 +161,14 @@ def frames_25fps(path: str | os.PathLike) -> Iterator[np.ndarray]:
         default_duration = 1 / Fraction(rate or FPS)
         previous = current = None  # [frame, its RGB once converted]
         last_t: Fraction | None = None
+        offset = start_offset(container.start_time, stream.time_base) if stream.time_base else 0
         try:
             for frame in container.decode(stream):
                 if frame.pts is None or frame.time_base is None:  # no timestamp: one frame after the last
                     t = Fraction(0) if last_t is None else last_t + default_duration
                     duration = default_duration
                 else:
-                    t = Fraction(frame.pts + start_offset(container.start_time, frame.time_base)) * frame.time_base
+                    t = Fraction(frame.pts + offset) * frame.time_base  # decoded frames keep the stream's time base
                     duration = Fraction(frame.duration) * frame.time_base if frame.duration else None
                 last_t = t
                 previous, current = current, [frame, None]

@@ -482,12 +482,16 @@ def served_layouts(chosen: dict[str, str], target: str) -> list[tuple[str, dict[
     """(label, instances) of each repository (b) tries in turn: `chosen` (--served-instances); on a GPU, unless
     the user placed `lipsync`, then the same with `lipsync` on the CPU (the served path failing with the
     orchestrator on the GPU, where device tensors cross between the models through CUDA IPC)."""
-    name = lambda instances: ", ".join(f"{model}={spec}" for model, spec in instances.items())  # noqa: E731
-    layouts = [(name(chosen), chosen)]
+    layouts = [(layout_name(chosen), chosen)]
     if target == "gpu" and "lipsync" not in chosen:
         retry = {**chosen, "lipsync": "cpu"}
-        layouts.append((f"{name(retry)} (retry)", retry))
+        layouts.append((f"{layout_name(retry)} (retry)", retry))
     return layouts
+
+
+def layout_name(instances: dict[str, str]) -> str:
+    """`lipsync=cpu, restorer=cpu`: a placement as --served-instances gave it ("" for the target's own)."""
+    return ", ".join(f"{model}={spec}" for model, spec in instances.items())
 
 
 def served(run: Run) -> None:
@@ -496,9 +500,8 @@ def served(run: Run) -> None:
     target = "gpu" if run.device.type == "cuda" else "cpu"
     chosen = run.settings.served_instances
     if run.settings.served_baseline and chosen:
-        name = ", ".join(f"{model}={spec}" for model, spec in chosen.items())
         half = time.perf_counter() + run.deadline.left() / 2
-        for label, instances, until in (("target placement (baseline)", {}, half), (name, chosen, None)):
+        for label, instances, until in (("target placement (baseline)", {}, half), (layout_name(chosen), chosen, None)):
             try:
                 serve_layout(run, target, instances, label, until)
             except Exception as e:  # noqa: BLE001 - the other placement is still measured

@@ -61,8 +61,6 @@ class ServedRow:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-
-
 def load_frames(folder: Path, count: int, long_side: int = 0) -> np.ndarray:
     """`count` RGB frames cycling through the JPEGs of `folder` (resized so the longer side is `long_side`)."""
     import cv2
