@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from latentsync_core.face import kernels
 from latentsync_core.face.align import (
     FaceAligner,
     _homogeneous,
     _inverse_3x3,
     _normaliser,
+    bilinear_sample,
     box_hw,
+    grid_coverage,
     landmarks_to_points,
     sampling_grid,
     source_window,
@@ -50,6 +53,14 @@ def golden(shared_dir):
     case = json.loads((root / "case.json").read_text())
     frame = cv2.cvtColor(cv2.imread(str(root / "frame.png")), cv2.COLOR_BGR2RGB)
     return case, dict(np.load(root / "inputs.npz")), dict(np.load(root / "outputs.npz")), frame
+
+
+@pytest.fixture(params=["kernels", "no numba"])
+def face_path(request, monkeypatch):
+    """Runs a test on both paths of the face code: with the compiled loops (face/kernels.py) and without numba."""
+    if request.param == "no numba":
+        monkeypatch.setattr(kernels, "AVAILABLE", False)
+    return request.param
 
 
 def resolutions(golden):
@@ -416,7 +427,7 @@ def random_affine(rng, frame_hw, box, spread, zoom=(0.3, 4)):
     return np.hstack([rot, shift[:, None]]).astype(np.float32)
 
 
-def test_align_and_paste_are_bit_exact_on_golden(golden):
+def test_align_and_paste_are_bit_exact_on_golden(golden, face_path):
     """The window-local warp and paste give exactly upstream's outputs (no truncation flips at all) and exactly the
     whole-frame reference arithmetic."""
     _, inputs, outputs, frame = golden
@@ -445,6 +456,23 @@ def test_align_and_paste_are_bit_exact_on_golden(golden):
         np.testing.assert_array_equal(paste_back(frame, face, affine), expected)
 
 
+def test_coverage_kernel_is_grid_sample_of_ones():
+    """kernels.coverage equals grid_sample of an all-ones image bit for bit: random positions in and around the
+    source, positions on pixel edges, and NaN, infinite and huge positions (a degenerate affine's)."""
+    rng = np.random.default_rng(7)
+    edges = np.linspace(-1, 1, 4 * 40 + 1, dtype=np.float32)
+    grids = [
+        rng.uniform(-1.3, 1.3, (2, 90, 70)).astype(np.float32),
+        np.stack(np.meshgrid(edges * np.float32(1.01), edges * np.float32(1.02))),
+    ]
+    grids[0][:, :3, :3] = np.nan
+    grids[0][0, 3:6, :4], grids[0][1, 6:9, :4], grids[0][1, 9:12, :4] = np.inf, -np.inf, -3e9
+    for planes, src_hw in zip(grids, [(50, 37), (41, 41)]):
+        grid = torch.from_numpy(np.ascontiguousarray(planes)).permute(1, 2, 0)[None]
+        expected = bilinear_sample(torch.ones(1, 1, *src_hw), grid)
+        np.testing.assert_array_equal(grid_coverage(src_hw, grid).numpy(), expected.numpy())  # NaN where NaN
+
+
 def test_sampling_grid_takes_its_3x3_products_on_the_cpu():
     """The grid of a device (here "meta") comes from 3x3 products taken on the CPU in float32: on a GPU they could
     run in TF32 and move the sample positions; only the elementwise grid arithmetic runs on the device."""
@@ -467,7 +495,7 @@ def test_sampling_grid_takes_its_3x3_products_on_the_cpu():
     assert products.devices and set(products.devices) == {"cpu"}
 
 
-def test_warp_reads_only_its_window(golden):
+def test_warp_reads_only_its_window(golden, face_path):
     """Random crops, also partly or wholly outside the frame (fill 127): the crop equals the whole-frame warp, and
     pixels outside source_window do not matter (they are replaced by noise)."""
     frame = golden[3][::4, ::4].copy()  # a smaller frame keeps the whole-frame reference quick
@@ -491,7 +519,7 @@ def test_warp_reads_only_its_window(golden):
     assert min(kinds.values()) >= 5, kinds  # every case is exercised
 
 
-def test_paste_matches_whole_frame_reference(golden):
+def test_paste_matches_whole_frame_reference(golden, face_path):
     """Random affines (face partly off the frame too): paste_back equals the whole-frame reference arithmetic."""
     frame = golden[3][::6, ::6].copy()
     rng = np.random.default_rng(1)

@@ -1,12 +1,13 @@
-"""The matrix-product Lanczos-4 resize equals cv2.resize(INTER_LANCZOS4) bit for bit (face/lanczos.py)."""
+"""The row-sum Lanczos-4 resize equals cv2.resize(INTER_LANCZOS4) bit for bit (face/lanczos.py, face/kernels.py)."""
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from latentsync_core.face import kernels
 from latentsync_core.face.align import box_hw
-from latentsync_core.face.lanczos import Lanczos4Resize, lanczos4_resizer
+from latentsync_core.face.lanczos import Lanczos4Resize, lanczos4_resizer, lanczos4_taps, rows_view
 
 # the model resolutions' crop boxes, and sizes that up- and downscale by other ratios
 SIZE_PAIRS = [(box_hw(res), (res, res)) for res in (256, 512)] + [
@@ -35,7 +36,7 @@ def planes(image):
 @pytest.mark.parametrize("src_hw,dst_hw", SIZE_PAIRS)
 def test_equals_cv2_resize(src_hw, dst_hw):
     resize = lanczos4_resizer(src_hw, dst_hw)
-    assert resize.exact, "the tables must match this OpenCV (else every call falls back to cv2.resize)"
+    assert resize.fast, "the tables must match this OpenCV (else every call falls back to cv2.resize)"
     rng = np.random.default_rng(sum(src_hw) + sum(dst_hw))
     for image in images(src_hw, rng):
         expected = cv2.resize(image, dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
@@ -45,7 +46,7 @@ def test_equals_cv2_resize(src_hw, dst_hw):
 
 def test_float_planes_stand_for_their_uint8_cast():
     """Float planes with fractions, in (-1, 256), resize as their uint8 cast (truncated toward zero), as the
-    cv2.resize fallback takes them; warp_crop's rows (read in place) hold integers already."""
+    cv2.resize fallback takes them."""
     src_hw, dst_hw = box_hw(256), (256, 256)
     samples = torch.from_numpy(np.random.default_rng(5).uniform(-0.999, 255.999, (3, *src_hw)).astype(np.float32))
     samples[:, :4] = torch.tensor([-0.5, 0.5, 254.5, 255.5])[:, None]  # either side of the ends
@@ -55,30 +56,32 @@ def test_float_planes_stand_for_their_uint8_cast():
 
 
 def test_crop_rows_are_read_in_place():
-    """Float planes laid out as FaceAligner.warp_crop's (rows (y, c, x) at a larger stride: a 4th channel beside,
-    here NaN) are resized in place, without the layout copy, and equal cv2.resize of the uint8 image."""
+    """Planes that are rows (y, c, x) of one buffer (FaceAligner.warp_crop's layout) are read as they are; other
+    layouts are copied first. Both give cv2.resize's image."""
     src_hw, dst_hw = box_hw(256), (256, 256)
     image = np.random.default_rng(5).integers(0, 256, (*src_hw, 3), dtype=np.uint8)
-    buffer = torch.full((src_hw[0], 4, src_hw[1]), float("nan"))
-    buffer[:, :3] = torch.from_numpy(image).permute(0, 2, 1)
-    resize = Lanczos4Resize(src_hw, dst_hw)  # its own scratch buffers
+    rows = np.ascontiguousarray(image.transpose(0, 2, 1))  # (y, c, x)
+    crop = torch.from_numpy(rows).permute(1, 0, 2)
+    assert np.shares_memory(rows_view(crop), rows)
+    assert rows_view(planes(image)) is None
     expected = cv2.resize(image, dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
-    np.testing.assert_array_equal(resize(buffer[:, :3].permute(1, 0, 2)), expected)
-    assert "rows" not in resize._buffers(3), "the planes were copied"
-    np.testing.assert_array_equal(resize(planes(image).float()), expected)  # contiguous planes: copied
-    assert "rows" in resize._buffers(3)
+    resize = lanczos4_resizer(src_hw, dst_hw)
+    np.testing.assert_array_equal(resize(crop), expected)
+    np.testing.assert_array_equal(resize(planes(image)), expected)
 
 
-def test_rounding_boundaries_are_recomputed_exactly():
-    """A delta of 0.6 sends every output through the exact int64 path; a delta of 0 skips it, and then the float32
-    sums get some outputs wrong: so the exact path is what makes the default right near rounding boundaries."""
+def test_the_largest_sums_fit_int32():
+    """An image that drives one output to its extreme (255 where the product of its taps' weights is positive, 0
+    elsewhere, and the reverse) still matches cv2.resize: the int32 sums neither wrap nor saturate early."""
     src_hw, dst_hw = box_hw(512), (512, 512)
-    resize = Lanczos4Resize(src_hw, dst_hw)
-    image = np.random.default_rng(3).integers(0, 256, (*src_hw, 3), dtype=np.uint8)
-    expected = cv2.resize(image, dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
-    np.testing.assert_array_equal(resize._resize(planes(image), delta=0.6), expected)
-    rounded_only = resize._resize(planes(image), delta=0.0)
-    assert 0 < np.count_nonzero(rounded_only != expected) < expected.size // 1000
+    (y_pos, y_wt), (x_pos, x_wt) = lanczos4_taps(src_hw[0], dst_hw[0]), lanczos4_taps(src_hw[1], dst_hw[1])
+    y, x = 100, 200  # an output away from the borders: its taps are 8 distinct pixels each way
+    for sign in (1, -1):
+        image = np.zeros((*src_hw, 3), np.uint8)
+        image[np.ix_(y_pos[y], x_pos[x])] = (sign * np.outer(y_wt[y], x_wt[x]) > 0)[..., None] * 255
+        expected = cv2.resize(image, dst_hw[::-1], interpolation=cv2.INTER_LANCZOS4)
+        assert expected[y, x, 0] == (255 if sign > 0 else 0)
+        np.testing.assert_array_equal(lanczos4_resizer(src_hw, dst_hw)(planes(image)), expected)
 
 
 def test_falls_back_to_cv2_when_tables_differ(monkeypatch):
@@ -95,41 +98,17 @@ def test_falls_back_to_cv2_when_tables_differ(monkeypatch):
 
     monkeypatch.setattr(lanczos, "lanczos4_taps", off_by_one)
     resize = Lanczos4Resize((100, 75), (64, 64))
-    assert not resize.exact
+    assert not resize.fast
     image = np.random.default_rng(4).integers(0, 256, (100, 75, 3), dtype=np.uint8)
     expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4)
     np.testing.assert_array_equal(resize(planes(image)), expected)
     np.testing.assert_array_equal(resize(planes(image).float()), expected)
 
 
-def test_reduced_precision_matmul_falls_back(monkeypatch):
-    """With bf16 float32 products allowed (torch 'medium'), the error bound does not hold: cv2.resize is used."""
-    resize = lanczos4_resizer((100, 75), (64, 64))
-    image = np.random.default_rng(5).integers(0, 256, (100, 75, 3), dtype=np.uint8)
-    calls = []
-    monkeypatch.setattr(resize, "_resize", lambda p, delta=None: calls.append(p))
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        out = resize(planes(image))
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert not calls
-    np.testing.assert_array_equal(out, cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4))
-
-
-def test_a_gpu_models_tf32_keeps_the_exact_resize(monkeypatch):
-    """TF32 allowed for CUDA (what a GPU model instance sets) leaves CPU products IEEE: the matrix-product resize
-    still runs (cv2.resize would take a GPU orchestrator's faces at half the speed)."""
-    resize = lanczos4_resizer((100, 75), (64, 64))
+def test_without_numba_cv2_resize_runs(monkeypatch):
+    """Where numba is missing (the GPU bundle), the resizer says so and returns cv2.resize's image."""
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    resize = Lanczos4Resize((100, 75), (64, 64))
+    assert not resize.fast
     image = np.random.default_rng(6).integers(0, 256, (100, 75, 3), dtype=np.uint8)
-    calls, matrix_products = [], resize._resize
-    monkeypatch.setattr(resize, "_resize", lambda p, delta=None: calls.append(p) or matrix_products(p, delta))
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        out = resize(planes(image))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    assert len(calls) == 1
-    np.testing.assert_array_equal(out, cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4))
+    np.testing.assert_array_equal(resize(planes(image)), cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4))

@@ -1,9 +1,9 @@
 """`python -m latentsync_export.check_install`: can this environment run every model of a repository?
 
 Imports what each model_repository/*/1/model.py imports (the Python backend stub would fail to load a model
-whose import fails, long after an image was built) and builds the default face detector from its installed
-weights, and loads spandrel for the face enhancer. Exits 1 with the failing model and error; the container build
-runs it.
+whose import fails, long after an image was built), builds the default face detector from its installed weights,
+loads spandrel for the face enhancer and checks that the face path's compiled loops (numba) are there. Exits 1
+with the failing model and error; the container build runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from latentsync_core.face import kernels
 from latentsync_core.face.detect import create_detector
 from latentsync_core.face.enhance import import_spandrel
 
@@ -32,6 +33,12 @@ def model_imports(templates: Path) -> dict[str, set[str]]:
     return found
 
 
+def require_face_kernels() -> None:
+    """Alignment and paste-back run without numba too, but slower (face/kernels.py): not in a built image."""
+    if not kernels.AVAILABLE:
+        raise ImportError("numba does not import: alignment and paste-back would take their slower paths")
+
+
 def main() -> int:
     failures = []
     for model, modules in model_imports(templates_dir()).items():
@@ -40,7 +47,12 @@ def main() -> int:
                 importlib.import_module(module)
             except Exception as e:  # noqa: BLE001 - reported per model
                 failures.append(f"{model}: import {module}: {type(e).__name__}: {e}")
-    for model, check in (("face_detector", lambda: create_detector("mediapipe")), ("enhancer", import_spandrel)):
+    checks = (
+        ("face_detector", lambda: create_detector("mediapipe")),
+        ("enhancer", import_spandrel),
+        ("lipsync and restorer", require_face_kernels),
+    )
+    for model, check in checks:
         try:
             check()
         except Exception as e:  # noqa: BLE001 - reported per model

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .lanczos import lanczos4_resizer
 
 # Template (x, y) at ratio 1: left eyebrow centre, right eyebrow centre, nose centre; box is 75 wide x 100 high.
@@ -191,8 +192,15 @@ def fill_uncovered(warped: torch.Tensor, coverage: torch.Tensor, fill: float) ->
 
 
 def grid_coverage(src_hw: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
-    """(B, 1, h, w) bilinear warp at `grid` of an all-ones (H, W) image, zero outside it (a stride-0 view of one 1)."""
-    return bilinear_sample(grid.new_ones(1, 1, 1, 1).expand(grid.shape[0], 1, *src_hw), grid)
+    """(B, 1, h, w) bilinear warp at `grid` of an all-ones (H, W) image, zero outside it: the weight each sample keeps
+    inside the source. On the CPU a kernel computes grid_sample's arithmetic for it (kernels.coverage), elsewhere
+    grid_sample samples a stride-0 view of one 1."""
+    if grid.device.type != "cpu" or not kernels.AVAILABLE:
+        return bilinear_sample(grid.new_ones(1, 1, 1, 1).expand(grid.shape[0], 1, *src_hw), grid)
+    out = torch.empty(grid.shape[0], 1, *grid.shape[1:3])
+    for item, planes in zip(out.numpy(), grid.float().numpy()):
+        kernels.coverage(planes[..., 0], planes[..., 1], *src_hw, item[0])
+    return out
 
 
 def grid_warp(
@@ -215,13 +223,13 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 @dataclass
 class AlignedFace:
     face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
-    crop_pixels: torch.Tensor  # (3, h_box, w_box) RGB pixels (FaceAligner.warp_crop): the frame-space crop
+    crop_pixels: torch.Tensor  # (3, h_box, w_box) uint8 RGB planes (FaceAligner.warp_crop): the frame-space crop
     affine: np.ndarray  # (2, 3) float32, frame pixels -> crop pixels (smoothing bias included)
 
     @property
     def crop(self) -> np.ndarray:
         """(h_box, w_box, 3) uint8 RGB, HWC; made on demand, as the pipeline needs only `face`."""
-        return planes_to_hwc(self.crop_pixels.to(torch.uint8))
+        return planes_to_hwc(self.crop_pixels)
 
 
 class FaceAligner:
@@ -249,35 +257,30 @@ class FaceAligner:
         return matrix.numpy()
 
     def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 frame -> (3, h_box, w_box) crop pixels: upstream's uint8 crop (fill 127 included, truncated
-        toward zero) as float32 integers, a view of an (h_box, 4, w_box) buffer whose rows the Lanczos resize reads in
-        place; uint8 when warped off the CPU. Only the part of the frame that the crop samples is read and converted
-        to float, and one grid_sample gives the samples and their coverage."""
+        """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop: upstream's crop (fill 127 included, truncated
+        toward zero), as a view of (h_box, 3, w_box) rows: the layout the Lanczos resize reads in place. Only the
+        part of the frame that the crop samples is read and converted to float."""
         frame = torch.as_tensor(frame_rgb)
         frame_hw = tuple(frame.shape[:2])
         grid = sampling_grid(torch.as_tensor(affine)[None], frame_hw, self.box_hw, device=self.device)
         y0, y1, x0, x1 = window = source_window(grid, frame_hw)
-        src = region_as_source(frame[y0:y1, x0:x1].to(self.device), window, frame_hw, ones=True)
-        if src.device.type == "cpu":
-            # one crop row per batch item (the source shared, stride 0): the output comes as rows (y, c, x), the
-            # resize's layout, with the same per-sample arithmetic (grid_sample computes each sample alone)
-            sampled = bilinear_sample(src.expand(self.box_hw[0], -1, -1, -1), grid[0, :, None])[:, :, 0]
-        else:  # cuDNN's sampler would make the stride-0 batch a real one: h_box copies of the frame
-            sampled = bilinear_sample(src, grid)[0].permute(1, 0, 2)
-        # kornia's fill, in place: (coverage - 1) * -fill is exactly (1 - coverage) * fill (rounding is symmetric)
-        samples = sampled[:, :3].add_(sampled[:, 3:].sub_(1).mul_(-FILL_VALUE))
-        if samples.device.type != "cpu":
-            return samples.to(torch.uint8).cpu().permute(1, 0, 2)  # a quarter of the bytes
-        np.trunc(samples.numpy(), out=samples.numpy())  # the uint8 cast's truncation; torch's CPU trunc is ~6x slower
-        return samples.permute(1, 0, 2)
-
-    def warp_planes(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop planes."""
-        return self.warp_crop(frame_rgb, affine).to(torch.uint8)
+        region = frame[y0:y1, x0:x1].to(self.device)
+        if self.device.type == "cpu" and kernels.AVAILABLE:
+            # the three colours from grid_sample, the coverage from its arithmetic (a fourth channel of ones in
+            # grid_sample costs 1 ms at 512 px), the fill and the truncation in one pass (kernels.py)
+            samples = bilinear_sample(region_as_source(region, window, frame_hw), grid)[0]
+            rows = np.empty((self.box_hw[0], 3, self.box_hw[1]), np.uint8)
+            coverage = grid_coverage(frame_hw, grid)[0, 0].numpy()
+            kernels.fill_truncate(samples.numpy(), coverage, np.float32(-FILL_VALUE), rows)
+            return torch.from_numpy(rows).permute(1, 0, 2)
+        # one grid_sample gives the samples and, from a channel of ones, their coverage
+        sampled = bilinear_sample(region_as_source(region, window, frame_hw, ones=True), grid)[0]
+        samples = fill_uncovered(sampled[:3], sampled[3:], FILL_VALUE).permute(1, 0, 2)
+        return samples.to(torch.uint8, memory_format=torch.contiguous_format).cpu().permute(1, 0, 2)
 
     def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
         """The (h_box, w_box, 3) uint8 HWC crop (upstream's face crop before the resize)."""
-        return planes_to_hwc(self.warp_planes(frame_rgb, affine))
+        return planes_to_hwc(self.warp_crop(frame_rgb, affine))
 
     def align(self, frame_rgb: np.ndarray, points3: np.ndarray, smooth: bool = True) -> AlignedFace:
         return self.align_affine(frame_rgb, self.transform(points3, smooth))

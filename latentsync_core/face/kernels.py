@@ -1,0 +1,85 @@
+"""The face path's loops that numpy, torch and OpenCV have no fast exact form of, compiled by numba.
+
+All are exact (integer sums, or float32 operations in the order the torch code they replace takes them: LLVM
+contracts no multiply-add without fast-math), so results are bit-identical to the fallbacks. numba is a dependency
+of this package, but a bare environment (the GPU bundle carries no LLVM) may lack it: then AVAILABLE is False and
+callers take their torch or OpenCV path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:
+    numba = None
+
+AVAILABLE = numba is not None
+
+if AVAILABLE:
+    # nogil: streams align on threads of one process. cache: compiled once per installation, not per process.
+    _kernel = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    @_kernel
+    def coverage(grid_x, grid_y, src_h, src_w, out):
+        """out (h, w) float32 = grid_sample(ones(src_h, src_w), grid, bilinear, zeros, align_corners=True): the sum of
+        the in-bounds corners' weights, each step as ATen's CPU kernel takes it (unnormalise (g + 1) * (size - 1) / 2,
+        floor, weights s * e, s * w, n * e, n * w, masked terms 0 * weight, summed nw + ne + sw + se). Multiplying by
+        1 or 0 is exact, so a fused multiply-add there rounds as this does. grid_x, grid_y: (h, w) normalised."""
+        one, zero = np.float32(1), np.float32(0)
+        scale_x, scale_y = np.float32(src_w - 1) / np.float32(2), np.float32(src_h - 1) / np.float32(2)
+        # corner (column, row) in bounds as ATen's int tests; a float test agrees, NaN and huge values included
+        last_x, last_y = np.float32(src_w - 1), np.float32(src_h - 1)
+        for i in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                x = (grid_x[i, j] + one) * scale_x
+                y = (grid_y[i, j] + one) * scale_y
+                x_w, y_n = np.floor(x), np.floor(y)
+                w = x - x_w
+                e = one - w
+                n = y - y_n
+                s = one - n
+                west = np.float32((x_w >= zero) & (x_w <= last_x))  # & not `and`: no branch, so SIMD
+                east = np.float32((x_w >= -one) & (x_w < last_x))
+                north = np.float32((y_n >= zero) & (y_n <= last_y))
+                south = np.float32((y_n >= -one) & (y_n < last_y))
+                out[i, j] = (((s * e) * (west * north) + (s * w) * (east * north)) + (n * e) * (west * south)) + (
+                    n * w
+                ) * (east * south)
+
+    @_kernel
+    def fill_truncate(samples, coverage, minus_fill, out):
+        """(C, h, w) float32 bilinear samples and their (h, w) coverage -> out (h, C, w) uint8: kornia's constant
+        fill sample + (coverage - 1) * -fill, then the uint8 cast's truncation toward zero."""
+        for y in range(out.shape[0]):
+            for c in range(out.shape[1]):
+                source, row, covered = samples[c, y], out[y, c], coverage[y]
+                for x in range(row.shape[0]):
+                    row[x] = np.int32(source[x] + (covered[x] - np.float32(1)) * minus_fill)
+
+    @_kernel
+    def weighted_rows(src, positions, weights, out):
+        """out[d] = sum_k weights[d, k] * src[positions[d, k]] over whole rows, in int32 (wrapping, as C's int)."""
+        for d in range(out.shape[0]):
+            row = out[d]
+            row[:] = 0
+            for k in range(positions.shape[1]):
+                weight, source = weights[d, k], src[positions[d, k]]
+                for j in range(row.shape[0]):
+                    row[j] += weight * source[j]
+
+    @_kernel
+    def weighted_rows_rounded(src, positions, weights, shift, sums, out):
+        """out[d] = saturate_uint8((sum_k weights[d, k] * src[positions[d, k]] + 2**(shift-1)) >> shift): OpenCV's
+        fixed-point cast of int32 sums. `sums` is one int32 row of scratch."""
+        half = np.int32(1 << (shift - 1))
+        for d in range(out.shape[0]):
+            sums[:] = half
+            for k in range(positions.shape[1]):
+                weight, source = weights[d, k], src[positions[d, k]]
+                for j in range(sums.shape[0]):
+                    sums[j] += weight * source[j]
+            row = out[d]
+            for j in range(sums.shape[0]):
+                row[j] = min(max(sums[j] >> shift, 0), 255)
