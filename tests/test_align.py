@@ -35,7 +35,9 @@ from latentsync_core.face.mask import (
     mouth_mask,
 )
 from latentsync_core.face.restore import (
+    blur_by_taps,
     erode,
+    erode_by_steps,
     gaussian_blur,
     paste_back,
     paste_faces,
@@ -556,10 +558,25 @@ def test_paste_faces_resizes_and_pastes_each_window(golden):
 
 
 def test_erode_matches_window_min():
+    """Both erosions (cv2's on the CPU, torch's steps elsewhere) are the window minimum, at the borders too."""
     rng = np.random.default_rng(3)
     mask = torch.from_numpy(rng.uniform(size=(1, 1, 37, 53)).astype(np.float32))
     for before, after in ((1, 0), (1, 1), (2, 1), (5, 4), (9, 8), (13, 12)):
-        assert torch.equal(erode(mask, before, after), reference_erode(mask, before, after)), (before, after)
+        expected = reference_erode(mask, before, after)
+        assert torch.equal(erode(mask, before, after), expected), (before, after)
+        assert torch.equal(erode_by_steps(mask, before, after), expected), (before, after)
+
+
+def test_blur_kernel_equals_the_torch_taps():
+    """The compiled blur (kernels.gaussian_blur) gives the torch taps' result bit for bit: fused multiply-adds in
+    the same order, the reflect border included, for the blur sizes paste masks get."""
+    rng = np.random.default_rng(4)
+    for h, w in ((259, 216), (30, 23)):
+        soft = torch.from_numpy(np.clip(rng.uniform(-0.5, 1.5, (1, 1, h, w)), 0, 1).astype(np.float32))
+        hard = torch.from_numpy((rng.uniform(size=(1, 1, h, w)) > 0.1).astype(np.float32))
+        for mask in (soft, hard):
+            for size in (3, 9, 17, 21):
+                assert torch.equal(gaussian_blur(mask, size), blur_by_taps(mask, size)), (h, w, size)
 
 
 def test_timing_runs(golden, shared_dir):

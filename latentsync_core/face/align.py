@@ -126,6 +126,9 @@ def sampling_grid(
     y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
     ys, xs = ys[y0:y1], xs[x0:x1]
     planes = torch.empty(len(theta), 2, len(ys), len(xs), device=dev)
+    if dev.type == "cpu" and kernels.AVAILABLE:  # one pass (kernels.py)
+        kernels.affine_planes(theta[:, :2].contiguous().numpy(), xs.numpy(), ys.numpy(), planes.numpy())
+        return planes.permute(0, 2, 3, 1)
     for i, t in enumerate(theta[:, :2, :, None].unbind(1)):  # t: (B, 3, 1)
         # (t0 * x + t1 * y) + t2 as kornia sums it; the products depend on one axis only, so they are taken per
         # column and per row and only the two sums run over the whole grid

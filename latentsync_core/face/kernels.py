@@ -12,6 +12,7 @@ import numpy as np
 
 try:
     import numba
+    from numba.extending import intrinsic
 except ImportError:
     numba = None
 
@@ -20,6 +21,15 @@ AVAILABLE = numba is not None
 if AVAILABLE:
     # nogil: streams align on threads of one process. cache: compiled once per installation, not per process.
     _kernel = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """a * b + c rounded once (LLVM's fma: one instruction where the CPU has FMA), as torch's addcmul_."""
+
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+
+        return a(a, b, c), codegen
 
     @_kernel
     def coverage(grid_x, grid_y, src_h, src_w, out):
@@ -83,3 +93,67 @@ if AVAILABLE:
             row = out[d]
             for j in range(sums.shape[0]):
                 row[j] = min(max(sums[j] >> shift, 0), 255)
+
+    @_kernel
+    def gaussian_blur(src, taps, scratch, out):
+        """restore.gaussian_blur: separable taps, reflect border, along x then y, each tap a fused multiply-add
+        onto the first tap's product (torch's addcmul_ rounds once). scratch: (h + len(taps) - 1, w) float32."""
+        h, w = src.shape
+        size = taps.shape[0]
+        radius = size // 2
+        padded = np.empty(w + 2 * radius, np.float32)
+        for y in range(h):  # x pass into scratch rows radius .. radius + h
+            source = src[y]
+            for x in range(w):
+                padded[radius + x] = source[x]
+            for r in range(1, radius + 1):
+                padded[radius - r] = source[r]
+                padded[radius + w - 1 + r] = source[w - 1 - r]
+            row = scratch[radius + y]
+            for x in range(w):
+                row[x] = padded[x] * taps[0]
+            for t in range(1, size):
+                for x in range(w):
+                    row[x] = _fma(padded[x + t], taps[t], row[x])
+        for r in range(1, radius + 1):  # reflect rows
+            scratch[radius - r] = scratch[radius + r]
+            scratch[radius + h - 1 + r] = scratch[radius + h - 1 - r]
+        for y in range(h):  # y pass
+            row, first = out[y], scratch[y]
+            for x in range(w):
+                row[x] = first[x] * taps[0]
+            for t in range(1, size):
+                source = scratch[y + t]
+                for x in range(w):
+                    row[x] = _fma(source[x], taps[t], row[x])
+
+    @_kernel
+    def paste_blend(samples, coverage, mask, soft, fill, out):
+        """Blend a warped face into out (h, w, 3) uint8 in place, restore.paste_region's torch steps in their order:
+        face = sample + (1 - coverage) * fill, pasted = clamp(face / 2 + 0.5, 0, 1) * 255 * mask, out = uint8(pasted
+        * soft + (1 - soft) * out), truncated. samples (3, h, w) float32 in [-1, 1]; the rest (h, w) float32."""
+        one, zero = np.float32(1), np.float32(0)
+        for y in range(out.shape[0]):
+            for x in range(out.shape[1]):
+                weight, keep = soft[y, x], one - soft[y, x]
+                for c in range(3):
+                    face = samples[c, y, x] + (one - coverage[y, x]) * fill
+                    level = face / np.float32(2) + np.float32(0.5)
+                    level = zero if level < zero else (one if level > one else level)
+                    pasted = level * np.float32(255) * mask[y, x]
+                    out[y, x, c] = np.int32(pasted * weight + keep * np.float32(out[y, x, c]))
+
+    @_kernel
+    def affine_planes(theta, xs, ys, out):
+        """out (B, 2, h, w) = (theta[b, i, 0] * xs[col] + theta[b, i, 1] * ys[row]) + theta[b, i, 2]: the planes of
+        align.sampling_grid, each product and sum rounded as its torch ops round them. theta (B, 2, 3) float32."""
+        products = np.empty(out.shape[3], np.float32)
+        for b in range(out.shape[0]):
+            for i in range(2):
+                t0, t1, t2 = theta[b, i, 0], theta[b, i, 1], theta[b, i, 2]
+                for x in range(products.shape[0]):
+                    products[x] = t0 * xs[x]
+                for y in range(out.shape[2]):
+                    row, term = out[b, i, y], t1 * ys[y]
+                    for x in range(row.shape[0]):
+                        row[x] = (products[x] + term) + t2
