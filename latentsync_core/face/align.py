@@ -273,8 +273,8 @@ class FaceAligner:
             # grid_sample costs 1 ms at 512 px), the fill and the truncation in one pass (kernels.py)
             samples = bilinear_sample(region_as_source(region, window, frame_hw), grid)[0]
             rows = np.empty((self.box_hw[0], 3, self.box_hw[1]), np.uint8)
-            coverage = grid_coverage(frame_hw, grid)[0, 0].numpy()
-            kernels.fill_truncate(samples.numpy(), coverage, np.float32(-FILL_VALUE), rows)
+            grid_x, grid_y = grid[0].numpy().transpose(2, 0, 1)  # sampling_grid's planes
+            kernels.fill_truncate(samples.numpy(), grid_x, grid_y, *frame_hw, np.float32(-FILL_VALUE), rows)
             return torch.from_numpy(rows).permute(1, 0, 2)
         # one grid_sample gives the samples and, from a channel of ones, their coverage
         sampled = bilinear_sample(region_as_source(region, window, frame_hw, ones=True), grid)[0]

@@ -32,45 +32,56 @@ if AVAILABLE:
         return a(a, b, c), codegen
 
     @_kernel
-    def coverage(grid_x, grid_y, src_h, src_w, out):
-        """out (h, w) float32 = grid_sample(ones(src_h, src_w), grid, bilinear, zeros, align_corners=True): the sum of
-        the in-bounds corners' weights, each step as ATen's CPU kernel takes it (unnormalise (g + 1) * (size - 1) / 2,
-        floor, weights s * e, s * w, n * e, n * w, masked terms 0 * weight, summed nw + ne + sw + se). Multiplying by
-        1 or 0 is exact, so a fused multiply-add there rounds as this does. grid_x, grid_y: (h, w) normalised."""
+    def _coverage_row(grid_x, grid_y, src_h, src_w, out):
+        """out (w,) float32 = grid_sample(ones(src_h, src_w), grid, bilinear, zeros, align_corners=True) along one row
+        of the grid: the sum of the in-bounds corners' weights, each step as ATen's CPU kernel takes it (unnormalise
+        (g + 1) * ((size - 1) / 2), floor, weights s * e, s * w, n * e, n * w, masked terms 0 * weight, summed
+        nw + ne + sw + se). Multiplying by 1 or 0 is exact, so a fused multiply-add there rounds as this does."""
         one, zero = np.float32(1), np.float32(0)
         scale_x, scale_y = np.float32(src_w - 1) / np.float32(2), np.float32(src_h - 1) / np.float32(2)
         # corner (column, row) in bounds as ATen's int tests; a float test agrees, NaN and huge values included
         last_x, last_y = np.float32(src_w - 1), np.float32(src_h - 1)
-        for i in range(out.shape[0]):
-            for j in range(out.shape[1]):
-                x = (grid_x[i, j] + one) * scale_x
-                y = (grid_y[i, j] + one) * scale_y
-                x_w, y_n = np.floor(x), np.floor(y)
-                w = x - x_w
-                e = one - w
-                n = y - y_n
-                s = one - n
-                west = np.float32((x_w >= zero) & (x_w <= last_x))  # & not `and`: no branch, so SIMD
-                east = np.float32((x_w >= -one) & (x_w < last_x))
-                north = np.float32((y_n >= zero) & (y_n <= last_y))
-                south = np.float32((y_n >= -one) & (y_n < last_y))
-                out[i, j] = (((s * e) * (west * north) + (s * w) * (east * north)) + (n * e) * (west * south)) + (
-                    n * w
-                ) * (east * south)
+        for j in range(out.shape[0]):
+            x = (grid_x[j] + one) * scale_x
+            y = (grid_y[j] + one) * scale_y
+            x_w, y_n = np.floor(x), np.floor(y)
+            w = x - x_w
+            e = one - w
+            n = y - y_n
+            s = one - n
+            west = np.float32((x_w >= zero) & (x_w <= last_x))  # & not `and`: no branch, so SIMD
+            east = np.float32((x_w >= -one) & (x_w < last_x))
+            north = np.float32((y_n >= zero) & (y_n <= last_y))
+            south = np.float32((y_n >= -one) & (y_n < last_y))
+            nw, ne, sw, se = (
+                (s * e) * (west * north),
+                (s * w) * (east * north),
+                (n * e) * (west * south),
+                (n * w) * (east * south),
+            )
+            out[j] = ((nw + ne) + sw) + se
 
     @_kernel
-    def fill_truncate(samples, coverage, minus_fill, out):
-        """(C, h, w) float32 bilinear samples and their (h, w) coverage -> out (h, C, w) uint8: kornia's constant
-        fill sample + (coverage - 1) * -fill, then the uint8 cast's truncation toward zero."""
+    def coverage(grid_x, grid_y, src_h, src_w, out):
+        """out (h, w) float32: _coverage_row for every row of the (h, w) normalised grid planes."""
+        for i in range(out.shape[0]):
+            _coverage_row(grid_x[i], grid_y[i], src_h, src_w, out[i])
+
+    @_kernel
+    def fill_truncate(samples, grid_x, grid_y, src_h, src_w, minus_fill, out):
+        """(C, h, w) float32 bilinear samples of a (src_h, src_w) source at the grid planes -> out (h, C, w) uint8:
+        kornia's constant fill sample + (coverage - 1) * -fill, then the uint8 cast's truncation toward zero."""
+        covered = np.empty(out.shape[2], np.float32)
         for y in range(out.shape[0]):
+            _coverage_row(grid_x[y], grid_y[y], src_h, src_w, covered)
             for c in range(out.shape[1]):
-                source, row, covered = samples[c, y], out[y, c], coverage[y]
+                source, row = samples[c, y], out[y, c]
                 for x in range(row.shape[0]):
                     row[x] = np.int32(source[x] + (covered[x] - np.float32(1)) * minus_fill)
 
     @_kernel
     def weighted_rows(src, positions, weights, out):
-        """out[d] = sum_k weights[d, k] * src[positions[d, k]] over whole rows, in int32 (wrapping, as C's int)."""
+        """out[d] = sum_k weights[d, k] * src[positions[d, k]] over whole rows, in int32."""
         for d in range(out.shape[0]):
             row = out[d]
             row[:] = 0
