@@ -26,6 +26,7 @@ from latentsync_core.face.align import (
     sampling_grid,
     source_window,
 )
+from latentsync_core.face.lanczos import lanczos4_resizer
 from latentsync_core.face.mask import (
     encoder_pixels,
     fixed_mask,
@@ -47,6 +48,7 @@ from latentsync_core.face.restore import (
     resize_face_to_box,
 )
 from latentsync_core.face.timing import measure
+from latentsync_core.face.warm_up import warm_up
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,9 @@ def face_path(request, monkeypatch):
     """Runs a test on both paths of the face code: with the compiled loops (face/kernels.py) and without numba."""
     if request.param == "no numba":
         monkeypatch.setattr(kernels, "AVAILABLE", False)
-    return request.param
+        lanczos4_resizer.cache_clear()  # resizers built with numba would keep using it
+    yield request.param
+    lanczos4_resizer.cache_clear()
 
 
 def resolutions(golden):
@@ -456,6 +460,36 @@ def test_align_and_paste_are_bit_exact_on_golden(golden, face_path):
         expected, _ = expected_restore(outputs, frame, p)
         np.testing.assert_array_equal(restored, expected)
         np.testing.assert_array_equal(paste_back(frame, face, affine), expected)
+
+
+def test_overflowing_grid_corners_read_the_whole_frame(face_path):
+    """An affine whose grid overflows at the corners (inf) but samples the frame between them: source_window cannot
+    bound the reads, so the whole frame is read, and the crop is the whole-frame warp (not the fill)."""
+    frame = np.random.default_rng(8).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    affine = np.array([[1.4928573e-37, 0, 1.4210855e-14], [0, 39.857143, 0]], np.float32)
+    aligner = FaceAligner(256)
+    grid = reference_grid(torch.from_numpy(affine)[None], frame.shape[:2], aligner.box_hw)
+    assert not torch.isfinite(grid).all() and torch.isfinite(grid).any()
+    src = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    expected = reference_warp(src, grid)[0][0].permute(1, 2, 0).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(aligner.warp(frame, affine), expected)
+
+
+def test_blur_of_a_mask_narrower_than_its_radius_fails_as_torch_does():
+    """Reflect padding needs the radius below the mask's sides: such a mask raises on every path (the compiled blur
+    would read outside its rows)."""
+    mask = torch.rand(1, 1, 50, 3)
+    with pytest.raises(RuntimeError):
+        blur_by_taps(mask, 7)
+    with pytest.raises(RuntimeError):
+        gaussian_blur(mask, 7)
+
+
+def test_warm_up_compiles_the_face_path():
+    """warm_up (what lipsync and restorer run in initialize) aligns and pastes a synthetic face; a second call finds
+    everything compiled and built."""
+    first = warm_up(64)
+    assert 0 < warm_up(64) <= max(first, 0.5)
 
 
 def test_coverage_kernel_is_grid_sample_of_ones():

@@ -105,6 +105,14 @@ def test_falls_back_to_cv2_when_tables_differ(monkeypatch):
     np.testing.assert_array_equal(resize(planes(image).float()), expected)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 4, 5])
+def test_other_channel_counts(channels):
+    """1 to 4 channels take the row sums (cv2.transpose moves pixels of up to 4 bytes here), 5 cv2.resize."""
+    image = np.random.default_rng(channels).integers(0, 256, (100, 75, channels), dtype=np.uint8)
+    expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LANCZOS4).reshape(64, 64, channels)
+    np.testing.assert_array_equal(lanczos4_resizer((100, 75), (64, 64))(planes(image)), expected)
+
+
 def test_without_numba_cv2_resize_runs(monkeypatch):
     """Where numba is missing (the GPU bundle), the resizer says so and returns cv2.resize's image."""
     monkeypatch.setattr(kernels, "AVAILABLE", False)

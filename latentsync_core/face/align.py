@@ -125,7 +125,7 @@ def sampling_grid(
     _, _, ys, xs = _grid_constants(src_hw, dst_hw, str(dev))
     y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
     ys, xs = ys[y0:y1], xs[x0:x1]
-    planes = torch.empty(len(theta), 2, len(ys), len(xs), device=dev)
+    planes = torch.empty(len(theta), 2, len(ys), len(xs), dtype=torch.float32, device=dev)
     if dev.type == "cpu" and kernels.AVAILABLE:  # one pass (kernels.py)
         kernels.affine_planes(theta[:, :2].contiguous().numpy(), xs.numpy(), ys.numpy(), planes.numpy())
         return planes.permute(0, 2, 3, 1)
@@ -146,8 +146,8 @@ def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int
     They are sliced out before they leave the grid's device: a GPU grid's 2 MB at 512 px stay there.)"""
     h, w = grid.shape[1:3]
     (H, W), corners = src_hw, grid[:, :: max(h - 1, 1), :: max(w - 1, 1)].cpu().numpy().reshape(-1, 2)
-    if not np.isfinite(corners).all():  # a degenerate affine: grid_sample reads no pixel at NaN
-        return 0, 0, 0, 0
+    if not np.isfinite(corners).all():  # overflowing corners say nothing of the samples between them: all pixels
+        return 0, H, 0, W
     scale = np.array([(W - 1) / 2, (H - 1) / 2], np.float32)
     (x_lo, y_lo), (x_hi, y_hi) = (
         np.floor((c + np.float32(1)) * scale).tolist() for c in (corners.min(0), corners.max(0))
@@ -169,7 +169,7 @@ def region_as_source(
     C_out = C + ones
     if h == 0 or w == 0:  # nothing is sampled (all reads are masked): zeros of any layout will do
         return torch.zeros(1, 1, 1, 1, device=region.device).expand(1, C_out, H, W)
-    buffer = torch.empty(C_out * ((H - 1) * w + W), device=region.device)
+    buffer = torch.empty(C_out * ((H - 1) * w + W), dtype=torch.float32, device=region.device)
     start = C_out * (y0 * w + x0)
     pixels = buffer[start : start + h * w * C_out].view(h, w, C_out)
     if ones and C == 3 and region.dtype == torch.uint8 and region.device.type == "cpu":
@@ -198,10 +198,10 @@ def grid_coverage(src_hw: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w) bilinear warp at `grid` of an all-ones (H, W) image, zero outside it: the weight each sample keeps
     inside the source. On the CPU a kernel computes grid_sample's arithmetic for it (kernels.coverage), elsewhere
     grid_sample samples a stride-0 view of one 1."""
-    if grid.device.type != "cpu" or not kernels.AVAILABLE:
+    if grid.device.type != "cpu" or grid.dtype != torch.float32 or not kernels.AVAILABLE:
         return bilinear_sample(grid.new_ones(1, 1, 1, 1).expand(grid.shape[0], 1, *src_hw), grid)
-    out = torch.empty(grid.shape[0], 1, *grid.shape[1:3])
-    for item, planes in zip(out.numpy(), grid.float().numpy()):
+    out = torch.empty(grid.shape[0], 1, *grid.shape[1:3], dtype=torch.float32)
+    for item, planes in zip(out.numpy(), grid.numpy()):
         kernels.coverage(planes[..., 0], planes[..., 1], *src_hw, item[0])
     return out
 

@@ -8,19 +8,34 @@ callers take their torch or OpenCV path.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 try:
     import numba
     from numba.extending import intrinsic
-except ImportError:
+except Exception as error:  # noqa: BLE001 - missing, or a broken llvmlite/numpy pairing: take the fallbacks
     numba = None
+    if not isinstance(error, ImportError):
+        log.warning(
+            "numba does not import (%s: %s): the face path takes its slower fallbacks", type(error).__name__, error
+        )
 
 AVAILABLE = numba is not None
 
 if AVAILABLE:
-    # nogil: streams align on threads of one process. cache: compiled once per installation, not per process.
-    _kernel = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    def _kernel(function):
+        """nogil: streams align on threads of one process. cache: compiled code kept in __pycache__ or the user's
+        cache directory (NUMBA_CACHE_DIR overrides) for the next process; where none is writable (a read-only
+        image), numba refuses caching, and each process compiles (warm_up.py does it before the first request)."""
+        try:
+            return numba.njit(nogil=True, cache=True, boundscheck=False)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, boundscheck=False)(function)
 
     @intrinsic
     def _fma(typingctx, a, b, c):

@@ -86,7 +86,7 @@ class Lanczos4Resize:
         self._scratch = threading.local()
         self.fast = kernels.AVAILABLE and _int32_sums(y_wt, x_wt) and self._matches_cv2()
         if kernels.AVAILABLE and not self.fast:
-            log.warning("Lanczos4 tables differ from this OpenCV's for %s -> %s: using cv2.resize", src_hw, dst_hw)
+            log.warning("Lanczos4 row sums do not reproduce cv2.resize for %s -> %s: using it", src_hw, dst_hw)
 
     def _matches_cv2(self) -> bool:
         image = np.random.default_rng(0).integers(0, 256, (self.H, self.W, 3), dtype=np.uint8)
@@ -98,7 +98,7 @@ class Lanczos4Resize:
         """(C, H, W) uint8 planes, or float planes that stand for their uint8 cast (see the class)."""
         if planes.is_floating_point():
             planes = planes.to(torch.uint8)
-        if self.fast:
+        if self.fast and planes.shape[0] in (1, 2, 3, 4):  # pixel sizes that cv2.transpose takes
             return self._resize(planes)
         hwc = cv2.merge(list(planes.numpy()))
         return cv2.resize(hwc, (self.w, self.h), interpolation=cv2.INTER_LANCZOS4).reshape(self.h, self.w, -1)

@@ -82,14 +82,30 @@ def gaussian_taps(size: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
 def gaussian_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
     """kornia.filters.gaussian_blur2d(mask, (size, size), (s, s)), s = 0.3*((size-1)*0.5-1)+0.8, reflect border;
     taps accumulated one by one along x then y (fused multiply-adds), as kornia's CPU path does. (1, 1, H, W)."""
-    if mask.device.type != "cpu" or not kernels.AVAILABLE:
-        return blur_by_taps(mask, size)
     h, w = mask.shape[-2:]
-    out = torch.empty(1, 1, h, w)
+    compiled = mask.device.type == "cpu" and mask.dtype == torch.float32 and size // 2 < min(h, w)  # else: as torch
+    if not (compiled and _compiled_blur_matches_torch()):
+        return blur_by_taps(mask, size)
+    out = torch.empty(1, 1, h, w, dtype=torch.float32)
     taps = torch.stack(gaussian_taps(size)).numpy()
     scratch = np.empty((h + size - 1, w), np.float32)
     kernels.gaussian_blur(mask[0, 0].numpy(), taps, scratch, out[0, 0].numpy())  # one pass per axis: 2.5x as fast
     return out
+
+
+@functools.cache
+def _compiled_blur_matches_torch() -> bool:
+    """Whether the compiled blur's fused multiply-adds are what torch's addcmul_ computes on this CPU: its vectorised
+    kernels (AVX2 and up) round once; a build without them rounds twice (then so would blur_by_taps here)."""
+    if not kernels.AVAILABLE:
+        return False
+    mask = torch.from_numpy(np.random.default_rng(0).uniform(size=(1, 1, 23, 31)).astype(np.float32))
+    h, w = mask.shape[-2:]
+    out = np.empty((h, w), np.float32)
+    kernels.gaussian_blur(
+        mask[0, 0].numpy(), torch.stack(gaussian_taps(9)).numpy(), np.empty((h + 8, w), np.float32), out
+    )
+    return np.array_equal(out, blur_by_taps(mask, 9)[0, 0].numpy())
 
 
 def blur_by_taps(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -187,8 +203,11 @@ def paste_region(
         face.sum()
     if face.device.type == "cpu" and kernels.AVAILABLE:  # fill, blend and truncation in one pass (kernels.py)
         samples = bilinear_sample(face[None], grid)[0].numpy()
-        planes = [t[0, 0, rows, cols].numpy() for t in (coverage, mask, soft)]
-        kernels.paste_blend(samples, *planes, np.float32(FILL_VALUE), out[rows, cols])
+        # contiguous copies (a few 100 KB): one argument layout, so the loop is compiled once (warm_up.py)
+        planes = [np.ascontiguousarray(t[0, 0, rows, cols].numpy()) for t in (coverage, mask, soft)]
+        pixels = np.ascontiguousarray(out[rows, cols])
+        kernels.paste_blend(samples, *planes, np.float32(FILL_VALUE), pixels)
+        out[rows, cols] = pixels
         return out
     warped, _ = grid_warp(face[None], grid, FILL_VALUE, coverage[..., rows, cols])
     pasted = warped.div_(2).add_(0.5).clamp_(0, 1).mul_(255).mul_(mask[..., rows, cols])

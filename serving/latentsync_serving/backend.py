@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -56,8 +57,9 @@ class ModelContext:
         gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
         device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         threads = int(params.get("torch_threads", "0") or 0)
-        if threads > 0:
+        if threads > 0:  # OpenCV's pool too: the face path's erosions and transposes run there
             torch.set_num_threads(threads)
+            cv2.setNumThreads(threads)
         if gpu:
             # the instance's current device: DLPack hand-overs synchronise with its stream, kernels launch there
             torch.cuda.set_device(device)

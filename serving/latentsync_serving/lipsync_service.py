@@ -45,9 +45,10 @@ from latentsync_contract import (
     idle_drop_message,
     num_frames_for_audio,
 )
-from latentsync_core.configs import VAE_SCALING_FACTOR, get_variant
+from latentsync_core.configs import VAE_SCALING_FACTOR, VARIANTS, get_variant
 from latentsync_core.face.enhance import EnhanceSpec
 from latentsync_core.face.mask import fixed_mask
+from latentsync_core.face.warm_up import warm_up
 from latentsync_core.pipeline import LipSyncStream, WindowedStream, WindowResult
 
 from .backend import ModelContext, avoid_huge_pages, private_array
@@ -449,6 +450,9 @@ class LipSyncService:
         if mask is not None:
             for variant in settings.denoisers:  # read now: a bad image fails the model's load, not each stream
                 fixed_mask(get_variant(variant).resolution, mask)
+        resolutions = {VARIANTS[v].resolution for v in settings.denoisers if v in VARIANTS}  # others fail per stream
+        seconds = sum(warm_up(resolution) for resolution in sorted(resolutions))
+        log(pb_utils, "info", f"{ctx.name}: face path compiled and ready in {seconds:.1f} s")
         return cls(pb_utils, settings, ctx.name, ctx.device, mask)
 
     def backend(self, variant: str) -> TritonModels:

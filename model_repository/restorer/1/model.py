@@ -4,12 +4,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from latentsync_core.face.restore import paste_faces
+from latentsync_core.face.warm_up import warm_up
 from latentsync_serving.backend import ModelContext, serve_batch
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext.from_args(args)
+        warm_up(64, align=False, device=self.ctx.device)  # compile the paste's loops before the first request
 
     def run(self, regions, faces, affines, windows, frame_hw):  # all but FACES in host memory
         regions, windows, frame_hw = regions.numpy(), windows.numpy(), frame_hw.numpy()
