@@ -330,11 +330,14 @@ def test_gpu_script_names_the_model_of_each_process_that_holds_the_card():
     that placed lipsync on the CPU shows whether it still made a CUDA context."""
     from latentsync_load import gpu_serving as g
 
-    stub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "/models/repo/lipsync/1/model.py"])
+    program = "print('up', flush=True); import time; time.sleep(30)"
+    stub = subprocess.Popen([sys.executable, "-c", program, "/models/repo/lipsync/1/model.py"], stdout=subprocess.PIPE)
     try:
+        assert stub.stdout.readline() == b"up\n"  # running its program: /proc shows its command line, not a fork's
         assert g.process_model(str(stub.pid)) == "lipsync"
     finally:
         stub.kill()
+        stub.communicate()  # reaped, its pipe closed
     assert g.process_model("999999999") == "pid 999999999"
     with mock.patch.object(g.subprocess, "run", side_effect=FileNotFoundError("nvidia-smi")):
         assert g.cuda_contexts() == ""
