@@ -86,10 +86,15 @@ def gaussian_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
     compiled = mask.device.type == "cpu" and mask.dtype == torch.float32 and size // 2 < min(h, w)  # else: as torch
     if not (compiled and _compiled_blur_matches_torch()):
         return blur_by_taps(mask, size)
+    return _compiled_blur(mask, size)
+
+
+def _compiled_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """gaussian_blur by kernels.gaussian_blur: one pass per axis, 2.5x as fast as the torch taps."""
+    h, w = mask.shape[-2:]
     out = torch.empty(1, 1, h, w, dtype=torch.float32)
     taps = torch.stack(gaussian_taps(size)).numpy()
-    scratch = np.empty((h + size - 1, w), np.float32)
-    kernels.gaussian_blur(mask[0, 0].numpy(), taps, scratch, out[0, 0].numpy())  # one pass per axis: 2.5x as fast
+    kernels.gaussian_blur(mask[0, 0].numpy(), taps, np.empty((h + size - 1, w), np.float32), out[0, 0].numpy())
     return out
 
 
@@ -100,12 +105,7 @@ def _compiled_blur_matches_torch() -> bool:
     if not kernels.AVAILABLE:
         return False
     mask = torch.from_numpy(np.random.default_rng(0).uniform(size=(1, 1, 23, 31)).astype(np.float32))
-    h, w = mask.shape[-2:]
-    out = np.empty((h, w), np.float32)
-    kernels.gaussian_blur(
-        mask[0, 0].numpy(), torch.stack(gaussian_taps(9)).numpy(), np.empty((h + 8, w), np.float32), out
-    )
-    return np.array_equal(out, blur_by_taps(mask, 9)[0, 0].numpy())
+    return torch.equal(_compiled_blur(mask, 9), blur_by_taps(mask, 9))
 
 
 def blur_by_taps(mask: torch.Tensor, size: int) -> torch.Tensor:
