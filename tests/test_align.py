@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from latentsync_core.face import kernels
+from latentsync_core.face import align, kernels
 from latentsync_core.face.align import (
     FaceAligner,
     _homogeneous,
@@ -21,8 +21,10 @@ from latentsync_core.face.align import (
     _normaliser,
     bilinear_sample,
     box_hw,
+    compiled_crop,
     grid_coverage,
     landmarks_to_points,
+    sampled_crop,
     sampling_grid,
     source_window,
 )
@@ -473,6 +475,56 @@ def test_overflowing_grid_corners_read_the_whole_frame(face_path):
     src = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
     expected = reference_warp(src, grid)[0][0].permute(1, 2, 0).to(torch.uint8).numpy()
     np.testing.assert_array_equal(aligner.warp(frame, affine), expected)
+
+
+def test_crop_of_a_frame_that_is_not_contiguous_is_exact(golden, face_path):
+    """A frame the compiled crop cannot address (a view with row gaps, a float frame) takes the torch ops; every
+    path gives the same crop."""
+    frame = golden[3][::4, ::4].copy()
+    padded = np.zeros((frame.shape[0], frame.shape[1] + 5, 3), np.uint8)
+    padded[:, 2:-3] = frame
+    aligner = FaceAligner(128)
+    affine = random_affine(np.random.default_rng(3), frame.shape[:2], aligner.box_hw, spread=0.1, zoom=(2, 4))
+    expected = aligner.warp(frame, affine)
+    np.testing.assert_array_equal(aligner.warp(padded[:, 2:-3], affine), expected)
+    np.testing.assert_array_equal(aligner.warp(torch.from_numpy(frame).float(), affine), expected)
+
+
+def test_compiled_crop_falls_back_where_torch_rounds_otherwise(monkeypatch):
+    """The start-up check's frame tells roundings apart: on it a bilinear sum rounded once per operation (no fused
+    multiply-adds, as a build without them would round) differs from this torch's crop. Where the check fails,
+    crops take the torch ops."""
+    check = align._compiled_warp_matches_torch
+    assert check()  # this CPU's torch and the kernel agree (the golden tests rely on it too)
+    blocks = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)  # as the check builds it
+    frame = np.ascontiguousarray(blocks.repeat(4, 0).repeat(4, 1)[:41, :57])
+    affine = torch.tensor([[[1.37, 0.41, -11.3], [-0.41, 1.37, 7.9]]])
+    grid = sampling_grid(affine, frame.shape[:2], (64, 48))[0].numpy()
+    x, y = ((grid + 1) * np.array([56 / 2, 40 / 2], np.float32)).transpose(2, 0, 1)
+    x_w, y_n = np.floor(x), np.floor(y)
+    w, n = x - x_w, y - y_n
+    e, s = 1 - w, 1 - n
+
+    def corner(dy, dx):
+        yy, xx = (y_n + dy).astype(int), (x_w + dx).astype(int)
+        inside = (yy >= 0) & (yy < 41) & (xx >= 0) & (xx < 57)
+        return np.where(inside[..., None], frame[yy.clip(0, 40), xx.clip(0, 56)], 0).astype(np.float32), inside
+
+    (v_nw, in_nw), (v_ne, in_ne), (v_sw, in_sw), (v_se, in_se) = corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
+    weights = [(s * e)[..., None], (s * w)[..., None], (n * e)[..., None], (n * w)[..., None]]
+    unfused = ((v_nw * weights[0] + v_ne * weights[1]) + v_sw * weights[2]) + v_se * weights[3]
+    covered = (s * e) * in_nw + (s * w) * in_ne + (n * e) * in_sw + (n * w) * in_se
+    rounded_twice = (unfused + (covered[..., None] - 1) * np.float32(-127)).astype(np.uint8)
+    torch_crop = sampled_crop(torch.from_numpy(frame), affine, (64, 48), torch.device("cpu")).permute(1, 2, 0)
+    assert (rounded_twice != torch_crop.numpy()).sum() > 50
+
+    monkeypatch.setattr(align, "_compiled_warp_matches_torch", lambda: False)
+    monkeypatch.setattr(align, "compiled_crop", None)  # not called
+    np.testing.assert_array_equal(FaceAligner(128).warp(frame, affine[0].numpy()), compiled_warp(frame, affine, 128))
+
+
+def compiled_warp(frame, affine, resolution):
+    return compiled_crop(torch.from_numpy(frame), affine, box_hw(resolution)).permute(1, 2, 0).numpy()
 
 
 def test_blur_of_a_mask_narrower_than_its_radius_fails_as_torch_does():

@@ -3,13 +3,15 @@
 The crop is a (h_box, w_box) = (100, 75) * ratio window of the frame, ratio = 2.8 * resolution / 256, that puts
 the eyebrow centres and the nose on a fixed template; it is then squashed to resolution x resolution.
 Warps follow kornia.geometry.transform.warp_affine (bilinear, align_corners=True, pixel-centre normalisation,
-optional constant fill) so crops and paste-backs match upstream to the uint8 truncation step. A crop reads and
-converts to float only the frame pixels it samples (source_window), at exactly the whole-frame sample positions.
+optional constant fill) so crops and paste-backs match upstream to the uint8 truncation step. A crop reads only the
+frame pixels it samples, at exactly the whole-frame sample positions: on the CPU one compiled pass over the uint8
+frame (compiled_crop), elsewhere grid_sample on the frame's source_window converted to float (sampled_crop).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import cv2
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .lanczos import lanczos4_resizer
+
+log = logging.getLogger(__name__)
 
 # Template (x, y) at ratio 1: left eyebrow centre, right eyebrow centre, nose centre; box is 75 wide x 100 high.
 FACE_TEMPLATE = np.array([[17.0, 20.0], [58.0, 20.0], [37.5, 40.0]])
@@ -103,6 +107,13 @@ def _grid_constants(src_hw: tuple[int, int], dst_hw: tuple[int, int], device: st
     return tuple(c.to(device) for c in constants)
 
 
+def grid_theta(affine: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 2, 3) src -> dst pixels affine -> (B, 3, 3) float32 CPU matrix from the destination's normalised
+    positions to the source's, kornia's closed-form inverse of normaliser products (sampling_grid's rows 0 and 1)."""
+    src_from_norm, norm_dst, _, _ = _grid_constants(src_hw, dst_hw, "cpu")
+    return _inverse_3x3(norm_dst @ (_homogeneous(affine.float().cpu()) @ src_from_norm))
+
+
 def sampling_grid(
     affine: torch.Tensor,
     src_hw: tuple[int, int],
@@ -120,8 +131,7 @@ def sampling_grid(
     whatever this process's other models allow; only the elementwise grid arithmetic runs on `device`.
     """
     dev = affine.device if device is None else torch.device(device)
-    src_from_norm, norm_dst, _, _ = _grid_constants(src_hw, dst_hw, "cpu")
-    theta = _inverse_3x3(norm_dst @ (_homogeneous(affine.float().cpu()) @ src_from_norm)).to(dev)
+    theta = grid_theta(affine, src_hw, dst_hw).to(dev)
     _, _, ys, xs = _grid_constants(src_hw, dst_hw, str(dev))
     y0, y1, x0, x1 = window or (0, dst_hw[0], 0, dst_hw[1])
     ys, xs = ys[y0:y1], xs[x0:x1]
@@ -156,32 +166,27 @@ def source_window(grid: torch.Tensor, src_hw: tuple[int, int]) -> tuple[int, int
     return clip(y_lo - 1, H), clip(y_hi + 3, H), clip(x_lo - 1, W), clip(x_hi + 3, W)
 
 
-def region_as_source(
-    region: torch.Tensor, window: tuple[int, int, int, int], src_hw: tuple[int, int], ones: bool = False
-) -> torch.Tensor:
-    """(h, w, C) `region` = src[y0:y1, x0:x1] -> (1, C, H, W) float32 tensor that grid_sample can take for the whole
-    (H, W) source: a buffer holding only the region, addressed with a full source's strides (pixel (y, x) at
-    C * (y * w + x)). grid_sample then computes exactly the full-source sample positions; elements outside the
-    window alias other rows or unset memory, so it may only be sampled where source_window says. With `ones`, a
-    last channel of 1.0 is added: its warp is grid_coverage, from the same grid_sample call (each channel is
-    interpolated alone with the same weights, so every channel equals its own call's result bit for bit)."""
+def region_as_source(region: torch.Tensor, window: tuple[int, int, int, int], src_hw: tuple[int, int]) -> torch.Tensor:
+    """(h, w, C) `region` = src[y0:y1, x0:x1] -> (1, C + 1, H, W) float32 tensor that grid_sample can take for the
+    whole (H, W) source: a buffer holding only the region, addressed with a full source's strides (pixel (y, x) at
+    (C + 1) * (y * w + x)). grid_sample then computes exactly the full-source sample positions; elements outside
+    the window alias other rows or unset memory, so it may only be sampled where source_window says. The last
+    channel is 1.0: its warp is grid_coverage, from the same grid_sample call (each channel is interpolated alone
+    with the same weights, so every channel equals its own call's result bit for bit)."""
     (H, W), (h, w, C), (y0, _, x0, _) = src_hw, region.shape, window
-    C_out = C + ones
     if h == 0 or w == 0:  # nothing is sampled (all reads are masked): zeros of any layout will do
-        return torch.zeros(1, 1, 1, 1, device=region.device).expand(1, C_out, H, W)
-    buffer = torch.empty(C_out * ((H - 1) * w + W), dtype=torch.float32, device=region.device)
-    start = C_out * (y0 * w + x0)
-    pixels = buffer[start : start + h * w * C_out].view(h, w, C_out)
-    if ones and C == 3 and region.dtype == torch.uint8 and region.device.type == "cpu":
+        return torch.zeros(1, 1, 1, 1, device=region.device).expand(1, C + 1, H, W)
+    buffer = torch.empty((C + 1) * ((H - 1) * w + W), dtype=torch.float32, device=region.device)
+    start = (C + 1) * (y0 * w + x0)
+    pixels = buffer[start : start + h * w * (C + 1)].view(h, w, C + 1)
+    if C == 3 and region.dtype == torch.uint8 and region.device.type == "cpu":
         # RGB -> RGBA in OpenCV, then one contiguous cast: ~2.5x faster than torch's strided copy into 4 channels
         rgba = cv2.cvtColor(region.numpy(), cv2.COLOR_RGB2RGBA)  # reads the strided region as it is
         np.copyto(pixels.numpy(), rgba, casting="unsafe")
-        pixels[..., C].fill_(1.0)
-        return buffer.as_strided((1, C_out, H, W), (0, 1, C_out * w, C_out))
-    pixels[..., :C].copy_(region)
-    if ones:
-        pixels[..., C].fill_(1.0)
-    return buffer.as_strided((1, C_out, H, W), (0, 1, C_out * w, C_out))
+    else:
+        pixels[..., :C].copy_(region)
+    pixels[..., C].fill_(1.0)
+    return buffer.as_strided((1, C + 1, H, W), (0, 1, (C + 1) * w, C + 1))
 
 
 def bilinear_sample(src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -223,6 +228,62 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
     return cv2.merge(list(planes.cpu().numpy()))
 
 
+def compiled_crop(frame: torch.Tensor, affine: torch.Tensor, box_hw: tuple[int, int]) -> torch.Tensor:
+    """FaceAligner.warp_crop by kernels.warp_crop: one pass over the crop that reads the (H, W, 3) uint8
+    C-contiguous CPU frame where it samples, as uint8, and writes the truncated crop rows."""
+    frame_hw = tuple(frame.shape[:2])
+    theta = grid_theta(affine, frame_hw, box_hw)[0, :2].contiguous().numpy()
+    _, _, ys, xs = _grid_constants(frame_hw, box_hw, "cpu")
+    rows = np.empty((box_hw[0], 3, box_hw[1]), np.uint8)
+    kernels.warp_crop(frame.numpy(), theta, xs.numpy(), ys.numpy(), np.float32(-FILL_VALUE), rows)
+    return torch.from_numpy(rows).permute(1, 0, 2)
+
+
+def sampled_crop(
+    frame: torch.Tensor, affine: torch.Tensor, box_hw: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """FaceAligner.warp_crop in torch ops on `device`: the frame's source_window as float with a channel of ones,
+    one grid_sample for the samples and their coverage, kornia's fill and the uint8 cast."""
+    frame_hw = tuple(frame.shape[:2])
+    grid = sampling_grid(affine, frame_hw, box_hw, device=device)
+    y0, y1, x0, x1 = window = source_window(grid, frame_hw)
+    sampled = bilinear_sample(region_as_source(frame[y0:y1, x0:x1].to(device), window, frame_hw), grid)[0]
+    samples = fill_uncovered(sampled[:3], sampled[3:], FILL_VALUE).permute(1, 0, 2)
+    return samples.to(torch.uint8, memory_format=torch.contiguous_format).cpu().permute(1, 0, 2)
+
+
+def _takes_compiled_warp(frame: torch.Tensor) -> bool:
+    """Whether a CPU aligner's crop of `frame` runs kernels.warp_crop: a C-contiguous (H, W, 3) uint8 CPU frame
+    (a decoded one; any other takes the torch ops, exact too) on a CPU whose torch rounds as the kernel does."""
+    return (
+        frame.device.type == "cpu"
+        and frame.dtype == torch.uint8
+        and frame.dim() == 3
+        and frame.shape[2] == 3
+        and frame.numel() > 0
+        and frame.is_contiguous()
+        and kernels.AVAILABLE
+        and _compiled_warp_matches_torch()
+    )
+
+
+@functools.cache
+def _compiled_warp_matches_torch() -> bool:
+    """Whether kernels.warp_crop's rounding is grid_sample's on this CPU (ATen's AVX2 build fuses its corner sums
+    into multiply-adds; another build may round differently): both crop a frame, partly off it, of flat 4x4 blocks
+    (where all four corners are equal an order that rounds differently truncates to another value: ~10% of samples;
+    on noise, almost none)."""
+    blocks = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)
+    frame = torch.from_numpy(np.ascontiguousarray(blocks.repeat(4, 0).repeat(4, 1)[:41, :57]))
+    affine = torch.tensor([[[1.37, 0.41, -11.3], [-0.41, 1.37, 7.9]]])
+    same = torch.equal(
+        compiled_crop(frame, affine, (64, 48)), sampled_crop(frame, affine, (64, 48), torch.device("cpu"))
+    )
+    if not same:
+        log.warning("the compiled face crop does not round as this torch's grid_sample: using grid_sample")
+    return same
+
+
 @dataclass
 class AlignedFace:
     face: np.ndarray  # (R, R, 3) uint8 RGB, HWC: the crop squashed to the model resolution
@@ -262,24 +323,11 @@ class FaceAligner:
     def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop: upstream's crop (fill 127 included, truncated
         toward zero), as a view of (h_box, 3, w_box) rows: the layout the Lanczos resize reads in place. Only the
-        part of the frame that the crop samples is read and converted to float."""
-        frame = torch.as_tensor(frame_rgb)
-        frame_hw = tuple(frame.shape[:2])
-        grid = sampling_grid(torch.as_tensor(affine)[None], frame_hw, self.box_hw, device=self.device)
-        y0, y1, x0, x1 = window = source_window(grid, frame_hw)
-        region = frame[y0:y1, x0:x1].to(self.device)
-        if self.device.type == "cpu" and kernels.AVAILABLE:
-            # the three colours from grid_sample, the coverage from its arithmetic (a fourth channel of ones in
-            # grid_sample costs 1 ms at 512 px), the fill and the truncation in one pass (kernels.py)
-            samples = bilinear_sample(region_as_source(region, window, frame_hw), grid)[0]
-            rows = np.empty((self.box_hw[0], 3, self.box_hw[1]), np.uint8)
-            grid_x, grid_y = grid[0].numpy().transpose(2, 0, 1)  # sampling_grid's planes
-            kernels.fill_truncate(samples.numpy(), grid_x, grid_y, *frame_hw, np.float32(-FILL_VALUE), rows)
-            return torch.from_numpy(rows).permute(1, 0, 2)
-        # one grid_sample gives the samples and, from a channel of ones, their coverage
-        sampled = bilinear_sample(region_as_source(region, window, frame_hw, ones=True), grid)[0]
-        samples = fill_uncovered(sampled[:3], sampled[3:], FILL_VALUE).permute(1, 0, 2)
-        return samples.to(torch.uint8, memory_format=torch.contiguous_format).cpu().permute(1, 0, 2)
+        part of the frame that the crop samples is read (and converted to float)."""
+        frame, affine = torch.as_tensor(frame_rgb), torch.as_tensor(affine)[None]
+        if self.device.type == "cpu" and _takes_compiled_warp(frame):
+            return compiled_crop(frame, affine, self.box_hw)
+        return sampled_crop(frame, affine, self.box_hw, self.device)
 
     def warp(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> np.ndarray:
         """The (h_box, w_box, 3) uint8 HWC crop (upstream's face crop before the resize)."""

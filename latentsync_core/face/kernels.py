@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 try:
     import numba
+    from llvmlite import ir
+    from numba import types
     from numba.extending import intrinsic
 except Exception as error:  # noqa: BLE001 - missing, or a broken llvmlite/numpy pairing: take the fallbacks
     numba = None
@@ -46,12 +48,31 @@ if AVAILABLE:
 
         return a(a, b, c), codegen
 
+    @intrinsic
+    def _load_u64(typingctx, array, index):
+        """The 8 bytes of a uint8 array from `index` on as one little-endian uint64 (an unaligned load)."""
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer())
+            return builder.load(pointer, align=1)
+
+        return types.uint64(array, index), codegen
+
     @_kernel
-    def _coverage_row(grid_x, grid_y, src_h, src_w, out):
-        """out (w,) float32 = grid_sample(ones(src_h, src_w), grid, bilinear, zeros, align_corners=True) along one row
-        of the grid: the sum of the in-bounds corners' weights, each step as ATen's CPU kernel takes it (unnormalise
-        (g + 1) * ((size - 1) / 2), floor, weights s * e, s * w, n * e, n * w, masked terms 0 * weight, summed
-        nw + ne + sw + se). Multiplying by 1 or 0 is exact, so a fused multiply-add there rounds as this does."""
+    def _affine_row(products, term, shift, out):
+        """out = (products + term) + shift: one row of a sampling grid plane, (t0 * x + t1 * y) + t2 summed as
+        align.sampling_grid sums it (products = t0 * x per column, term = t1 * y of the row)."""
+        for x in range(out.shape[0]):
+            out[x] = (products[x] + term) + shift
+
+    @_kernel
+    def _bilinear_row(grid_x, grid_y, src_h, src_w, corners, weights, out):
+        """grid_sample's bilinear arithmetic (zeros padding, align_corners=True) along one row of the grid, each step
+        as ATen's CPU kernel takes it: unnormalise (g + 1) * ((size - 1) / 2), floor -> corners (2, w) float32 (x_w,
+        y_n), weights -> (4, w) (s * e, s * w, n * e, n * w for nw, ne, sw, se), and into out (w,) the coverage,
+        grid_sample of an all-ones source: the in-bounds corners' weights, masked terms 0 * weight, summed
+        nw + ne + sw + se. Multiplying by 1 or 0 is exact, so a fused multiply-add there rounds as this does."""
         one, zero = np.float32(1), np.float32(0)
         scale_x, scale_y = np.float32(src_w - 1) / np.float32(2), np.float32(src_h - 1) / np.float32(2)
         # corner (column, row) in bounds as ATen's int tests; a float test agrees, NaN and huge values included
@@ -68,31 +89,88 @@ if AVAILABLE:
             east = np.float32((x_w >= -one) & (x_w < last_x))
             north = np.float32((y_n >= zero) & (y_n <= last_y))
             south = np.float32((y_n >= -one) & (y_n < last_y))
-            nw, ne, sw, se = (
-                (s * e) * (west * north),
-                (s * w) * (east * north),
-                (n * e) * (west * south),
-                (n * w) * (east * south),
-            )
-            out[j] = ((nw + ne) + sw) + se
+            nw, ne, sw, se = s * e, s * w, n * e, n * w
+            corners[0, j], corners[1, j] = x_w, y_n
+            weights[0, j], weights[1, j], weights[2, j], weights[3, j] = nw, ne, sw, se
+            out[j] = ((nw * (west * north) + ne * (east * north)) + sw * (west * south)) + se * (east * south)
 
     @_kernel
     def coverage(grid_x, grid_y, src_h, src_w, out):
-        """out (h, w) float32: _coverage_row for every row of the (h, w) normalised grid planes."""
+        """out (h, w) float32 = grid_sample(ones(src_h, src_w), grid, bilinear, zeros, align_corners=True) at the
+        (h, w) normalised grid planes (_bilinear_row)."""
+        corners, weights = np.empty((2, out.shape[1]), np.float32), np.empty((4, out.shape[1]), np.float32)
         for i in range(out.shape[0]):
-            _coverage_row(grid_x[i], grid_y[i], src_h, src_w, out[i])
+            _bilinear_row(grid_x[i], grid_y[i], src_h, src_w, corners, weights, out[i])
 
     @_kernel
-    def fill_truncate(samples, grid_x, grid_y, src_h, src_w, minus_fill, out):
-        """(C, h, w) float32 bilinear samples of a (src_h, src_w) source at the grid planes -> out (h, C, w) uint8:
-        kornia's constant fill sample + (coverage - 1) * -fill, then the uint8 cast's truncation toward zero."""
-        covered = np.empty(out.shape[2], np.float32)
+    def _gather_corners(frame, corners, top, bottom):
+        """For each sample of a row: the 8 frame bytes from its north-west corner pixel on (its RGB, then the
+        north-east pixel's) into top, from the south-west one into bottom; bytes of corners outside the frame are 0,
+        as grid_sample's masked gathers. frame (H, W, 3) uint8, C-contiguous. The one scalar loop of warp_crop:
+        two loads per sample where inside the frame (the last pixel's 8 bytes would run past it: byte by byte)."""
+        H, W = frame.shape[0], frame.shape[1]
+        flat = frame.reshape(-1)
+        row_bytes, end = 3 * W, flat.shape[0]
+        last_x, last_y = np.float32(W - 1), np.float32(H - 1)
+        for j in range(top.shape[0]):
+            x_w, y_n = corners[0, j], corners[1, j]
+            if x_w >= 0 and x_w < last_x and y_n >= 0 and y_n < last_y:  # float tests: NaN is outside
+                start = (np.int64(y_n) * W + np.int64(x_w)) * 3
+                if start + row_bytes + 8 <= end:
+                    top[j], bottom[j] = _load_u64(flat, start), _load_u64(flat, start + row_bytes)
+                    continue
+            top[j], bottom[j] = np.uint64(0), np.uint64(0)
+            for dy in range(2):
+                for dx in range(2):
+                    x, y = x_w + np.float32(dx), y_n + np.float32(dy)
+                    if x >= 0 and x <= last_x and y >= 0 and y <= last_y:
+                        start = (np.int64(y) * W + np.int64(x)) * 3
+                        rgb = np.uint64(flat[start]) | np.uint64(flat[start + 1]) << np.uint64(8)
+                        rgb = (rgb | np.uint64(flat[start + 2]) << np.uint64(16)) << np.uint64(24 * dx)
+                        if dy == 0:
+                            top[j] |= rgb
+                        else:
+                            bottom[j] |= rgb
+
+    @_kernel
+    def warp_crop(frame, theta, xs, ys, minus_fill, out):
+        """upstream's face crop, align.FaceAligner.warp_crop in one pass over the crop: kornia's warp_affine of the
+        (H, W, 3) uint8 C-contiguous frame (bilinear, align_corners=True, constant fill) at the grid of theta (2, 3)
+        float32 and the normalised columns xs and rows ys (align.sampling_grid's), then the uint8 cast -> out
+        (h, 3, w) uint8 rows. Only the frame pixels it samples are read, as uint8 (their float value is exact).
+        Per sample and channel: grid_sample's nw*v_nw + ne*v_ne + sw*v_sw + se*v_se as ATen's AVX2 build rounds
+        it (the nw product, then fused multiply-adds: align.py checks this CPU's torch agrees, else uses it), then
+        kornia's fill sample + (coverage - 1) * -fill, truncated toward zero."""
+        H, W = frame.shape[0], frame.shape[1]
+        w = out.shape[2]
+        one = np.float32(1)
+        products = np.empty((2, w), np.float32)
+        for i in range(2):
+            for x in range(w):
+                products[i, x] = theta[i, 0] * xs[x]
+        grid, corners = np.empty((2, w), np.float32), np.empty((2, w), np.float32)
+        weights, covered = np.empty((4, w), np.float32), np.empty(w, np.float32)
+        top, bottom = np.empty(w, np.uint64), np.empty(w, np.uint64)
+        top_words, bottom_words = top.view(np.uint32), bottom.view(np.uint32)  # (low, high) words per sample
+        nw, ne, sw, se = weights[0], weights[1], weights[2], weights[3]
         for y in range(out.shape[0]):
-            _coverage_row(grid_x[y], grid_y[y], src_h, src_w, covered)
-            for c in range(out.shape[1]):
-                source, row = samples[c, y], out[y, c]
-                for x in range(row.shape[0]):
-                    row[x] = np.int32(source[x] + (covered[x] - np.float32(1)) * minus_fill)
+            for i in range(2):
+                _affine_row(products[i], theta[i, 1] * ys[y], theta[i, 2], grid[i])
+            _bilinear_row(grid[0], grid[1], H, W, corners, weights, covered)
+            _gather_corners(frame, corners, top, bottom)
+            for c in range(3):  # bytes c and c + 3 of each 8, in 32-bit words (so SIMD): c < 4, c + 3 in word c > 0
+                row, high = out[y, c], np.int64(c > 0)
+                nw_shift, ne_shift = np.uint32(8 * c), np.uint32(8 * (c + 3 - 4 * high))
+                for j in range(w):
+                    v_nw = (top_words[2 * j] >> nw_shift) & np.uint32(255)
+                    v_ne = (top_words[2 * j + high] >> ne_shift) & np.uint32(255)
+                    v_sw = (bottom_words[2 * j] >> nw_shift) & np.uint32(255)
+                    v_se = (bottom_words[2 * j + high] >> ne_shift) & np.uint32(255)
+                    value = np.float32(np.int32(v_nw)) * nw[j]
+                    value = _fma(np.float32(np.int32(v_ne)), ne[j], value)
+                    value = _fma(np.float32(np.int32(v_sw)), sw[j], value)
+                    value = _fma(np.float32(np.int32(v_se)), se[j], value)
+                    row[j] = np.int32(value + (covered[j] - one) * minus_fill)
 
     @_kernel
     def weighted_rows(src, positions, weights, out):
@@ -182,6 +260,4 @@ if AVAILABLE:
                 for x in range(products.shape[0]):
                     products[x] = t0 * xs[x]
                 for y in range(out.shape[2]):
-                    row, term = out[b, i, y], t1 * ys[y]
-                    for x in range(row.shape[0]):
-                        row[x] = (products[x] + term) + t2
+                    _affine_row(products, t1 * ys[y], t2, out[b, i, y])

@@ -84,7 +84,7 @@ def gaussian_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
     taps accumulated one by one along x then y (fused multiply-adds), as kornia's CPU path does. (1, 1, H, W)."""
     h, w = mask.shape[-2:]
     compiled = mask.device.type == "cpu" and mask.dtype == torch.float32 and size // 2 < min(h, w)  # else: as torch
-    if not (compiled and _compiled_blur_matches_torch()):
+    if not (compiled and kernels.AVAILABLE and _compiled_blur_matches_torch()):
         return blur_by_taps(mask, size)
     return _compiled_blur(mask, size)
 
@@ -102,8 +102,6 @@ def _compiled_blur(mask: torch.Tensor, size: int) -> torch.Tensor:
 def _compiled_blur_matches_torch() -> bool:
     """Whether the compiled blur's fused multiply-adds are what torch's addcmul_ computes on this CPU: its vectorised
     kernels (AVX2 and up) round once; a build without them rounds twice (then so would blur_by_taps here)."""
-    if not kernels.AVAILABLE:
-        return False
     mask = torch.from_numpy(np.random.default_rng(0).uniform(size=(1, 1, 23, 31)).astype(np.float32))
     return torch.equal(_compiled_blur(mask, 9), blur_by_taps(mask, 9))
 
