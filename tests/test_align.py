@@ -15,6 +15,7 @@ from PIL import Image
 
 from latentsync_core.face import align, kernels
 from latentsync_core.face.align import (
+    FILL_VALUE,
     FaceAligner,
     _homogeneous,
     _inverse_3x3,
@@ -24,6 +25,7 @@ from latentsync_core.face.align import (
     compiled_crop,
     grid_coverage,
     landmarks_to_points,
+    rounding_check_case,
     sampled_crop,
     sampling_grid,
     source_window,
@@ -491,40 +493,47 @@ def test_crop_of_a_frame_that_is_not_contiguous_is_exact(golden, face_path):
 
 
 def test_compiled_crop_falls_back_where_torch_rounds_otherwise(monkeypatch):
-    """The start-up check's frame tells roundings apart: on it a bilinear sum rounded once per operation (no fused
-    multiply-adds, as a build without them would round) differs from this torch's crop. Where the check fails,
-    crops take the torch ops."""
-    check = align._compiled_warp_matches_torch
-    assert check()  # this CPU's torch and the kernel agree (the golden tests rely on it too)
-    blocks = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)  # as the check builds it
-    frame = np.ascontiguousarray(blocks.repeat(4, 0).repeat(4, 1)[:41, :57])
-    affine = torch.tensor([[[1.37, 0.41, -11.3], [-0.41, 1.37, 7.9]]])
-    grid = sampling_grid(affine, frame.shape[:2], (64, 48))[0].numpy()
-    x, y = ((grid + 1) * np.array([56 / 2, 40 / 2], np.float32)).transpose(2, 0, 1)
+    """The start-up check's case tells roundings apart: on it a bilinear sum rounded once per operation (no fused
+    multiply-adds, as a build without them rounds) differs from the kernel's crop in many samples. Where the check
+    fails, crops take the torch ops."""
+    frame, affine, box = rounding_check_case()
+    (H, W), image = frame.shape[:2], frame.numpy()
+    grid = sampling_grid(affine, (H, W), box)[0].numpy()
+    x, y = ((grid + 1) * np.array([(W - 1) / 2, (H - 1) / 2], np.float32)).transpose(2, 0, 1)
     x_w, y_n = np.floor(x), np.floor(y)
     w, n = x - x_w, y - y_n
     e, s = 1 - w, 1 - n
 
-    def corner(dy, dx):
+    def corner(dy, dx):  # (values, inside) of one corner of every sample; zeros outside the frame
         yy, xx = (y_n + dy).astype(int), (x_w + dx).astype(int)
-        inside = (yy >= 0) & (yy < 41) & (xx >= 0) & (xx < 57)
-        return np.where(inside[..., None], frame[yy.clip(0, 40), xx.clip(0, 56)], 0).astype(np.float32), inside
+        inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        return np.where(inside[..., None], image[yy.clip(0, H - 1), xx.clip(0, W - 1)], 0).astype(np.float32), inside
 
-    (v_nw, in_nw), (v_ne, in_ne), (v_sw, in_sw), (v_se, in_se) = corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
-    weights = [(s * e)[..., None], (s * w)[..., None], (n * e)[..., None], (n * w)[..., None]]
-    unfused = ((v_nw * weights[0] + v_ne * weights[1]) + v_sw * weights[2]) + v_se * weights[3]
-    covered = (s * e) * in_nw + (s * w) * in_ne + (n * e) * in_sw + (n * w) * in_se
-    rounded_twice = (unfused + (covered[..., None] - 1) * np.float32(-127)).astype(np.uint8)
-    torch_crop = sampled_crop(torch.from_numpy(frame), affine, (64, 48), torch.device("cpu")).permute(1, 2, 0)
-    assert (rounded_twice != torch_crop.numpy()).sum() > 50
+    corners, weights = [corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)], [s * e, s * w, n * e, n * w]
+    (v_nw, v_ne, v_sw, v_se), (a, b, c, d) = [v for v, _ in corners], [k[..., None] for k in weights]
+    unfused = ((v_nw * a + v_ne * b) + v_sw * c) + v_se * d
+    covered = sum(k * inside for k, (_, inside) in zip(weights, corners))
+    rounded_twice = (unfused + (covered[..., None] - 1) * np.float32(-FILL_VALUE)).astype(np.uint8)
+    assert (rounded_twice != compiled_crop(frame, affine, box).permute(1, 2, 0).numpy()).sum() > 50
 
     monkeypatch.setattr(align, "_compiled_warp_matches_torch", lambda: False)
-    monkeypatch.setattr(align, "compiled_crop", None)  # not called
-    np.testing.assert_array_equal(FaceAligner(128).warp(frame, affine[0].numpy()), compiled_warp(frame, affine, 128))
+    monkeypatch.setattr(align, "compiled_crop", None)  # would fail if called
+    aligner = FaceAligner(128)
+    expected = sampled_crop(frame, affine, aligner.box_hw, torch.device("cpu"))
+    assert torch.equal(aligner.warp_crop(frame, affine[0].numpy()), expected)
 
 
-def compiled_warp(frame, affine, resolution):
-    return compiled_crop(torch.from_numpy(frame), affine, box_hw(resolution)).permute(1, 2, 0).numpy()
+def test_frames_of_sides_from_2_24_pixels_take_the_torch_crop():
+    """The kernel's float32 bounds tests hold a side's last index exactly only below 2**24: a frame that wide takes
+    the torch ops, and a crop past its right edge is the fill there."""
+    width = 2**24 + 4
+    frame = torch.zeros(1, width, 3, dtype=torch.uint8)
+    frame[0, -4:] = 200
+    assert not align._takes_compiled_warp(frame)
+    assert align._takes_compiled_warp(frame[:, : 2**24]) == (kernels.AVAILABLE and align._compiled_warp_matches_torch())
+    affine = torch.tensor([[[1.0, 0.0, -(width - 2)], [0.0, 1.0, 0.0]]])
+    crop = sampled_crop(frame, affine, (1, 4), torch.device("cpu"))
+    assert crop[:, 0].T.tolist() == [[200] * 3, [200] * 3, [127] * 3, [127] * 3]
 
 
 def test_blur_of_a_mask_narrower_than_its_radius_fails_as_torch_does():

@@ -229,13 +229,13 @@ def planes_to_hwc(planes: torch.Tensor) -> np.ndarray:
 
 
 def compiled_crop(frame: torch.Tensor, affine: torch.Tensor, box_hw: tuple[int, int]) -> torch.Tensor:
-    """FaceAligner.warp_crop by kernels.warp_crop: one pass over the crop that reads the (H, W, 3) uint8
+    """FaceAligner.warp_crop by kernels.affine_crop: one pass over the crop that reads the (H, W, 3) uint8
     C-contiguous CPU frame where it samples, as uint8, and writes the truncated crop rows."""
     frame_hw = tuple(frame.shape[:2])
     theta = grid_theta(affine, frame_hw, box_hw)[0, :2].contiguous().numpy()
     _, _, ys, xs = _grid_constants(frame_hw, box_hw, "cpu")
     rows = np.empty((box_hw[0], 3, box_hw[1]), np.uint8)
-    kernels.warp_crop(frame.numpy(), theta, xs.numpy(), ys.numpy(), np.float32(-FILL_VALUE), rows)
+    kernels.affine_crop(frame.numpy(), theta, xs.numpy(), ys.numpy(), np.float32(-FILL_VALUE), rows)
     return torch.from_numpy(rows).permute(1, 0, 2)
 
 
@@ -253,32 +253,38 @@ def sampled_crop(
 
 
 def _takes_compiled_warp(frame: torch.Tensor) -> bool:
-    """Whether a CPU aligner's crop of `frame` runs kernels.warp_crop: a C-contiguous (H, W, 3) uint8 CPU frame
-    (a decoded one; any other takes the torch ops, exact too) on a CPU whose torch rounds as the kernel does."""
+    """Whether a CPU aligner's crop of `frame` runs kernels.affine_crop: a C-contiguous (H, W, 3) uint8 CPU frame
+    (a decoded one; any other takes the torch ops, exact too) on a CPU whose torch rounds as the kernel does. Sides
+    of 2**24 pixels and more go to torch too: the kernel tests bounds in float32, which holds W - 1 exactly only
+    below that (a frame that wide is no video's)."""
     return (
         frame.device.type == "cpu"
         and frame.dtype == torch.uint8
         and frame.dim() == 3
         and frame.shape[2] == 3
-        and frame.numel() > 0
+        and 0 < frame.numel()
+        and max(frame.shape[:2]) <= 2**24
         and frame.is_contiguous()
         and kernels.AVAILABLE
         and _compiled_warp_matches_torch()
     )
 
 
-@functools.cache
-def _compiled_warp_matches_torch() -> bool:
-    """Whether kernels.warp_crop's rounding is grid_sample's on this CPU (ATen's AVX2 build fuses its corner sums
-    into multiply-adds; another build may round differently): both crop a frame, partly off it, of flat 4x4 blocks
-    (where all four corners are equal an order that rounds differently truncates to another value: ~10% of samples;
-    on noise, almost none)."""
+def rounding_check_case() -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(frame, affine, box) that _compiled_warp_matches_torch crops both ways: a 41 x 57 frame of flat 4x4 blocks
+    (where all four corners are equal, an order that rounds differently truncates to another value: ~10 % of
+    samples; on noise almost none), the crop rotated, scaled and partly off it."""
     blocks = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)
     frame = torch.from_numpy(np.ascontiguousarray(blocks.repeat(4, 0).repeat(4, 1)[:41, :57]))
-    affine = torch.tensor([[[1.37, 0.41, -11.3], [-0.41, 1.37, 7.9]]])
-    same = torch.equal(
-        compiled_crop(frame, affine, (64, 48)), sampled_crop(frame, affine, (64, 48), torch.device("cpu"))
-    )
+    return frame, torch.tensor([[[1.37, 0.41, -11.3], [-0.41, 1.37, 7.9]]]), (64, 48)
+
+
+@functools.cache
+def _compiled_warp_matches_torch() -> bool:
+    """Whether kernels.affine_crop's rounding is grid_sample's on this CPU (ATen's AVX2 build fuses its corner sums
+    into multiply-adds; another build may round otherwise), on rounding_check_case."""
+    frame, affine, box = rounding_check_case()
+    same = torch.equal(compiled_crop(frame, affine, box), sampled_crop(frame, affine, box, torch.device("cpu")))
     if not same:
         log.warning("the compiled face crop does not round as this torch's grid_sample: using grid_sample")
     return same
@@ -323,7 +329,7 @@ class FaceAligner:
     def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, affine: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 frame -> (3, h_box, w_box) uint8 crop: upstream's crop (fill 127 included, truncated
         toward zero), as a view of (h_box, 3, w_box) rows: the layout the Lanczos resize reads in place. Only the
-        part of the frame that the crop samples is read (and converted to float)."""
+        part of the frame that the crop samples is read."""
         frame, affine = torch.as_tensor(frame_rgb), torch.as_tensor(affine)[None]
         if self.device.type == "cpu" and _takes_compiled_warp(frame):
             return compiled_crop(frame, affine, self.box_hw)

@@ -51,6 +51,8 @@ if AVAILABLE:
     @intrinsic
     def _load_u64(typingctx, array, index):
         """The 8 bytes of a uint8 array from `index` on as one little-endian uint64 (an unaligned load)."""
+        if array.dtype != types.uint8:  # the index counts bytes
+            return None
 
         def codegen(context, builder, signature, args):
             data = context.make_array(signature.args[0])(context, builder, args[0]).data
@@ -75,7 +77,8 @@ if AVAILABLE:
         nw + ne + sw + se. Multiplying by 1 or 0 is exact, so a fused multiply-add there rounds as this does."""
         one, zero = np.float32(1), np.float32(0)
         scale_x, scale_y = np.float32(src_w - 1) / np.float32(2), np.float32(src_h - 1) / np.float32(2)
-        # corner (column, row) in bounds as ATen's int tests; a float test agrees, NaN and huge values included
+        # corner (column, row) in bounds as ATen's int tests; a float test agrees, NaN and huge values included, for
+        # sides below 2**24 (float32 holds size - 1 exactly)
         last_x, last_y = np.float32(src_w - 1), np.float32(src_h - 1)
         for j in range(out.shape[0]):
             x = (grid_x[j] + one) * scale_x
@@ -106,7 +109,7 @@ if AVAILABLE:
     def _gather_corners(frame, corners, top, bottom):
         """For each sample of a row: the 8 frame bytes from its north-west corner pixel on (its RGB, then the
         north-east pixel's) into top, from the south-west one into bottom; bytes of corners outside the frame are 0,
-        as grid_sample's masked gathers. frame (H, W, 3) uint8, C-contiguous. The one scalar loop of warp_crop:
+        as grid_sample's masked gathers. frame (H, W, 3) uint8, C-contiguous. The one scalar loop of affine_crop:
         two loads per sample where inside the frame (the last pixel's 8 bytes would run past it: byte by byte)."""
         H, W = frame.shape[0], frame.shape[1]
         flat = frame.reshape(-1)
@@ -133,7 +136,7 @@ if AVAILABLE:
                             bottom[j] |= rgb
 
     @_kernel
-    def warp_crop(frame, theta, xs, ys, minus_fill, out):
+    def affine_crop(frame, theta, xs, ys, minus_fill, out):
         """upstream's face crop, align.FaceAligner.warp_crop in one pass over the crop: kornia's warp_affine of the
         (H, W, 3) uint8 C-contiguous frame (bilinear, align_corners=True, constant fill) at the grid of theta (2, 3)
         float32 and the normalised columns xs and rows ys (align.sampling_grid's), then the uint8 cast -> out
