@@ -4,9 +4,10 @@
 
 CASE_DIR holds frame.png, inputs.npz and outputs.npz (default $LATENTSYNC_SHARED/golden/align_restore). Per
 resolution: `align` (affine, window-local warp, Lanczos resize), `paste_region` (the box-sized face into its
-window, paste_window included), their sum `align+paste`, `paste_faces` (the same from an R x R face, its resize to
-the box included), `paste_faces x16` (a window's 16 faces in one call, as the in-process pipeline pastes them) and
-`paste_back` (whole frame in and out, the frame copy included).
+window, paste_window included), their sum `align+paste`, `paste_region after align` (the paste timed alone, each
+after an untimed alignment: what the alignment leaves in the caches costs the paste), `paste_faces` (the same
+from an R x R face, its resize to the box included), `paste_faces x16` (a window's 16 faces in one call, as the
+in-process pipeline pastes them) and `paste_back` (whole frame in and out, the frame copy included).
 """
 
 from __future__ import annotations
@@ -25,20 +26,23 @@ from .align import FaceAligner, box_hw, landmarks_to_points
 from .restore import paste_back, paste_faces, paste_region, paste_window
 
 
-def time_ms(fn, runs: int, warmup: int = 3) -> tuple[float, float]:
-    """(median, min) wall-clock milliseconds of `fn()` over `runs` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
+def time_ms(fn, runs: int, warmup: int = 3, before=None) -> tuple[float, float]:
+    """(median, min) wall-clock milliseconds of `fn()` over `runs` calls after `warmup` calls; `before()`, if given,
+    runs untimed ahead of each call."""
     times = []
-    for _ in range(runs):
+    for k in range(warmup + runs):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1e3, float(np.min(times)) * 1e3
 
 
 def stages(frame: np.ndarray, points: np.ndarray, face_box: torch.Tensor, affine: np.ndarray, res: int) -> dict:
-    """The timed calls at resolution `res`: align the frame's face, paste `face_box` through the golden `affine`."""
+    """The timed calls at resolution `res`: align the frame's face, paste `face_box` through the golden `affine`. A
+    value is a call, or a (call, before) pair whose `before` runs untimed ahead of each call."""
     aligner = FaceAligner(res)
     frame_hw = frame.shape[:2]
     face_r = torch.from_numpy(aligner.align(frame, points, smooth=False).face).permute(2, 0, 1)[None] / 127.5 - 1
@@ -61,6 +65,7 @@ def stages(frame: np.ndarray, points: np.ndarray, face_box: torch.Tensor, affine
         "align": align,
         "paste_region": paste,
         "align+paste": lambda: (align(), paste()),
+        "paste_region after align": (paste, align),  # the paste alone, each after an untimed alignment (caches)
         "paste_faces": paste_from_r,
         "paste_faces x16": lambda: paste_from_r(16),
         "paste_back": lambda: paste_back(frame, face_box, affine),
@@ -77,7 +82,10 @@ def measure(case_dir: Path, runs: int) -> dict[int, dict[str, tuple[float, float
     for res in case["config"]["resolutions"]:
         face_box = torch.from_numpy(inputs[f"r{res}_restore_face"])
         calls = stages(frame, points, face_box, outputs[f"r{res}_affine_matrix"][0], res)
-        results[res] = {name: time_ms(fn, runs) for name, fn in calls.items()}
+        results[res] = {
+            name: time_ms(call[0], runs, before=call[1]) if isinstance(call, tuple) else time_ms(call, runs)
+            for name, call in calls.items()
+        }
     return results
 
 
