@@ -128,6 +128,13 @@ def is_server_busy_error(message: str) -> bool:
     return "the server is busy:" in message
 
 
+def internal_error_message(stream_id, error_id: str) -> str:
+    """The error of a stream that failed on the server's side (a model, the device, memory): not the client's
+    mistake, so it names none of the server's internals (docs/THREAT-MODEL.md); the server logs the details under
+    `error_id`, which the client can quote to its operator."""
+    return f"stream {stream_id} failed on the server (error {error_id}; the server's log has the details)"
+
+
 def draining_message(stream_id) -> str:
     return f"stream {stream_id} refused: the server is shutting down and takes no new streams (use another server)"
 

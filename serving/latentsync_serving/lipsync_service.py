@@ -14,8 +14,10 @@ import hmac
 import json
 import os
 import queue
+import secrets
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +45,7 @@ from latentsync_contract import (
     check_stream_token,
     draining_message,
     idle_drop_message,
+    internal_error_message,
     num_frames_for_audio,
 )
 from latentsync_core.configs import VAE_SCALING_FACTOR, VARIANTS, get_variant
@@ -354,7 +357,7 @@ class Stream:
     def _fail(self, e: BaseException, req: _Request) -> None:
         """The first error ends the stream: it answers the request it happened in; later ones get 'already failed'."""
         if self.error is None:
-            self.error = str(e) if isinstance(e, ContractError) else f"{type(e).__name__}: {e}"
+            self.error = client_text(self.pb, self.id, e)
             self.audio = []
             if self.windows is not None:
                 self.windows.failed = self.windows.failed or e
@@ -381,10 +384,13 @@ class Stream:
                         pass
                 req.closed = True
                 if self.error is None:
-                    self.error = f"a response could not be sent: {type(e).__name__}: {e}"
+                    self.error = "a response could not be sent (the client left, or the server ran out of memory)"
                     if self.windows is not None:
                         self.windows.failed = self.windows.failed or e
-                log(self.pb, "warn", f"lipsync: stream {self.id}: {self.error}")
+                # the details for the log only (later requests of the stream are told `self.error`)
+                log(
+                    self.pb, "warn", f"lipsync: stream {self.id}: a response could not be sent: {type(e).__name__}: {e}"
+                )
 
     def _response(self, r: WindowResult):
         pb = self.pb
@@ -573,6 +579,19 @@ class LipSyncService:
             s.close()
         for s in streams:
             s.thread.join(timeout)
+
+
+def client_text(pb_utils, stream_id, e: BaseException) -> str:
+    """What a client is told of its stream's failure `e`. A ContractError names the client's own mistake and is
+    sent as it is. Anything else is the server's (a model call, the device, memory, a bug): its text names models,
+    devices, paths and sizes, which are not the client's business (docs/THREAT-MODEL.md), so it goes to the
+    server's log with its traceback under a random id, and the client gets only that id to quote."""
+    if isinstance(e, ContractError):
+        return str(e)
+    error_id = secrets.token_hex(4)
+    details = "".join(traceback.format_exception(e)).rstrip()
+    log(pb_utils, "error", f"lipsync: stream {stream_id}: error {error_id}: {details}")
+    return internal_error_message(stream_id, error_id)
 
 
 def _same_token(a: str | None, b: str | None) -> bool:
