@@ -35,6 +35,7 @@ from latentsync_contract import (
     MODEL_NAME,
     REGION_BOX,
     REGIONS,
+    STREAM_TOKEN,
     WINDOW,
     apply_regions,
 )
@@ -53,6 +54,72 @@ class NoMetricsPb:
             pass
 
         log_warn = log_error = log_info
+
+
+class LipsyncPb:
+    """pb_utils as the lipsync service uses it, without a server (errors are kept as text)."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError:
+        def __init__(self, message):
+            self.text = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.error = error
+
+    class Tensor:
+        def __init__(self, array):
+            self.array = array
+
+        def as_numpy(self):
+            return self.array
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.tensors.get(name)
+
+
+class LipsyncSender:
+    """A request's response sender that records what was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+
+    def is_cancelled(self):
+        return False
+
+    def errors(self) -> list[str]:
+        return [r.error.text for r, _ in self.sent if r is not None and r.error is not None]
+
+
+class LipsyncRequest:
+    """A lipsync request with tiny FRAMES and silent AUDIO of the given lengths."""
+
+    def __init__(self, stream_id, flags=0, token="A", frames=0, audio=0):
+        self.stream_id, self.flags_, self.sender = stream_id, flags, LipsyncSender()
+        self.tensors = {}
+        if frames:
+            self.tensors["FRAMES"] = LipsyncPb.Tensor(np.zeros((frames, 4, 4, 3), np.uint8))
+        if audio:
+            self.tensors["AUDIO"] = LipsyncPb.Tensor(np.zeros(audio, np.float32))
+        self.params = json.dumps({STREAM_TOKEN: token} if token else {})
+
+    def correlation_id(self):
+        return self.stream_id
+
+    def flags(self):
+        return self.flags_
+
+    def parameters(self):
+        return self.params
+
+    def get_response_sender(self):
+        return self.sender
 
 
 # ---------------------------------------------------------------------------------------------------- media

@@ -164,9 +164,9 @@ def spiked(value: float) -> np.ndarray:
     return audio
 
 
-def audio_then(*frame_requests: dict) -> list[tuple[dict, bool, bool]]:
+def audio_then(*frame_requests: dict, audio: np.ndarray = AUDIO) -> list[tuple[dict, bool, bool]]:
     """An audio-first stream whose later requests carry the given tensors; the last one ends the stream."""
-    return [({"AUDIO": AUDIO}, True, False)] + [
+    return [({"AUDIO": audio}, True, False)] + [
         (t, False, i == len(frame_requests) - 1) for i, t in enumerate(frame_requests)
     ]
 
@@ -190,6 +190,10 @@ CONTRACT_VIOLATIONS = {
         f"audio-{name}": ([({"AUDIO": spiked(value)}, True, True)], "AUDIO samples must be finite and within")
         for name, value in (("nan", np.nan), ("inf", -np.inf), ("1e30", 1e30), ("over-2", MAX_AUDIO_AMPLITUDE + 0.1))
     },
+    "audio-under-20-ms": (
+        audio_then({"FRAMES": frames(1)}, audio=AUDIO[:319]),
+        "AUDIO: the track is shorter than 20 ms",
+    ),
     "audio-over-300-s": (
         [({"AUDIO": np.zeros(MAX_AUDIO_SAMPLES + 1, np.float32)}, True, True)],
         f"the stream's audio is longer than {MAX_AUDIO_SECONDS} s",

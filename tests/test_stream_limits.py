@@ -5,77 +5,14 @@ holds each request until released, so the queue fills as it would behind a busy 
 
 from __future__ import annotations
 
-import json
 import threading
 
-import numpy as np
 import pytest
+from helpers import LipsyncPb, LipsyncRequest
 
-from latentsync_contract import MAX_AUDIO_SAMPLES, MAX_UNANSWERED_FRAMES, SAMPLE_RATE, STREAM_TOKEN, WINDOW
+from latentsync_contract import MAX_AUDIO_SAMPLES, MAX_UNANSWERED_FRAMES, SAMPLE_RATE, WINDOW
 from latentsync_serving import lipsync_service
 from latentsync_serving.lipsync_service import SEQUENCE_END, SEQUENCE_START, LipSyncService, ServiceSettings
-
-FINAL = 1
-
-
-class Pb:
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
-
-    class TritonError:
-        def __init__(self, message):
-            self.text = message
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=None, error=None):
-            self.error = error
-
-    class Tensor:
-        def __init__(self, array):
-            self.array = array
-
-        def as_numpy(self):
-            return self.array
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name):
-        return request.tensors.get(name)
-
-
-class Sender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, response=None, flags=0):
-        self.sent.append((response, flags))
-
-    def is_cancelled(self):
-        return False
-
-    def errors(self) -> list[str]:
-        return [r.error.text for r, _ in self.sent if r is not None and r.error is not None]
-
-
-class Request:
-    def __init__(self, stream_id, flags=0, token="A", frames=0, audio=0):
-        self.stream_id, self.flags_, self.sender = stream_id, flags, Sender()
-        self.tensors = {}
-        if frames:
-            self.tensors["FRAMES"] = Pb.Tensor(np.zeros((frames, 4, 4, 3), np.uint8))
-        if audio:
-            self.tensors["AUDIO"] = Pb.Tensor(np.zeros(audio, np.float32))
-        self.params = json.dumps({STREAM_TOKEN: token} if token else {})
-
-    def correlation_id(self):
-        return self.stream_id
-
-    def flags(self):
-        return self.flags_
-
-    def parameters(self):
-        return self.params
-
-    def get_response_sender(self):
-        return self.sender
 
 
 @pytest.fixture
@@ -93,7 +30,7 @@ def service(monkeypatch):
             stream._close(req)  # "already failed" once it failed
 
     monkeypatch.setattr(lipsync_service.Stream, "_handle", handle)
-    svc = LipSyncService(Pb(), ServiceSettings({"1.5": "denoiser_1.5"}, max_streams=2))
+    svc = LipSyncService(LipsyncPb(), ServiceSettings({"1.5": "denoiser_1.5"}, max_streams=2))
     svc.release, svc.handled = release, handled
     yield svc
     release.set()
@@ -109,13 +46,13 @@ def wait_finished(svc: LipSyncService, timeout: float = 10.0) -> None:
 
 def test_frames_beyond_the_unanswered_bound_fail_the_stream_and_are_not_queued(service):
     audio = 10 * SAMPLE_RATE  # 10 s: 252 frames may come
-    service.submit(Request(7, SEQUENCE_START, audio=audio))
-    requests = [Request(7, frames=WINDOW) for _ in range(MAX_UNANSWERED_FRAMES // WINDOW + 2)]
+    service.submit(LipsyncRequest(7, SEQUENCE_START, audio=audio))
+    requests = [LipsyncRequest(7, frames=WINDOW) for _ in range(MAX_UNANSWERED_FRAMES // WINDOW + 2)]
     for r in requests:
         service.submit(r)
     # the stream's thread holds the audio request: the frame requests wait in its queue, up to the bound
     service.release.set()
-    service.submit(Request(7, SEQUENCE_END))
+    service.submit(LipsyncRequest(7, SEQUENCE_END))
     wait_finished(service)
     frames = [i for i in service.handled if i.overrun is None and i.frames is not None]
     overrun = [i for i in service.handled if i.overrun is not None]
@@ -127,12 +64,12 @@ def test_frames_beyond_the_unanswered_bound_fail_the_stream_and_are_not_queued(s
 
 
 def test_audio_beyond_a_whole_track_fails_the_stream_and_is_not_queued(service):
-    first = Request(8, SEQUENCE_START, audio=MAX_AUDIO_SAMPLES)
-    extra = Request(8, audio=SAMPLE_RATE)
+    first = LipsyncRequest(8, SEQUENCE_START, audio=MAX_AUDIO_SAMPLES)
+    extra = LipsyncRequest(8, audio=SAMPLE_RATE)
     service.submit(first)
     service.submit(extra)
     service.release.set()
-    service.submit(Request(8, SEQUENCE_END))
+    service.submit(LipsyncRequest(8, SEQUENCE_END))
     wait_finished(service)
     assert service.handled[1].audio is None and "the stream's audio is longer than 300 s" in extra.sender.errors()[0]
 
@@ -140,8 +77,8 @@ def test_audio_beyond_a_whole_track_fails_the_stream_and_is_not_queued(service):
 def test_an_end_with_another_token_is_refused_and_still_ends_the_stream(service):
     """Triton frees the sequence's slot at any END: the stream cannot get another request, so lipsync drops it
     too instead of holding its state (audio features: up to ~576 MB) until the idle timeout."""
-    service.submit(Request(9, SEQUENCE_START, token="A", audio=SAMPLE_RATE))
-    foreign = Request(9, SEQUENCE_END, token="B")
+    service.submit(LipsyncRequest(9, SEQUENCE_START, token="A", audio=SAMPLE_RATE))
+    foreign = LipsyncRequest(9, SEQUENCE_END, token="B")
     service.submit(foreign)
     assert "is not the one its stream was started with" in foreign.sender.errors()[0]
     assert 9 not in service.streams
@@ -153,14 +90,14 @@ def test_streams_open_or_finishing_are_bounded_at_twice_the_slots(service):
     """Triton frees a slot at END while lipsync still finishes that stream, so START/END bursts could otherwise
     open any number of streams at once."""
     for stream_id in (1, 2, 3, 4):  # each ended at once: Triton's slots are free again, lipsync still works on them
-        service.submit(Request(stream_id, SEQUENCE_START | SEQUENCE_END, audio=SAMPLE_RATE))
-    refused = Request(5, SEQUENCE_START, audio=SAMPLE_RATE)
+        service.submit(LipsyncRequest(stream_id, SEQUENCE_START | SEQUENCE_END, audio=SAMPLE_RATE))
+    refused = LipsyncRequest(5, SEQUENCE_START, audio=SAMPLE_RATE)
     service.submit(refused)
     assert "the server is busy: 4 streams are open or finishing" in refused.sender.errors()[0]
     assert 5 not in service.streams
     service.release.set()
     wait_finished(service)
-    again = Request(5, SEQUENCE_START, audio=SAMPLE_RATE)
+    again = LipsyncRequest(5, SEQUENCE_START, audio=SAMPLE_RATE)
     service.submit(again)
     assert not again.sender.errors() and 5 in service.streams
 
@@ -193,23 +130,22 @@ def test_the_client_reports_a_busy_server_as_retryable():
 def test_restarting_a_stream_does_not_get_past_the_bound(service):
     """A START with the live stream's own token replaces it, but the old one still finishes its queue: it counts."""
     for attempt in range(4):
-        restart = Request(11, SEQUENCE_START, token="A", audio=SAMPLE_RATE)
+        restart = LipsyncRequest(11, SEQUENCE_START, token="A", audio=SAMPLE_RATE)
         service.submit(restart)
         assert not restart.sender.errors(), attempt
-    refused = Request(11, SEQUENCE_START, token="A", audio=SAMPLE_RATE)
+    refused = LipsyncRequest(11, SEQUENCE_START, token="A", audio=SAMPLE_RATE)
     service.submit(refused)
     assert "the server is busy: 4 streams" in refused.sender.errors()[0]
 
 
 def test_a_stream_taken_out_of_service_ends_even_if_its_answer_cannot_be_sent(service):
-    service.submit(Request(12, SEQUENCE_START, token="A", audio=SAMPLE_RATE))
-    foreign = Request(12, SEQUENCE_END, token="B")
+    service.submit(LipsyncRequest(12, SEQUENCE_START, token="A", audio=SAMPLE_RATE))
+    foreign = LipsyncRequest(12, SEQUENCE_END, token="B")
 
     def broken(response=None, flags=0):
         raise RuntimeError("the client is gone")
 
     foreign.sender.send = broken
-    with pytest.raises(RuntimeError):
-        service.submit(foreign)
+    service.submit(foreign)  # the refusal cannot be sent: logged, not raised into execute
     service.release.set()
     wait_finished(service)  # closed anyway: it does not stay running (and counted) for good

@@ -184,6 +184,14 @@ def check_audio_shape(shape: Sequence[int], received: int = 0) -> None:
         )
 
 
+def check_audio_length(n_samples: int) -> None:
+    """A stream's whole track, once its frames start: at least one whisper feature step (20 ms)."""
+    if n_samples < min_audio_samples():
+        raise ContractError(
+            f"AUDIO: the track is shorter than 20 ms ({n_samples} samples; at least {min_audio_samples()} at 16 kHz)"
+        )
+
+
 def check_audio_range(low: float, high: float) -> None:
     """The smallest and largest sample of an AUDIO tensor (NaN if any is NaN): finite, within MAX_AUDIO_AMPLITUDE.
     One NaN, inf or huge sample would rescale the whole track's log-mel (normalised by its maximum)."""

@@ -38,6 +38,7 @@ from latentsync_contract import (
     ContractError,
     StreamParams,
     busy_message,
+    check_audio_length,
     check_audio_range,
     check_audio_shape,
     check_frames_shape,
@@ -135,16 +136,15 @@ class _Incoming:
     request: _Request | None = None  # its responses' state, made when it arrives
     acknowledge_when_taken: bool = False  # its final response waits until the stream thread takes it
     overrun: str | None = None  # why its tensors were not queued (Stream.put): the stream fails with this
+    failure: Exception | None = None  # what failed while execute took it (Stream.put_failed): the stream fails
 
     @classmethod
-    def take(cls, pb, request) -> _Incoming:
+    def take(cls, pb, request, sender) -> _Incoming:
         def owned(name: str) -> np.ndarray | None:
             tensor = pb.get_input_tensor_by_name(request, name)
             return None if tensor is None else private_array(tensor.as_numpy())
 
-        return cls(
-            request.get_response_sender(), request.flags(), request.parameters() or "", owned(FRAMES), owned(AUDIO)
-        )
+        return cls(sender, request.flags(), request.parameters() or "", owned(FRAMES), owned(AUDIO))
 
 
 class Stream:
@@ -166,6 +166,7 @@ class Stream:
         self.arrived_shape: tuple | None = None
         self.taken_frames = 0  # frames of requests the stream thread took from its queue (written by it alone)
         self._send_lock = threading.Lock()
+        self._error_lock = threading.Lock()  # a window worker and the stream thread may fail it at once
         self.thread = threading.Thread(target=self._run, name=f"lipsync-stream-{stream_id}", daemon=True)
         self.thread.start()
 
@@ -182,6 +183,12 @@ class Stream:
             else:
                 incoming.acknowledge_when_taken = True
         self.requests.put(incoming)
+
+    def put_failed(self, sender, flags: int, failure: Exception) -> None:
+        """A request that execute could not take (`LipSyncService.submit`): the stream fails with it, in order, on
+        its thread, which answers it."""
+        self.last_active = time.monotonic()
+        self.requests.put(_Incoming(sender, flags, "", None, None, request=_Request(sender), failure=failure))
 
     def _overrun(self, incoming: _Incoming, queued: int) -> str | None:
         """Why the request would queue more than a stream may hold, if it would: its frames beyond
@@ -262,8 +269,8 @@ class Stream:
         if self.error is not None:
             self._send(req, self._error(f"stream {self.id} already failed: {self.error}"), final=True)
             return
-        if incoming.overrun is not None:
-            self._fail(ContractError(incoming.overrun), req)
+        if incoming.overrun is not None or incoming.failure is not None:
+            self._fail(incoming.failure or ContractError(incoming.overrun), req)
             return
         try:
             if self.params is None:
@@ -331,10 +338,8 @@ class Stream:
             max_yaw=p.max_yaw,
         )
         samples, self.audio = np.concatenate(self.audio), []
-        try:
-            lipsync.set_audio(samples)
-        except ValueError as e:
-            raise ContractError(f"AUDIO: {e}") from None
+        check_audio_length(samples.size)  # what else set_audio raises is the server's (a model call, memory)
+        lipsync.set_audio(samples)
         return lipsync
 
     @staticmethod
@@ -356,12 +361,19 @@ class Stream:
 
     def _fail(self, e: BaseException, req: _Request) -> None:
         """The first error ends the stream: it answers the request it happened in; later ones get 'already failed'."""
-        if self.error is None:
-            self.error = client_text(self.pb, self.id, e)
+        if self._first_error(lambda: client_text(self.pb, self.id, e)):
             self.audio = []
             if self.windows is not None:
                 self.windows.failed = self.windows.failed or e
         self._send(req, self._error(self.error), final=True)
+
+    def _first_error(self, describe) -> bool:
+        """Set the stream's error to `describe()` unless it has one (only the first is described, logged and told)."""
+        with self._error_lock:
+            if self.error is not None:
+                return False
+            self.error = describe()
+            return True
 
     def _send(self, req: _Request, response, final: bool = False) -> None:
         """Send on the request's sender. A send that fails (the client is gone, the pool cannot grow) closes the
@@ -383,8 +395,7 @@ class Stream:
                     except Exception:  # noqa: BLE001, S110 - the client is gone: nothing more to do
                         pass
                 req.closed = True
-                if self.error is None:
-                    self.error = "a response could not be sent (the client left, or the server ran out of memory)"
+                if self._first_error(lambda: "a response could not be sent (the client left, or the server failed)"):
                     if self.windows is not None:
                         self.windows.failed = self.windows.failed or e
                 # the details for the log only (later requests of the stream are told `self.error`)
@@ -479,6 +490,30 @@ class LipSyncService:
         )
 
     def submit(self, request) -> None:
+        """Route one request to its stream (on execute's thread). What fails unexpectedly here (memory for the
+        request's copy, a thread that cannot start) is answered as `client_text` answers it, never by Triton, which
+        would send the client the exception's text and traceback; the stream it was meant for fails with it."""
+        sender, stream_id, flags, stream = (
+            request.get_response_sender(),
+            request.correlation_id(),
+            request.flags(),
+            None,
+        )
+        try:
+            stream = self._admitted(request, sender)
+            if stream is not None:
+                stream.put(_Incoming.take(self.pb, request, sender))
+        except Exception as e:  # noqa: BLE001 - see above
+            if stream is not None:
+                stream.put_failed(sender, flags, e)
+            else:
+                _answer_failure(self.pb, sender, stream_id, client_text(self.pb, stream_id, e))
+        finally:
+            if stream is not None and flags & SEQUENCE_END:
+                stream.close()
+
+    def _admitted(self, request, sender) -> Stream | None:
+        """The stream a request goes to, started by it if it has START; None if it was refused (and answered)."""
         stream_id, flags = request.correlation_id(), request.flags()
         try:
             token, refusal = check_stream_token(json.loads(request.parameters() or "{}").get(STREAM_TOKEN)), None
@@ -506,19 +541,12 @@ class LipSyncService:
                 stream = None
         if refusal is not None:  # the stream of this id, if any, is left as it was (or closed: see above)
             try:
-                request.get_response_sender().send(
-                    self.pb.InferenceResponse(error=self.pb.TritonError(refusal)),
-                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+                _answer_failure(self.pb, sender, stream_id, refusal)
             finally:  # a stream out of `streams` must still end, or it is running (and counted) for good
                 if stream is not None:
                     stream.close()
-            return
-        try:
-            stream.put(_Incoming.take(self.pb, request))
-        finally:
-            if flags & SEQUENCE_END:
-                stream.close()
+            return None
+        return stream
 
     def _refusal(self, stream_id, flags: int, stream: Stream | None, token: str | None) -> str | None:
         """Why a request may not touch the stream of its id (None: it may)."""
@@ -592,6 +620,18 @@ def client_text(pb_utils, stream_id, e: BaseException) -> str:
     details = "".join(traceback.format_exception(e)).rstrip()
     log(pb_utils, "error", f"lipsync: stream {stream_id}: error {error_id}: {details}")
     return internal_error_message(stream_id, error_id)
+
+
+def _answer_failure(pb_utils, sender, stream_id, message: str) -> None:
+    """A request's final response, an error, sent from execute; a send that fails leaves it to Triton (the client
+    left)."""
+    try:
+        sender.send(
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
+    except Exception as e:  # noqa: BLE001 - nothing more can be done for this request
+        log(pb_utils, "warn", f"lipsync: stream {stream_id}: an error could not be sent: {e}")
 
 
 def _same_token(a: str | None, b: str | None) -> bool:
