@@ -493,12 +493,8 @@ class LipSyncService:
         """Route one request to its stream (on execute's thread). What fails unexpectedly here (memory for the
         request's copy, a thread that cannot start) is answered as `client_text` answers it, never by Triton, which
         would send the client the exception's text and traceback; the stream it was meant for fails with it."""
-        sender, stream_id, flags, stream = (
-            request.get_response_sender(),
-            request.correlation_id(),
-            request.flags(),
-            None,
-        )
+        sender, stream_id, flags = request.get_response_sender(), request.correlation_id(), request.flags()
+        stream = None
         try:
             stream = self._admitted(request, sender)
             if stream is not None:
