@@ -36,21 +36,27 @@ def server(triton_server, tmp_path_factory):
     return triton_server(repo, timeout=600)
 
 
+def error_id(message: str, stream_id: int) -> str | None:
+    """The id in `message` if it is exactly the contract's internal error of `stream_id`, else None."""
+    pattern = re.escape(internal_error_message(stream_id, "@")).replace("@", "([0-9a-f]{8})")
+    found = re.fullmatch(pattern, message)
+    return found and found[1]
+
+
 def test_a_model_failure_reaches_the_client_as_an_error_id_and_the_log_as_its_details(server, clip):
     frames, samples = clip
     n = WINDOW + 2  # a request that fills the first window, then one after it
     got = run_stream(server.grpc_url, frames[:n], audio_for(samples, n), {"steps": 1}, sequence_id=4242)
     assert len(got.errors) == 2 and not got.frames, got.errors
-    pattern = re.escape(internal_error_message(4242, "@")).replace("@", "([0-9a-f]{8})")
-    found = re.fullmatch(pattern, got.errors[0])
+    found = error_id(got.errors[0], 4242)
     assert found, got.errors
     # the request after the failing one is told the same id, and no error names the server's internals
-    assert f"error {found[1]};" in got.errors[1], got.errors
+    assert f"error {found};" in got.errors[1], got.errors
     for text in ("CUDA", "GiB", SECRET, "vae_decoder", "RuntimeError", "ModelCallError"):
         assert not any(text in e for e in got.errors), (text, got.errors)
     # the server's log has them, with the id the client got
     log = server.log_path.read_text(errors="replace")
-    line = next((x for x in log.splitlines() if f"error {found[1]}:" in x), None)
+    line = next((x for x in log.splitlines() if f"error {found}:" in x), None)
     assert line is not None and "stream 4242" in line, log[-4000:]
     details = log[log.index(line) :]
     assert SECRET in details and "vae_decoder" in details and "Traceback" in details, details[:4000]
@@ -83,12 +89,11 @@ def test_a_failure_while_execute_takes_a_request_fails_its_stream_in_order_witho
     finally:
         service.close()
     assert not requests[0].sender.errors()
-    pattern = re.escape(internal_error_message(9, "@")).replace("@", "([0-9a-f]{8})")
-    found = re.fullmatch(pattern, requests[1].sender.errors()[0])
+    found = error_id(requests[1].sender.errors()[0], 9)
     assert found, requests[1].sender.errors()
     assert requests[2].sender.errors() == [f"stream 9 already failed: {requests[1].sender.errors()[0]}"]
     log = capsys.readouterr().out
-    assert f"error {found[1]}:" in log and SECRET in log and "MemoryError" in log, log
+    assert f"error {found}:" in log and SECRET in log and "MemoryError" in log, log
 
 
 def test_a_failure_before_a_request_reaches_a_stream_is_answered_without_details(monkeypatch, capsys):
@@ -102,7 +107,5 @@ def test_a_failure_before_a_request_reaches_a_stream_is_answered_without_details
         service.submit(request)  # must not raise: Triton would send the exception's text
     finally:
         service.close()
-    pattern = re.escape(internal_error_message(10, "@")).replace("@", "([0-9a-f]{8})")
-    found = re.fullmatch(pattern, request.sender.errors()[0])
-    assert found and not service.running, request.sender.errors()
+    assert error_id(request.sender.errors()[0], 10) and not service.running, request.sender.errors()
     assert SECRET in capsys.readouterr().out
